@@ -1,0 +1,47 @@
+"""Truth-inference algorithms as jitted JAX kernels, each with a crowd-kit-style class shell.
+
+Every method is one file: a pure core (``init`` / ``step`` / ``fit`` returning a NamedTuple)
+and a class (``fit``, ``fit_predict``, ``fit_predict_proba``, trailing-underscore attributes).
+:data:`METHODS` maps the CLI names to the classes; :func:`get_method` builds one by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Aggregator, ConvergenceWarning
+from .dawid_skene import DawidSkene
+from .majority_vote import MajorityVote
+from .one_coin import OneCoinDawidSkene
+from .wawa import Wawa
+from .zero_based_skill import ZeroBasedSkill
+
+METHODS: dict[str, type[Aggregator]] = {
+    cls.name: cls
+    for cls in (MajorityVote, Wawa, ZeroBasedSkill, DawidSkene, OneCoinDawidSkene)
+}
+
+
+def register(cls: type[Aggregator]) -> type[Aggregator]:
+    """Add an aggregator class to :data:`METHODS` under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **params: Any) -> Aggregator:
+    """Build the aggregator called ``name``, passing only the parameters it accepts.
+
+    ``seed``, ``max_iter`` and ``tol`` are common CLI options; a method that has no such
+    parameter ignores them (``None`` values are ignored too).
+    """
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+    accepted = cls.parameters()
+    kwargs = {k: v for k, v in params.items() if v is not None and k in accepted}
+    return cls(**kwargs)
+
+
+__all__ = ["Aggregator", "ConvergenceWarning", "METHODS", "get_method", "register",
+           "MajorityVote", "Wawa", "ZeroBasedSkill", "DawidSkene", "OneCoinDawidSkene"]

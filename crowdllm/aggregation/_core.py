@@ -1,0 +1,341 @@
+"""What the aggregation kernels share: device-side crowd data, the sums over answers, the EM loop.
+
+Two layouts of the same answers go into every kernel:
+
+* :class:`Coo` - three ``int32[answers]`` arrays plus a weight (``0`` for bucket padding). The
+  general form: human crowds are sparse, and repeated (task, worker) answers are allowed.
+* :class:`Dense` - an ``int8[tasks, workers]`` matrix of class codes, ``-1`` = no answer. The fast
+  path for LLM panels where every model labels every item.
+
+Kernels never look at the layout: they call the sums below (:func:`task_class_sum`,
+:func:`worker_confusion`, :func:`task_vote`, :func:`worker_agreement`, :func:`worker_count`),
+which dispatch on the layout at trace time. Both layouts give the same answers (tested).
+
+Shapes are padded to size buckets (at most 1/8 larger than needed) so that a second call with a
+similar-sized input reuses the compiled kernel instead of compiling again; padded answers have
+weight 0, padded tasks and workers are masked out of every statistic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..labels import LabelTensor
+
+Layout = Literal["auto", "coo", "dense"]
+
+__all__ = [
+    "Coo", "Dense", "CrowdData", "prepare", "bucket", "task_class_sum", "worker_confusion",
+    "task_vote", "worker_agreement", "worker_count", "clamp_gold", "iterate", "Loop",
+    "answers_of", "normalize", "safe_log",
+]
+
+# Every probability that goes into a log is at least this (crowd-kit clamps at the same value).
+TINY = 1e-10
+
+
+def bucket(n: int, *, minimum: int = 8) -> int:
+    """Round ``n`` up to a size bucket: 8 buckets per power of two (at most 12.5 % padding)."""
+    n = max(int(n), 1)
+    if n <= minimum:
+        return minimum
+    step = 1 << max(int(math.floor(math.log2(n))) - 3, 0)
+    return int(-(-n // step) * step)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["task", "worker", "label", "weight", "task_mask", "worker_mask", "gold"],
+    meta_fields=["n_classes"],
+)
+@dataclasses.dataclass(frozen=True)
+class Coo:
+    """Answers in COO form on the device. Padded answers have ``weight == 0``."""
+
+    task: jax.Array  # int32[answers]
+    worker: jax.Array  # int32[answers]
+    label: jax.Array  # int32[answers]
+    weight: jax.Array  # float[answers]
+    task_mask: jax.Array  # float[tasks]: 1 for real tasks
+    worker_mask: jax.Array  # float[workers]: 1 for real workers
+    gold: jax.Array  # int32[tasks]: gold code or -1
+    n_classes: int
+
+    @property
+    def n_tasks(self) -> int:
+        return self.task_mask.shape[0]
+
+    @property
+    def n_workers(self) -> int:
+        return self.worker_mask.shape[0]
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["labels", "task_mask", "worker_mask", "gold"],
+    meta_fields=["n_classes"],
+)
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """Answers as a dense ``[tasks, workers]`` matrix of class codes, ``-1`` where there is none."""
+
+    labels: jax.Array  # int8[tasks, workers]
+    task_mask: jax.Array
+    worker_mask: jax.Array
+    gold: jax.Array
+    n_classes: int
+
+    @property
+    def n_tasks(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def n_workers(self) -> int:
+        return self.labels.shape[1]
+
+
+CrowdData = Coo | Dense
+
+
+def choose_layout(tensor: LabelTensor, layout: Layout = "auto") -> str:
+    """``dense`` for panels (no repeats, at least half the cells answered), else ``coo``."""
+    if layout not in ("auto", "coo", "dense"):
+        raise ValueError(f"layout must be 'auto', 'coo' or 'dense', got {layout!r}")
+    if layout != "auto":
+        return layout
+    if tensor.has_repeats or tensor.n_tasks == 0:
+        return "coo"
+    return "dense" if tensor.density >= 0.5 else "coo"
+
+
+def prepare(
+    tensor: LabelTensor,
+    *,
+    layout: Layout = "auto",
+    gold: np.ndarray | None = None,
+    dtype: Any = jnp.float32,
+    pad: bool = True,
+) -> CrowdData:
+    """Move a label tensor to the device in the chosen layout, padded to size buckets.
+
+    Args:
+        tensor: the answers.
+        layout: ``auto`` (dense for full panels), ``coo`` or ``dense``.
+        gold: ``int32[tasks]`` gold codes to clamp (``-1`` = none); None for no clamping.
+        dtype: float dtype of weights and masks (float32, or float64 with x64 enabled).
+        pad: pad shapes to buckets (turn off to see the exact shapes, e.g. in tests).
+    """
+    layout = choose_layout(tensor, layout)
+    n_t, n_w, n_a = tensor.n_tasks, tensor.n_workers, tensor.n_answers
+    T = bucket(n_t) if pad else max(n_t, 1)
+    W = bucket(n_w) if pad else max(n_w, 1)
+    task_mask = np.zeros(T, dtype=dtype)
+    task_mask[:n_t] = 1
+    g = np.full(T, -1, dtype=np.int32)
+    if gold is not None:
+        g[:n_t] = gold
+    if layout == "dense":
+        W = max(n_w, 1)  # the worker axis of a panel is small: no need to pad it
+        worker_mask = np.ones(W, dtype=dtype)
+        dense = np.full((T, W), -1, dtype=np.int8 if tensor.n_classes <= 127 else np.int16)
+        dense[tensor.task, tensor.worker] = tensor.label
+        return Dense(labels=jnp.asarray(dense), task_mask=jnp.asarray(task_mask),
+                     worker_mask=jnp.asarray(worker_mask), gold=jnp.asarray(g),
+                     n_classes=max(tensor.n_classes, 1))
+    worker_mask = np.zeros(W, dtype=dtype)
+    worker_mask[:n_w] = 1
+    A = bucket(n_a) if pad else max(n_a, 1)
+    # Sorting by task keeps each task's answers together: segment sums then read and write
+    # memory in order.
+    order = np.argsort(tensor.task, kind="stable")
+    task = np.zeros(A, dtype=np.int32)
+    worker = np.zeros(A, dtype=np.int32)
+    label = np.zeros(A, dtype=np.int32)
+    weight = np.zeros(A, dtype=dtype)
+    task[:n_a] = tensor.task[order]
+    worker[:n_a] = tensor.worker[order]
+    label[:n_a] = tensor.label[order]
+    weight[:n_a] = 1
+    task[n_a:] = max(n_t - 1, 0)  # keep the task index sorted through the padding
+    return Coo(task=jnp.asarray(task), worker=jnp.asarray(worker), label=jnp.asarray(label),
+               weight=jnp.asarray(weight), task_mask=jnp.asarray(task_mask),
+               worker_mask=jnp.asarray(worker_mask), gold=jnp.asarray(g),
+               n_classes=max(tensor.n_classes, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Sums over answers. Each has a COO and a dense implementation; both give the same numbers.
+# --------------------------------------------------------------------------------------------
+
+
+def _onehot(data: Dense, dtype: Any) -> jax.Array:
+    """``[tasks, workers, classes]`` indicator of the answers (all zeros where none)."""
+    lab = data.labels.astype(jnp.int32)
+    return (lab[..., None] == jnp.arange(data.n_classes, dtype=jnp.int32)).astype(dtype)
+
+
+def answers_of(data: CrowdData) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The answers as flat ``(task, worker, label, weight)`` arrays, whatever the layout.
+
+    For the dense layout, missing cells come back with weight 0 and label 0, so any per-answer
+    formula written for COO works on a panel too.
+    """
+    if isinstance(data, Coo):
+        return data.task, data.worker, data.label, data.weight
+    T, W = data.labels.shape
+    lab = data.labels.astype(jnp.int32).reshape(-1)
+    task = jnp.repeat(jnp.arange(T, dtype=jnp.int32), W)
+    worker = jnp.tile(jnp.arange(W, dtype=jnp.int32), T)
+    weight = (lab >= 0).astype(data.task_mask.dtype)
+    return task, worker, jnp.maximum(lab, 0), weight
+
+
+def task_class_sum(data: CrowdData, table: jax.Array) -> jax.Array:
+    """``out[t, k] = sum over answers (t, w, l) of table[w, k, l]``: ``[tasks, K]``.
+
+    With ``table`` = log confusion matrices this is the E-step's log-likelihood of each class.
+    """
+    if isinstance(data, Dense):
+        return jnp.einsum("twl,wkl->tk", _onehot(data, table.dtype), table)
+    vals = table[data.worker, :, data.label] * data.weight[:, None].astype(table.dtype)
+    return jax.ops.segment_sum(vals, data.task, num_segments=data.n_tasks,
+                               indices_are_sorted=True)
+
+
+def worker_confusion(data: CrowdData, post: jax.Array) -> jax.Array:
+    """``out[w, k, l] = sum over answers (t, w, l) of post[t, k]``: ``[workers, K, L]`` counts."""
+    K = post.shape[1]
+    if isinstance(data, Dense):
+        return jnp.einsum("tk,twl->wkl", post, _onehot(data, post.dtype))
+    L = data.n_classes
+    vals = post[data.task] * data.weight[:, None].astype(post.dtype)
+    flat = jax.ops.segment_sum(vals, data.worker * L + data.label, num_segments=data.n_workers * L)
+    return flat.reshape(data.n_workers, L, K).transpose(0, 2, 1)
+
+
+def task_vote(data: CrowdData, worker_weight: jax.Array) -> jax.Array:
+    """``out[t, l] = sum over answers (t, w, l) of worker_weight[w]``: ``[tasks, L]`` votes."""
+    if isinstance(data, Dense):
+        return jnp.einsum("twl,w->tl", _onehot(data, worker_weight.dtype), worker_weight)
+    L = data.n_classes
+    vals = worker_weight[data.worker] * data.weight.astype(worker_weight.dtype)
+    flat = jax.ops.segment_sum(vals, data.task * L + data.label, num_segments=data.n_tasks * L,
+                               indices_are_sorted=True)
+    return flat.reshape(data.n_tasks, L)
+
+
+def worker_agreement(data: CrowdData, post: jax.Array) -> jax.Array:
+    """``out[w] = sum over answers (t, w, l) of post[t, l]``: each worker's expected hits."""
+    if isinstance(data, Dense):
+        return jnp.einsum("twl,tl->w", _onehot(data, post.dtype), post)
+    vals = post[data.task, data.label] * data.weight.astype(post.dtype)
+    return jax.ops.segment_sum(vals, data.worker, num_segments=data.n_workers)
+
+
+def worker_count(data: CrowdData, dtype: Any = jnp.float32) -> jax.Array:
+    """``out[w]`` = number of answers of worker ``w``."""
+    if isinstance(data, Dense):
+        return (data.labels >= 0).sum(axis=0).astype(dtype)
+    return jax.ops.segment_sum(data.weight.astype(dtype), data.worker, num_segments=data.n_workers)
+
+
+# --------------------------------------------------------------------------------------------
+# Small numerics
+# --------------------------------------------------------------------------------------------
+
+
+def safe_log(x: jax.Array) -> jax.Array:
+    """``log(max(x, 1e-10))``: never -inf, never NaN for x >= 0."""
+    return jnp.log(jnp.maximum(x, TINY))
+
+
+def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Rows scaled to sum to one; an all-zero row becomes uniform (never NaN)."""
+    s = x.sum(axis=axis, keepdims=True)
+    n = x.shape[axis]
+    return jnp.where(s > 0, x / jnp.where(s > 0, s, 1), 1.0 / n)
+
+
+def clamp_gold(post: jax.Array, gold: jax.Array) -> jax.Array:
+    """Replace the posterior of every task with a gold label by that label's indicator."""
+    onehot = jax.nn.one_hot(jnp.maximum(gold, 0), post.shape[1], dtype=post.dtype)
+    return jnp.where((gold >= 0)[:, None], onehot, post)
+
+
+def argmax_ties(scores: jax.Array, ties: str, key: jax.Array | None, rtol: float = 1e-6) -> jax.Array:
+    """Row-wise argmax with an explicit tie policy.
+
+    ``lowest``: the lowest class code among the maxima. ``random``: uniformly at random among
+    the maxima (values within ``rtol`` of the row maximum), from ``key``; the choice depends on
+    the key, the task and the class code only, never on the order of columns in a file.
+    """
+    if ties == "lowest":
+        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    if ties != "random":
+        raise ValueError(f"ties must be 'random' or 'lowest', got {ties!r}")
+    m = scores.max(axis=-1, keepdims=True)
+    is_max = scores >= m - rtol * jnp.maximum(jnp.abs(m), 1.0)
+    noise = jax.random.uniform(key, scores.shape)
+    return jnp.argmax(jnp.where(is_max, noise, -1.0), axis=-1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# The iteration driver shared by every EM / VB kernel
+# --------------------------------------------------------------------------------------------
+
+
+class Loop(NamedTuple):
+    """What :func:`iterate` returns besides the final state."""
+
+    n_iter: jax.Array  # int32: iterations run
+    converged: jax.Array  # bool: stopped because the objective changed by less than tol
+    objective: jax.Array  # the last objective value
+    history: jax.Array  # [max_iter] objective per iteration; entries past n_iter repeat the last
+
+
+def iterate(
+    step: Callable[[Any], tuple[Any, jax.Array]],
+    state: Any,
+    *,
+    max_iter: int,
+    tol: float | jax.Array,
+    converged: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> tuple[Any, Loop]:
+    """Run ``state, objective = step(state)`` until the objective gains less than ``tol``.
+
+    The stopping rule is crowd-kit's: stop after the first iteration whose objective exceeds
+    the previous one by less than ``tol`` (the first iteration always runs), or after
+    ``max_iter`` iterations. ``max_iter`` is static (it sizes the history); ``tol`` is traced.
+    ``converged(prev, obj)`` replaces that rule where a method has another (ZBS: skills settle).
+    Written with ``lax.while_loop``, so it runs inside ``jit`` and under ``disable_jit`` alike.
+    """
+    max_iter = int(max_iter)
+    _, obj0 = jax.eval_shape(step, state)
+    dtype = obj0.dtype
+    hist0 = jnp.zeros((max(max_iter, 1),), dtype=dtype)
+
+    def cond(carry):
+        _, _, i, done, _ = carry
+        return (i < max_iter) & ~done
+
+    def body(carry):
+        st, prev, i, _, hist = carry
+        st, obj = step(st)
+        obj = obj.astype(dtype)
+        done = (obj - prev) < tol if converged is None else converged(prev, obj)
+        hist = hist.at[i].set(obj)
+        return st, obj, i + 1, done, hist
+
+    carry = (state, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32),
+             jnp.asarray(False), hist0)
+    st, obj, n, done, hist = jax.lax.while_loop(cond, body, carry)
+    last = jnp.where(n > 0, obj, jnp.asarray(0, dtype))
+    hist = jnp.where(jnp.arange(hist.shape[0]) < n, hist, last)
+    return st, Loop(n_iter=n, converged=done, objective=last, history=hist)

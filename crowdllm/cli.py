@@ -1,0 +1,197 @@
+"""The ``crowdllm`` command line: thin click commands that parse, call the library, and print.
+
+Commands of the subpackages (``crowdllm.eval.commands``, ``crowdllm.inference.commands``) are
+added to the same group, so ``crowdllm --help`` lists everything.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from . import __version__
+from .labels import CrowdDataError, LabelTensor, read_answers, write_table
+
+EXAMPLE_NAME = "dog"
+
+
+def example_dir() -> Path:
+    """The bundled example dataset's folder (answers.csv, gold.csv, SOURCE.md)."""
+    return Path(__file__).parent / "examples" / EXAMPLE_NAME
+
+
+def fail(message: str) -> None:
+    """Print ``error: message`` to stderr and exit with status 2 (bad input), keeping it one line."""
+    raise click.ClickException(message)
+
+
+def load_answers(answers: str, *, task_col: str = "task", worker_col: str = "worker",
+                 label_col: str = "label", duplicates: str = "keep") -> LabelTensor:
+    """Read answers for a command: ``example`` means the bundled dataset."""
+    path = example_dir() if answers == "example" else Path(answers)
+    return read_answers(path, task_col=task_col, worker_col=worker_col, label_col=label_col,
+                        duplicates=duplicates)  # type: ignore[arg-type]
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None,
+                 floatfmt: str = "{:.4f}") -> str:
+    """A plain aligned text table (no dependencies), for terminals."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return floatfmt.format(v)
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="crowdllm")
+def main() -> None:
+    """crowdllm: a crowd of small LLMs (and humans) as one annotator.
+
+    \b
+    Quick start on the bundled example (ImageNet dog breeds, 109 human annotators):
+      crowdllm aggregate example --method ds --gold example
+    """
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def methods(as_json: bool) -> None:
+    """List the aggregation methods."""
+    from .aggregation import METHODS
+
+    rows = [{"method": name, "description": cls.description} for name, cls in METHODS.items()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(format_table(rows))
+
+
+@main.command()
+@click.argument("answers")
+@click.option("--method", "-m", default="ds", show_default=True,
+              help="Aggregation method (see `crowdllm methods`).")
+@click.option("--gold", help="Gold labels (task,label file, or 'example'): accuracy on gold tasks is printed.")
+@click.option("--use-gold", type=click.Choice(["none", "clamp", "init"]), default="none",
+              show_default=True,
+              help="Also use the gold labels in fitting: clamp gold tasks' posteriors ('clamp'), "
+                   "or clamp and initialise annotator quality from them ('init', Dawid-Skene).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write task,label,p_<label>... here (.parquet, .csv or .jsonl).")
+@click.option("--skills", type=click.Path(dir_okay=False),
+              help="Write the annotator parameters here (.parquet, .csv or .jsonl).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (ties, restarts).")
+@click.option("--max-iter", type=int, help="Most iterations (iterative methods).")
+@click.option("--tol", type=float, help="Convergence tolerance on the objective.")
+@click.option("--duplicates", type=click.Choice(["keep", "first", "last", "error"]), default="keep",
+              show_default=True, help="Repeated (task, worker) answers.")
+@click.option("--task-col", default="task", show_default=True)
+@click.option("--worker-col", default="worker", show_default=True)
+@click.option("--label-col", default="label", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (and rows when no --output).")
+def aggregate(answers: str, method: str, gold: str | None, use_gold: str, output: str | None,
+              skills: str | None, seed: int, max_iter: int | None, tol: float | None,
+              duplicates: str, task_col: str, worker_col: str, label_col: str,
+              as_json: bool) -> None:
+    """Aggregate crowd answers (a task,worker,label file, a run folder, or 'example')."""
+    from .aggregation import get_method
+
+    try:
+        tensor = load_answers(answers, task_col=task_col, worker_col=worker_col,
+                              label_col=label_col, duplicates=duplicates)
+        gold_path = (example_dir() / "gold.csv") if gold == "example" else gold
+        if use_gold != "none" and gold_path is None:
+            fail("--use-gold needs --gold")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if gold_path is not None:
+                tensor = tensor.with_gold(gold_path)
+            params: dict[str, Any] = {"seed": seed, "max_iter": max_iter, "tol": tol}
+            if use_gold == "init":
+                params["init"] = "gold"
+            model = get_method(method, **params)
+            fit_gold = None
+            if use_gold != "none":
+                if not model.supports_gold:
+                    fail(f"method {method!r} does not use gold labels in fitting; drop --use-gold")
+                fit_gold = gold_path
+            model.fit(tensor, gold=fit_gold)
+    except CrowdDataError as exc:
+        fail(str(exc))
+    except ValueError as exc:
+        fail(str(exc))
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+
+    summary: dict[str, Any] = {
+        "method": method, "tasks": tensor.n_tasks, "workers": tensor.n_workers,
+        "classes": [str(c) for c in tensor.classes.tolist()], "answers": tensor.n_answers,
+        "duplicates": tensor.n_duplicates, "n_iter": model.n_iter_, "converged": model.converged_,
+    }
+    if tensor.n_duplicates:
+        click.echo(f"note: {tensor.n_duplicates} repeated (task, worker) answers kept "
+                   f"(--duplicates first|last|error to change)", err=True)
+    if tensor.has_gold:
+        mask = tensor.gold >= 0
+        acc = float((model.label_codes_[mask] == tensor.gold[mask]).mean())
+        summary["gold_tasks"] = int(mask.sum())
+        summary["accuracy"] = acc
+        if use_gold != "none":
+            summary["note"] = "gold tasks were clamped in fitting: their accuracy is 1 by construction"
+    table = model.result_table()
+    if output:
+        write_table(table, output)
+        summary["output"] = output
+    if skills:
+        write_table(model.skills_table(), skills)
+        summary["skills"] = skills
+    if as_json:
+        if not output:
+            summary["rows"] = table.to_pylist()
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    if not output:
+        rows = table.to_pylist()
+        shown = rows if len(rows) <= 50 else rows[:50]
+        click.echo(format_table(shown))
+        if len(rows) > len(shown):
+            click.echo(f"... {len(rows) - len(shown)} more rows (use --output to write them all)")
+    msg = (f"{method}: {tensor.n_tasks} tasks, {tensor.n_workers} annotators, "
+           f"{tensor.n_answers} answers, {model.n_iter_} iteration(s)"
+           + ("" if model.converged_ else " (not converged)"))
+    click.echo(msg, err=True)
+    if "accuracy" in summary:
+        click.echo(f"accuracy on {summary['gold_tasks']} gold tasks: {summary['accuracy']:.4f}"
+                   + (" (gold clamped in fitting)" if use_gold != "none" else ""))
+    if output:
+        click.echo(f"wrote {output}", err=True)
+
+
+def _add_subcommands() -> None:
+    from .eval.commands import COMMANDS as eval_commands
+    from .inference.commands import COMMANDS as inference_commands
+
+    for cmd in [*eval_commands, *inference_commands]:
+        main.add_command(cmd)
+
+
+_add_subcommands()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, cost, reports and plots, the aggregator benchmark."""

@@ -1,0 +1,1 @@
+"""Inference: LLM backends, prompts and label schemas, the annotation runner, the ledger."""
