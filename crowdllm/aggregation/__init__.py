@@ -22,6 +22,11 @@ METHODS: dict[str, type[Aggregator]] = {
 }
 
 
+from ..inference.judge import LLMJudge  # noqa: E402  (an LLM as aggregator, through a backend)
+
+METHODS[LLMJudge.name] = LLMJudge
+
+
 def register(cls: type[Aggregator]) -> type[Aggregator]:
     """Add an aggregator class to :data:`METHODS` under ``cls.name``."""
     METHODS[cls.name] = cls
