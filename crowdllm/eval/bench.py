@@ -1,0 +1,200 @@
+r"""The aggregator benchmark: every registered method over every dataset folder, scored on gold.
+
+A dataset folder holds ``answers.csv`` (``task, worker, label``) and ``gold.csv`` (``task,
+label``), the layout of the shared crowd datasets. For each dataset and each method in
+:data:`crowdllm.aggregation.METHODS` *as registered when the benchmark runs* (methods added
+later are picked up without changing this file) the method is fitted without gold and scored by
+accuracy on the gold tasks. A method that raises is recorded as a failure for that dataset (its
+message is kept) and the benchmark goes on.
+
+Summary per method: the mean accuracy over the datasets it completed, how many it completed,
+and its mean rank. On each dataset the methods are ranked by accuracy (1 = best, ties share the
+average rank); a failure ranks last there. The suggested default is the method with the best
+mean rank among those that completed every dataset (mean accuracy breaks ties): a rank is not
+dominated by the one or two datasets where every method scores far apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..labels import CrowdDataError, read_answers
+from .evaluate import run_method
+
+__all__ = ["BenchResult", "run_bench", "average_ranks", "parse_params", "DEFAULT_PARAMS"]
+
+#: per-method parameters the benchmark uses unless ``--param`` says otherwise
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {}
+
+
+def parse_params(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["ds.max_iter=200", "mace.restarts=5"]`` -> ``{"ds": {"max_iter": 200}, ...}``.
+
+    Values are read as JSON when they parse (numbers, true/false, null, lists), else as strings.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        head, sep, value = spec.partition("=")
+        method, dot, key = head.partition(".")
+        if not sep or not dot or not method or not key:
+            raise ValueError(f"bad --param {spec!r}: expected METHOD.NAME=VALUE")
+        try:
+            v: Any = json.loads(value)
+        except json.JSONDecodeError:
+            v = value
+        out.setdefault(method.strip(), {})[key.strip()] = v
+    return out
+
+
+def average_ranks(acc: np.ndarray) -> np.ndarray:
+    """Ranks per row (1 = highest), ties sharing their average rank; NaN (failure) ranks last."""
+    acc = np.asarray(acc, dtype=np.float64)
+    ranks = np.zeros_like(acc)
+    for i, row in enumerate(acc):
+        score = np.where(np.isnan(row), -np.inf, row)
+        for j, s in enumerate(score):
+            higher = (score > s).sum()
+            equal = (score == s).sum()
+            ranks[i, j] = higher + (equal + 1) / 2.0
+    return ranks
+
+
+@dataclasses.dataclass
+class BenchResult:
+    """Accuracy per (dataset, method), failures, times and the per-method summary."""
+
+    datasets: list[str]
+    methods: list[str]
+    accuracy: dict[str, dict[str, float | None]]
+    errors: dict[str, dict[str, str]]
+    seconds: dict[str, dict[str, float]]
+    info: dict[str, dict[str, Any]]
+    skipped: dict[str, str]
+    summary: list[dict[str, Any]]
+    suggested: str | None
+    params: dict[str, dict[str, Any]]
+
+    def table(self, fmt: str = "{:.4f}") -> list[dict[str, Any]]:
+        """Rows: one per dataset (accuracy per method, ``FAIL`` for a failure), then mean,
+        completed, mean rank and rank (by mean rank)."""
+        rows: list[dict[str, Any]] = []
+        for d in self.datasets:
+            row: dict[str, Any] = {"dataset": d}
+            for m in self.methods:
+                a = self.accuracy[d].get(m)
+                row[m] = "FAIL" if m in self.errors.get(d, {}) else (fmt.format(a) if a is not None else "")
+            rows.append(row)
+        by = {s["method"]: s for s in self.summary}
+        for label, key, f in (("mean accuracy", "mean_accuracy", fmt), ("completed", "completed", "{}"),
+                              ("mean rank", "mean_rank", "{:.2f}"), ("rank", "rank", "{}"),
+                              ("time (s)", "seconds", "{:.1f}")):
+            rows.append({"dataset": label, **{m: ("" if by[m][key] is None else f.format(by[m][key]))
+                                              for m in self.methods}})
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _dataset_files(folder: Path) -> tuple[Path, Path] | str:
+    answers = next((folder / n for n in ("answers.csv", "answers.parquet", "answers.jsonl")
+                    if (folder / n).exists()), None)
+    gold = next((folder / n for n in ("gold.csv", "gold.parquet", "gold.jsonl")
+                 if (folder / n).exists()), None)
+    if answers is None:
+        return "no answers file"
+    if gold is None:
+        return "no gold file"
+    return answers, gold
+
+
+def run_bench(folders: Sequence[str | Path], *, methods: Sequence[str] | None = None,
+              params: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0,
+              progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Run every method (default: all registered) on every dataset folder.
+
+    Folders without ``answers`` or ``gold`` are skipped (listed in ``skipped`` with the reason),
+    as are folders whose files cannot be read (the error is kept).
+    """
+    from ..aggregation import METHODS
+
+    names = list(methods) if methods else list(METHODS)
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(METHODS)}")
+    merged = {m: {**DEFAULT_PARAMS.get(m, {}), **dict((params or {}).get(m, {}))} for m in names}
+    stray = sorted(set(params or {}) - set(names))
+    if stray:
+        raise ValueError(f"--param names method(s) not being run: {stray}")
+    datasets: list[str] = []
+    acc: dict[str, dict[str, float | None]] = {}
+    errors: dict[str, dict[str, str]] = {}
+    secs: dict[str, dict[str, float]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    seen: set[str] = set()
+    for folder in folders:
+        f = Path(folder)
+        name = f.name or str(f)
+        while name in seen:
+            name += "'"
+        files = _dataset_files(f) if f.is_dir() else "not a folder"
+        if isinstance(files, str):
+            skipped[name] = files
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tensor = read_answers(files[0]).with_gold(files[1])
+        except (CrowdDataError, OSError) as exc:
+            skipped[name] = f"unreadable: {exc}"
+            continue
+        if not tensor.has_gold:
+            skipped[name] = "no gold label names a task that has answers"
+            continue
+        seen.add(name)
+        datasets.append(name)
+        mask = tensor.gold >= 0
+        info[name] = {"tasks": tensor.n_tasks, "workers": tensor.n_workers,
+                      "answers": tensor.n_answers, "classes": tensor.n_classes,
+                      "gold_tasks": int(mask.sum())}
+        acc[name], errors[name], secs[name] = {}, {}, {}
+        for m in names:
+            if progress:
+                progress(f"{name}: {m}")
+            out = run_method(tensor, m, merged[m], seed=seed)
+            secs[name][m] = round(out.seconds, 3)
+            if out.codes is None:
+                acc[name][m] = None
+                errors[name][m] = out.error or "failed"
+            else:
+                acc[name][m] = float((out.codes[mask] == tensor.gold[mask]).mean())
+    if not datasets:
+        raise ValueError("no dataset folder with answers and gold among the arguments"
+                         + (f" (skipped: {skipped})" if skipped else ""))
+    grid = np.array([[np.nan if acc[d][m] is None else acc[d][m] for m in names]
+                     for d in datasets])
+    ranks = average_ranks(grid)
+    summary = []
+    for j, m in enumerate(names):
+        col = grid[:, j]
+        ok = ~np.isnan(col)
+        summary.append({"method": m, "mean_accuracy": float(col[ok].mean()) if ok.any() else None,
+                        "completed": int(ok.sum()), "datasets": len(datasets),
+                        "mean_rank": float(ranks[:, j].mean()),
+                        "seconds": float(sum(secs[d][m] for d in datasets))})
+    order = sorted(range(len(names)), key=lambda j: (summary[j]["mean_rank"],
+                                                      -(summary[j]["mean_accuracy"] or 0.0)))
+    for r, j in enumerate(order, start=1):
+        summary[j]["rank"] = r
+    complete = [summary[j] for j in order if summary[j]["completed"] == len(datasets)]
+    suggested = complete[0]["method"] if complete else None
+    return BenchResult(datasets=datasets, methods=names, accuracy=acc, errors=errors,
+                       seconds=secs, info=info, skipped=skipped, summary=summary,
+                       suggested=suggested, params=merged)
