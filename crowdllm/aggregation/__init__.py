@@ -15,10 +15,15 @@ from .majority_vote import MajorityVote
 from .one_coin import OneCoinDawidSkene
 from .wawa import Wawa
 from .zero_based_skill import ZeroBasedSkill
+from .glad import GLAD
+from .mace import MACE
+from .mmsr import MMSR
+from .kos import KOS
 
 METHODS: dict[str, type[Aggregator]] = {
     cls.name: cls
-    for cls in (MajorityVote, Wawa, ZeroBasedSkill, DawidSkene, OneCoinDawidSkene)
+    for cls in (MajorityVote, Wawa, ZeroBasedSkill, DawidSkene, OneCoinDawidSkene,
+                GLAD, MACE, MMSR, KOS)
 }
 
 
@@ -49,4 +54,5 @@ def get_method(name: str, **params: Any) -> Aggregator:
 
 
 __all__ = ["Aggregator", "ConvergenceWarning", "METHODS", "get_method", "register",
-           "MajorityVote", "Wawa", "ZeroBasedSkill", "DawidSkene", "OneCoinDawidSkene"]
+           "MajorityVote", "Wawa", "ZeroBasedSkill", "DawidSkene", "OneCoinDawidSkene",
+           "GLAD", "MACE", "MMSR", "KOS"]

@@ -1,0 +1,409 @@
+r"""GLAD: annotator expertise and item difficulty, fitted by EM with an optax M-step.
+
+The generative story (Whitehill et al., 2009). Each task :math:`t` has a true class
+:math:`z_t \sim \mathrm{Cat}(\rho)` and an inverse difficulty :math:`\beta_t = e^{b_t} > 0`;
+each annotator :math:`w` has an expertise :math:`\alpha_w \in \mathbb{R}` (negative = adversarial).
+An answer is right with probability :math:`\sigma(\alpha_w\beta_t)`, otherwise one of the other
+:math:`K-1` classes uniformly:
+
+.. math::
+    P(y_{tw} = l \mid z_t = k) = \begin{cases} \sigma(\alpha_w e^{b_t}) & l = k \\
+        \dfrac{1 - \sigma(\alpha_w e^{b_t})}{K - 1} & l \neq k \end{cases}
+
+with Gaussian priors :math:`\alpha_w \sim \mathcal N(\mu_\alpha, 1)`,
+:math:`b_t = \log\beta_t \sim \mathcal N(\mu_\beta, 1)` (:math:`\mu_\alpha = \mu_\beta = 1`, as
+in crowd-kit and the authors' code).
+
+EM:
+
+* E-step: :math:`\log q_t(k) = \log\rho_k + \sum_{(t,w,l)} [l = k]\log\sigma(x_{tw})
+  + [l \neq k](\log\sigma(-x_{tw}) - \log(K-1)) - \log Z_t`, :math:`x_{tw} = \alpha_w e^{b_t}`,
+  all in log space (``log_sigmoid``, ``logsumexp``); gold tasks are clamped to their label.
+* M-step: gradient ascent on the expected complete log-likelihood plus the log priors,
+
+  .. math::
+      Q(\alpha, b) = \sum_{(t,w,l)} \big[p_{tw}\log\sigma(x_{tw}) + (1-p_{tw})\log\sigma(-x_{tw})\big]
+        - \tfrac12\sum_w(\alpha_w-\mu_\alpha)^2 - \tfrac12\sum_t(b_t-\mu_\beta)^2 + \text{const},
+
+  :math:`p_{tw} = q_t(y_{tw})`, with gradients
+  :math:`\partial Q/\partial\alpha_w = \sum_t (p_{tw} - \sigma(x_{tw})) e^{b_t} - (\alpha_w - \mu_\alpha)`
+  and :math:`\partial Q/\partial b_t = \sum_w (p_{tw} - \sigma(x_{tw})) x_{tw} - (b_t - \mu_\beta)`.
+  ``m_steps`` Adam steps (optax) run per EM iteration inside ``lax.scan``; the optimiser state is
+  carried across iterations. After each step the parameters are clipped to
+  :math:`|\alpha| \le 50`, :math:`b \in [-10, 5]` (so :math:`|x| \le 50 e^5`, where
+  ``log_sigmoid`` is still exact in float32 and nothing overflows). If the inner steps did not
+  raise :math:`Q` the old parameters are kept, which makes this a *generalised* EM: the
+  objective (marginal log-likelihood of the answers plus the log priors, per answer) never
+  decreases (tested). The class prior :math:`\rho` is uniform and fixed, as in the paper and
+  crowd-kit, unless ``learn_prior=True`` (then :math:`\rho_k \propto 0.01 + \sum_t q_t(k)`).
+
+Gold labels: clamped on every E-step (``fit(data, gold=...)``); with ``init="gold"`` the first
+expertise of each annotator who answered gold tasks is
+:math:`\alpha_w = \mathrm{logit}(\hat a_w) / e^{\mu_\beta}`, from their smoothed accuracy
+:math:`\hat a_w = (1 + \text{hits}) / (2 + \text{answers})` on gold tasks.
+
+Differences from crowd-kit's ``GLAD``: the M-step is Adam (optax) rather than SciPy's
+conjugate gradient (``m_step_max_iter=25``), the parameters are clipped, and a step that lowers
+Q is rejected (crowd-kit's objective can go down). crowd-kit's first convergence check compares
+a per-answer Q with an unnormalised one, so it always runs a second iteration; ours uses the
+shared stopping rule (gain of the per-answer objective below ``tol``).
+
+References:
+    J. Whitehill, P. Ruvolo, T. Wu, J. Bergsma and J. Movellan. Whose vote should count more:
+    optimal integration of labels from labelers of unknown expertise. NIPS 22, 2009.
+
+Example:
+    >>> from crowdllm.aggregation import GLAD
+    >>> glad = GLAD(max_iter=50)
+    >>> labels = glad.fit_predict("answers.csv")  # doctest: +SKIP
+    >>> glad.alphas_, glad.betas_  # expertise per annotator, inverse difficulty per task  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pyarrow as pa
+
+from ..labels import LabelTensor
+from ._core import (TINY, Coo, CrowdData, clamp_gold, iterate, normalize, prepare)
+from .base import Aggregator
+
+__all__ = ["GLAD", "GladState", "GladResult", "init", "step", "fit", "e_step",
+           "answer_view", "task_sum", "worker_sum", "task_label_sum", "worker_label_sum",
+           "n_answers"]
+
+ALPHA_MAX = 50.0
+LOG_BETA_MIN, LOG_BETA_MAX = -10.0, 5.0
+
+
+# --------------------------------------------------------------------------------------------
+# Per-answer sums on either layout. For the dense layout the "answers" are the [tasks, workers]
+# cells (missing ones have weight 0), so per-answer formulas broadcast over that grid; for COO
+# they are the flat answer arrays. (Also used by MACE and KOS.)
+# --------------------------------------------------------------------------------------------
+
+
+class AnswerView(NamedTuple):
+    task: jax.Array  # int32: [A] (coo) or [T, 1] (dense)
+    worker: jax.Array  # int32: [A] or [1, W]
+    label: jax.Array  # int32: [A] or [T, W] (0 where missing)
+    weight: jax.Array  # float: [A] or [T, W] (0 where missing / padding)
+
+
+def answer_view(data: CrowdData, dtype: Any = None) -> AnswerView:
+    """The answers as arrays that broadcast to one value per answer, whatever the layout."""
+    dtype = dtype or data.task_mask.dtype
+    if isinstance(data, Coo):
+        return AnswerView(data.task, data.worker, data.label, data.weight.astype(dtype))
+    T, W = data.labels.shape
+    lab = data.labels.astype(jnp.int32)
+    return AnswerView(jnp.arange(T, dtype=jnp.int32)[:, None],
+                      jnp.arange(W, dtype=jnp.int32)[None, :],
+                      jnp.maximum(lab, 0), (lab >= 0).astype(dtype))
+
+
+def task_sum(data: CrowdData, vals: jax.Array) -> jax.Array:
+    """``out[t] = sum of vals over the answers of task t`` (vals already weighted)."""
+    if isinstance(data, Coo):
+        return jax.ops.segment_sum(vals, data.task, num_segments=data.n_tasks,
+                                   indices_are_sorted=True)
+    return vals.sum(axis=1)
+
+
+def worker_sum(data: CrowdData, vals: jax.Array) -> jax.Array:
+    """``out[w] = sum of vals over the answers of worker w``."""
+    if isinstance(data, Coo):
+        return jax.ops.segment_sum(vals, data.worker, num_segments=data.n_workers)
+    return vals.sum(axis=0)
+
+
+def _label_onehot(data: CrowdData, dtype: Any) -> jax.Array:
+    lab = data.labels.astype(jnp.int32)
+    return (lab[..., None] == jnp.arange(data.n_classes, dtype=jnp.int32)).astype(dtype)
+
+
+def task_label_sum(data: CrowdData, vals: jax.Array) -> jax.Array:
+    """``out[t, l] = sum of vals over the answers of task t with label l``: ``[tasks, K]``."""
+    K = data.n_classes
+    if isinstance(data, Coo):
+        flat = jax.ops.segment_sum(vals, data.task * K + data.label,
+                                   num_segments=data.n_tasks * K, indices_are_sorted=True)
+        return flat.reshape(data.n_tasks, K)
+    return jnp.einsum("tw,twl->tl", vals, _label_onehot(data, vals.dtype))
+
+
+def worker_label_sum(data: CrowdData, vals: jax.Array) -> jax.Array:
+    """``out[w, l] = sum of vals over the answers of worker w with label l``: ``[workers, K]``."""
+    K = data.n_classes
+    if isinstance(data, Coo):
+        flat = jax.ops.segment_sum(vals, data.worker * K + data.label,
+                                   num_segments=data.n_workers * K)
+        return flat.reshape(data.n_workers, K)
+    return jnp.einsum("tw,twl->wl", vals, _label_onehot(data, vals.dtype))
+
+
+def gather_posterior(data: CrowdData, post: jax.Array, view: AnswerView) -> jax.Array:
+    """``post[t, y_tw]`` for every answer: the posterior mass of the label given."""
+    if isinstance(data, Coo):
+        return post[view.task, view.label]
+    return jnp.take_along_axis(post, view.label, axis=1)
+
+
+def n_answers(data: CrowdData) -> jax.Array:
+    """Number of real answers (at least 1)."""
+    if isinstance(data, Coo):
+        return jnp.maximum(data.weight.sum(), 1.0)
+    return jnp.maximum((data.labels >= 0).sum().astype(data.task_mask.dtype), 1.0)
+
+
+def score_with_gold(scores: jax.Array, gold: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Posteriors (softmax, gold clamped) and ``log Z_t`` (the gold class's score on gold tasks)."""
+    log_z = jax.nn.logsumexp(scores, axis=1)
+    post = clamp_gold(jnp.exp(scores - log_z[:, None]), gold)
+    gold_score = jnp.take_along_axis(scores, jnp.maximum(gold, 0)[:, None], axis=1)[:, 0]
+    return post, jnp.where(gold >= 0, gold_score, log_z)
+
+
+# --------------------------------------------------------------------------------------------
+# GLAD
+# --------------------------------------------------------------------------------------------
+
+
+class GladParams(NamedTuple):
+    alpha: jax.Array  # [workers]
+    log_beta: jax.Array  # [tasks]
+
+
+class GladState(NamedTuple):
+    params: GladParams
+    opt_state: Any
+    log_prior: jax.Array  # [K]
+    posteriors: jax.Array  # [tasks, K]
+    lr_scale: jax.Array  # scalar: backtracking factor on the learning rate
+
+
+class GladResult(NamedTuple):
+    posteriors: jax.Array  # [tasks, K]
+    alphas: jax.Array  # [workers] expertise
+    betas: jax.Array  # [tasks] inverse difficulty exp(log_beta)
+    priors: jax.Array  # [K]
+    objective: jax.Array
+    history: jax.Array
+    n_iter: jax.Array
+    converged: jax.Array
+
+
+def _logits(view: AnswerView, params: GladParams) -> jax.Array:
+    return params.alpha[view.worker] * jnp.exp(params.log_beta[view.task])
+
+
+def e_step(data: CrowdData, params: GladParams, log_prior: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Posteriors (gold clamped) and the marginal log-likelihood of the answers."""
+    view = answer_view(data)
+    K = data.n_classes
+    x = _logits(view, params)
+    log_right = jax.nn.log_sigmoid(x)
+    log_wrong = jax.nn.log_sigmoid(-x) - jnp.log(max(K - 1, 1))
+    scores = (log_prior + task_sum(data, log_wrong * view.weight)[:, None]
+              + task_label_sum(data, (log_right - log_wrong) * view.weight))
+    post, ll_task = score_with_gold(scores, data.gold)
+    return post, (ll_task * data.task_mask).sum()
+
+
+def log_prior_density(data: CrowdData, params: GladParams, mu_alpha: float,
+                      mu_beta: float) -> jax.Array:
+    """Gaussian log priors on alpha and log-beta (real annotators and tasks; constants dropped)."""
+    return (-0.5 * (((params.alpha - mu_alpha) ** 2) * data.worker_mask).sum()
+            - 0.5 * (((params.log_beta - mu_beta) ** 2) * data.task_mask).sum())
+
+
+def q_value(data: CrowdData, params: GladParams, p_right: jax.Array, mu_alpha: float,
+            mu_beta: float) -> jax.Array:
+    """The M-step objective Q (expected complete log-likelihood of alpha, beta + log priors)."""
+    view = answer_view(data)
+    x = _logits(view, params)
+    ll = (p_right * jax.nn.log_sigmoid(x) + (1 - p_right) * jax.nn.log_sigmoid(-x)) * view.weight
+    return ll.sum() + log_prior_density(data, params, mu_alpha, mu_beta)
+
+
+def q_grad(data: CrowdData, params: GladParams, p_right: jax.Array, mu_alpha: float,
+           mu_beta: float) -> GladParams:
+    """Gradient of :func:`q_value` (closed form: one pass over the answers)."""
+    view = answer_view(data)
+    beta = jnp.exp(params.log_beta)
+    x = params.alpha[view.worker] * beta[view.task]
+    g = (p_right - jax.nn.sigmoid(x)) * view.weight
+    d_alpha = worker_sum(data, g * beta[view.task]) - (params.alpha - mu_alpha)
+    d_log_beta = task_sum(data, g * x) - (params.log_beta - mu_beta)
+    return GladParams(d_alpha * data.worker_mask, d_log_beta * data.task_mask)
+
+
+def _clip(params: GladParams) -> GladParams:
+    return GladParams(jnp.clip(params.alpha, -ALPHA_MAX, ALPHA_MAX),
+                      jnp.clip(params.log_beta, LOG_BETA_MIN, LOG_BETA_MAX))
+
+
+def _optimizer() -> optax.GradientTransformation:
+    return optax.scale_by_adam()
+
+
+def m_step(data: CrowdData, state: GladState, post: jax.Array, *, lr: float, m_steps: int,
+           mu_alpha: float, mu_beta: float, learn_prior: bool, max_tries: int = 4) -> GladState:
+    """``m_steps`` Adam steps on Q (``lax.scan``), backtracking until Q does not fall.
+
+    The Adam direction (``optax.scale_by_adam``) is scaled by ``lr * state.lr_scale``. If Q is
+    lower after the steps, they are undone and retried with a 4 times smaller scale (at most
+    ``max_tries`` times; if all fail the parameters stay as they were). After a success the
+    scale doubles again (up to 1). So Q never decreases, and with it the EM objective.
+    """
+    view = answer_view(data)
+    p_right = gather_posterior(data, post, view)
+    opt = _optimizer()
+    q_old = q_value(data, state.params, p_right, mu_alpha, mu_beta)
+
+    def run(scale):
+        def one(carry, _):
+            params, opt_state = carry
+            grad = q_grad(data, params, p_right, mu_alpha, mu_beta)
+            direction, opt_state = opt.update(grad, opt_state, params)
+            params = jax.tree_util.tree_map(lambda p, d: p + (lr * scale) * d, params, direction)
+            return (_clip(params), opt_state), None
+
+        (params, opt_state), _ = jax.lax.scan(one, (state.params, state.opt_state), None,
+                                              length=m_steps)
+        return params, opt_state
+
+    def cond(c):
+        tries, _, accepted, _, _ = c
+        return (~accepted) & (tries < max_tries)
+
+    def body(c):
+        tries, scale, _, _, _ = c
+        params, opt_state = run(scale)
+        accepted = q_value(data, params, p_right, mu_alpha, mu_beta) >= q_old
+        return tries + 1, jnp.where(accepted, scale, scale / 4), accepted, params, opt_state
+
+    c0 = (jnp.asarray(0, jnp.int32), state.lr_scale, jnp.asarray(False), state.params,
+          state.opt_state)
+    _, scale, accepted, params, opt_state = jax.lax.while_loop(cond, body, c0)
+    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+        lambda a, b: jnp.where(accepted, a, b), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    scale = jnp.where(accepted, jnp.minimum(scale * 2, 1.0), scale)
+    log_prior = state.log_prior
+    if learn_prior:
+        log_prior = jnp.log(jnp.maximum(normalize((post * data.task_mask[:, None]).sum(0) + 0.01),
+                                        TINY))
+    return GladState(params=params, opt_state=opt_state, log_prior=log_prior, posteriors=post,
+                     lr_scale=scale)
+
+
+def init(data: CrowdData, *, mu_alpha: float = 1.0, mu_beta: float = 1.0,
+         init_from_gold: bool = False) -> GladState:
+    """alpha = mu_alpha, log-beta = mu_beta, uniform class prior (alpha from gold if asked)."""
+    dtype = data.task_mask.dtype
+    K = data.n_classes
+    alpha = jnp.full((data.n_workers,), mu_alpha, dtype)
+    log_beta = jnp.full((data.n_tasks,), mu_beta, dtype)
+    if init_from_gold:
+        view = answer_view(data)
+        on_gold = (data.gold[view.task] >= 0).astype(dtype) * view.weight
+        hit = (view.label == data.gold[view.task]).astype(dtype) * on_gold
+        n = worker_sum(data, on_gold)
+        acc = (1 + worker_sum(data, hit)) / (2 + n)
+        # P(right) = sigma(alpha * beta0): alpha = logit(acc) / beta0, clipped.
+        a_gold = jnp.clip((jnp.log(acc) - jnp.log1p(-acc)) / jnp.exp(mu_beta), -ALPHA_MAX, ALPHA_MAX)
+        alpha = jnp.where(n > 0, a_gold, alpha)
+    params = GladParams(alpha, log_beta)
+    log_prior = jnp.full((K,), -jnp.log(K), dtype)
+    post, _ = e_step(data, params, log_prior)
+    return GladState(params=params, opt_state=_optimizer().init(params), log_prior=log_prior,
+                     posteriors=post, lr_scale=jnp.asarray(1.0, dtype))
+
+
+def step(data: CrowdData, state: GladState, *, lr: float, m_steps: int, mu_alpha: float,
+         mu_beta: float, learn_prior: bool) -> tuple[GladState, jax.Array]:
+    """E-step with the current parameters, then the M-step; returns their objective."""
+    post, ll = e_step(data, state.params, state.log_prior)
+    obj = (ll + log_prior_density(data, state.params, mu_alpha, mu_beta)) / n_answers(data)
+    state = m_step(data, state, post, lr=lr, m_steps=m_steps, mu_alpha=mu_alpha,
+                   mu_beta=mu_beta, learn_prior=learn_prior)
+    return state, obj
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "m_steps", "learn_prior",
+                                             "init_from_gold"))
+def fit(data: CrowdData, *, max_iter: int = 100, tol: float = 1e-5, lr: float = 0.1,
+        m_steps: int = 5, mu_alpha: float = 1.0, mu_beta: float = 1.0,
+        learn_prior: bool = False, init_from_gold: bool = False) -> GladResult:
+    """Fit GLAD by (generalised) EM; see the module docstring for the model."""
+    state = init(data, mu_alpha=mu_alpha, mu_beta=mu_beta, init_from_gold=init_from_gold)
+    body = functools.partial(step, data, lr=lr, m_steps=m_steps, mu_alpha=mu_alpha,
+                             mu_beta=mu_beta, learn_prior=learn_prior)
+    state, loop = iterate(body, state, max_iter=max_iter, tol=tol)
+    post, _ = e_step(data, state.params, state.log_prior)  # posteriors of the final parameters
+    return GladResult(posteriors=post, alphas=state.params.alpha,
+                      betas=jnp.exp(state.params.log_beta), priors=jnp.exp(state.log_prior),
+                      objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
+                      converged=loop.converged)
+
+
+class GLAD(Aggregator):
+    """GLAD (Whitehill et al., 2009): expertise per annotator, difficulty per task.
+
+    Args:
+        max_iter: the most EM iterations.
+        tol: stop when the objective (per answer) gains less than this.
+        m_steps: Adam steps per M-step.
+        lr: Adam learning rate.
+        mu_alpha, mu_beta: prior means of alpha and log-beta (unit variance).
+        learn_prior: re-estimate the class prior in each M-step (default: uniform, fixed).
+        init: ``default`` (alpha = mu_alpha) or ``gold`` (alpha from accuracy on gold tasks).
+        layout: ``auto``, ``coo`` or ``dense``.
+        dtype: ``float32`` or ``float64``.
+
+    Attributes (after fit):
+        alphas_: ``[workers]`` expertise. betas_: ``[tasks]`` inverse difficulty (> 0).
+        skills_: same as ``alphas_``. priors_: ``[K]`` class prior.
+    """
+
+    name = "glad"
+    description = "GLAD: annotator expertise and task difficulty (EM, optax M-step)"
+    supports_gold = True
+    iterative = True
+
+    def __init__(self, max_iter: int = 100, tol: float = 1e-5, m_steps: int = 5, lr: float = 0.1,
+                 mu_alpha: float = 1.0, mu_beta: float = 1.0, learn_prior: bool = False,
+                 init: str = "default", layout: str = "auto", dtype: str = "float32") -> None:
+        if init not in ("default", "gold"):
+            raise ValueError(f"init must be 'default' or 'gold', got {init!r}")
+        if m_steps < 1 or lr <= 0:
+            raise ValueError("m_steps must be >= 1 and lr > 0")
+        self.max_iter, self.tol, self.m_steps, self.lr = max_iter, tol, m_steps, lr
+        self.mu_alpha, self.mu_beta, self.learn_prior = mu_alpha, mu_beta, learn_prior
+        self.init, self.layout, self.dtype = init, layout, dtype
+
+    def _fit(self, tensor: LabelTensor, gold: np.ndarray | None) -> dict[str, Any]:
+        if self.init == "gold" and gold is None:
+            raise ValueError("init='gold' needs gold labels: fit(data, gold=...)")
+        with jax.enable_x64(self.dtype == "float64"):
+            data = prepare(tensor, layout=self.layout, gold=gold,
+                           dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
+            res = fit(data, max_iter=self.max_iter, tol=self.tol, lr=self.lr,
+                      m_steps=self.m_steps, mu_alpha=self.mu_alpha, mu_beta=self.mu_beta,
+                      learn_prior=self.learn_prior, init_from_gold=self.init == "gold")
+            res = jax.tree_util.tree_map(np.asarray, res)
+        W, T = tensor.n_workers, tensor.n_tasks
+        return {"probas": res.posteriors[:T], "alphas": res.alphas[:W], "betas": res.betas[:T],
+                "skills": res.alphas[:W], "priors": res.priors, "n_iter": int(res.n_iter),
+                "converged": bool(res.converged), "history": res.history}
+
+    def skills_table(self) -> pa.Table:
+        return pa.table({"worker": pa.array(self.workers_.tolist()),
+                         "alpha": pa.array(self.alphas_, type=pa.float64())})
