@@ -5,4 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e '.[dev]'
 # --- test-only services and tools (each block installs what one group of tests needs) ---
+# eval (tests/eval/test_eval_report.py): Debian's chromium opens the report's index.html headless
+if [ ! -x /usr/bin/chromium ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+    else
+        echo "tests/run.sh: /usr/bin/chromium is missing and apt-get is not available" >&2
+    fi
+fi
 python -m pytest -q "$@"

@@ -255,19 +255,26 @@ def cost(run_dir: str, prices: str | None, gold: str | None, methods: str, param
 @click.option("--prices", type=click.Path(exists=True, dir_okay=False), help="TOML price table.")
 @click.option("--svg", is_flag=True, help="Also write every figure as SVG.")
 @click.option("--min-coverage", type=float, default=0.5, show_default=True)
+@click.option("--frontier-methods", default="mv,ds", show_default=True,
+              help="Methods for the cost-vs-accuracy frontier (runs with a ledger).")
+@click.option("--max-subsets", type=int, default=63, show_default=True,
+              help="Most panel subsets in the frontier (smallest first).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def report(run_dir: str, gold: str, out: str, by: str | None, items: str | None,
            methods: str | None, param: tuple[str, ...], reference: str | None, prices: str | None,
-           svg: bool, min_coverage: float, seed: int) -> None:
+           svg: bool, min_coverage: float, frontier_methods: str, max_subsets: int,
+           seed: int) -> None:
     """Write tables (Markdown, CSV), figures and index.html for RUN_DIR into one folder."""
     from .report import build_report
 
     meths = _methods(methods)
+    fmeths = _methods(frontier_methods)
     params = _params(param)
     rep = _guard(lambda: build_report(_run_path(run_dir), _gold_path(gold), out, by=by,
                                       methods=meths, reference=reference, prices=prices, svg=svg,
                                       items=items, params=params, seed=seed,
-                                      min_coverage=min_coverage))
+                                      min_coverage=min_coverage, frontier_methods=fmeths,
+                                      max_subsets=max_subsets))
     click.echo(f"wrote {rep.out / 'index.html'} ({len(rep.files)} files, "
                f"{len(rep.figures)} figures)")
 

@@ -135,7 +135,7 @@ def test_cost_cli(tmp_path):
     (tmp_path / "p.toml").write_text(PRICES)
     res = CliRunner().invoke(main, ["cost", str(run), "--prices", str(tmp_path / "p.toml"), "--json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    out = json.loads(res.stdout)
     assert out["currency"] == "EUR"
     assert out["panel"]["cost"] == pytest.approx(0.0127)
     assert out["panel"]["retry_cost"] == pytest.approx(0.0038)
