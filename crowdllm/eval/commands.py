@@ -155,6 +155,7 @@ def evaluate(pred_or_run: str, gold: str, by: str | None, items: str | None, met
     cols: list[str] = []
     for r in rows:
         cols += [c for c in r if c not in cols and c not in ("seconds",)]
+    cols = [c for c in cols if any(r.get(c) not in (None, "") for r in rows)]  # drop empty columns
     click.echo(cli.format_table(rows, cols))
     n_ann = sum(r["kind"] == "annotator" for r in ev.rows)
     shown = sum(r["kind"] == "annotator" for r in rows)

@@ -292,12 +292,13 @@ def ledger_cost(ledger: Sequence[Mapping[str, Any]], prices: PriceTable,
                 row["cost"] = row["retry_cost"] = None
                 continue
             row["cost"] += cost
-            if rp is None or row["retry_cost"] is None:
+            assert price is not None  # a cost was computed
+            if rp is None or rc is None or row["retry_cost"] is None:
                 row["retry_cost"] = None
-            elif price is not None and price.is_api or (price is not None and price.has_throughput):
-                row["retry_cost"] += price.cost(rp, rc, None) or 0.0  # type: ignore[union-attr]
-            else:  # measured latency covers all attempts: split it by token share
-                row["retry_cost"] += cost * ((rp + rc) / (p + c)) if (p + c) else 0.0
+            elif price.is_api or price.has_throughput:
+                row["retry_cost"] += price.cost(rp, rc, None) or 0.0
+            elif p + c:  # measured latency covers all attempts: split it by token share
+                row["retry_cost"] += cost * (rp + rc) / (p + c)
         row["cost_per_item"] = row["cost"] / row["items"] if row["cost"] is not None else None
         rows.append(row)
     rows.sort(key=lambda r: (r["model"], r["prompt_version"]))

@@ -239,14 +239,16 @@ def evaluate(
     rows: list[dict[str, Any]] = []
 
     def make_row(name: str, kind: str, s: dict[str, Any]) -> dict[str, Any]:
+        scored = s["n"] > 0  # an annotator with no gold task answered has no figures, not zeros
         row: dict[str, Any] = {"system": name, "kind": kind, "n": s["n"],
                                "coverage": s["n"] / n_gold if n_gold else 0.0,
-                               "accuracy": s["accuracy"], "macro_f1": s["macro_f1"],
-                               "weighted_f1": s["weighted_f1"]}
+                               "accuracy": s["accuracy"] if scored else None,
+                               "macro_f1": s["macro_f1"] if scored else None,
+                               "weighted_f1": s["weighted_f1"] if scored else None}
         for c in classes:
-            row[f"P_{c}"] = s["precision"][c]
-            row[f"R_{c}"] = s["recall"][c]
-            row[f"F1_{c}"] = s["f1"][c]
+            row[f"P_{c}"] = s["precision"][c] if scored else None
+            row[f"R_{c}"] = s["recall"][c] if scored else None
+            row[f"F1_{c}"] = s["f1"][c] if scored else None
         return row
 
     # most-covering annotators first (for a full panel: all equal), then the most accurate

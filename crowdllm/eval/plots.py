@@ -119,7 +119,11 @@ def cost_vs_accuracy(rows: Sequence[Mapping[str, Any]], path: str | Path, *, cur
     if front:
         ax.plot([r["cost"] for r in front], [r["accuracy"] for r in front], "k--", lw=1,
                 label="Pareto front")
+        seen: set[tuple[float, float]] = set()
         for r in front:
+            if (r["cost"], r["accuracy"]) in seen:  # one label per point (methods may tie)
+                continue
+            seen.add((r["cost"], r["accuracy"]))
             ax.annotate(_short(r["subset"], 28), (r["cost"], r["accuracy"]), fontsize=7,
                         xytext=(3, -9), textcoords="offset points")
     ax.set_xlabel(f"cost ({currency})")

@@ -42,6 +42,8 @@ def _fmt(v: Any, floatfmt: str = "{:.4f}") -> str:
     if v is None:
         return ""
     if isinstance(v, (float, np.floating)):
+        if v != 0 and abs(v) < 0.01:  # small money amounts keep three significant digits
+            return f"{v:.3g}"
         return floatfmt.format(v)
     return str(v)
 

@@ -181,3 +181,35 @@ def test_frontier_on_synthetic_panel(tmp_path):
         dominated = any(o["cost"] <= r["cost"] and o["accuracy"] >= r["accuracy"]
                         and (o["cost"] < r["cost"] or o["accuracy"] > r["accuracy"]) for o in front)
         assert r["frontier"] == (not dominated)
+
+
+def test_torn_last_line_and_repeats_follow_the_ledger_contract(tmp_path):
+    p = tmp_path / "ledger.jsonl"
+    again = dict(RECORDS[0], prompt_tokens=9999)
+    p.write_text("".join(json.dumps(r) + "\n" for r in [RECORDS[0], again]) + '{"task": "c", "mod')
+    with pytest.warns(UserWarning) as rec:
+        recs = read_ledger(p)
+    msgs = " ".join(str(w.message) for w in rec)
+    assert "incomplete last line" in msgs and "first of each was kept" in msgs
+    assert len(recs) == 1 and recs[0]["prompt_tokens"] == 1000
+
+
+def test_old_prompt_versions_cost_but_workers_map_to_the_current_one(tmp_path):
+    import pyarrow as pa
+
+    from crowdllm.labels import write_table
+
+    old = [dict(r, prompt_version="v0") for r in RECORDS]
+    run = write_run(tmp_path, RECORDS + old)
+    write_table(pa.table({"task": ["a", "b", "a"], "worker": ["api-m", "api-m", "local-m"],
+                          "label": ["x", "y", "x"]}), run / "answers.parquet")
+    (run / "run.json").write_text(json.dumps({"prompt_versions": {"api-m": "v1", "local-m": "v1"}}))
+    r = load_run(run)
+    assert r.models_of_workers() == {"api-m": ("api-m", "v1"), "local-m": ("local-m", "v1")}
+    (tmp_path / "p.toml").write_text(PRICES)
+    rows = ledger_cost(r.ledger, load_prices(tmp_path / "p.toml"))
+    assert [(x["model"], x["prompt_version"]) for x in rows[:-1]] == [
+        ("api-m", "v0"), ("api-m", "v1"), ("local-m", "v0"), ("local-m", "v1")]
+    assert rows[-1]["cost"] == pytest.approx(2 * 0.0127)  # every version's tokens were paid for
+    wc = worker_costs(rows, r.models_of_workers())
+    assert wc == {"api-m": pytest.approx(0.0076), "local-m": pytest.approx(0.0051)}
