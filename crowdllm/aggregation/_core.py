@@ -34,7 +34,7 @@ Layout = Literal["auto", "coo", "dense"]
 __all__ = [
     "Coo", "Dense", "CrowdData", "prepare", "bucket", "task_class_sum", "worker_confusion",
     "task_vote", "worker_agreement", "worker_count", "clamp_gold", "iterate", "Loop",
-    "answers_of", "normalize", "safe_log",
+    "answers_of", "normalize", "safe_log", "argmax_ties", "tie_flag",
 ]
 
 # Every probability that goes into a log is at least this (crowd-kit clamps at the same value).
@@ -269,21 +269,31 @@ def clamp_gold(post: jax.Array, gold: jax.Array) -> jax.Array:
     return jnp.where((gold >= 0)[:, None], onehot, post)
 
 
-def argmax_ties(scores: jax.Array, ties: str, key: jax.Array | None, rtol: float = 1e-6) -> jax.Array:
+def tie_flag(ties: str) -> jax.Array:
+    """The traced form of a tie policy: True for ``random``, False for ``lowest``.
+
+    Kernels take the flag as an array, so switching policy does not compile the kernel again.
+    """
+    if ties not in ("random", "lowest"):
+        raise ValueError(f"ties must be 'random' or 'lowest', got {ties!r}")
+    return jnp.asarray(ties == "random")
+
+
+def argmax_ties(scores: jax.Array, random_ties: jax.Array | bool, key: jax.Array,
+                rtol: float = 1e-6) -> jax.Array:
     """Row-wise argmax with an explicit tie policy.
 
-    ``lowest``: the lowest class code among the maxima. ``random``: uniformly at random among
-    the maxima (values within ``rtol`` of the row maximum), from ``key``; the choice depends on
-    the key, the task and the class code only, never on the order of columns in a file.
+    ``random_ties=False`` (``lowest``): the lowest class code among the maxima. ``True``
+    (``random``): uniformly at random among the maxima (values within ``rtol`` of the row
+    maximum), from ``key``; the choice depends on the key, the task and the class code only,
+    never on the order of columns in a file.
     """
-    if ties == "lowest":
-        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    if ties != "random":
-        raise ValueError(f"ties must be 'random' or 'lowest', got {ties!r}")
+    lowest = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     m = scores.max(axis=-1, keepdims=True)
     is_max = scores >= m - rtol * jnp.maximum(jnp.abs(m), 1.0)
     noise = jax.random.uniform(key, scores.shape)
-    return jnp.argmax(jnp.where(is_max, noise, -1.0), axis=-1).astype(jnp.int32)
+    rand = jnp.argmax(jnp.where(is_max, noise, -1.0), axis=-1).astype(jnp.int32)
+    return jnp.where(random_ties, rand, lowest)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..labels import LabelTensor
-from ._core import CrowdData, argmax_ties, clamp_gold, normalize, prepare, task_vote
+from ._core import tie_flag, CrowdData, argmax_ties, clamp_gold, normalize, prepare, task_vote
 from .base import Aggregator
 
 __all__ = ["MajorityVote", "MVResult", "fit", "weighted_vote"]
@@ -39,7 +39,7 @@ class MVResult(NamedTuple):
     votes: jax.Array  # [tasks, classes] (weighted) vote counts
 
 
-def weighted_vote(data: CrowdData, weights: jax.Array, key: jax.Array, ties: str) -> MVResult:
+def weighted_vote(data: CrowdData, weights: jax.Array, key: jax.Array, ties: jax.Array | bool) -> MVResult:
     """Vote with per-worker ``weights``; gold tasks (``data.gold >= 0``) are clamped."""
     votes = task_vote(data, weights)
     post = clamp_gold(normalize(votes), data.gold)
@@ -47,8 +47,8 @@ def weighted_vote(data: CrowdData, weights: jax.Array, key: jax.Array, ties: str
     return MVResult(posteriors=post, labels=labels, votes=votes)
 
 
-@functools.partial(jax.jit, static_argnames=("ties",))
-def fit(data: CrowdData, key: jax.Array, ties: str = "random") -> MVResult:
+@jax.jit
+def fit(data: CrowdData, key: jax.Array, ties: jax.Array | bool = True) -> MVResult:
     """Plain majority vote (every answer weighs one)."""
     return weighted_vote(data, data.worker_mask, key, ties)
 
@@ -74,7 +74,7 @@ class MajorityVote(Aggregator):
 
     def _fit(self, tensor: LabelTensor, gold: np.ndarray | None) -> dict[str, Any]:
         data = prepare(tensor, layout=self.layout)
-        res = fit(data, jax.random.key(self.seed), ties=self.ties)
+        res = fit(data, jax.random.key(self.seed), ties=tie_flag(self.ties))
         n = tensor.n_tasks
         votes = np.asarray(res.votes)[:n]
         return {"probas": np.asarray(res.posteriors)[:n], "labels": np.asarray(res.labels)[:n],

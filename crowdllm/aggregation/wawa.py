@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from ..labels import LabelTensor
 from . import majority_vote
-from ._core import CrowdData, prepare, worker_agreement, worker_count
+from ._core import tie_flag, CrowdData, prepare, worker_agreement, worker_count
 from .base import Aggregator
 
 __all__ = ["Wawa", "WawaResult", "fit", "agreement_skills"]
@@ -46,8 +46,8 @@ def agreement_skills(data: CrowdData, labels: jax.Array) -> jax.Array:
     return jnp.where(n > 0, hits / jnp.maximum(n, 1), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("ties",))
-def fit(data: CrowdData, key: jax.Array, ties: str = "random") -> WawaResult:
+@jax.jit
+def fit(data: CrowdData, key: jax.Array, ties: jax.Array | bool = True) -> WawaResult:
     k1, k2 = jax.random.split(key)
     mv = majority_vote.weighted_vote(data, data.worker_mask, k1, ties)
     skills = agreement_skills(data, mv.labels)
@@ -63,13 +63,14 @@ class Wawa(Aggregator):
     supports_gold = True
 
     def __init__(self, ties: str = "random", seed: int = 0, layout: str = "auto") -> None:
+        tie_flag(ties)  # validates
         self.ties = ties
         self.seed = seed
         self.layout = layout
 
     def _fit(self, tensor: LabelTensor, gold: np.ndarray | None) -> dict[str, Any]:
         data = prepare(tensor, layout=self.layout, gold=gold)
-        res = fit(data, jax.random.key(self.seed), ties=self.ties)
+        res = fit(data, jax.random.key(self.seed), ties=tie_flag(self.ties))
         n = tensor.n_tasks
         return {"probas": np.asarray(res.posteriors)[:n], "labels": np.asarray(res.labels)[:n],
                 "skills": np.asarray(res.skills)[: tensor.n_workers]}

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from ..labels import LabelTensor
 from . import majority_vote
-from ._core import CrowdData, iterate, prepare
+from ._core import tie_flag, CrowdData, iterate, prepare
 from .base import Aggregator
 from .wawa import agreement_skills
 
@@ -56,7 +56,7 @@ def init(data: CrowdData, key: jax.Array, lr_init: float = 1.0, eps: float = 1e-
                     it=jnp.asarray(0, jnp.int32), key=key)
 
 
-def step(data: CrowdData, state: ZBSState, *, ties: str, lr_steps_to_reduce: int,
+def step(data: CrowdData, state: ZBSState, *, ties: jax.Array | bool, lr_steps_to_reduce: int,
          lr_reduce_factor: float) -> tuple[ZBSState, jax.Array]:
     """One vote-then-update round; the objective is minus the largest skill change."""
     it = state.it + 1
@@ -69,8 +69,8 @@ def step(data: CrowdData, state: ZBSState, *, ties: str, lr_steps_to_reduce: int
     return ZBSState(skills=skills, lr=lr, it=it, key=key), -change
 
 
-@functools.partial(jax.jit, static_argnames=("ties", "max_iter", "lr_steps_to_reduce"))
-def fit(data: CrowdData, key: jax.Array, *, ties: str = "random", max_iter: int = 100,
+@functools.partial(jax.jit, static_argnames=("max_iter", "lr_steps_to_reduce"))
+def fit(data: CrowdData, key: jax.Array, *, ties: jax.Array | bool = True, max_iter: int = 100,
         tol: float = 1e-6, lr_init: float = 1.0, lr_steps_to_reduce: int = 20,
         lr_reduce_factor: float = 0.5, eps: float = 1e-5) -> ZBSResult:
     k_init, k_final = jax.random.split(key)
@@ -97,11 +97,12 @@ class ZeroBasedSkill(Aggregator):
                  ties: str = "random", seed: int = 0, layout: str = "auto") -> None:
         self.max_iter, self.tol = max_iter, tol
         self.lr_init, self.lr_steps_to_reduce, self.lr_reduce_factor = lr_init, lr_steps_to_reduce, lr_reduce_factor
+        tie_flag(ties)  # validates
         self.eps, self.ties, self.seed, self.layout = eps, ties, seed, layout
 
     def _fit(self, tensor: LabelTensor, gold: np.ndarray | None) -> dict[str, Any]:
         data = prepare(tensor, layout=self.layout, gold=gold)
-        res = fit(data, jax.random.key(self.seed), ties=self.ties, max_iter=self.max_iter,
+        res = fit(data, jax.random.key(self.seed), ties=tie_flag(self.ties), max_iter=self.max_iter,
                   tol=self.tol, lr_init=self.lr_init, lr_steps_to_reduce=self.lr_steps_to_reduce,
                   lr_reduce_factor=self.lr_reduce_factor, eps=self.eps)
         n = tensor.n_tasks

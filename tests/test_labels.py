@@ -1,0 +1,205 @@
+"""The label tensor and its I/O: formats, vocabularies, duplicates, gold, and every bad-input error."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from crowdllm.labels import CrowdDataError, LabelTensor, read_answers, read_gold, write_table
+
+ROWS = [("t1", "w1", "b"), ("t1", "w2", "a"), ("t2", "w1", "a"), ("t3", "w3", "c"), ("t2", "w2", "a")]
+
+
+def write_csv(path, rows, header=("task", "worker", "label")):
+    path.write_text(",".join(header) + "\n" + "".join(",".join(r) + "\n" for r in rows))
+    return path
+
+
+def test_csv_parquet_jsonl_dataframe_and_arrow_agree(tmp_path):
+    csv = write_csv(tmp_path / "a.csv", ROWS)
+    table = pa.table({k: [r[i] for r in ROWS] for i, k in enumerate(("task", "worker", "label"))})
+    pq.write_table(table, tmp_path / "a.parquet")
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(dict(zip(("task", "worker", "label"), r))) + "\n" for r in ROWS))
+    tensors = [read_answers(csv), read_answers(tmp_path / "a.parquet"), read_answers(tmp_path / "a.jsonl"),
+               LabelTensor.from_arrow(table), LabelTensor.from_frame(table.to_pandas()),
+               LabelTensor.coerce(str(csv))]
+    for t in tensors:
+        assert t.task_ids.tolist() == ["t1", "t2", "t3"]  # first-seen order
+        assert t.worker_ids.tolist() == ["w1", "w2", "w3"]
+        assert t.classes.tolist() == ["a", "b", "c"]  # sorted
+        assert t.task.tolist() == [0, 0, 1, 2, 1]
+        assert t.label.tolist() == [1, 0, 0, 2, 0]
+        assert t.task.dtype == np.int32 and t.label.dtype == np.int32
+    back = tensors[0].to_arrow()
+    assert back.to_pylist()[0] == {"task": "t1", "worker": "w1", "label": "b"}
+
+
+def test_ids_are_kept_as_written_and_numeric_labels_sort_numerically(tmp_path):
+    p = write_csv(tmp_path / "a.csv", [("007", "w", "10"), ("7", "w", "2"), ("8", "w", "9")])
+    t = read_answers(p)
+    assert t.task_ids.tolist() == ["007", "7", "8"]
+    assert t.classes.tolist() == ["2", "9", "10"]
+
+
+def test_column_names_can_be_overridden(tmp_path):
+    p = write_csv(tmp_path / "a.csv", ROWS, header=("item", "annotator", "answer"))
+    t = read_answers(p, task_col="item", worker_col="annotator", label_col="answer")
+    assert t.n_answers == 5
+    with pytest.raises(CrowdDataError) as e:
+        read_answers(p)
+    msg = str(e.value)
+    assert "a.csv" in msg and "'task'" in msg and "'worker'" in msg and "item" in msg
+
+
+def test_dense_view_and_from_dense_roundtrip():
+    t = LabelTensor.from_arrays(*zip(*ROWS))
+    d = t.dense()
+    assert d.dtype == np.int8 and d.shape == (3, 3)
+    assert d.tolist() == [[1, 0, -1], [0, 0, -1], [-1, -1, 2]]
+    t2 = LabelTensor.from_dense(d, classes=t.classes)
+    assert np.array_equal(t2.dense(), d)
+    assert t.density == pytest.approx(5 / 9)
+
+
+def test_duplicates_keep_first_last_error(tmp_path):
+    rows = [("t1", "w1", "a"), ("t1", "w1", "b"), ("t2", "w1", "a"), ("t1", "w1", "c")]
+    p = write_csv(tmp_path / "d.csv", rows)
+    keep = read_answers(p)
+    assert keep.n_answers == 4 and keep.n_duplicates == 2 and keep.has_repeats
+    first = read_answers(p, duplicates="first")
+    assert first.n_answers == 2 and not first.has_repeats
+    assert first.classes[first.label].tolist() == ["a", "a"]
+    last = read_answers(p, duplicates="last")
+    assert sorted(last.classes[last.label].tolist()) == ["a", "c"]
+    assert last.n_duplicates == 2  # reported, even though dropped
+    with pytest.raises(CrowdDataError) as e:
+        read_answers(p, duplicates="error")
+    msg = str(e.value)
+    assert "d.csv" in msg and "row 2 (line 3)" in msg and "'w1'" in msg and "'t1'" in msg
+    with pytest.raises(CrowdDataError, match="dense"):
+        keep.dense()
+
+
+def test_zencrowd_duplicates_are_counted(data_dir):
+    t = read_answers(data_dir / "zencrowd_all" / "answers.csv")
+    pairs = pd.read_csv(data_dir / "zencrowd_all" / "answers.csv").groupby(["task", "worker"]).size()
+    assert t.n_duplicates == int((pairs - 1).sum()) > 0
+    assert t.n_answers == 21855
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("", "empty"),
+    ("task,worker,label\n", "no answers"),
+    ("task,worker,label\nt1,w1,a\nt2,w2,\n", "row 2 (line 3), column 'label': empty value"),
+    ("task,worker,label\nt1,w1,a\n,w2,b\n", "row 2 (line 3), column 'task'"),
+    ("task,worker,label\nt1,w1,a\nt2,  ,b\n", "column 'worker'"),
+    ("task,worker\nt1,w1\n", "missing column(s) 'label'"),
+    ("task,worker,label\nt1,w1,a,extra\n", "could not read"),
+])
+def test_bad_csv_errors_name_file_row_and_column(tmp_path, content, needle):
+    p = tmp_path / "bad.csv"
+    p.write_text(content)
+    with pytest.raises(CrowdDataError) as e:
+        read_answers(p)
+    assert "bad.csv" in str(e.value)
+    assert needle in str(e.value)
+
+
+def test_null_label_in_parquet_and_jsonl(tmp_path):
+    pq.write_table(pa.table({"task": ["a", "b"], "worker": ["w", "w"], "label": ["x", None]}), tmp_path / "n.parquet")
+    with pytest.raises(CrowdDataError, match=r"n\.parquet: row 2, column 'label': empty value"):
+        read_answers(tmp_path / "n.parquet")
+    (tmp_path / "n.jsonl").write_text('{"task": "a", "worker": "w", "label": "x"}\n{"task": "b", "worker": "w", "label": null}\n')
+    with pytest.raises(CrowdDataError, match=r"n\.jsonl: row 2 \(line 2\), column 'label'"):
+        read_answers(tmp_path / "n.jsonl")
+
+
+def test_unreadable_missing_and_unknown_files(tmp_path):
+    with pytest.raises(CrowdDataError, match="no such file"):
+        read_answers(tmp_path / "missing.csv")
+    (tmp_path / "x.xlsx").write_text("junk")
+    with pytest.raises(CrowdDataError, match="unknown file type"):
+        read_answers(tmp_path / "x.xlsx")
+    (tmp_path / "garbage.parquet").write_bytes(b"\x00\x01 not parquet at all")
+    with pytest.raises(CrowdDataError, match="garbage.parquet: could not read it as parquet"):
+        read_answers(tmp_path / "garbage.parquet")
+    with pytest.raises(CrowdDataError, match="folder has no answers"):
+        read_answers(tmp_path)
+
+
+def test_label_outside_a_given_schema_is_named(tmp_path):
+    p = write_csv(tmp_path / "s.csv", [("t1", "w1", "a"), ("t2", "w1", "zzz")])
+    with pytest.raises(CrowdDataError, match=r"s\.csv: row 2 \(line 3\), column 'label': label 'zzz' is not in the schema"):
+        read_answers(p, classes=["a", "b"])
+    t = read_answers(p, classes=["zzz", "b", "a"])
+    assert t.classes.tolist() == ["zzz", "b", "a"] and t.label.tolist() == [2, 0]
+
+
+def test_gold_attach_unknown_label_and_unknown_task(tmp_path):
+    p = write_csv(tmp_path / "a.csv", ROWS)
+    g = tmp_path / "gold.csv"
+    g.write_text("task,label\nt1,b\nt2,new\nt9,a\n")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t = read_answers(p, gold=g)
+    messages = " ".join(str(x.message) for x in w)
+    assert "['new']" in messages and "nobody chose" in messages
+    assert "1 gold row(s) name tasks that have no answers" in messages
+    assert t.classes.tolist() == ["a", "b", "c", "new"]
+    assert t.gold.tolist() == [1, 3, -1]
+    assert read_gold(g) == {"t1": "b", "t2": "new", "t9": "a"}
+
+
+def test_gold_errors(tmp_path):
+    t = LabelTensor.from_arrays(*zip(*ROWS))
+    g = tmp_path / "g.csv"
+    g.write_text("task,label\nt1,a\nt1,b\n")
+    with pytest.raises(CrowdDataError, match=r"g\.csv: row 2 \(line 3\): task 't1' has two different gold labels"):
+        t.with_gold(g)
+    g.write_text("task,label\nt1,\n")
+    with pytest.raises(CrowdDataError, match=r"g\.csv: row 1 \(line 2\), column 'label': empty value"):
+        t.with_gold(g)
+    g.write_text("item,label\nt1,a\n")
+    with pytest.raises(CrowdDataError, match=r"g\.csv: missing column"):
+        t.with_gold(g)
+
+
+def test_select_workers_keeps_tasks_and_classes():
+    t = LabelTensor.from_arrays(*zip(*ROWS))
+    s = t.select_workers(["w1"])
+    assert s.n_tasks == 3 and s.n_classes == 3 and s.n_workers == 1 and s.n_answers == 2
+    with pytest.raises(CrowdDataError, match="unknown worker"):
+        t.select_workers(["nobody"])
+
+
+@pytest.mark.parametrize("ext", ["csv", "parquet", "jsonl"])
+def test_write_table_roundtrip(tmp_path, ext):
+    table = pa.table({"task": ["a", "b"], "label": ["x", "y"], "p_x": [0.75, 0.25]})
+    out = write_table(table, tmp_path / "sub" / f"out.{ext}")
+    back = read_answers.__globals__["read_table"](out)
+    assert back.column("task").to_pylist() == ["a", "b"]
+    assert [float(v) for v in back.column("p_x").to_pylist()] == [0.75, 0.25]
+    assert [f.name for f in (tmp_path / "sub").iterdir()] == [f"out.{ext}"]  # no temp files left
+
+
+def test_write_table_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    out = tmp_path / "out.parquet"
+    write_table(pa.table({"a": [1]}), out)
+    before = out.read_bytes()
+
+    def boom(table, where, *a, **k):
+        with open(where, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_table(pa.table({"a": [2]}), out)
+    assert out.read_bytes() == before
+    assert [f.name for f in tmp_path.iterdir()] == ["out.parquet"]
