@@ -113,25 +113,23 @@ def aggregate(answers: str, method: str, gold: str | None, use_gold: str, output
     from .aggregation import get_method
 
     try:
-        tensor = load_answers(answers, task_col=task_col, worker_col=worker_col,
-                              label_col=label_col, duplicates=duplicates)
+        # check the options before reading a possibly large file
+        params: dict[str, Any] = {"seed": seed, "max_iter": max_iter, "tol": tol}
+        if use_gold == "init":
+            params["init"] = "gold"
+        model = get_method(method, **params)
         gold_path = (example_dir() / "gold.csv") if gold == "example" else gold
         if use_gold != "none" and gold_path is None:
             fail("--use-gold needs --gold")
+        if use_gold != "none" and not model.supports_gold:
+            fail(f"method {method!r} does not use gold labels in fitting; drop --use-gold")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            tensor = load_answers(answers, task_col=task_col, worker_col=worker_col,
+                                  label_col=label_col, duplicates=duplicates)
             if gold_path is not None:
                 tensor = tensor.with_gold(gold_path)
-            params: dict[str, Any] = {"seed": seed, "max_iter": max_iter, "tol": tol}
-            if use_gold == "init":
-                params["init"] = "gold"
-            model = get_method(method, **params)
-            fit_gold = None
-            if use_gold != "none":
-                if not model.supports_gold:
-                    fail(f"method {method!r} does not use gold labels in fitting; drop --use-gold")
-                fit_gold = gold_path
-            model.fit(tensor, gold=fit_gold)
+            model.fit(tensor, gold=gold_path if use_gold != "none" else None)
     except CrowdDataError as exc:
         fail(str(exc))
     except ValueError as exc:
