@@ -167,9 +167,10 @@ def fit(data: Any, agree: jax.Array, common: jax.Array, key: jax.Array, *, n_tas
     n_t = jnp.maximum(jnp.asarray(n_tasks, dtype), 1.0)
     floor = 1.0 / jnp.sqrt(n_t)
     W = X.shape[0]
-    ku, kv = jax.random.split(key)
-    u0 = jax.random.uniform(ku, (W,), dtype, 0.5, 1.0)
-    v0 = jax.random.uniform(kv, (W,), dtype, 0.5, 1.0)
+    # Deterministic start (crowd-kit draws u = v uniformly at random): the root of each
+    # annotator's mean |C|, so the result does not depend on padding or layout.
+    row = jnp.where(obs, X, 0.0).sum(1) / jnp.maximum(deg, 1)
+    u0 = v0 = jnp.maximum(jnp.sqrt(row), floor)
     hist0 = jnp.zeros((max(min(max_iter, 1000), 1),), dtype)
 
     def cond(c):
@@ -214,7 +215,7 @@ def fit(data: Any, agree: jax.Array, common: jax.Array, key: jax.Array, *, n_tas
     p = s * (K - 1) / K + 1.0 / K
     weight = jnp.log((K - 1) * p) - jnp.log1p(-p)
     scores = task_vote(data, weight * data.worker_mask)
-    labels = argmax_ties(scores, ties, key)
+    labels = argmax_ties(scores, ties == "random", key)
     post = jax.nn.softmax(scores, axis=1)
     has_gold = data.gold >= 0
     post = clamp_gold(post, data.gold)
@@ -231,7 +232,7 @@ class MMSR(Aggregator):
         tol: stop when ``||u v^T - u' v'^T||_F / ||u v^T||_F`` falls below this.
         n_adversaries: F, the values trimmed on each side; -1 = chosen from the graph.
         ties: ``lowest`` or ``random`` tie-breaking in the final vote.
-        seed: PRNG seed (random start of u, v; random ties).
+        seed: PRNG seed (random ties).
         layout, dtype: as for every kernel.
 
     Attributes (after fit):
