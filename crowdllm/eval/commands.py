@@ -34,8 +34,11 @@ def _run_path(path: str) -> str:
 
 def _methods(spec: str | None) -> list[str]:
     from ..aggregation import METHODS
+    from .evaluate import default_methods
 
-    if spec is None or spec == "all":
+    if spec is None:
+        return default_methods()
+    if spec == "all":
         return list(METHODS)
     if spec in ("", "none"):
         return []
@@ -61,8 +64,9 @@ def _guard(fn: Callable[[], Any]) -> Any:
 
 
 _method_opt = click.option("--methods", "-m", "methods", default=None,
-                           help="Comma-separated aggregation methods (default: all registered; "
-                                "'none' for annotators only).")
+                           help="Comma-separated aggregation methods (default: every registered one "
+                                "that does not call a model, i.e. all but llm-judge; 'all' for "
+                                "every one; 'none' for annotators only).")
 _param_opt = click.option("--param", "-p", "param", multiple=True, metavar="METHOD.NAME=VALUE",
                           help="A method's parameter, e.g. ds.max_iter=200 (repeatable).")
 
@@ -282,7 +286,8 @@ def report(run_dir: str, gold: str, out: str, by: str | None, items: str | None,
 
 @click.command()
 @click.argument("dataset_dirs", nargs=-1, required=True)
-@_method_opt
+@click.option("--methods", "-m", "methods", default=None,
+              help="Comma-separated aggregation methods (default: every registered one).")
 @_param_opt
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
@@ -300,7 +305,7 @@ def bench(dataset_dirs: tuple[str, ...], methods: str | None, param: tuple[str, 
     from .report import md_table, write_csv
 
     cli = _cli()
-    meths = _methods(methods)
+    meths = _methods(methods or "all")  # the benchmark runs whatever is registered
     params = _params(param)
 
     def progress(msg: str) -> None:

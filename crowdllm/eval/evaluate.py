@@ -28,11 +28,24 @@ from ..labels import LabelTensor
 from . import agreement
 from .metrics import classification_summary
 
-__all__ = ["MethodOutcome", "run_method", "Evaluation", "evaluate", "CROWD_ROW",
+__all__ = ["MethodOutcome", "run_method", "default_methods", "CALLS_MODELS", "Evaluation", "evaluate", "CROWD_ROW",
            "prediction_codes"]
 
 #: name of the row that pools every single answer of the crowd
 CROWD_ROW = "(any single answer)"
+
+
+#: registered methods that call a model (network, GPU, money): run by evaluate/report only when named
+CALLS_MODELS = frozenset({"llm-judge"})
+
+
+def default_methods() -> list[str]:
+    """The methods ``evaluate`` and ``report`` run unless told otherwise: every registered one
+    except those that call a model (:data:`CALLS_MODELS`, or a class with ``calls_models = True``)."""
+    from ..aggregation import METHODS
+
+    return [n for n, cls in METHODS.items()
+            if n not in CALLS_MODELS and not getattr(cls, "calls_models", False)]
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ import numpy as np
 from . import plots
 from .agreement import kappa_matrix
 from .cost import cost_accuracy_frontier, ledger_cost, load_prices, worker_costs
-from .evaluate import CROWD_ROW, Evaluation, evaluate, group_table
+from .evaluate import CROWD_ROW, Evaluation, default_methods, evaluate, group_table
 from .run import Run, load_run
 
 __all__ = ["Report", "build_report", "md_table", "html_table", "write_csv"]
@@ -120,7 +120,7 @@ def build_report(
         gold: the gold labels (a ``task, label`` file, or anything ``with_gold`` takes).
         out: the report folder (created; existing files of the same names are replaced).
         by: an item column (e.g. ``domain``) for the per-group breakdown.
-        methods: aggregation methods (default: every registered one).
+        methods: aggregation methods (default: every registered one that does not call a model).
         reference: an annotator to compare aggregated results with.
         prices: a TOML price file (default price table otherwise).
         svg: also write every figure as SVG.
@@ -138,7 +138,7 @@ def build_report(
     if by:
         extra = [read_table(gold)] if isinstance(gold, (str, Path)) else None
         groups = r.item_column(by, extra)
-    meths = list(methods) if methods is not None else list(METHODS)
+    meths = list(methods) if methods is not None else default_methods()
     ev = evaluate(tensor, methods=meths, reference=reference, groups=groups, group_column=by,
                   params=params, seed=seed, min_coverage=min_coverage)
     o = Path(out)

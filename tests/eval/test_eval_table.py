@@ -146,3 +146,20 @@ def test_hybrid_llm_plus_human(tmp_path):
     assert len(g["small"]) == 3 and "sim-api-large" in g["rest"]
     with pytest.raises(Exception, match="match no annotator"):
         split_by_patterns(tensor, {"none": ["zzz*"]})
+
+
+def test_default_methods_skip_those_that_call_models(monkeypatch):
+    from crowdllm.eval.evaluate import default_methods
+
+    class Calls(Broken):
+        name = "calls"
+        calls_models = True
+
+    monkeypatch.setattr("crowdllm.aggregation.METHODS",
+                        {"mv": METHODS["mv"], "broken": Broken, "calls": Calls,
+                         "llm-judge": Broken})
+    assert default_methods() == ["mv", "broken"]
+    res = CliRunner().invoke(main, ["evaluate", "example", "--gold", "example", "--json"])
+    assert res.exit_code == 0, res.output
+    kinds = {r["system"]: r for r in json.loads(res.stdout)["rows"] if r["kind"] == "method"}
+    assert set(kinds) == {"mv", "broken"} and kinds["broken"]["error"].startswith("RuntimeError")
