@@ -19,11 +19,15 @@ from .glad import GLAD
 from .mace import MACE
 from .mmsr import MMSR
 from .kos import KOS
+from .bwa import BWA
+from .ibcc import IBCC
+from .ebcc import EBCC
+from .numpyro_models import BayesianDawidSkene
 
 METHODS: dict[str, type[Aggregator]] = {
     cls.name: cls
     for cls in (MajorityVote, Wawa, ZeroBasedSkill, DawidSkene, OneCoinDawidSkene,
-                GLAD, MACE, MMSR, KOS)
+                GLAD, MACE, MMSR, KOS, BWA, IBCC, EBCC, BayesianDawidSkene)
 }
 
 
