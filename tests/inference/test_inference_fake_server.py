@@ -316,3 +316,44 @@ def test_llm_judge_aggregates_a_run(tmp_path, monkeypatch):
             assert row["label"] == default_label(text, CODA19.label_names)
             expected = 0.7 / (0.7 + 0.05 * (len(classes) - 1))
             assert float(row[f"p_{row['label']}"]) == pytest.approx(expected)
+
+
+def test_labels_sharing_a_first_token_fall_back_to_short_codes(tmp_path):
+    schema = tmp_path / "schema.toml"
+    schema.write_text('name = "pol"\ninstructions = "Polarity of the review."\n'
+                      '[[label]]\nname = "positive"\ndefinition = "likes it"\n'
+                      '[[label]]\nname = "negative"\ndefinition = "dislikes it"\n'
+                      '[[label]]\nname = "neutral"\ndefinition = "neither"\n')
+    items = write_items(tmp_path / "items.csv", [f"review {i}" for i in range(6)])
+    with FakeOpenAI(vllm_like=True, choices=["A", "B", "C"]) as srv:
+        panel = tmp_path / "panel.toml"
+        write_panel(panel, srv.base_url, n=1)
+        panel.write_text('schema = "schema.toml"\n' + panel.read_text())
+        res = CliRunner().invoke(main, ["annotate", str(items), "--panel", str(panel),
+                                        "--out", str(tmp_path / "run"), "--no-progress"])
+        assert res.exit_code == 0, res.output
+        # the fake tokenizer's first token is the first character: "negative" and "neutral" clash
+        assert all(b["structured_outputs"]["choice"] == ["A", "B", "C"] for b in srv.requests)
+        assert "A = positive" in srv.requests[0]["messages"][0]["content"]
+        recs = ledger_of(tmp_path / "run")
+        names = ["positive", "negative", "neutral"]
+        for r in recs:
+            assert r["label"] == names["ABC".index(r["raw"])]
+            assert set(r["probs"]) == set(names)
+        meta = json.loads((tmp_path / "run" / "run.json").read_text())
+        assert meta["codes"] == {"fake-0": True}
+
+
+def test_progress_lines_per_annotator(tmp_path):
+    import io
+
+    items = write_items(tmp_path / "items.csv", ["a [oosx1]", "b", "c"])
+    with FakeOpenAI() as srv:
+        panel = load_panel(write_panel(tmp_path / "panel.toml", srv.base_url, n=2))
+        buf = io.StringIO()
+        annotate(read_items(items), panel, tmp_path / "run", progress=True, progress_stream=buf)
+        last = buf.getvalue().splitlines()[-2:]
+        assert last[0].startswith("fake-0") and last[1].startswith("fake-1")
+        for line in last:
+            assert "3/3 items" in line and "done" in line and " tok" in line
+        assert "1 re-asks" in last[0] and "1 re-asks" in last[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 
 import pytest
@@ -113,21 +112,29 @@ def test_ledger_roundtrip_dedupe_and_torn_tail(tmp_path):
     assert set(led.records()[0]) == set(LEDGER_FIELDS)
 
 
-def _writer(path: str, wid: int, n: int) -> None:
-    led = Ledger(path)
-    for i in range(n):
-        led.append(_rec(f"{wid}-{i}", raw="z" * (5000 + 37 * i)))  # lines bigger than a pipe buffer
+_WRITER = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("ledger", sys.argv[1])  # stdlib only: fast start
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+led, wid = mod.Ledger(sys.argv[2]), sys.argv[3]
+for i in range(60):
+    rec = {f: None for f in mod.LEDGER_FIELDS}
+    rec.update(task=f"{wid}-{i}", model="m", prompt_version="v", raw="z" * (5000 + 37 * i))
+    led.append(rec)  # lines bigger than a pipe buffer
+"""
 
 
 def test_ledger_concurrent_writers_never_interleave(tmp_path):
+    import subprocess
+    import sys
+
+    import crowdllm.inference.ledger as ledger_mod
+
     path = str(tmp_path / "ledger.jsonl")
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_writer, args=(path, w, 60)) for w in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, ledger_mod.__file__, path, str(w)])
+             for w in range(4)]
     for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-        assert p.exitcode == 0
+        assert p.wait(timeout=120) == 0
     with open(path, "rb") as fh:
         lines = fh.read().split(b"\n")
     assert lines[-1] == b""
