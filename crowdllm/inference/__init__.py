@@ -8,8 +8,8 @@ annotator of a panel (:mod:`.panel`) to label every item under a label schema
 
 from .ledger import Ledger
 from .panel import AnnotatorSpec, Panel, load_panel
-from .runner import Item, annotate, export_run, read_items
+from .runner import Item, annotate, export_run, load_run, read_items
 from .schema import CODA19, LabelSchema, load_schema, parse_answer, prompt_version
 
-__all__ = ["Ledger", "AnnotatorSpec", "Panel", "load_panel", "Item", "annotate", "export_run",
+__all__ = ["Ledger", "AnnotatorSpec", "Panel", "load_panel", "Item", "annotate", "export_run", "load_run",
            "read_items", "CODA19", "LabelSchema", "load_schema", "parse_answer", "prompt_version"]

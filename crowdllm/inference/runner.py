@@ -38,7 +38,7 @@ from .schema import (LabelSchema, answer_choices, build_messages, parse_answer, 
                      reminder_message)
 
 __all__ = ["Item", "read_items", "annotate", "annotate_async", "export_run", "AnnotatorStats",
-           "read_humans", "plan"]
+           "read_humans", "plan", "load_run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,3 +504,40 @@ def export_run(run_dir: str | os.PathLike[str]) -> dict[str, int]:
     write_table(pa.table(pcols), rd / "probs.parquet")
     return {"answers": len(answered), "abstained": len(recs) - len(answered),
             "humans": n_humans, "probs": len(with_probs)}
+
+
+def load_run(run_dir: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """The run's answers as a :class:`~crowdllm.labels.LabelTensor` with per-answer probabilities.
+
+    ``probs`` is ``float32[answers, classes]``: an LLM answer's per-class probabilities from
+    ``probs.parquet`` where it has them (renormalised over the tensor's classes), else a point
+    mass on its label (humans, and answers without log-probs). Extra keyword arguments go to
+    :func:`~crowdllm.labels.read_answers`.
+    """
+    import dataclasses as _dc
+
+    import numpy as np
+
+    from ..labels import read_answers
+
+    rd = Path(run_dir)
+    tensor = read_answers(rd, **kwargs)
+    classes = [str(c) for c in tensor.classes.tolist()]
+    probs = np.zeros((tensor.n_answers, tensor.n_classes), dtype=np.float32)
+    probs[np.arange(tensor.n_answers), tensor.label] = 1.0
+    if (rd / "probs.parquet").exists():
+        table = read_table(rd / "probs.parquet")
+        cols = [f"p_{c}" for c in classes]
+        have = [c for c in cols if c in table.column_names]
+        lookup = {}
+        for row in table.to_pylist():
+            vec = np.array([row.get(c) or 0.0 for c in cols], dtype=np.float64)
+            if vec.sum() > 0 and np.isfinite(vec).all() and have:
+                lookup[(str(row["task"]), str(row["worker"]))] = vec / vec.sum()
+        tasks = [str(t) for t in tensor.task_ids.tolist()]
+        workers = [str(w) for w in tensor.worker_ids.tolist()]
+        for i, (t, w) in enumerate(zip(tensor.task, tensor.worker)):
+            vec = lookup.get((tasks[t], workers[w]))
+            if vec is not None:
+                probs[i] = vec
+    return _dc.replace(tensor, probs=probs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -178,6 +179,19 @@ def test_vllm_like_server_constrains_and_gives_probabilities(tmp_path):
         probs = pq.read_table(tmp_path / "run" / "probs.parquet")
         assert probs.column_names == ["task", "worker"] + [f"p_{c}" for c in CODA19.label_names]
         assert probs.num_rows == 7
+        # the label tensor with per-answer probabilities, straight into the aggregators
+        from crowdllm.inference import load_run
+
+        t = load_run(tmp_path / "run")
+        assert t.probs.shape == (7, t.n_classes)
+        assert np.allclose(t.probs.sum(axis=1), 1.0)
+        classes = [str(c) for c in t.classes.tolist()]
+        by_key = {r["task"]: r for r in recs}
+        for i in range(t.n_answers):
+            r = by_key[str(t.task_ids[t.task[i]])]
+            assert classes[int(np.argmax(t.probs[i]))] == r["label"]
+            raw = np.array([r["probs"][c] for c in classes])
+            assert np.allclose(t.probs[i], raw / raw.sum(), atol=1e-6)
 
 
 def test_several_base_urls_share_the_load(tmp_path):
