@@ -75,7 +75,7 @@ from ._core import (TINY, Coo, CrowdData, clamp_gold, iterate, normalize, prepar
 from .base import Aggregator
 
 __all__ = ["GLAD", "GladState", "GladResult", "init", "step", "fit", "e_step",
-           "answer_view", "task_sum", "worker_sum", "task_label_sum", "worker_label_sum",
+           "answer_view", "table_lookup", "task_sum", "worker_sum", "task_label_sum", "worker_label_sum",
            "n_answers"]
 
 ALPHA_MAX = 50.0
@@ -123,9 +123,15 @@ def worker_sum(data: CrowdData, vals: jax.Array) -> jax.Array:
     return vals.sum(axis=0)
 
 
-def _label_onehot(data: CrowdData, dtype: Any) -> jax.Array:
+def table_lookup(data: CrowdData, table: jax.Array, view: AnswerView) -> jax.Array:
+    """``table[w, y_tw]`` for every answer, from a small ``[workers, K]`` table."""
+    if isinstance(data, Coo):
+        return table[view.worker, view.label]
     lab = data.labels.astype(jnp.int32)
-    return (lab[..., None] == jnp.arange(data.n_classes, dtype=jnp.int32)).astype(dtype)
+    out = jnp.zeros(lab.shape, table.dtype)
+    for k in range(data.n_classes):  # K selects: cheaper than a gather on CPU
+        out = jnp.where(lab == k, table[None, :, k], out)
+    return out
 
 
 def task_label_sum(data: CrowdData, vals: jax.Array) -> jax.Array:
@@ -135,7 +141,8 @@ def task_label_sum(data: CrowdData, vals: jax.Array) -> jax.Array:
         flat = jax.ops.segment_sum(vals, data.task * K + data.label,
                                    num_segments=data.n_tasks * K, indices_are_sorted=True)
         return flat.reshape(data.n_tasks, K)
-    return jnp.einsum("tw,twl->tl", vals, _label_onehot(data, vals.dtype))
+    lab = data.labels
+    return jnp.stack([jnp.where(lab == k, vals, 0).sum(axis=1) for k in range(K)], axis=1)
 
 
 def worker_label_sum(data: CrowdData, vals: jax.Array) -> jax.Array:
@@ -145,7 +152,8 @@ def worker_label_sum(data: CrowdData, vals: jax.Array) -> jax.Array:
         flat = jax.ops.segment_sum(vals, data.worker * K + data.label,
                                    num_segments=data.n_workers * K)
         return flat.reshape(data.n_workers, K)
-    return jnp.einsum("tw,twl->wl", vals, _label_onehot(data, vals.dtype))
+    lab = data.labels
+    return jnp.stack([jnp.where(lab == k, vals, 0).sum(axis=0) for k in range(K)], axis=1)
 
 
 def gather_posterior(data: CrowdData, post: jax.Array, view: AnswerView) -> jax.Array:

@@ -75,8 +75,8 @@ from jax.scipy.special import digamma, gammaln
 from ..labels import LabelTensor
 from ._core import TINY, CrowdData, iterate, prepare
 from .base import Aggregator
-from .glad import (answer_view, gather_posterior, n_answers, score_with_gold, task_label_sum,
-                   task_sum, worker_label_sum, worker_sum)
+from .glad import (answer_view, gather_posterior, n_answers, score_with_gold, table_lookup,
+                   task_label_sum, task_sum, worker_label_sum, worker_sum)
 
 __all__ = ["MACE", "MaceState", "MaceResult", "init", "step", "fit", "fit_restarts"]
 
@@ -140,19 +140,27 @@ def m_step(data: CrowdData, state: MaceState, *, method: str, smoothing: float, 
 
 
 def e_step(data: CrowdData, params: MaceParams) -> tuple[MaceState, jax.Array]:
-    """Posteriors (gold clamped), expected counts and sum_t log Z_t."""
+    """Posteriors (gold clamped), expected counts and sum_t log Z_t.
+
+    Every per-answer quantity depends only on (annotator, label given), so it is computed once
+    per ``[workers, K]`` table and looked up per answer: no logarithm or exponential per answer.
+    The known-count of an answer is ``q_t(y) * c[w, y]``, so the expected counts need only
+    ``M[w, l] = sum over answers (t, w, l) of q_t(l)`` and the answer counts ``N[w, l]``.
+    """
     view = answer_view(data)
+    ls = params.log_spam[:, None] + params.log_strategy  # [W, K]: log P(y = l | spam)
+    l_match = jnp.logaddexp(params.log_know[:, None], ls)  # log P(y = l | z = l)
+    know_frac = jnp.exp(params.log_know[:, None] - l_match)  # P(know | y = l, z = l)
+    base = table_lookup(data, ls, view) * view.weight
+    bonus = table_lookup(data, l_match - ls, view) * view.weight
     K = data.n_classes
-    lk = params.log_know[view.worker]
-    ls = params.log_spam[view.worker] + params.log_strategy[view.worker, view.label]
-    l_match = jnp.logaddexp(lk, ls)  # log P(y | z = y)
-    scores = (-jnp.log(K) + task_sum(data, ls * view.weight)[:, None]
-              + task_label_sum(data, (l_match - ls) * view.weight))
+    scores = -jnp.log(K) + task_sum(data, base)[:, None] + task_label_sum(data, bonus)
     post, log_z = score_with_gold(scores, data.gold)
-    kappa = gather_posterior(data, post, view) * jnp.exp(lk - l_match) * view.weight
-    spam = view.weight - kappa
-    state = MaceState(known=worker_sum(data, kappa), spam=worker_sum(data, spam),
-                      strategy=worker_label_sum(data, spam), posteriors=post)
+    m = worker_label_sum(data, gather_posterior(data, post, view) * view.weight)  # [W, K]
+    n = worker_label_sum(data, view.weight)
+    known_l = know_frac * m
+    state = MaceState(known=known_l.sum(1), spam=(n - known_l).sum(1), strategy=n - known_l,
+                      posteriors=post)
     return state, (log_z * data.task_mask).sum()
 
 

@@ -1,0 +1,84 @@
+"""GLAD, MACE, M-MSR and KOS against crowd-kit 1.4.2 on the real datasets in ../shared/data.
+
+crowd-kit's GLAD and MACE take minutes per dataset, so its accuracies were recorded once by
+``benchmarks/record_crowdkit_classical.py`` into ``tests/reference/crowdkit_classical.json``
+(default configurations; accuracy on the gold tasks that have answers). Here each of our methods,
+in its default configuration, must be
+
+* on every dataset crowd-kit finished: at most 1 point below crowd-kit's accuracy, and
+* on average over those datasets: at least crowd-kit's mean accuracy.
+
+Datasets crowd-kit did not finish (time limit) or failed on are listed in the JSON with an
+``error``; where crowd-kit raised, ours must run and give finite results.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA, datasets_with_answers
+from crowdllm.aggregation import GLAD, KOS, MACE, MMSR
+from crowdllm.labels import LabelTensor
+
+REFERENCE = json.loads((Path(__file__).parent / "reference" / "crowdkit_classical.json").read_text())
+CLASSES = {"glad": GLAD, "mace": MACE, "mmsr": MMSR, "kos": KOS}
+
+
+def _load(name: str) -> LabelTensor:
+    return LabelTensor.coerce(DATA / name / "answers.csv").with_gold(DATA / name / "gold.csv")
+
+
+def accuracy(model, tensor: LabelTensor) -> float:
+    mask = tensor.gold >= 0
+    return float((model.label_codes_[mask] == tensor.gold[mask]).mean())
+
+
+def test_reference_covers_the_datasets():
+    names = set(datasets_with_answers())
+    assert len(names) >= 21
+    for method in CLASSES:
+        recorded = REFERENCE.get(method, {})
+        assert set(recorded) <= names
+        # KOS runs on the binary datasets only (7 of the 21).
+        assert sum("accuracy" in r for r in recorded.values()) >= (5 if method == "kos" else 10), method
+
+
+@pytest.mark.parametrize("method", list(CLASSES))
+def test_accuracy_not_below_crowdkit(method):
+    recorded = REFERENCE[method]
+    rows, failures = [], []
+    for name in sorted(recorded):
+        ref = recorded[name]
+        tensor = _load(name)
+        model = CLASSES[method]()
+        if "accuracy" not in ref:
+            if "binary classification only" in ref.get("error", ""):
+                with pytest.raises(ValueError, match="binary tasks only"):
+                    model.fit(tensor)
+            elif ref.get("error") != "timeout":  # crowd-kit raised: ours must run
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model.fit(tensor)
+                assert np.isfinite(model.probas_).all()
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(tensor)
+        assert np.isfinite(model.probas_).all()
+        ours = accuracy(model, tensor)
+        rows.append((name, ours, ref["accuracy"]))
+        if ours < ref["accuracy"] - 0.01:
+            failures.append(f"{name}: ours {ours:.4f} < crowd-kit {ref['accuracy']:.4f} - 0.01")
+    print(f"\n{method}: dataset, ours, crowd-kit")
+    for name, o, c in rows:
+        print(f"  {name:28s} {o:.4f} {c:.4f}")
+    mean_ours = float(np.mean([r[1] for r in rows]))
+    mean_ck = float(np.mean([r[2] for r in rows]))
+    print(f"  {'mean':28s} {mean_ours:.4f} {mean_ck:.4f}")
+    assert not failures, "; ".join(failures)
+    assert mean_ours >= mean_ck
