@@ -21,7 +21,7 @@ Mean-field VB keeps :math:`q(\tau)q(\pi)q(V)\prod_t q(z_t, g_t)` and alternates
   + \sum_{(t,w,l)} \mathbb{E}\log V_{wkml} - \log Z_t`.
 
 The ELBO is :math:`\sum_t \log Z_t` plus, for every Dirichlet, :math:`\log B(a) - \log B(a_0) +
-\sum (a_0 - a + n)\,\mathbb{E}\log x` (see :mod:`.ibcc`); it never decreases (tested). The fit
+\sum (a_0 - a)\,\mathbb{E}\log x` (see :mod:`.ibcc`); it never decreases (tested). The fit
 depends on the random start of the subtypes (:math:`q_t(k, \cdot)` = majority-vote fraction of
 :math:`k` times a Dirichlet(1) draw), so ``restarts`` independent fits run together - ``vmap``
 over PRNG keys, in chunks of ``restart_batch`` - and the one with the best final ELBO is kept
@@ -129,9 +129,9 @@ def step(data: CrowdData, state: EBCCState, *, weight: jax.Array,
     n_km, n_wkml = _counts(data, zg, weight)
     lb0_tau, lb0_pi, lb0_v = priors.log_beta0
     elbo = (weight * log_z).sum()
-    elbo += lb_tau - lb0_tau + ((priors.alpha - nu + n_km.sum(axis=1)) * e_tau).sum()
-    elbo += (lb_pi - lb0_pi + ((priors.eta0 - eta + n_km) * e_pi).sum(-1)).sum()
-    per_worker = lb_v - lb0_v[None, :, None] + ((priors.beta[None, :, None, :] - mu + n_wkml) * e_v).sum(-1)
+    elbo += lb_tau - lb0_tau + ((priors.alpha - nu) * e_tau).sum()
+    elbo += (lb_pi - lb0_pi + ((priors.eta0 - eta) * e_pi).sum(-1)).sum()
+    per_worker = lb_v - lb0_v[None, :, None] + ((priors.beta[None, :, None, :] - mu) * e_v).sum(-1)
     elbo += (per_worker.sum(axis=(1, 2)) * data.worker_mask).sum()
     return EBCCState(zg, n_km, n_wkml), elbo / n_answers(data)
 

@@ -23,10 +23,11 @@ The evidence lower bound after each sweep is
 
 .. math::
     \mathcal{L} = \sum_t \log Z_t + \sum_{\text{Dirichlets}} \Big[\log B(a) - \log B(a_0)
-        + \sum_j (a_{0j} - a_j + n_j)\,\mathbb{E}\log x_j\Big]
+        + \sum_j (a_{0j} - a_j)\,\mathbb{E}\log x_j\Big]
 
-(:math:`a_0` the prior, :math:`a` the posterior, :math:`n` the expected counts from the new
-:math:`q(z)`). Coordinate ascent never decreases it (tested). Gold tasks are clamped to their
+(:math:`a_0` the prior, :math:`a` the posterior; :math:`\sum_t \log Z_t` is the expected log
+joint of answers and labels plus the entropy of :math:`q(z)`, the bracket is
+:math:`-\mathrm{KL}(q \| p)` of each Dirichlet). Coordinate ascent never decreases it (tested). Gold tasks are clamped to their
 label (their :math:`\log Z_t` is the score of the gold class). Start: majority-vote fractions.
 
 References:
@@ -59,32 +60,16 @@ from ._core import (CrowdData, clamp_gold, iterate, normalize, prepare, task_cla
                     worker_confusion)
 from .base import Aggregator
 
-__all__ = ["IBCC", "IBCCState", "IBCCResult", "init", "step", "fit", "confusion_prior",
-           "dirichlet_expected_log", "dirichlet_kl_terms", "n_answers"]
+__all__ = ["IBCC", "IBCCState", "IBCCResult", "init", "step", "fit", "elbo", "confusion_prior",
+           "dirichlet_stats", "log_beta", "n_answers"]
 
 
 # ------------------------------------------------------------------ Dirichlet helpers (shared)
 
 
-def dirichlet_expected_log(a: jax.Array) -> jax.Array:
-    r""":math:`\mathbb{E}\log x_j = \psi(a_j) - \psi(\sum_i a_i)` under Dir(a), over the last axis."""
-    return digamma(a) - digamma(a.sum(axis=-1, keepdims=True))
-
-
 def log_beta(a: jax.Array) -> jax.Array:
     """Log of the multivariate Beta function over the last axis."""
     return gammaln(a).sum(axis=-1) - gammaln(a.sum(axis=-1))
-
-
-def dirichlet_kl_terms(post: jax.Array, prior: jax.Array, counts: jax.Array,
-                       elog: jax.Array) -> jax.Array:
-    r"""Per-Dirichlet ELBO terms :math:`\log B(a) - \log B(a_0) + \sum_j (a_0 - a + n)_j\,\mathbb{E}\log x_j`.
-
-    Shape: the leading axes of ``post`` (one value per Dirichlet). Equals
-    :math:`\mathbb{E}[\log p(n \mid x)] - \mathrm{KL}(q \,\|\, p)` up to the multinomial's constant.
-    """
-    prior = jnp.broadcast_to(prior, post.shape)
-    return log_beta(post) - log_beta(prior) + ((prior - post + counts) * elog).sum(axis=-1)
 
 
 def n_answers(data: CrowdData) -> jax.Array:
@@ -161,12 +146,9 @@ def elbo(data: CrowdData, state: IBCCState, log_z: jax.Array, alpha: jax.Array, 
          stats: list | None = None) -> jax.Array:
     """The evidence lower bound of ``state`` (whose ``posteriors`` gave ``log_z``)."""
     (e_rho, lb_rho), (e_pi, lb_pi) = stats or dirichlet_stats(state.nu, state.mu)
-    post = state.posteriors * data.task_mask[:, None]
-    n_k = post.sum(axis=0)
-    n_wkl = worker_confusion(data, post)
     out = (log_z * data.task_mask).sum()
-    out += lb_rho - log_beta(alpha) + ((alpha - state.nu + n_k) * e_rho).sum()
-    per_worker = (lb_pi - log_beta(beta)[None] + ((beta[None] - state.mu + n_wkl) * e_pi).sum(-1)).sum(1)
+    out += lb_rho - log_beta(alpha) + ((alpha - state.nu) * e_rho).sum()
+    per_worker = (lb_pi - log_beta(beta)[None] + ((beta[None] - state.mu) * e_pi).sum(-1)).sum(1)
     return out + (per_worker * data.worker_mask).sum()
 
 
