@@ -27,7 +27,7 @@ import numpy as np
 from ..labels import CrowdDataError, read_answers
 from .evaluate import run_method
 
-__all__ = ["BenchResult", "run_bench", "average_ranks", "parse_params", "DEFAULT_PARAMS"]
+__all__ = ["BenchResult", "run_bench", "summarize", "merge_results", "average_ranks", "parse_params", "DEFAULT_PARAMS"]
 
 #: per-method parameters the benchmark uses unless ``--param`` says otherwise
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {}
@@ -178,7 +178,18 @@ def run_bench(folders: Sequence[str | Path], *, methods: Sequence[str] | None = 
     if not datasets:
         raise ValueError("no dataset folder with answers and gold among the arguments"
                          + (f" (skipped: {skipped})" if skipped else ""))
-    grid = np.array([[np.nan if acc[d][m] is None else acc[d][m] for m in names]
+    return summarize(datasets, names, acc, errors, secs, info, skipped, merged)
+
+
+def summarize(datasets: list[str], names: list[str], acc: dict[str, dict[str, float | None]],
+              errors: dict[str, dict[str, str]], secs: dict[str, dict[str, float]],
+              info: dict[str, dict[str, Any]], skipped: dict[str, str],
+              params: dict[str, dict[str, Any]]) -> BenchResult:
+    """Mean accuracy, completed count, mean rank, rank and the suggested default from the grid.
+
+    A (dataset, method) cell that is missing or None counts as a failure there.
+    """
+    grid = np.array([[np.nan if acc[d].get(m) is None else acc[d][m] for m in names]
                      for d in datasets])
     ranks = average_ranks(grid)
     summary = []
@@ -188,7 +199,7 @@ def run_bench(folders: Sequence[str | Path], *, methods: Sequence[str] | None = 
         summary.append({"method": m, "mean_accuracy": float(col[ok].mean()) if ok.any() else None,
                         "completed": int(ok.sum()), "datasets": len(datasets),
                         "mean_rank": float(ranks[:, j].mean()),
-                        "seconds": float(sum(secs[d][m] for d in datasets))})
+                        "seconds": float(sum(secs.get(d, {}).get(m, 0.0) for d in datasets))})
     order = sorted(range(len(names)), key=lambda j: (summary[j]["mean_rank"],
                                                       -(summary[j]["mean_accuracy"] or 0.0)))
     for r, j in enumerate(order, start=1):
@@ -197,4 +208,42 @@ def run_bench(folders: Sequence[str | Path], *, methods: Sequence[str] | None = 
     suggested = complete[0]["method"] if complete else None
     return BenchResult(datasets=datasets, methods=names, accuracy=acc, errors=errors,
                        seconds=secs, info=info, skipped=skipped, summary=summary,
-                       suggested=suggested, params=merged)
+                       suggested=suggested, params=params)
+
+
+def merge_results(results: Sequence[BenchResult | Mapping[str, Any]]) -> BenchResult:
+    """Combine benchmark results (e.g. the JSON of runs over different methods) into one table.
+
+    Datasets and methods are the union, in order of first appearance; a later result's cell
+    replaces an earlier one's; a cell no result has counts as a failure ("not run").
+    """
+    datasets: list[str] = []
+    names: list[str] = []
+    acc: dict[str, dict[str, float | None]] = {}
+    errors: dict[str, dict[str, str]] = {}
+    secs: dict[str, dict[str, float]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    params: dict[str, dict[str, Any]] = {}
+    for r in results:
+        d = r.to_dict() if isinstance(r, BenchResult) else dict(r)
+        for ds in d["datasets"]:
+            if ds not in datasets:
+                datasets.append(ds)
+        names += [m for m in d["methods"] if m not in names]
+        for ds in d["datasets"]:
+            for m in d["methods"]:
+                acc.setdefault(ds, {})[m] = d["accuracy"][ds].get(m)
+                secs.setdefault(ds, {})[m] = d["seconds"][ds].get(m, 0.0)
+                errors.setdefault(ds, {}).pop(m, None)
+                if m in d["errors"].get(ds, {}):
+                    errors[ds][m] = d["errors"][ds][m]
+            info[ds] = d["info"][ds]
+        skipped.update({k: v for k, v in d.get("skipped", {}).items() if k not in datasets})
+        params.update(d.get("params", {}))
+    for ds in datasets:
+        for m in names:
+            if m not in acc[ds]:
+                acc[ds][m] = None
+                errors.setdefault(ds, {})[m] = "not run"
+    return summarize(datasets, names, acc, errors, secs, info, skipped, params)

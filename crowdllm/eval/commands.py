@@ -285,17 +285,21 @@ def report(run_dir: str, gold: str, out: str, by: str | None, items: str | None,
 
 
 @click.command()
-@click.argument("dataset_dirs", nargs=-1, required=True)
+@click.argument("dataset_dirs", nargs=-1)
 @click.option("--methods", "-m", "methods", default=None,
               help="Comma-separated aggregation methods (default: every registered one).")
+@click.option("--merge", "merge", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Also merge the results of earlier `bench -o FILE.json` runs (repeatable; "
+                   "with no DATASET_DIRS, only merge and print).")
 @_param_opt
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="Write the table here (.csv, .md, or .json for everything).")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
-def bench(dataset_dirs: tuple[str, ...], methods: str | None, param: tuple[str, ...], seed: int,
-          output: str | None, as_json: bool, quiet: bool) -> None:
+def bench(dataset_dirs: tuple[str, ...], methods: str | None, merge: tuple[str, ...],
+          param: tuple[str, ...], seed: int, output: str | None, as_json: bool,
+          quiet: bool) -> None:
     """Run every aggregation method on every dataset folder (answers.csv + gold.csv).
 
     Prints accuracy per dataset and method, each method's mean accuracy, the datasets it
@@ -312,8 +316,24 @@ def bench(dataset_dirs: tuple[str, ...], methods: str | None, param: tuple[str, 
         if not quiet:
             click.echo(f"  {msg}", err=True)
 
-    res = _guard(lambda: run_bench(dataset_dirs, methods=meths, params=params, seed=seed,
-                                   progress=progress))
+    from .bench import merge_results
+
+    if not dataset_dirs and not merge:
+        cli.fail("give dataset folders, or --merge earlier results")
+
+    def go() -> Any:
+        earlier = []
+        for f in merge:
+            try:
+                earlier.append(json.loads(Path(f).read_text(encoding="utf-8")))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{f}: not valid JSON ({exc.msg})") from None
+        if not dataset_dirs:
+            return merge_results(earlier)
+        res = run_bench(dataset_dirs, methods=meths, params=params, seed=seed, progress=progress)
+        return merge_results([*earlier, res]) if earlier else res
+
+    res = _guard(go)
     rows = res.table()
     if output:
         p = Path(output)
@@ -332,9 +352,13 @@ def bench(dataset_dirs: tuple[str, ...], methods: str | None, param: tuple[str, 
     click.echo(cli.format_table(rows))
     for name, why in res.skipped.items():
         click.echo(f"skipped {name}: {why}", err=True)
+    failed: dict[str, list[tuple[str, str]]] = {}
     for d, errs in res.errors.items():
         for m, e in errs.items():
-            click.echo(f"FAIL {m} on {d}: {e}", err=True)
+            failed.setdefault(m, []).append((d, e))
+    for m, fails in failed.items():  # one line per method: where it failed, and the first reason
+        click.echo(f"FAIL {m} on {len(fails)} dataset(s) ({', '.join(d for d, _ in fails)}): "
+                   f"{fails[0][1]}", err=True)
     if res.suggested:
         s = next(x for x in res.summary if x["method"] == res.suggested)
         click.echo(f"suggested default: {res.suggested} (best mean rank {s['mean_rank']:.2f} among "

@@ -82,3 +82,29 @@ def test_bench_cli_outputs(data_dir, tmp_path):
     assert res.exit_code != 0 and "not being run" in res.output
     res = CliRunner().invoke(main, ["bench", str(tmp_path)])
     assert res.exit_code != 0 and "no dataset folder" in res.output
+
+
+def test_merge_results_recomputes_the_summary(tmp_path):
+    from crowdllm.eval.bench import merge_results
+
+    a = {"datasets": ["d1", "d2"], "methods": ["mv", "ds"],
+         "accuracy": {"d1": {"mv": 0.8, "ds": 0.9}, "d2": {"mv": 0.7, "ds": None}},
+         "errors": {"d1": {}, "d2": {"ds": "boom"}}, "seconds": {"d1": {"mv": 1, "ds": 2}, "d2": {"mv": 1, "ds": 2}},
+         "info": {"d1": {}, "d2": {}}, "skipped": {}, "params": {}}
+    b = {"datasets": ["d1", "d2"], "methods": ["ds", "new"],
+         "accuracy": {"d1": {"ds": 0.9, "new": 0.95}, "d2": {"ds": 0.75, "new": 0.6}},
+         "errors": {"d1": {}, "d2": {}}, "seconds": {"d1": {"ds": 2, "new": 3}, "d2": {"ds": 2, "new": 3}},
+         "info": {"d1": {}, "d2": {}}, "skipped": {}, "params": {}}
+    res = merge_results([a, b])
+    assert res.methods == ["mv", "ds", "new"]
+    assert res.accuracy["d2"]["ds"] == 0.75 and "ds" not in res.errors["d2"]  # the later run wins
+    s = {x["method"]: x for x in res.summary}
+    # ranks: d1 new 1, ds 2, mv 3; d2 ds 1, mv 2, new 3
+    assert [s[m]["mean_rank"] for m in ("mv", "ds", "new")] == [2.5, 1.5, 2.0]
+    assert res.suggested == "ds" and s["ds"]["mean_accuracy"] == pytest.approx(0.825)
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    out = CliRunner().invoke(main, ["bench", "--merge", str(tmp_path / "a.json"),
+                                    "--merge", str(tmp_path / "b.json"), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["suggested"] == "ds"

@@ -1,0 +1,303 @@
+"""Speed harness: synthetic panels and crowds, our kernels vs crowd-kit vs the memory floor.
+
+Two workloads, both drawn from the Dawid-Skene generative story (so every method has signal):
+
+* dense LLM panel: ``N`` items x 12 annotators x 5 classes, every annotator labels every item;
+* sparse human crowd: ``N`` tasks, 10,000 annotators, 3 answers per task (COO).
+
+:func:`ds_check` is the issue's headline check: Dawid-Skene, 50 EM iterations on a dense
+``N x 12 x 5`` panel; it times the compile and the run separately (median of several runs),
+crowd-kit's DawidSkene with the same iteration count in the same process (at a smaller size
+when asked, scaled linearly), and prints the floor = bytes one iteration must touch / this
+machine's measured copy bandwidth. :func:`method_table` times every registered aggregator at
+given sizes, each in a fresh subprocess, with its peak RSS (``resource.getrusage``).
+
+Used by ``benchmarks/speed.py`` (command line) and ``crowdllm bench --speed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["copy_bandwidth", "dense_panel", "sparse_crowd", "ds_check", "method_table",
+           "peak_rss_gib", "run_method"]
+
+
+def _progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, GiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def copy_bandwidth(nbytes: int = 400 * 2**20, repeats: int = 7) -> float:
+    """Bytes moved per second (read + written) by a numpy copy of a large array: the best run."""
+    a = np.ones(nbytes // 8)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    best = min(_timed(lambda: np.copyto(b, a)) for _ in range(repeats))
+    return 2 * a.nbytes / best
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _confusions(rng: np.random.Generator, n_workers: int, n_classes: int) -> np.ndarray:
+    acc = rng.uniform(0.45, 0.9, n_workers)
+    off = rng.dirichlet(np.ones(n_classes - 1), (n_workers, n_classes))
+    conf = np.zeros((n_workers, n_classes, n_classes))
+    for k in range(n_classes):
+        others = [l for l in range(n_classes) if l != k]
+        conf[:, k, k] = acc
+        conf[:, k, others] = (1 - acc)[:, None] * off[:, k]
+    return conf
+
+
+def _draw(rng: np.random.Generator, conf_rows: np.ndarray) -> np.ndarray:
+    """One label per row of ``conf_rows`` ([n, L] probabilities), int8."""
+    u = rng.random(conf_rows.shape[0])[:, None]
+    return (u > np.cumsum(conf_rows, axis=1)[:, :-1]).sum(axis=1).astype(np.int8)
+
+
+def dense_panel(n: int, n_workers: int = 12, n_classes: int = 5, seed: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels int8[n, workers], truth int8[n])`` drawn from Dawid-Skene's story."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, n_classes, n).astype(np.int8)
+    conf = _confusions(rng, n_workers, n_classes)
+    labels = np.empty((n, n_workers), np.int8)
+    for w in range(n_workers):
+        labels[:, w] = _draw(rng, conf[w][truth])
+    return labels, truth
+
+
+def sparse_crowd(n: int, n_workers: int = 10_000, per_task: int = 3, n_classes: int = 5,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(task, worker, label, truth)``: ``per_task`` distinct annotators per task."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, n_classes, n).astype(np.int8)
+    conf = _confusions(rng, n_workers, n_classes)
+    task = np.repeat(np.arange(n, dtype=np.int32), per_task)
+    # distinct workers per task: a random start and distinct offsets modulo n_workers
+    start = rng.integers(0, n_workers, n)
+    offs = np.array([0, 1, 2][:per_task] if per_task <= 3 else range(per_task))
+    worker = ((start[:, None] + offs[None, :] * 7919) % n_workers).astype(np.int32).reshape(-1)
+    label = np.empty(task.shape[0], np.int8)
+    step = 1 << 22
+    for s in range(0, task.shape[0], step):
+        t, w = task[s:s + step], worker[s:s + step]
+        label[s:s + step] = _draw(rng, conf[w, truth[t]])
+    return task, worker, label.astype(np.int32), truth
+
+
+def tensor_from_dense(labels: np.ndarray):
+    """A :class:`~crowdllm.labels.LabelTensor` of a full panel (integer ids)."""
+    from ..labels import LabelTensor
+
+    n, W = labels.shape
+    return LabelTensor(task=np.repeat(np.arange(n, dtype=np.int32), W),
+                       worker=np.tile(np.arange(W, dtype=np.int32), n),
+                       label=labels.reshape(-1).astype(np.int32), task_ids=np.arange(n),
+                       worker_ids=np.arange(W), classes=np.arange(int(labels.max()) + 1))
+
+
+def dense_data(labels: np.ndarray):
+    """The padded :class:`~crowdllm.aggregation._core.Dense` layout of a panel, directly."""
+    import jax.numpy as jnp
+
+    from ..aggregation._core import Dense, bucket
+
+    n, W = labels.shape
+    T = bucket(n)
+    lab = np.full((T, W), -1, np.int8)
+    lab[:n] = labels
+    mask = np.zeros(T, np.float32)
+    mask[:n] = 1
+    return Dense(labels=jnp.asarray(lab), task_mask=jnp.asarray(mask),
+                 worker_mask=jnp.ones(W, jnp.float32), gold=jnp.full(T, -1, jnp.int32),
+                 n_classes=int(labels.max()) + 1)
+
+
+def _median_run(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """``(first call seconds, median of `repeats` further calls)``."""
+    import jax
+
+    first = _timed(lambda: jax.block_until_ready(fn()))
+    runs = [_timed(lambda: jax.block_until_ready(fn())) for _ in range(repeats)]
+    return first, statistics.median(runs)
+
+
+def crowdkit_ds_seconds(labels: np.ndarray, n_iter: int) -> float | None:
+    """crowd-kit's DawidSkene on the same panel, ``n_iter`` iterations (None if not installed)."""
+    try:
+        import pandas as pd
+        from crowdkit.aggregation import DawidSkene as CKDawidSkene
+    except ImportError:
+        return None
+    n, W = labels.shape
+    df = pd.DataFrame({"task": np.repeat(np.arange(n), W), "worker": np.tile(np.arange(W), n),
+                       "label": labels.reshape(-1).astype(np.int64)})
+    return _timed(lambda: CKDawidSkene(n_iter=n_iter, tol=0.0).fit(df))
+
+
+def ds_check(n: int = 1_000_000, n_workers: int = 12, n_classes: int = 5, n_iter: int = 50,
+             repeats: int = 3, crowdkit_n: int | None = 100_000, reference: bool = False
+             ) -> dict[str, Any]:
+    """The headline check; returns the figures (also printed as a table)."""
+    import jax
+
+    from ..aggregation import _core, _fast, dawid_skene
+
+    _progress(f"copy bandwidth (numpy copy of 400 MiB) ...")
+    bw = copy_bandwidth()
+    _progress(f"drawing a dense panel {n:,} x {n_workers} x {n_classes} ...")
+    labels, truth = dense_panel(n, n_workers, n_classes)
+    data = dense_data(labels)
+    T = data.n_tasks
+    # one iteration must read the int8 labels and read + write the float32 posteriors
+    bytes_iter = T * n_workers * labels.itemsize + 2 * T * n_classes * 4
+    floor = bytes_iter / bw
+    out: dict[str, Any] = {"n": n, "workers": n_workers, "classes": n_classes, "iters": n_iter,
+                           "copy_GBps": bw / 1e9, "bytes_per_iter": bytes_iter,
+                           "floor_ms_per_iter": floor * 1e3}
+    tol = -1.0  # the objective never drops by 1 per answer: exactly n_iter iterations
+
+    variants: list[tuple[str, Callable[[], Any]]] = [
+        ("fused E+M (_fast.ds_fit_dense)",
+         lambda: _fast.ds_fit_dense(data, max_iter=n_iter, tol=tol).posteriors),
+        ("chunked sums (DawidSkene kernel)",
+         lambda: dawid_skene.fit(data, max_iter=n_iter, tol=tol).posteriors),
+    ]
+    rows = []
+    for name, fn in variants:
+        _progress(f"ours: {name}: compile + {repeats} runs ...")
+        first, run = _median_run(fn, repeats)
+        rows.append((name, first - run, run))
+    if reference:
+        with _core.use_fast(False):
+            _progress("one-hot einsum reference: compile + 1 run ...")
+            first, run = _median_run(
+                lambda: dawid_skene.fit(data, max_iter=n_iter, tol=tol).posteriors, 1)
+            rows.append(("one-hot einsum reference", first - run, run))
+    post = np.asarray(_fast.ds_fit_dense(data, max_iter=n_iter, tol=tol).posteriors)[:n]
+    out["accuracy"] = float((post.argmax(1) == truth).mean())
+    ck_s = ck_n = None
+    if crowdkit_n:
+        ck_n = min(crowdkit_n, n)
+        _progress(f"crowd-kit DawidSkene at {ck_n:,} items, {n_iter} iterations ...")
+        ck_s = crowdkit_ds_seconds(labels[:ck_n], n_iter)
+    best = min(r[2] for r in rows[:2])
+    out["variants"] = [{"name": r[0], "compile_s": r[1], "run_s": r[2],
+                        "ms_per_iter": r[2] / n_iter * 1e3,
+                        "x_floor": r[2] / n_iter / floor} for r in rows]
+    if ck_s is not None:
+        ck_scaled = ck_s * n / ck_n
+        out.update(crowdkit_n=ck_n, crowdkit_s=ck_s, crowdkit_s_scaled=ck_scaled,
+                   speedup=ck_scaled / best)
+    out["peak_rss_GiB"] = peak_rss_gib()
+    _print_ds(out)
+    return out
+
+
+def _print_ds(o: dict[str, Any]) -> None:
+    print(f"\nDawid-Skene, {o['iters']} EM iterations, dense {o['n']:,} x {o['workers']} x "
+          f"{o['classes']} (accuracy vs truth {o['accuracy']:.3f})")
+    print(f"copy bandwidth {o['copy_GBps']:.2f} GB/s (read+write); one iteration touches "
+          f"{o['bytes_per_iter'] / 1e6:.1f} MB -> floor {o['floor_ms_per_iter']:.2f} ms/iteration")
+    print(f"{'path':36s} {'compile s':>10s} {'run s':>9s} {'ms/iter':>9s} {'x floor':>8s}")
+    for v in o["variants"]:
+        print(f"{v['name']:36s} {v['compile_s']:10.2f} {v['run_s']:9.3f} {v['ms_per_iter']:9.2f} "
+              f"{v['x_floor']:8.1f}")
+    if "crowdkit_s" in o:
+        scale = "" if o["crowdkit_n"] == o["n"] else \
+            f" (measured at {o['crowdkit_n']:,} items: {o['crowdkit_s']:.1f} s, scaled linearly)"
+        print(f"crowd-kit DawidSkene: {o['crowdkit_s_scaled']:.1f} s{scale}")
+        print(f"speed-up of our best over crowd-kit: {o['speedup']:.0f}x")
+    print(f"peak RSS of this process: {o['peak_rss_GiB']:.2f} GiB")
+
+
+# ------------------------------------------------------------------------- per-method table
+PARAMS: dict[str, dict[str, Any]] = {
+    "ds": {"max_iter": 50}, "onecoin-ds": {"max_iter": 50}, "zbs": {"max_iter": 50},
+    "glad": {"max_iter": 50}, "mace": {"n_restarts": 1, "max_iter": 50},
+    "mmsr": {"max_iter": 50}, "kos": {"n_iter": 50}, "ibcc": {"max_iter": 50},
+    "ebcc": {"restarts": 1, "max_iter": 50}, "bwa": {"max_iter": 50},
+}
+
+
+def run_method(method: str, n: int, kind: str = "dense", repeats: int = 2) -> dict[str, Any]:
+    """Time one aggregator's ``fit`` on a synthetic workload in this process."""
+    from ..aggregation import METHODS
+    from ..labels import LabelTensor
+
+    if kind == "dense":
+        labels, truth = dense_panel(n)
+        tensor = tensor_from_dense(labels)
+        del labels
+    else:
+        task, worker, label, truth = sparse_crowd(n)
+        tensor = LabelTensor(task=task, worker=worker, label=label, task_ids=np.arange(n),
+                             worker_ids=np.arange(10_000), classes=np.arange(5))
+        del task, worker, label
+    cls = METHODS[method]
+    kw = {k: v for k, v in PARAMS.get(method, {}).items() if k in cls.parameters()}
+    if "layout" in cls.parameters():
+        kw["layout"] = "dense" if kind == "dense" else "coo"
+    model = cls(**kw)
+    first = _timed(lambda: model.fit(tensor))
+    runs = [_timed(lambda: model.fit(tensor)) for _ in range(repeats)]
+    run = statistics.median(runs) if runs else first
+    acc = float((np.asarray(model.label_codes_) == truth).mean())
+    return {"method": method, "n": n, "kind": kind, "first_s": first, "run_s": run,
+            "accuracy": acc, "peak_rss_GiB": peak_rss_gib()}
+
+
+def method_table(methods: list[str], sizes: list[int], kind: str = "dense", repeats: int = 1,
+                 timeout: float = 1800) -> list[dict[str, Any]]:
+    """Each (method, size) in a fresh subprocess (so its peak RSS is its own)."""
+    rows = []
+    for n in sizes:
+        for m in methods:
+            _progress(f"{m} on {kind} {n:,} ...")
+            code = ("import json,sys; from crowdllm.eval.speed import run_method; "
+                    f"print('RESULT', json.dumps(run_method({m!r}, {n}, {kind!r}, {repeats})))")
+            try:
+                p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                   timeout=timeout, env=dict(os.environ))
+                line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+                row = json.loads(line[-1][7:]) if line else {
+                    "method": m, "n": n, "kind": kind,
+                    "error": (p.stderr.strip().splitlines() or ["?"])[-1][:120]}
+            except subprocess.TimeoutExpired:
+                row = {"method": m, "n": n, "kind": kind, "error": f"timeout {timeout:.0f}s"}
+            rows.append(row)
+            _print_row(row)
+    return rows
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    if "error" in r:
+        print(f"{r['method']:12s} {r['kind']:6s} {r['n']:>12,}  FAILED: {r['error']}", flush=True)
+        return
+    acc = "" if r.get("accuracy") is None else f"{r['accuracy']:.3f}"
+    print(f"{r['method']:12s} {r['kind']:6s} {r['n']:>12,} {r['first_s']:10.2f} {r['run_s']:10.2f} "
+          f"{r['peak_rss_GiB']:9.2f} {acc:>8s}", flush=True)
+
+
+def print_header() -> None:
+    print(f"{'method':12s} {'kind':6s} {'items':>12s} {'first s':>10s} {'run s':>10s} "
+          f"{'peak GiB':>9s} {'accuracy':>8s}", flush=True)
