@@ -9,7 +9,9 @@ Two layouts of the same answers go into every kernel:
 
 Kernels never look at the layout: they call the sums below (:func:`task_class_sum`,
 :func:`worker_confusion`, :func:`task_vote`, :func:`worker_agreement`, :func:`worker_count`),
-which dispatch on the layout at trace time. Both layouts give the same answers (tested).
+which dispatch on the layout at trace time. Both layouts give the same answers (tested). The
+dense sums take the chunked, one-hot-free path of :mod:`._fast`; the one-hot ``einsum`` versions
+stay here as ``_reference_*`` (switch with :func:`use_fast`).
 
 Shapes are padded to size buckets (at most 1/8 larger than needed) so that a second call with a
 similar-sized input reuses the compiled kernel instead of compiling again; padded answers have
@@ -18,6 +20,7 @@ weight 0, padded tasks and workers are masked out of every statistic.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -28,13 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..labels import LabelTensor
+from . import _fast
 
 Layout = Literal["auto", "coo", "dense"]
 
 __all__ = [
     "Coo", "Dense", "CrowdData", "prepare", "bucket", "task_class_sum", "worker_confusion",
     "task_vote", "worker_agreement", "worker_count", "clamp_gold", "iterate", "Loop",
-    "answers_of", "normalize", "safe_log", "argmax_ties", "tie_flag",
+    "answers_of", "normalize", "safe_log", "argmax_ties", "tie_flag", "use_fast", "fast_enabled",
 ]
 
 # Every probability that goes into a log is at least this (crowd-kit clamps at the same value).
@@ -197,13 +201,62 @@ def answers_of(data: CrowdData) -> tuple[jax.Array, jax.Array, jax.Array, jax.Ar
     return task, worker, jnp.maximum(lab, 0), weight
 
 
+# The unoptimised dense sums: a float one-hot [tasks, workers, classes] contracted with einsum.
+# Kept as the reference the fast versions (``_fast``) are tested against, and used when
+# ``use_fast(False)`` is on.
+
+
+def _reference_task_class_sum(data: Dense, table: jax.Array) -> jax.Array:
+    return jnp.einsum("twl,wkl->tk", _onehot(data, table.dtype), table)
+
+
+def _reference_worker_confusion(data: Dense, post: jax.Array) -> jax.Array:
+    return jnp.einsum("tk,twl->wkl", post, _onehot(data, post.dtype))
+
+
+def _reference_task_vote(data: Dense, worker_weight: jax.Array) -> jax.Array:
+    return jnp.einsum("twl,w->tl", _onehot(data, worker_weight.dtype), worker_weight)
+
+
+def _reference_worker_agreement(data: Dense, post: jax.Array) -> jax.Array:
+    return jnp.einsum("twl,tl->w", _onehot(data, post.dtype), post)
+
+
+_FAST = True
+
+
+def fast_enabled() -> bool:
+    """Whether the dense sums take the chunked fast path (:mod:`._fast`); True by default."""
+    return _FAST
+
+
+@contextlib.contextmanager
+def use_fast(enabled: bool):
+    """Switch the dense sums between the fast path and the one-hot reference, for a block.
+
+    The switch is read when a kernel is traced, so the jit caches are cleared on entry and exit
+    (a kernel compiled on one path is never reused on the other).
+    """
+    global _FAST
+    old = _FAST
+    _FAST = bool(enabled)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _FAST = old
+        jax.clear_caches()
+
+
 def task_class_sum(data: CrowdData, table: jax.Array) -> jax.Array:
     """``out[t, k] = sum over answers (t, w, l) of table[w, k, l]``: ``[tasks, K]``.
 
     With ``table`` = log confusion matrices this is the E-step's log-likelihood of each class.
     """
     if isinstance(data, Dense):
-        return jnp.einsum("twl,wkl->tk", _onehot(data, table.dtype), table)
+        if not _FAST:
+            return _reference_task_class_sum(data, table)
+        return _fast.task_class_sum(data.labels, data.n_classes, table)
     vals = table[data.worker, :, data.label] * data.weight[:, None].astype(table.dtype)
     return jax.ops.segment_sum(vals, data.task, num_segments=data.n_tasks,
                                indices_are_sorted=True)
@@ -213,7 +266,9 @@ def worker_confusion(data: CrowdData, post: jax.Array) -> jax.Array:
     """``out[w, k, l] = sum over answers (t, w, l) of post[t, k]``: ``[workers, K, L]`` counts."""
     K = post.shape[1]
     if isinstance(data, Dense):
-        return jnp.einsum("tk,twl->wkl", post, _onehot(data, post.dtype))
+        if not _FAST:
+            return _reference_worker_confusion(data, post)
+        return _fast.worker_confusion(data.labels, data.n_classes, post)
     L = data.n_classes
     vals = post[data.task] * data.weight[:, None].astype(post.dtype)
     flat = jax.ops.segment_sum(vals, data.worker * L + data.label, num_segments=data.n_workers * L)
@@ -223,7 +278,9 @@ def worker_confusion(data: CrowdData, post: jax.Array) -> jax.Array:
 def task_vote(data: CrowdData, worker_weight: jax.Array) -> jax.Array:
     """``out[t, l] = sum over answers (t, w, l) of worker_weight[w]``: ``[tasks, L]`` votes."""
     if isinstance(data, Dense):
-        return jnp.einsum("twl,w->tl", _onehot(data, worker_weight.dtype), worker_weight)
+        if not _FAST:
+            return _reference_task_vote(data, worker_weight)
+        return _fast.task_vote(data.labels, data.n_classes, worker_weight)
     L = data.n_classes
     vals = worker_weight[data.worker] * data.weight.astype(worker_weight.dtype)
     flat = jax.ops.segment_sum(vals, data.task * L + data.label, num_segments=data.n_tasks * L,
@@ -234,7 +291,9 @@ def task_vote(data: CrowdData, worker_weight: jax.Array) -> jax.Array:
 def worker_agreement(data: CrowdData, post: jax.Array) -> jax.Array:
     """``out[w] = sum over answers (t, w, l) of post[t, l]``: each worker's expected hits."""
     if isinstance(data, Dense):
-        return jnp.einsum("twl,tl->w", _onehot(data, post.dtype), post)
+        if not _FAST:
+            return _reference_worker_agreement(data, post)
+        return _fast.worker_agreement(data.labels, data.n_classes, post)
     vals = post[data.task, data.label] * data.weight.astype(post.dtype)
     return jax.ops.segment_sum(vals, data.worker, num_segments=data.n_workers)
 
