@@ -301,3 +301,20 @@ def _print_row(r: dict[str, Any]) -> None:
 def print_header() -> None:
     print(f"{'method':12s} {'kind':6s} {'items':>12s} {'first s':>10s} {'run s':>10s} "
           f"{'peak GiB':>9s} {'accuracy':>8s}", flush=True)
+
+
+def run_speed(methods: str | None = None, output: str | None = None, n: int = 1_000_000,
+              crowdkit_n: int = 100_000, sizes: tuple[int, ...] = (10_000, 100_000)) -> dict:
+    """``crowdllm bench --speed``: the DS check, then the dense method table."""
+    from ..aggregation import METHODS
+
+    res: dict[str, Any] = {"ds": ds_check(n=n, crowdkit_n=crowdkit_n)}
+    names = [m for m in (methods or "").split(",") if m] or \
+        [m for m in METHODS if m not in ("llm-judge", "ds-bayes")]
+    print()
+    print_header()
+    res["table"] = method_table(names, list(sizes), "dense")
+    if output:
+        from pathlib import Path
+        Path(output).write_text(json.dumps(res, indent=1))
+    return res
