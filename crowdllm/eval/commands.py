@@ -297,14 +297,22 @@ def report(run_dir: str, gold: str, out: str, by: str | None, items: str | None,
               help="Write the table here (.csv, .md, or .json for everything).")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+@click.option("--speed", is_flag=True,
+              help="Instead, time the kernels on synthetic panels: DS on 1,000,000 x 12 x 5 vs "
+                   "crowd-kit and the memory floor, then the methods at 10^4 and 10^5 items "
+                   "(more sizes: benchmarks/speed.py).")
 def bench(dataset_dirs: tuple[str, ...], methods: str | None, merge: tuple[str, ...],
           param: tuple[str, ...], seed: int, output: str | None, as_json: bool,
-          quiet: bool) -> None:
+          quiet: bool, speed: bool) -> None:
     """Run every aggregation method on every dataset folder (answers.csv + gold.csv).
 
     Prints accuracy per dataset and method, each method's mean accuracy, the datasets it
     completed, its mean rank and its rank; a method that fails on a dataset shows FAIL there.
     """
+    if speed:
+        from .speed import run_speed
+        run_speed(methods=methods, output=output)
+        return
     from .bench import run_bench
     from .report import md_table, write_csv
 
