@@ -284,7 +284,8 @@ class EBCC(Aggregator):
         beta_diag, beta_off: Dirichlet parameters of the confusion rows (reference: 4 and 1).
         empirical_prior: class-proportion prior = majority-vote class counts (reference: on).
         max_iter: the most VB sweeps per restart.
-        tol: stop a restart when its ELBO (per answer) gains less than this...
+        tol: stop a restart when its ELBO (per answer) gains less than this (None: never; float32
+            rounding noise in the ELBO can stop a restart early, so the default relies on atol)...
         atol: ... or when no class posterior moves by more than this (reference: 1e-3).
         merge: merge identical answer rows of a dense panel (``auto``: when the panel is dense).
         layout: ``auto``, ``coo`` or ``dense``.
@@ -306,7 +307,7 @@ class EBCC(Aggregator):
     def __init__(self, n_subtypes: int = 10, restarts: int = 40, restart_batch: int | None = None,
                  seed: int = 0, alpha: float = 1.0, a_pi: float = 0.1, beta_diag: float = 4.0,
                  beta_off: float = 1.0, empirical_prior: bool = True, max_iter: int = 500,
-                 tol: float = 1e-6, atol: float = 1e-3, merge: str = "auto", layout: str = "auto",
+                 tol: float | None = None, atol: float = 1e-3, merge: str = "auto", layout: str = "auto",
                  dtype: str = "float32") -> None:
         if n_subtypes < 1 or restarts < 1 or (restart_batch is not None and restart_batch < 1):
             raise ValueError("n_subtypes, restarts and restart_batch must be >= 1")
@@ -333,8 +334,8 @@ class EBCC(Aggregator):
             weight[: rows.n_tasks] = counts
             res = fit(data, jax.random.key(self.seed), jnp.asarray(weight, dtype),
                       n_subtypes=self.n_subtypes, restarts=self.restarts,
-                      restart_batch=self.restart_batch or (8 if layout == "dense" else 1), max_iter=self.max_iter, tol=self.tol,
-                      atol=self.atol, alpha=self.alpha, a_pi=self.a_pi, beta_diag=self.beta_diag,
+                      restart_batch=self.restart_batch or (8 if layout == "dense" else 1), max_iter=self.max_iter,
+                      tol=-np.inf if self.tol is None else self.tol, atol=self.atol, alpha=self.alpha, a_pi=self.a_pi, beta_diag=self.beta_diag,
                       beta_off=self.beta_off, empirical_prior=self.empirical_prior)
             res = jax.tree_util.tree_map(np.asarray, res)
         post, sub = res.posteriors[: rows.n_tasks], res.subtypes[: rows.n_tasks]

@@ -56,7 +56,7 @@ import pyarrow as pa
 from jax.scipy.special import digamma, gammaln
 
 from ..labels import LabelTensor
-from ._core import (CrowdData, clamp_gold, iterate, normalize, prepare, task_class_sum, task_vote,
+from ._core import (CrowdData, Loop, clamp_gold, normalize, prepare, task_class_sum, task_vote,
                     worker_confusion)
 from .base import Aggregator
 
@@ -170,17 +170,46 @@ def step(data: CrowdData, state: IBCCState, *, alpha: jax.Array,
     return new, elbo(data, new, log_z, alpha, beta, stats) / n_answers(data)
 
 
+def vb_loop(step, state, posteriors, mask, *, max_iter: int, tol, atol):
+    """Run ``state, elbo = step(state)`` until the ELBO gains less than ``tol`` or no class
+    posterior (``posteriors(state)``, rows where ``mask``) moves by more than ``atol`` (the
+    reference code's rule), or ``max_iter`` sweeps; returns ``(state, Loop)``."""
+    _, obj0 = jax.eval_shape(step, state)
+    dtype = obj0.dtype
+
+    def cond(c):
+        return (c[2] < max_iter) & ~c[3]
+
+    def body(c):
+        st, prev, i, _, hist = c
+        new, obj = step(st)
+        dz = jnp.where(mask[:, None], jnp.abs(posteriors(new) - posteriors(st)), 0.0).max()
+        done = ((obj - prev) < tol) | (dz <= atol)
+        return new, obj, i + 1, done, hist.at[i].set(obj)
+
+    carry = (state, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), jnp.asarray(False),
+             jnp.zeros((max(max_iter, 1),), dtype))
+    st, obj, n, done, hist = jax.lax.while_loop(cond, body, carry)
+    hist = jnp.where(jnp.arange(hist.shape[0]) < n, hist, obj)
+    return st, Loop(n_iter=n, converged=done, objective=obj, history=hist)
+
+
 @functools.partial(jax.jit, static_argnames=("max_iter",))
-def fit(data: CrowdData, *, max_iter: int = 500, tol: float = 1e-7, alpha: float | jax.Array = 1.0,
-        beta_diag: float = 4.0, beta_off: float = 1.0) -> IBCCResult:
-    """Fit IBCC by mean-field VB; see the module docstring for the model and the updates."""
+def fit(data: CrowdData, *, max_iter: int = 500, tol: float = 1e-7, atol: float = 1e-3,
+        alpha: float | jax.Array = 1.0, beta_diag: float = 4.0, beta_off: float = 1.0) -> IBCCResult:
+    """Fit IBCC by mean-field VB; see the module docstring for the model and the updates.
+
+    Stops when the ELBO (per answer) gains less than ``tol``, or when no class posterior moves
+    by more than ``atol`` in a sweep (the reference code's rule), or after ``max_iter`` sweeps.
+    """
     dtype = data.task_mask.dtype
     K = data.n_classes
     alpha_k = jnp.broadcast_to(jnp.asarray(alpha, dtype), (K,))
     beta = confusion_prior(K, beta_diag, beta_off, dtype)
     state = init(data, alpha_k, beta)
-    state, loop = iterate(functools.partial(step, data, alpha=alpha_k, beta=beta), state,
-                          max_iter=max_iter, tol=tol)
+    state, loop = vb_loop(functools.partial(step, data, alpha=alpha_k, beta=beta), state,
+                          lambda s: s.posteriors, data.task_mask > 0, max_iter=max_iter, tol=tol,
+                          atol=atol)
     return IBCCResult(posteriors=state.posteriors, nu=state.nu, mu=state.mu,
                       priors=state.nu / state.nu.sum(),
                       confusion=state.mu / state.mu.sum(axis=-1, keepdims=True),
@@ -199,7 +228,9 @@ class IBCC(Aggregator):
         beta_diag: Dirichlet parameter of a confusion row on its diagonal (correct answers).
         beta_off: ... and off the diagonal.
         max_iter: the most VB sweeps.
-        tol: stop when the ELBO (per answer) gains less than this.
+        tol: stop when the ELBO (per answer) gains less than this (None: never; in float32 the
+            ELBO's rounding noise can stop a fit early, so the default relies on ``atol``)...
+        atol: ... or when no class posterior moves by more than this (reference code: 1e-3).
         inference: ``vb`` (mean-field VB, the JAX kernel), or ``nuts`` / ``svi``: the NumPyro
             model in :mod:`crowdllm.aggregation.numpyro_models`, for full posteriors on small
             data (``credible_`` then holds credible intervals on each annotator's accuracy).
@@ -223,7 +254,8 @@ class IBCC(Aggregator):
     iterative = True
 
     def __init__(self, alpha: float = 1.0, beta_diag: float = 4.0, beta_off: float = 1.0,
-                 max_iter: int = 500, tol: float = 1e-7, inference: str = "vb",
+                 max_iter: int = 500, tol: float | None = None, atol: float = 1e-3,
+                 inference: str = "vb",
                  num_samples: int = 500, num_warmup: int = 500, num_steps: int = 2000,
                  seed: int = 0, progress_bar: bool = True, layout: str = "auto",
                  dtype: str = "float32") -> None:
@@ -232,7 +264,7 @@ class IBCC(Aggregator):
         if alpha <= 0 or beta_diag <= 0 or beta_off <= 0:
             raise ValueError("alpha, beta_diag and beta_off must be > 0")
         self.alpha, self.beta_diag, self.beta_off = alpha, beta_diag, beta_off
-        self.max_iter, self.tol, self.inference = max_iter, tol, inference
+        self.max_iter, self.tol, self.atol, self.inference = max_iter, tol, atol, inference
         self.num_samples, self.num_warmup, self.num_steps = num_samples, num_warmup, num_steps
         self.seed, self.progress_bar = seed, progress_bar
         self.layout, self.dtype = layout, dtype
@@ -249,7 +281,8 @@ class IBCC(Aggregator):
         with jax.enable_x64(self.dtype == "float64"):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
-            res = fit(data, max_iter=self.max_iter, tol=self.tol, alpha=self.alpha,
+            tol = -np.inf if self.tol is None else self.tol
+            res = fit(data, max_iter=self.max_iter, tol=tol, atol=self.atol, alpha=self.alpha,
                       beta_diag=self.beta_diag, beta_off=self.beta_off)
             res = jax.tree_util.tree_map(np.asarray, res)
         W = tensor.n_workers
