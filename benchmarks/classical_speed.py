@@ -97,7 +97,7 @@ def _ck_run(method: str, n_items: int, queue) -> None:
 
 
 def crowdkit_time(method: str, n_items: int, timeout: float) -> str:
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # not fork: JAX is multithreaded in this process
     q = ctx.Queue()
     p = ctx.Process(target=_ck_run, args=(method, n_items, q))
     p.start()

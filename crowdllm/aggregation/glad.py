@@ -31,10 +31,10 @@ EM:
   ``m_steps`` Adam steps (optax) run per EM iteration inside ``lax.scan``; the optimiser state is
   carried across iterations. After each step the parameters are clipped to
   :math:`|\alpha| \le 50`, :math:`b \in [-10, 5]` (so :math:`|x| \le 50 e^5`, where
-  ``log_sigmoid`` is still exact in float32 and nothing overflows). If the inner steps did not
-  raise :math:`Q` the old parameters are kept, which makes this a *generalised* EM: the
-  objective (marginal log-likelihood of the answers plus the log priors, per answer) never
-  decreases (tested). The class prior :math:`\rho` is uniform and fixed, as in the paper and
+  ``log_sigmoid`` is still exact in float32 and nothing overflows). If the inner steps lowered
+  :math:`Q` they are undone and retried with a 4 times smaller step (up to 4 times; then the
+  old parameters are kept), which makes this a *generalised* EM: the objective (marginal
+  log-likelihood of the answers plus the log priors, per answer) never decreases (tested). The class prior :math:`\rho` is uniform and fixed, as in the paper and
   crowd-kit, unless ``learn_prior=True`` (then :math:`\rho_k \propto 0.01 + \sum_t q_t(k)`).
 
 Gold labels: clamped on every E-step (``fit(data, gold=...)``); with ``init="gold"`` the first
