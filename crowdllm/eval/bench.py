@@ -81,14 +81,16 @@ class BenchResult:
     params: dict[str, dict[str, Any]]
 
     def table(self, fmt: str = "{:.4f}") -> list[dict[str, Any]]:
-        """Rows: one per dataset (accuracy per method, ``FAIL`` for a failure), then mean,
-        completed, mean rank and rank (by mean rank)."""
+        """Rows: one per dataset (accuracy per method, ``FAIL`` for a failure, ``n/r`` for a cell
+        that no merged run covered), then mean, completed, mean rank and rank (by mean rank)."""
         rows: list[dict[str, Any]] = []
         for d in self.datasets:
             row: dict[str, Any] = {"dataset": d}
             for m in self.methods:
                 a = self.accuracy[d].get(m)
-                row[m] = "FAIL" if m in self.errors.get(d, {}) else (fmt.format(a) if a is not None else "")
+                err = self.errors.get(d, {}).get(m)
+                row[m] = (("n/r" if err == "not run" else "FAIL") if err is not None
+                          else (fmt.format(a) if a is not None else ""))
             rows.append(row)
         by = {s["method"]: s for s in self.summary}
         for label, key, f in (("mean accuracy", "mean_accuracy", fmt), ("completed", "completed", "{}"),
