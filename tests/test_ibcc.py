@@ -88,3 +88,18 @@ def test_get_method_passes_inference():
     assert get_method("ibcc", inference="svi", seed=3).inference == "svi"
     with pytest.raises(ValueError, match="inference"):
         IBCC(inference="mcmc")
+
+
+def test_cli_inference_option(tmp_path):
+    from click.testing import CliRunner
+
+    from crowdllm.cli import main
+
+    path = tmp_path / "answers.csv"
+    path.write_text("task,worker,label\n" + "".join(
+        f"t{t},w{w},{'a' if (t + (w == 2)) % 2 else 'b'}\n" for t in range(6) for w in range(3)))
+    res = CliRunner().invoke(main, ["aggregate", str(path), "--method", "ibcc", "--inference", "vb",
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    bad = CliRunner().invoke(main, ["aggregate", str(path), "--method", "ibcc", "--inference", "hmc"])
+    assert bad.exit_code != 0 and "hmc" in bad.output
