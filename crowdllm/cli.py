@@ -108,17 +108,19 @@ def methods(as_json: bool) -> None:
 @click.option("--inference", type=click.Choice(["vb", "nuts", "svi"]),
               help="Inference for Bayesian methods that offer several (ibcc: vb|nuts|svi; "
                    "ds-bayes: nuts|svi); NUTS/SVI show a progress bar.")
+@click.option("--judge", help="llm-judge: the judging annotator (a panel name of the run, or "
+                              "PANEL.toml#NAME); default: $CROWDLLM_JUDGE.")
 def aggregate(answers: str, method: str, gold: str | None, use_gold: str, output: str | None,
               skills: str | None, seed: int, max_iter: int | None, tol: float | None,
               duplicates: str, task_col: str, worker_col: str, label_col: str,
-              as_json: bool, inference: str | None = None) -> None:
+              as_json: bool, inference: str | None = None, judge: str | None = None) -> None:
     """Aggregate crowd answers (a task,worker,label file, a run folder, or 'example')."""
     from .aggregation import get_method
 
     try:
         # check the options before reading a possibly large file
         params: dict[str, Any] = {"seed": seed, "max_iter": max_iter, "tol": tol,
-                                  "inference": inference}
+                                  "inference": inference, "judge": judge}
         if use_gold == "init":
             params["init"] = "gold"
         model = get_method(method, **params)

@@ -302,10 +302,9 @@ def test_llm_judge_aggregates_a_run(tmp_path, monkeypatch):
         monkeypatch.delenv("CROWDLLM_JUDGE", raising=False)
         res = CliRunner().invoke(main, ["aggregate", str(run), "--method", "llm-judge"])
         assert res.exit_code != 0 and "CROWDLLM_JUDGE" in res.output
-        monkeypatch.setenv("CROWDLLM_JUDGE", "fake-1")
         out = tmp_path / "agg.csv"
         res = CliRunner().invoke(main, ["aggregate", str(run), "--method", "llm-judge",
-                                        "--output", str(out)])
+                                        "--judge", "fake-1", "--output", str(out)])
         assert res.exit_code == 0, res.output
         assert len(srv.requests) == 8  # one judgement per task
         answers = {(r["task"], r["worker"]): r["label"]
