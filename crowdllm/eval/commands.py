@@ -215,7 +215,7 @@ def cost(run_dir: str, prices: str | None, gold: str | None, methods: str, param
         if not run.has_ledger:
             raise CrowdDataError(f"{run_dir}: no ledger.jsonl (cost needs the run's token ledger)")
         table = load_prices(prices)
-        rows = ledger_cost(run.ledger or [], table)
+        rows = ledger_cost(run.ledger or [], table, spent=run.spent)
         frontier = None
         if gold:
             wc = worker_costs(rows, run.models_of_workers())

@@ -242,13 +242,17 @@ def _split_tokens(rec: Mapping[str, Any]) -> tuple[int, int, int | None, int | N
 
 
 def ledger_cost(ledger: Sequence[Mapping[str, Any]], prices: PriceTable,
-                by: Callable[[Mapping[str, Any]], Any] | None = None) -> list[dict[str, Any]]:
+                by: Callable[[Mapping[str, Any]], Any] | None = None,
+                spent: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """Tokens and money per model (and prompt version), then a ``panel`` total row.
 
     Args:
         ledger: records as read by :func:`crowdllm.eval.run.read_ledger`.
         prices: the price table.
         by: the grouping key of a record (default: ``(model, prompt_version)``).
+        spent: ``spent.jsonl`` records (``Run.spent``): attempts billed without a final answer.
+            Their tokens and cost are added to the model's totals and, since they bought no
+            answer, to its retry columns; they count as attempts, not as items.
 
     Returns:
         Rows with ``model``, ``prompt_version``, ``pricing``, ``items``, ``answered``,
@@ -261,24 +265,32 @@ def ledger_cost(ledger: Sequence[Mapping[str, Any]], prices: PriceTable,
     groups: dict[Any, list[Mapping[str, Any]]] = {}
     for r in ledger:
         groups.setdefault(key(r), []).append(r)
+    lost: dict[Any, list[Mapping[str, Any]]] = {}
+    for r in spent:
+        lost.setdefault(key(r), []).append(r)
+        groups.setdefault(key(r), [])
     rows = []
     for k, recs in groups.items():
-        model = str(recs[0]["model"])
-        price = prices.price_of(model, recs[0].get("endpoint_model"))
+        first = recs[0] if recs else lost[k][0]
+        model = str(first["model"])
+        price = prices.price_of(model, first.get("endpoint_model"))
         row: dict[str, Any] = {
-            "model": model, "prompt_version": str(recs[0].get("prompt_version") or ""),
+            "model": model, "prompt_version": str(first.get("prompt_version") or ""),
             "pricing": price.describe(prices.currency) if price else "no price",
             "items": len(recs),
             "answered": sum(1 for r in recs if r.get("label") is not None and not r.get("abstained")),
             "abstained": sum(1 for r in recs if r.get("abstained") or r.get("label") is None),
-            "attempts": sum(int(r.get("attempts", 1)) for r in recs),
+            "attempts": sum(int(r.get("attempts", 1)) for r in recs + lost.get(k, [])),
             "retried_items": sum(1 for r in recs if int(r.get("attempts", 1)) > 1),
             "prompt_tokens": 0, "completion_tokens": 0,
             "retry_prompt_tokens": 0, "retry_completion_tokens": 0,
             "cost": 0.0, "retry_cost": 0.0,
         }
-        for r in recs:
-            p, c, rp, rc = _split_tokens(r)
+        # spent attempts: all of their tokens are overhead (no answer came of them)
+        wasted = [(r, int(r["prompt_tokens"]), int(r["completion_tokens"]))
+                  for r in lost.get(k, [])]
+        for r, p, c, rp, rc in ([(r, *_split_tokens(r)) for r in recs]
+                                + [(r, p, c, p, c) for r, p, c in wasted]):
             row["prompt_tokens"] += p
             row["completion_tokens"] += c
             if rp is None or row["retry_prompt_tokens"] is None:
@@ -299,7 +311,8 @@ def ledger_cost(ledger: Sequence[Mapping[str, Any]], prices: PriceTable,
                 row["retry_cost"] += price.cost(rp, rc, None) or 0.0
             elif p + c:  # measured latency covers all attempts: split it by token share
                 row["retry_cost"] += cost * (rp + rc) / (p + c)
-        row["cost_per_item"] = row["cost"] / row["items"] if row["cost"] is not None else None
+        row["cost_per_item"] = (row["cost"] / row["items"]
+                                if row["cost"] is not None and row["items"] else None)
         rows.append(row)
     rows.sort(key=lambda r: (r["model"], r["prompt_version"]))
     total: dict[str, Any] = {"model": "panel", "prompt_version": "", "pricing": "",

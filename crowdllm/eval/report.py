@@ -173,7 +173,7 @@ def build_report(
     cost_rows = frontier = None
     price_table = load_prices(prices)
     if r.has_ledger:
-        cost_rows = ledger_cost(r.ledger or [], price_table)
+        cost_rows = ledger_cost(r.ledger or [], price_table, spent=r.spent)
         write_csv(cost_rows, o / "cost.csv")
         files.append("cost.csv")
         wc = worker_costs(cost_rows, r.models_of_workers())

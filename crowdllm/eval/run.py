@@ -51,8 +51,11 @@ def _check_count(path: Path, line: int, key: str, value: Any) -> int:
     return int(value)
 
 
-def read_ledger(path: str | Path) -> list[dict[str, Any]]:
+def read_ledger(path: str | Path, unique: bool = True) -> list[dict[str, Any]]:
     """Read and check ``ledger.jsonl``; a repeated (task, model, prompt_version) keeps its first record.
+
+    With ``unique=False`` every record is kept: the reading of ``spent.jsonl`` (tokens of
+    attempts that ended without a final answer; one item may have several, from several runs).
 
     An incomplete last line (no newline, not JSON: the writer died mid-write) is ignored with a
     warning, as :mod:`crowdllm.inference.ledger` does.
@@ -101,6 +104,8 @@ def read_ledger(path: str | Path) -> list[dict[str, Any]]:
                                  f"non-negative number, got {lat!r}")
         rec["_line"] = line_no
         key = (str(rec["task"]), str(rec["model"]), str(rec.get("prompt_version") or ""))
+        if not unique:
+            key = key + (line_no,)
         if key in records:
             repeated += 1
             continue
@@ -120,6 +125,8 @@ class Run:
     items: pa.Table | None = None
     ledger: list[dict[str, Any]] | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: ``spent.jsonl``: tokens billed for attempts that ended without a final answer
+    spent: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def has_ledger(self) -> bool:
@@ -195,11 +202,14 @@ def load_run(path: str | Path, *, items: str | Path | None = None) -> Run:
     """
     p = Path(path)
     ledger = None
+    spent: list[dict[str, Any]] = []
     info: dict[str, Any] = {}
     item_table = None
     if p.is_dir():
         if (p / "ledger.jsonl").exists():
             ledger = read_ledger(p / "ledger.jsonl")
+        if (p / "spent.jsonl").exists():
+            spent = read_ledger(p / "spent.jsonl", unique=False)
         if (p / "run.json").exists():
             try:
                 info = json.loads((p / "run.json").read_text(encoding="utf-8"))
@@ -225,4 +235,4 @@ def load_run(path: str | Path, *, items: str | Path | None = None) -> Run:
         item_table = read_table(items)
         if "task" not in item_table.column_names:
             raise CrowdDataError(f"{items}: missing column 'task'; found {item_table.column_names}")
-    return Run(path=p, tensor=tensor, items=item_table, ledger=ledger, info=info)
+    return Run(path=p, tensor=tensor, items=item_table, ledger=ledger, info=info, spent=spent)

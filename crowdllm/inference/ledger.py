@@ -13,6 +13,12 @@ two racing processes is ignored on read.
 Record fields (the contract with the evaluation and cost code):
 ``task, model, prompt_version, raw, label, abstained, probs, prompt_tokens, completion_tokens,
 attempts, attempt_tokens, latency_s, finish_reason, backend, endpoint_model``.
+
+``RUN_DIR/spent.jsonl`` (same writer, fields :data:`SPENT_FIELDS`) keeps the tokens of attempts
+that ended without a final answer: an item whose re-ask failed for good on transport (or on a
+permanent backend error) after earlier attempts had already been answered and billed. The item
+stays unanswered (a re-run asks it again); its spent tokens are not lost, so the ledger's token
+total plus ``spent.jsonl``'s equals what the servers reported.
 """
 
 from __future__ import annotations
@@ -23,11 +29,15 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["Ledger", "LEDGER_FIELDS", "record_key"]
+__all__ = ["Ledger", "LEDGER_FIELDS", "SPENT_FIELDS", "record_key"]
 
 LEDGER_FIELDS = ("task", "model", "prompt_version", "raw", "label", "abstained", "probs",
                  "prompt_tokens", "completion_tokens", "attempts", "attempt_tokens",
                  "latency_s", "finish_reason", "backend", "endpoint_model")
+
+#: fields of a ``spent.jsonl`` record: tokens billed for an item that got no final answer
+SPENT_FIELDS = ("task", "model", "prompt_version", "prompt_tokens", "completion_tokens",
+                "attempts", "attempt_tokens", "latency_s", "error", "backend", "endpoint_model")
 
 
 def record_key(rec: dict[str, Any]) -> tuple[str, str, str]:
@@ -38,13 +48,15 @@ def record_key(rec: dict[str, Any]) -> tuple[str, str, str]:
 class Ledger:
     """Append-only JSON-lines ledger at ``path`` (created on first append)."""
 
-    def __init__(self, path: str | os.PathLike[str], fsync: bool = False):
+    def __init__(self, path: str | os.PathLike[str], fsync: bool = False,
+                 fields: tuple[str, ...] = LEDGER_FIELDS):
         self.path = Path(path)
         self.fsync = fsync
+        self.fields = fields
 
     def append(self, record: dict[str, Any]) -> None:
         """Append one record as one line, atomically with respect to other writers."""
-        missing = [f for f in LEDGER_FIELDS if f not in record]
+        missing = [f for f in self.fields if f not in record]
         if missing:
             raise ValueError(f"ledger record misses field(s) {missing}")
         line = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")

@@ -12,7 +12,8 @@
 4. append each final answer to the ledger as it arrives.
 
 Requests that fail for transient reasons even after the backend's own retries leave the item
-unanswered (not in the ledger), so a re-run asks it again. At the end the run directory gets
+unanswered (not in the ledger), so a re-run asks it again; if earlier attempts at that item had
+already been answered (and billed), their tokens go to ``spent.jsonl`` so that none is lost. At the end the run directory gets
 ``answers.parquet`` (``task, worker, label``, abstentions omitted; human answers joined),
 ``probs.parquet`` (``task, worker, p_<label>...``), ``items.parquet`` and ``run.json``.
 """
@@ -32,7 +33,7 @@ import pyarrow as pa
 
 from ..labels import CrowdDataError, read_table, write_table
 from .backends.base import BackendError, Completion, Request, TransientError, label_probs
-from .ledger import Ledger
+from .ledger import SPENT_FIELDS, Ledger
 from .panel import AnnotatorSpec, Panel
 from .schema import (LabelSchema, answer_choices, build_messages, parse_answer, prompt_version,
                      reminder_message)
@@ -236,7 +237,17 @@ async def _ask_item(item: Item, spec: AnnotatorSpec, backend: Any, schema: Label
                       logprobs=spec.logprobs)
         try:
             comp = await backend.complete(req)
-        except TransientError as exc:
+        except (TransientError, BackendError) as exc:
+            if attempt_tokens:  # earlier attempts were answered and billed: keep their tokens
+                Ledger(ledger.path.parent / "spent.jsonl", fields=SPENT_FIELDS).append({
+                    "task": item.task, "model": spec.name, "prompt_version": version,
+                    "prompt_tokens": sum(a for a, _ in attempt_tokens),
+                    "completion_tokens": sum(b for _, b in attempt_tokens),
+                    "attempts": len(attempt_tokens), "attempt_tokens": attempt_tokens,
+                    "latency_s": round(latency, 4), "error": str(exc), "backend": spec.backend,
+                    "endpoint_model": comp.endpoint_model if comp is not None else None})
+            if isinstance(exc, BackendError):
+                raise
             stats.failed += 1
             stats.done += 1
             stats.error = stats.error or str(exc)

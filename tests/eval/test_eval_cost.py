@@ -213,3 +213,34 @@ def test_old_prompt_versions_cost_but_workers_map_to_the_current_one(tmp_path):
     assert rows[-1]["cost"] == pytest.approx(2 * 0.0127)  # every version's tokens were paid for
     wc = worker_costs(rows, r.models_of_workers())
     assert wc == {"api-m": pytest.approx(0.0076), "local-m": pytest.approx(0.0051)}
+
+
+def test_spent_attempts_add_tokens_and_cost_but_no_items(tmp_path):
+    # tokens billed for attempts that got no final answer (spent.jsonl): retry overhead
+    (tmp_path / "p.toml").write_text(PRICES)
+    prices = load_prices(tmp_path / "p.toml")
+    run = write_run(tmp_path)
+    spent = [{"task": "c", "model": "api-m", "prompt_version": "v1", "prompt_tokens": 500,
+              "completion_tokens": 20, "attempts": 1, "attempt_tokens": [[500, 20]],
+              "latency_s": 0.1, "error": "gave up", "backend": "openai", "endpoint_model": "api-m"},
+             {"task": "z", "model": "other-m", "prompt_version": "v1", "prompt_tokens": 7,
+              "completion_tokens": 1, "attempts": 1, "attempt_tokens": [[7, 1]],
+              "latency_s": 0.1, "error": "gave up", "backend": "openai", "endpoint_model": "other-m"}]
+    (run / "spent.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spent))
+    r = load_run(run)
+    assert [s["task"] for s in r.spent] == ["c", "z"]
+    base = {x["model"]: x for x in ledger_cost(r.ledger, prices)}
+    rows = {x["model"]: x for x in ledger_cost(r.ledger, prices, spent=r.spent)}
+    api, b = rows["api-m"], base["api-m"]
+    assert api["items"] == b["items"] == 2 and api["attempts"] == b["attempts"] + 1
+    assert api["prompt_tokens"] == b["prompt_tokens"] + 500
+    assert api["retry_prompt_tokens"] == b["retry_prompt_tokens"] + 500
+    assert api["retry_completion_tokens"] == b["retry_completion_tokens"] + 20
+    extra = (500 * 2.0 + 20 * 10.0) / 1e6
+    assert api["cost"] == pytest.approx(b["cost"] + extra)
+    assert api["retry_cost"] == pytest.approx(b["retry_cost"] + extra)
+    # a model with spent attempts only: a row with no items and no per-item cost
+    other = rows["other-m"]
+    assert other["items"] == 0 and other["prompt_tokens"] == 7 and other["cost_per_item"] is None
+    assert rows["panel"]["prompt_tokens"] == base["panel"]["prompt_tokens"] + 507
+    assert rows["panel"]["items"] == base["panel"]["items"]

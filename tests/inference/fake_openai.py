@@ -4,6 +4,7 @@ It exists for the faults that a real server cannot be made to produce on demand:
 an item's text script what happens to the requests for that item:
 
 * ``[429xN]`` / ``[500xN]`` / ``[503xN]``: the first N requests get that HTTP status;
+* ``[500afterN]``: every request after the first N gets a 500 (a server that dies mid-item);
 * ``[slowxN]``: the first N requests stall past the client's timeout;
 * ``[truncxN]``: the first N responses are cut off mid-JSON; ``[badjsonxN]``: not JSON at all;
 * ``[oos]``: the "model" always answers a label outside the schema; ``[oosxN]``: the first N
@@ -109,6 +110,9 @@ class FakeOpenAI:
             if n <= marker(str(code)):
                 return code, json.dumps({"error": {"message": f"fake {code}"}}).encode(), \
                     {"Retry-After": "0"} if code == 429 else {}
+        m_after = re.search(r"\[500after(\d+)\]", text)
+        if m_after and n > int(m_after.group(1)):
+            return 500, json.dumps({"error": {"message": "fake 500 (died)"}}).encode(), {}
         if n <= marker("slow"):
             time.sleep(self.stall_s)
         if self.delay_s:
