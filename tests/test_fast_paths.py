@@ -111,9 +111,10 @@ KWARGS = {
 }
 
 
-# the kernels that call the dense sums (GLAD, MACE and KOS use per-answer formulas through
+# the kernels that call the dense sums or the fused DS pass (MACE: its E-step is a DS E-step
+# with a structured confusion matrix; GLAD and KOS use per-answer formulas through
 # ``answers_of`` on either path, so the fast sums cannot change them)
-USES_SUMS = ("ds", "onecoin-ds", "mv", "wawa", "zbs", "mmsr", "ibcc", "ebcc", "bwa")
+USES_SUMS = ("ds", "onecoin-ds", "mv", "wawa", "zbs", "mmsr", "ibcc", "ebcc", "bwa", "mace")
 
 
 def test_sum_users_listed():

@@ -73,7 +73,8 @@ import pyarrow as pa
 from jax.scipy.special import digamma, gammaln
 
 from ..labels import LabelTensor
-from ._core import TINY, CrowdData, iterate, prepare
+from . import _fast
+from ._core import TINY, CrowdData, Dense, fast_enabled, iterate, prepare
 from .base import Aggregator
 from .glad import (answer_view, gather_posterior, n_answers, score_with_gold, table_lookup,
                    task_label_sum, task_sum, worker_label_sum, worker_sum)
@@ -147,13 +148,24 @@ def e_step(data: CrowdData, params: MaceParams) -> tuple[MaceState, jax.Array]:
     The known-count of an answer is ``q_t(y) * c[w, y]``, so the expected counts need only
     ``M[w, l] = sum over answers (t, w, l) of q_t(l)`` and the answer counts ``N[w, l]``.
     """
-    view = answer_view(data)
     ls = params.log_spam[:, None] + params.log_strategy  # [W, K]: log P(y = l | spam)
     l_match = jnp.logaddexp(params.log_know[:, None], ls)  # log P(y = l | z = l)
     know_frac = jnp.exp(params.log_know[:, None] - l_match)  # P(know | y = l, z = l)
+    K = data.n_classes
+    if isinstance(data, Dense) and fast_enabled():
+        # MACE's likelihood is a structured confusion matrix, log P(y = l | z = k) = ls[w, l]
+        # + [k = l] (l_match - ls)[w, l], so Dawid-Skene's fused E+M pass does the E-step and
+        # its counts: m[w, l] is their diagonal, n[w, l] their sum over true classes.
+        log_conf = ls[:, None, :] + jnp.eye(K, dtype=ls.dtype)[None] * (l_match - ls)[:, None, :]
+        post, ll, counts, _ = _fast.ds_em_step(data.labels, K, data.task_mask, data.gold,
+                                               jnp.full((K,), -jnp.log(K), ls.dtype), log_conf)
+        m, n = jnp.diagonal(counts, axis1=1, axis2=2), counts.sum(axis=1)
+        known_l = know_frac * m
+        return MaceState(known=known_l.sum(1), spam=(n - known_l).sum(1), strategy=n - known_l,
+                         posteriors=post), ll
+    view = answer_view(data)
     base = table_lookup(data, ls, view) * view.weight
     bonus = table_lookup(data, l_match - ls, view) * view.weight
-    K = data.n_classes
     scores = -jnp.log(K) + task_sum(data, base)[:, None] + task_label_sum(data, bonus)
     post, log_z = score_with_gold(scores, data.gold)
     m = worker_label_sum(data, gather_posterior(data, post, view) * view.weight)  # [W, K]
