@@ -15,12 +15,13 @@ from crowdllm.aggregation._core import prepare
 from crowdllm.labels import LabelTensor
 
 
-def sample_mace(n_tasks=500, n_workers=10, K=3, seed=0):
-    """MACE's story: z uniform; annotator w knows w.p. theta_w (answers z), else draws from xi_w."""
+def sample_mace(n_tasks=500, n_workers=10, K=3, seed=0, rho=None):
+    """MACE's story: z uniform (or ~ rho); annotator w knows w.p. theta_w (answers z), else draws
+    from xi_w."""
     rng = np.random.default_rng(seed)
     theta = rng.uniform(0.35, 0.95, n_workers)
     xi = rng.dirichlet(np.full(K, 0.7), n_workers)
-    z = rng.integers(0, K, n_tasks)
+    z = rng.choice(K, n_tasks, p=rho)
     rows = []
     for t in range(n_tasks):
         for w in range(n_workers):
@@ -54,9 +55,27 @@ def test_recovers_competence_strategies_and_labels(sampled, method):
 
 
 @pytest.mark.parametrize("method", ["em", "vb"])
-def test_objective_never_decreases(sampled, method):
+def test_learned_class_prior_recovers_skewed_proportions(method):
+    # the extension (default): class proportions estimated; the paper's uniform prior kept as
+    # prior="uniform". On skewed data the learned prior is recovered and labels no worse.
+    rho = np.array([0.7, 0.2, 0.1])
+    df, theta, xi, z = sample_mace(n_tasks=800, n_workers=6, seed=3, rho=rho)
+    learned = MACE(method=method, n_restarts=4, max_iter=100).fit(df)
+    uniform = MACE(method=method, n_restarts=4, max_iter=100, prior="uniform").fit(df)
+    order = np.argsort([int(c[1:]) for c in learned.classes_])
+    # Stated tolerance (800 tasks): each proportion within 0.04
+    np.testing.assert_allclose(learned.priors_[order], rho, atol=0.04)
+    np.testing.assert_allclose(uniform.priors_, 1 / 3)
+    tasks = [int(t[1:]) for t in learned.tasks_]
+    acc = [(np.array([int(c[1:]) for c in m.labels_]) == z[tasks]).mean() for m in (learned, uniform)]
+    assert acc[0] >= acc[1] - 0.005, acc
+
+
+@pytest.mark.parametrize("prior", ["learned", "uniform"])
+@pytest.mark.parametrize("method", ["em", "vb"])
+def test_objective_never_decreases(sampled, method, prior):
     df, *_ = sampled
-    m = MACE(method=method, n_restarts=2, max_iter=30, tol=-1.0, dtype="float64")
+    m = MACE(method=method, n_restarts=2, max_iter=30, tol=-1.0, dtype="float64", prior=prior)
     with pytest.warns(Warning):  # it runs all 30 iterations (tol < 0), so it "did not converge"
         m.fit(df.iloc[:2000])
     h = np.asarray(m.loss_history_)

@@ -29,6 +29,18 @@ Both variants alternate, in log space:
   \mathrm{KL}(q(\xi_w) \| p(\xi_w))`, which never decreases (tested). Priors as in the paper:
   :math:`a = b = 0.5`, :math:`\gamma = 10`.
 
+The class prior. The paper (and crowd-kit) fixes :math:`z_t` uniform. With ``prior="learned"``
+(our default) the class proportions :math:`\rho` are estimated too: EM takes the MAP under
+Dir(:math:`1 + \epsilon`) (objective term :math:`\epsilon \sum_k \log\rho_k`), VB keeps
+:math:`q(\rho) = \mathrm{Dir}(\delta + \sum_t q_t)` with :math:`\delta = 1`, uses
+:math:`\exp E_q[\log\rho_k]` in the E-step and subtracts its KL from the ELBO, so both objectives
+still never decrease. Why: under a uniform prior, a skewed class distribution can only be
+explained by spammers whose strategies favour the frequent class, and the model then calls
+minority-class tasks spam. On ``zencrowd_in`` (78/22 gold classes) accuracy goes from .7260
+(uniform) to .7750, on ``zheng_d_product`` from .8265 to .9311; the mean over the 19 datasets
+crowd-kit finished from .8209 to .8307 (crowd-kit: .8218). ``prior="uniform"`` is the paper's
+model.
+
 Restarts: ``n_restarts`` random starts (each annotator's first :math:`\theta_w` and
 :math:`\xi_w` drawn as crowd-kit does, from normalised Uniform(1, 1 + ``default_noise``) weights)
 run together under ``jax.vmap`` over PRNG keys split from ``seed``; the run with the highest final
@@ -89,6 +101,7 @@ class MaceState(NamedTuple):
     spam: jax.Array  # [workers]
     strategy: jax.Array  # [workers, K]
     posteriors: jax.Array  # [tasks, K]
+    class_sum: jax.Array  # [K]: sum_t q_t(k) (used when the class prior is learned)
 
 
 class MaceParams(NamedTuple):
@@ -97,6 +110,7 @@ class MaceParams(NamedTuple):
     log_know: jax.Array  # [workers]
     log_spam: jax.Array  # [workers]
     log_strategy: jax.Array  # [workers, K]
+    log_prior: jax.Array  # [K]: log rho (-log K when uniform; exp E_q[log rho] for VB)
 
 
 class MaceResult(NamedTuple):
@@ -108,14 +122,37 @@ class MaceResult(NamedTuple):
     n_iter: jax.Array
     converged: jax.Array
     start_knowing: jax.Array  # [workers]: the random start (to check restarts differ)
+    priors: jax.Array  # [K]: class proportions (uniform, or the learned point / posterior mean)
+
+
+def _class_prior(state: MaceState, *, method: str, smoothing: float, learn: bool,
+                 delta: float) -> tuple[jax.Array, jax.Array]:
+    """log rho and its objective term: uniform; or learned (EM: MAP under Dir(1 + smoothing);
+    VB: q(rho) = Dir(delta + class sums), exp E_q[log rho], minus the KL to Dir(delta))."""
+    K = state.class_sum.shape[0]
+    dtype = state.class_sum.dtype
+    if not learn:
+        return jnp.full((K,), -jnp.log(K), dtype), jnp.zeros((), dtype)
+    if method == "em":
+        c = state.class_sum + smoothing
+        log_rho = jnp.log(jnp.maximum(c, TINY)) - jnp.log(jnp.maximum(c.sum(), TINY))
+        return log_rho, smoothing * log_rho.sum()
+    pc = delta + state.class_sum
+    log_rho = digamma(pc) - digamma(pc.sum())
+    kl = (gammaln(pc.sum()) - gammaln(pc).sum() - gammaln(K * delta) + K * gammaln(delta)
+          + ((pc - delta) * log_rho).sum())
+    return log_rho, -kl
 
 
 def m_step(data: CrowdData, state: MaceState, *, method: str, smoothing: float, a: float,
-           b: float, gamma: float) -> tuple[MaceParams, jax.Array]:
+           b: float, gamma: float, learn_prior: bool = False, delta: float = 1.0
+           ) -> tuple[MaceParams, jax.Array]:
     """Parameters from expected counts, and the log prior term (EM) / minus the KL (VB)."""
     known, spam, strat = state.known, state.spam, state.strategy
     K = strat.shape[1]
     wm = data.worker_mask
+    log_rho, rho_term = _class_prior(state, method=method, smoothing=smoothing, learn=learn_prior,
+                                     delta=delta)
     if method == "em":
         e = smoothing
         tot = known + spam + 2 * e
@@ -125,7 +162,7 @@ def m_step(data: CrowdData, state: MaceState, *, method: str, smoothing: float, 
         log_strat = (jnp.log(jnp.maximum(st, TINY))
                      - jnp.log(jnp.maximum(st.sum(1, keepdims=True), TINY)))
         prior = e * ((log_know + log_spam + log_strat.sum(1)) * wm).sum()
-        return MaceParams(log_know, log_spam, log_strat), prior
+        return MaceParams(log_know, log_spam, log_strat, log_rho), prior + rho_term
     pa_, pb_ = a + known, b + spam
     ab = digamma(pa_ + pb_)
     log_know, log_spam = digamma(pa_) - ab, digamma(pb_) - ab
@@ -137,7 +174,7 @@ def m_step(data: CrowdData, state: MaceState, *, method: str, smoothing: float, 
                + (pa_ - a) * log_know + (pb_ - b) * log_spam)
     kl_dir = (gammaln(pc.sum(1)) - gammaln(pc).sum(1) - gammaln(K * gamma) + K * gammaln(gamma)
               + ((pc - gamma) * log_strat).sum(1))
-    return MaceParams(log_know, log_spam, log_strat), -((kl_beta + kl_dir) * wm).sum()
+    return MaceParams(log_know, log_spam, log_strat, log_rho), -((kl_beta + kl_dir) * wm).sum() + rho_term
 
 
 def e_step(data: CrowdData, params: MaceParams) -> tuple[MaceState, jax.Array]:
@@ -157,22 +194,22 @@ def e_step(data: CrowdData, params: MaceParams) -> tuple[MaceState, jax.Array]:
         # + [k = l] (l_match - ls)[w, l], so Dawid-Skene's fused E+M pass does the E-step and
         # its counts: m[w, l] is their diagonal, n[w, l] their sum over true classes.
         log_conf = ls[:, None, :] + jnp.eye(K, dtype=ls.dtype)[None] * (l_match - ls)[:, None, :]
-        post, ll, counts, _ = _fast.ds_em_step(data.labels, K, data.task_mask, data.gold,
-                                               jnp.full((K,), -jnp.log(K), ls.dtype), log_conf)
+        post, ll, counts, psum = _fast.ds_em_step(data.labels, K, data.task_mask, data.gold,
+                                                  params.log_prior, log_conf)
         m, n = jnp.diagonal(counts, axis1=1, axis2=2), counts.sum(axis=1)
         known_l = know_frac * m
         return MaceState(known=known_l.sum(1), spam=(n - known_l).sum(1), strategy=n - known_l,
-                         posteriors=post), ll
+                         posteriors=post, class_sum=psum), ll
     view = answer_view(data)
     base = table_lookup(data, ls, view) * view.weight
     bonus = table_lookup(data, l_match - ls, view) * view.weight
-    scores = -jnp.log(K) + task_sum(data, base)[:, None] + task_label_sum(data, bonus)
+    scores = params.log_prior + task_sum(data, base)[:, None] + task_label_sum(data, bonus)
     post, log_z = score_with_gold(scores, data.gold)
     m = worker_label_sum(data, gather_posterior(data, post, view) * view.weight)  # [W, K]
     n = worker_label_sum(data, view.weight)
     known_l = know_frac * m
     state = MaceState(known=known_l.sum(1), spam=(n - known_l).sum(1), strategy=n - known_l,
-                      posteriors=post)
+                      posteriors=post, class_sum=(post * data.task_mask[:, None]).sum(0))
     return state, (log_z * data.task_mask).sum()
 
 
@@ -197,7 +234,8 @@ def init(data: CrowdData, key: jax.Array, *, default_noise: float = 0.5,
         known = jnp.where(n_gold > 0, n * acc, known)
     spam = n - known
     post = jnp.full((data.n_tasks, K), 1.0 / K, dtype)
-    return MaceState(known=known, spam=spam, strategy=spam[:, None] * xi, posteriors=post)
+    return MaceState(known=known, spam=spam, strategy=spam[:, None] * xi, posteriors=post,
+                     class_sum=(post * data.task_mask[:, None]).sum(0))
 
 
 def step(data: CrowdData, state: MaceState, **kw: Any) -> tuple[MaceState, jax.Array]:
@@ -208,7 +246,7 @@ def step(data: CrowdData, state: MaceState, **kw: Any) -> tuple[MaceState, jax.A
 
 
 def _summary(data: CrowdData, state: MaceState, *, method: str, smoothing: float, a: float,
-             b: float, gamma: float) -> tuple[jax.Array, jax.Array]:
+             b: float, gamma: float, **_: Any) -> tuple[jax.Array, jax.Array]:
     """Point estimates of theta and xi from the final counts (EM: MAP; VB: posterior means)."""
     if method == "em":
         params, _ = m_step(data, state, method=method, smoothing=smoothing, a=a, b=b, gamma=gamma)
@@ -218,11 +256,22 @@ def _summary(data: CrowdData, state: MaceState, *, method: str, smoothing: float
     return theta, pc / pc.sum(1, keepdims=True)
 
 
+def _prior_summary(state: MaceState, *, method: str, smoothing: float, learn_prior: bool,
+                   delta: float, **_: Any) -> jax.Array:
+    """The class proportions: uniform, the MAP (EM) or the posterior mean of rho (VB)."""
+    K = state.class_sum.shape[0]
+    if not learn_prior:
+        return jnp.full((K,), 1.0 / K, state.class_sum.dtype)
+    c = state.class_sum + (smoothing if method == "em" else delta)
+    return c / jnp.maximum(c.sum(), TINY)
+
+
 def fit_one(data: CrowdData, key: jax.Array, *, max_iter: int, tol: float, method: str,
             smoothing: float, a: float, b: float, gamma: float, default_noise: float,
-            init_from_gold: bool) -> MaceResult:
+            init_from_gold: bool, learn_prior: bool = False, delta: float = 1.0) -> MaceResult:
     """One restart (not jitted on its own: :func:`fit` vmaps it over keys)."""
-    kw = dict(method=method, smoothing=smoothing, a=a, b=b, gamma=gamma)
+    kw = dict(method=method, smoothing=smoothing, a=a, b=b, gamma=gamma,
+              learn_prior=learn_prior, delta=delta)
     state = init(data, key, default_noise=default_noise, init_from_gold=init_from_gold)
     start = state.known / jnp.maximum(state.known + state.spam, TINY)
     state, loop = iterate(functools.partial(step, data, **kw), state, max_iter=max_iter, tol=tol)
@@ -232,20 +281,23 @@ def fit_one(data: CrowdData, key: jax.Array, *, max_iter: int, tol: float, metho
     theta, xi = _summary(data, state, **kw)
     return MaceResult(posteriors=final.posteriors, knowing=theta, strategy=xi,
                       objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
-                      converged=loop.converged, start_knowing=start)
+                      converged=loop.converged, start_knowing=start,
+                      priors=_prior_summary(state, **kw))
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "method", "init_from_gold"))
+@functools.partial(jax.jit, static_argnames=("max_iter", "method", "init_from_gold", "learn_prior"))
 def fit_restarts(data: CrowdData, keys: jax.Array, *, max_iter: int = 50, tol: float = 1e-5,
                  method: str = "vb", smoothing: float = 0.0, a: float = 0.5, b: float = 0.5,
                  gamma: float = 10.0, default_noise: float = 0.5,
-                 init_from_gold: bool = False) -> MaceResult:
+                 init_from_gold: bool = False, learn_prior: bool = False,
+                 delta: float = 1.0) -> MaceResult:
     """Every restart (one per key, under ``vmap``); results have a leading restart axis."""
     if method not in ("em", "vb"):
         raise ValueError(f"method must be 'em' or 'vb', got {method!r}")
     one = functools.partial(fit_one, data, max_iter=max_iter, tol=tol, method=method,
                             smoothing=smoothing, a=a, b=b, gamma=gamma,
-                            default_noise=default_noise, init_from_gold=init_from_gold)
+                            default_noise=default_noise, init_from_gold=init_from_gold,
+                            learn_prior=learn_prior, delta=delta)
     return jax.vmap(one)(keys)
 
 
@@ -274,12 +326,14 @@ class MACE(Aggregator):
         default_noise: spread of the random starts.
         seed: PRNG seed of the restarts.
         init: ``random`` or ``gold`` (known-counts from hits on gold tasks).
+        prior: ``learned`` (class proportions estimated, default) or ``uniform`` (the paper's).
         layout, dtype: as for every kernel.
 
     Attributes (after fit):
         spamming_: ``[workers, 2]``: probability of spamming, of knowing (crowd-kit's order).
         thetas_: ``[workers, K]`` spam strategies. skills_: ``[workers]`` knowing probability.
         objectives_: ``[n_restarts]`` final objective of every restart.
+        priors_: ``[K]`` class proportions (uniform when ``prior="uniform"``).
     """
 
     name = "mace"
@@ -290,8 +344,11 @@ class MACE(Aggregator):
     def __init__(self, method: str = "vb", n_restarts: int = 10, max_iter: int = 50,
                  tol: float = 1e-5, smoothing: float | None = None, alpha: float = 0.5,
                  beta: float = 0.5, gamma: float = 10.0, default_noise: float = 0.5,
-                 seed: int = 0, init: str = "random", layout: str = "auto",
-                 dtype: str = "float32") -> None:
+                 seed: int = 0, init: str = "random", prior: str = "learned",
+                 layout: str = "auto", dtype: str = "float32") -> None:
+        if prior not in ("uniform", "learned"):
+            raise ValueError(f"prior must be 'uniform' or 'learned', got {prior!r}")
+        self.prior = prior
         if method not in ("em", "vb"):
             raise ValueError(f"method must be 'em' or 'vb', got {method!r}")
         if init not in ("random", "gold"):
@@ -318,13 +375,15 @@ class MACE(Aggregator):
                                   method=self.method, smoothing=smoothing, a=self.alpha,
                                   b=self.beta, gamma=self.gamma,
                                   default_noise=self.default_noise,
-                                  init_from_gold=self.init == "gold")
+                                  init_from_gold=self.init == "gold",
+                                  learn_prior=self.prior == "learned")
             res = jax.tree_util.tree_map(np.asarray, best_restart(allres))
             objectives = np.asarray(allres.objective)
         W = tensor.n_workers
         theta = res.knowing[:W]
         return {"probas": res.posteriors[: tensor.n_tasks], "skills": theta,
                 "spamming": np.stack([1 - theta, theta], axis=1), "thetas": res.strategy[:W],
+                "priors": res.priors,
                 "objectives": objectives, "n_iter": int(res.n_iter),
                 "converged": bool(res.converged), "history": res.history}
 
