@@ -112,9 +112,10 @@ KWARGS = {
 
 
 # the kernels that call the dense sums or the fused DS pass (MACE: its E-step is a DS E-step
-# with a structured confusion matrix; GLAD and KOS use per-answer formulas through
+# with a structured confusion matrix; GLAD: its per-label scores are vote sums; KOS uses
+# per-answer formulas through
 # ``answers_of`` on either path, so the fast sums cannot change them)
-USES_SUMS = ("ds", "onecoin-ds", "mv", "wawa", "zbs", "mmsr", "ibcc", "ebcc", "bwa", "mace")
+USES_SUMS = ("ds", "onecoin-ds", "mv", "wawa", "zbs", "mmsr", "ibcc", "ebcc", "bwa", "mace", "glad")
 
 
 def test_sum_users_listed():
