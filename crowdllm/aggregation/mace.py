@@ -82,12 +82,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
-from jax.scipy.special import digamma, gammaln
 
 from ..labels import LabelTensor
 from . import _fast
 from ._core import TINY, CrowdData, Dense, fast_enabled, iterate, prepare
 from .base import Aggregator
+from .ibcc import dirichlet_stats
 from .glad import (answer_view, gather_posterior, n_answers, score_with_gold, table_lookup,
                    task_label_sum, task_sum, worker_label_sum, worker_sum)
 
@@ -125,34 +125,19 @@ class MaceResult(NamedTuple):
     priors: jax.Array  # [K]: class proportions (uniform, or the learned point / posterior mean)
 
 
-def _class_prior(state: MaceState, *, method: str, smoothing: float, learn: bool,
-                 delta: float) -> tuple[jax.Array, jax.Array]:
-    """log rho and its objective term: uniform; or learned (EM: MAP under Dir(1 + smoothing);
-    VB: q(rho) = Dir(delta + class sums), exp E_q[log rho], minus the KL to Dir(delta))."""
-    K = state.class_sum.shape[0]
-    dtype = state.class_sum.dtype
-    if not learn:
-        return jnp.full((K,), -jnp.log(K), dtype), jnp.zeros((), dtype)
-    if method == "em":
-        c = state.class_sum + smoothing
-        log_rho = jnp.log(jnp.maximum(c, TINY)) - jnp.log(jnp.maximum(c.sum(), TINY))
-        return log_rho, smoothing * log_rho.sum()
-    pc = delta + state.class_sum
-    log_rho = digamma(pc) - digamma(pc.sum())
-    kl = (gammaln(pc.sum()) - gammaln(pc).sum() - gammaln(K * delta) + K * gammaln(delta)
-          + ((pc - delta) * log_rho).sum())
-    return log_rho, -kl
-
-
 def m_step(data: CrowdData, state: MaceState, *, method: str, smoothing: float, a: float,
            b: float, gamma: float, learn_prior: bool = False, delta: float = 1.0
            ) -> tuple[MaceParams, jax.Array]:
-    """Parameters from expected counts, and the log prior term (EM) / minus the KL (VB)."""
+    """Parameters from expected counts, and the log prior term (EM) / minus the KL (VB).
+
+    The class prior: uniform; or learned (EM: MAP under Dir(1 + smoothing); VB: q(rho) =
+    Dir(delta + class sums), exp E_q[log rho], minus its KL to Dir(delta)).
+    """
     known, spam, strat = state.known, state.spam, state.strategy
     K = strat.shape[1]
+    dtype = strat.dtype
     wm = data.worker_mask
-    log_rho, rho_term = _class_prior(state, method=method, smoothing=smoothing, learn=learn_prior,
-                                     delta=delta)
+    log_rho, rho_term = jnp.full((K,), -jnp.log(K), dtype), jnp.zeros((), dtype)
     if method == "em":
         e = smoothing
         tot = known + spam + 2 * e
@@ -162,19 +147,28 @@ def m_step(data: CrowdData, state: MaceState, *, method: str, smoothing: float, 
         log_strat = (jnp.log(jnp.maximum(st, TINY))
                      - jnp.log(jnp.maximum(st.sum(1, keepdims=True), TINY)))
         prior = e * ((log_know + log_spam + log_strat.sum(1)) * wm).sum()
+        if learn_prior:
+            c = state.class_sum + e
+            log_rho = jnp.log(jnp.maximum(c, TINY)) - jnp.log(jnp.maximum(c.sum(), TINY))
+            rho_term = e * log_rho.sum()
         return MaceParams(log_know, log_spam, log_strat, log_rho), prior + rho_term
-    pa_, pb_ = a + known, b + spam
-    ab = digamma(pa_ + pb_)
-    log_know, log_spam = digamma(pa_) - ab, digamma(pb_) - ab
-    pc = gamma + strat
-    log_strat = digamma(pc) - digamma(pc.sum(1, keepdims=True))
-    # KL(Beta(pa, pb) || Beta(a, b)) and KL(Dir(pc) || Dir(gamma)).
-    kl_beta = (gammaln(a) + gammaln(b) - gammaln(a + b)
-               - gammaln(pa_) - gammaln(pb_) + gammaln(pa_ + pb_)
-               + (pa_ - a) * log_know + (pb_ - b) * log_spam)
-    kl_dir = (gammaln(pc.sum(1)) - gammaln(pc).sum(1) - gammaln(K * gamma) + K * gammaln(gamma)
-              + ((pc - gamma) * log_strat).sum(1))
-    return MaceParams(log_know, log_spam, log_strat, log_rho), -((kl_beta + kl_dir) * wm).sum() + rho_term
+    # VB: q(theta) = Beta(a + known, b + spam) (a Dirichlet over (know, spam)), q(xi) = Dir(gamma
+    # + strat), q(rho) = Dir(delta + class sums); KL(Dir(q) || Dir(p)) = log B(p) - log B(q)
+    # + sum (q - p) E_q[log x]. All posteriors and priors go through one digamma and one gammaln
+    # (dirichlet_stats): each special function expands to a long polynomial (compile time).
+    q_ab = jnp.stack([a + known, b + spam], axis=1)
+    p_ab = jnp.stack([jnp.asarray(a, dtype), jnp.asarray(b, dtype)])[None]
+    q_c, p_c = gamma + strat, jnp.full((1, K), gamma, dtype)
+    q_rho, p_rho = delta + state.class_sum, jnp.full((K,), delta, dtype)
+    ((e_ab, lb_ab), (log_strat, lb_c), (e_rho, lb_rho), (_, lb0_ab), (_, lb0_c),
+     (_, lb0_rho)) = dirichlet_stats(q_ab, q_c, q_rho, p_ab, p_c, p_rho)
+    kl_beta = lb0_ab - lb_ab + ((q_ab - p_ab) * e_ab).sum(1)
+    kl_dir = lb0_c - lb_c + ((q_c - p_c) * log_strat).sum(1)
+    if learn_prior:
+        log_rho = e_rho
+        rho_term = -(lb0_rho - lb_rho + ((q_rho - p_rho) * e_rho).sum())
+    return (MaceParams(e_ab[:, 0], e_ab[:, 1], log_strat, log_rho),
+            -((kl_beta + kl_dir) * wm).sum() + rho_term)
 
 
 def e_step(data: CrowdData, params: MaceParams) -> tuple[MaceState, jax.Array]:
