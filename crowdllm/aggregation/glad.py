@@ -233,7 +233,8 @@ def _e_parts(data: CrowdData, params: GladParams, log_prior: jax.Array
     """:func:`e_step`, plus the per-answer logits x and log sigma(x) it computed."""
     view = answer_view(data)
     K = data.n_classes
-    x, log_right = materialize((_logits(view, params), jax.nn.log_sigmoid(_logits(view, params))))
+    x = _logits(view, params)
+    x, log_right = materialize((x, jax.nn.log_sigmoid(x)))
     log_wrong = log_right - x - jnp.log(max(K - 1, 1))  # log sigma(-x) = log sigma(x) - x
     if isinstance(data, Dense) and fast_enabled() and K > 1:
         # log sigma(x) - log_wrong = alpha_w beta_t + log(K - 1), so the per-label part of the
@@ -272,9 +273,15 @@ def q_value(data: CrowdData, params: GladParams, p_right: jax.Array, mu_alpha: f
     """The M-step objective Q (expected complete log-likelihood of alpha, beta + log priors)."""
     view = answer_view(data)
     x = _logits(view, params)
-    # p log sigma(x) + (1 - p) log sigma(-x), with log sigma(-x) = log sigma(x) - x
-    ll = materialize((jax.nn.log_sigmoid(x) - (1 - p_right) * x) * view.weight)
-    return ll.sum() + log_prior_density(data, params, mu_alpha, mu_beta)
+    return (_q_answers(x, jax.nn.log_sigmoid(x), p_right, view)
+            + log_prior_density(data, params, mu_alpha, mu_beta))
+
+
+def _q_answers(x: jax.Array, log_sig_x: jax.Array, p_right: jax.Array, view: AnswerView
+               ) -> jax.Array:
+    """Q's answer term from the logits and their log-sigmoid:
+    ``p log sigma(x) + (1 - p) log sigma(-x)``, with ``log sigma(-x) = log sigma(x) - x``."""
+    return materialize((log_sig_x - (1 - p_right) * x) * view.weight).sum()
 
 
 def q_grad(data: CrowdData, params: GladParams, p_right: jax.Array, mu_alpha: float,
@@ -300,20 +307,24 @@ def _optimizer() -> optax.GradientTransformation:
 
 def m_step(data: CrowdData, state: GladState, post: jax.Array, *, lr: float, m_steps: int,
            mu_alpha: float, mu_beta: float, learn_prior: bool, max_tries: int = 4,
-           q_old: jax.Array | None = None) -> GladState:
+           e_parts: tuple[jax.Array, jax.Array] | None = None) -> GladState:
     """``m_steps`` Adam steps on Q (``lax.scan``), backtracking until Q does not fall.
 
     The Adam direction (``optax.scale_by_adam``) is scaled by ``lr * state.lr_scale``. If Q is
     lower after the steps, they are undone and retried with a 4 times smaller scale (at most
     ``max_tries`` times; if all fail the parameters stay as they were). After a success the
     scale doubles again (up to 1). So Q never decreases, and with it the EM objective.
-    ``q_old`` (Q at the current parameters and ``post``) is computed here unless given.
+    ``e_parts``: the E-step's per-answer logits and their log-sigmoid at the current
+    parameters, from which Q there is summed without recomputing them.
     """
     view = answer_view(data)
     p_right = gather_posterior(data, post, view)
     opt = _optimizer()
-    if q_old is None:
+    if e_parts is None:
         q_old = q_value(data, state.params, p_right, mu_alpha, mu_beta)
+    else:
+        q_old = (_q_answers(*e_parts, p_right, view)
+                 + log_prior_density(data, state.params, mu_alpha, mu_beta))
 
     def run(scale):
         def one(carry, _):
@@ -379,13 +390,9 @@ def step(data: CrowdData, state: GladState, *, lr: float, m_steps: int, mu_alpha
          mu_beta: float, learn_prior: bool) -> tuple[GladState, jax.Array]:
     """E-step with the current parameters, then the M-step; returns their objective."""
     post, ll, x, log_right = _e_parts(data, state.params, state.log_prior)
-    prior = log_prior_density(data, state.params, mu_alpha, mu_beta)
-    obj = (ll + prior) / n_answers(data)
-    # Q at the current parameters, from the E-step's log sigma(x) (q_value without recomputing it)
-    p_right = gather_posterior(data, post, answer_view(data))
-    q_old = materialize((log_right - (1 - p_right) * x) * answer_view(data).weight).sum() + prior
+    obj = (ll + log_prior_density(data, state.params, mu_alpha, mu_beta)) / n_answers(data)
     state = m_step(data, state, post, lr=lr, m_steps=m_steps, mu_alpha=mu_alpha,
-                   mu_beta=mu_beta, learn_prior=learn_prior, q_old=q_old)
+                   mu_beta=mu_beta, learn_prior=learn_prior, e_parts=(x, log_right))
     return state, obj
 
 
