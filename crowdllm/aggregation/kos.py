@@ -59,7 +59,7 @@ import pyarrow as pa
 from ..labels import LabelTensor
 from ._core import TINY, CrowdData, clamp_gold, prepare
 from .base import Aggregator
-from .glad import answer_view, task_sum, worker_sum
+from .glad import AnswerView, answer_view, task_sum, worker_sum
 
 __all__ = ["KOS", "KosResult", "fit", "fit_edges"]
 
@@ -70,13 +70,26 @@ class KosResult(NamedTuple):
     reliability: jax.Array  # [workers] mean annotator-to-task message
 
 
-@functools.partial(jax.jit, static_argnames=("n_iter",))
-def fit(data: CrowdData, key: jax.Array, *, n_iter: int = 100) -> KosResult:
-    """Run ``n_iter`` rounds of KOS message passing on node sums; see the module docstring."""
+def _first_messages(data: CrowdData, key: jax.Array
+                    ) -> tuple[AnswerView, jax.Array, tuple[int, ...], jax.Array]:
+    """The answers' view, their signs A (+1 first class, -1 second, 0 none), the per-answer
+    shape, and the first annotator-to-task messages y ~ N(1, 1) on the answers."""
     view = answer_view(data)
     sign = jnp.where(view.label == 0, 1.0, -1.0).astype(view.weight.dtype) * view.weight
     shape = jnp.broadcast_shapes(sign.shape, view.task.shape, view.worker.shape)
-    y = (1.0 + jax.random.normal(key, shape, sign.dtype)) * view.weight  # the first messages
+    return view, sign, shape, (1.0 + jax.random.normal(key, shape, sign.dtype)) * view.weight
+
+
+def _decide(data: CrowdData, score: jax.Array) -> jax.Array:
+    """Hard posteriors from the signed sums (ties 1/2, 1/2), gold clamped."""
+    p0 = jnp.where(score > 0, 1.0, jnp.where(score < 0, 0.0, 0.5)).astype(score.dtype)
+    return clamp_gold(jnp.stack([p0, 1 - p0], axis=1), data.gold)
+
+
+@functools.partial(jax.jit, static_argnames=("n_iter",))
+def fit(data: CrowdData, key: jax.Array, *, n_iter: int = 100) -> KosResult:
+    """Run ``n_iter`` rounds of KOS message passing on node sums; see the module docstring."""
+    view, sign, shape, y = _first_messages(data, key)
     S, Y = task_sum(data, sign * y), worker_sum(data, y)
     n_t = task_sum(data, jnp.broadcast_to(view.weight, shape))
     n_w = worker_sum(data, jnp.broadcast_to(view.weight, shape))
@@ -91,18 +104,14 @@ def fit(data: CrowdData, key: jax.Array, *, n_iter: int = 100) -> KosResult:
         return S / scale, Y / scale
 
     score, Y = jax.lax.fori_loop(0, n_iter, body, (S, Y))
-    p0 = jnp.where(score > 0, 1.0, jnp.where(score < 0, 0.0, 0.5)).astype(sign.dtype)
-    post = clamp_gold(jnp.stack([p0, 1 - p0], axis=1), data.gold)
+    post = _decide(data, score)
     return KosResult(posteriors=post, scores=score, reliability=Y / jnp.maximum(n_w, 1.0))
 
 
 @functools.partial(jax.jit, static_argnames=("n_iter",))
 def fit_edges(data: CrowdData, key: jax.Array, *, n_iter: int = 100) -> KosResult:
     """The edge form of :func:`fit` (one message per answer): the reference it is tested on."""
-    view = answer_view(data)
-    sign = jnp.where(view.label == 0, 1.0, -1.0).astype(view.weight.dtype) * view.weight
-    shape = jnp.broadcast_shapes(sign.shape, view.task.shape, view.worker.shape)
-    y = (1.0 + jax.random.normal(key, shape, sign.dtype)) * view.weight
+    view, sign, _, y = _first_messages(data, key)
 
     def rms(m):
         return jnp.sqrt(jnp.maximum((m * m).sum() / jnp.maximum(view.weight.sum(), 1.0), TINY))
@@ -117,8 +126,7 @@ def fit_edges(data: CrowdData, key: jax.Array, *, n_iter: int = 100) -> KosResul
 
     y = jax.lax.fori_loop(0, n_iter, body, y)
     score = task_sum(data, sign * y)
-    p0 = jnp.where(score > 0, 1.0, jnp.where(score < 0, 0.0, 0.5)).astype(sign.dtype)
-    post = clamp_gold(jnp.stack([p0, 1 - p0], axis=1), data.gold)
+    post = _decide(data, score)
     n = worker_sum(data, view.weight)
     rel = worker_sum(data, y) / jnp.maximum(n, 1.0)
     return KosResult(posteriors=post, scores=score, reliability=rel)
