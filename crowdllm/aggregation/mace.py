@@ -190,9 +190,7 @@ def e_step(data: CrowdData, params: MaceParams) -> tuple[MaceState, jax.Array]:
         post, ll, counts, psum = _fast.ds_em_step(data.labels, K, data.task_mask, data.gold,
                                                   params.log_prior, log_conf)
         m, n = jnp.diagonal(counts, axis1=1, axis2=2), counts.sum(axis=1)
-        known_l = know_frac * m
-        return MaceState(known=known_l.sum(1), spam=(n - known_l).sum(1), strategy=n - known_l,
-                         posteriors=post, class_sum=psum), ll
+        return _state(know_frac, m, n, post, psum), ll
     view = answer_view(data)
     base = table_lookup(data, ls, view) * view.weight
     bonus = table_lookup(data, l_match - ls, view) * view.weight
@@ -200,10 +198,17 @@ def e_step(data: CrowdData, params: MaceParams) -> tuple[MaceState, jax.Array]:
     post, log_z = score_with_gold(scores, data.gold)
     m = worker_label_sum(data, gather_posterior(data, post, view) * view.weight)  # [W, K]
     n = worker_label_sum(data, view.weight)
-    known_l = know_frac * m
-    state = MaceState(known=known_l.sum(1), spam=(n - known_l).sum(1), strategy=n - known_l,
-                      posteriors=post, class_sum=(post * data.task_mask[:, None]).sum(0))
+    state = _state(know_frac, m, n, post, (post * data.task_mask[:, None]).sum(0))
     return state, (log_z * data.task_mask).sum()
+
+
+def _state(know_frac: jax.Array, m: jax.Array, n: jax.Array, post: jax.Array,
+           class_sum: jax.Array) -> MaceState:
+    """Expected counts from ``m[w, l]`` (posterior mass of the labels given) and ``n[w, l]``
+    (answers given): known = know_frac * m, the rest spammed."""
+    known_l = know_frac * m
+    return MaceState(known=known_l.sum(1), spam=(n - known_l).sum(1), strategy=n - known_l,
+                     posteriors=post, class_sum=class_sum)
 
 
 def init(data: CrowdData, key: jax.Array, *, default_noise: float = 0.5,

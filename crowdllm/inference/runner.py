@@ -13,9 +13,10 @@
 
 Requests that fail for transient reasons even after the backend's own retries leave the item
 unanswered (not in the ledger), so a re-run asks it again; if earlier attempts at that item had
-already been answered (and billed), their tokens go to ``spent.jsonl`` so that none is lost. At the end the run directory gets
-``answers.parquet`` (``task, worker, label``, abstentions omitted; human answers joined),
-``probs.parquet`` (``task, worker, p_<label>...``), ``items.parquet`` and ``run.json``.
+already been answered (and billed), their tokens go to ``spent.jsonl`` so that none is lost. At
+the end the run directory gets ``answers.parquet`` (``task, worker, label``, abstentions omitted;
+human answers joined), ``probs.parquet`` (``task, worker, p_<label>...``), ``items.parquet`` and
+``run.json``.
 """
 
 from __future__ import annotations
@@ -220,6 +221,13 @@ def plan(items: Sequence[Item], panel: Panel, run_dir: str | os.PathLike[str]) -
     return out
 
 
+def _token_fields(attempt_tokens: list[list[int]]) -> dict[str, Any]:
+    """The token fields of a ledger or spent record from each attempt's [prompt, completion]."""
+    return {"prompt_tokens": sum(a for a, _ in attempt_tokens),
+            "completion_tokens": sum(b for _, b in attempt_tokens),
+            "attempts": len(attempt_tokens), "attempt_tokens": attempt_tokens}
+
+
 async def _ask_item(item: Item, spec: AnnotatorSpec, backend: Any, schema: LabelSchema,
                     codes: bool, version: str, ledger: Ledger, stats: AnnotatorStats) -> None:
     choices = answer_choices(schema, codes)
@@ -241,10 +249,8 @@ async def _ask_item(item: Item, spec: AnnotatorSpec, backend: Any, schema: Label
             if attempt_tokens:  # earlier attempts were answered and billed: keep their tokens
                 Ledger(ledger.path.parent / "spent.jsonl", fields=SPENT_FIELDS).append({
                     "task": item.task, "model": spec.name, "prompt_version": version,
-                    "prompt_tokens": sum(a for a, _ in attempt_tokens),
-                    "completion_tokens": sum(b for _, b in attempt_tokens),
-                    "attempts": len(attempt_tokens), "attempt_tokens": attempt_tokens,
-                    "latency_s": round(latency, 4), "error": str(exc), "backend": spec.backend,
+                    **_token_fields(attempt_tokens), "latency_s": round(latency, 4),
+                    "error": str(exc), "backend": spec.backend,
                     "endpoint_model": comp.endpoint_model if comp is not None else None})
             if isinstance(exc, BackendError):
                 raise
@@ -274,10 +280,7 @@ async def _ask_item(item: Item, spec: AnnotatorSpec, backend: Any, schema: Label
     record = {
         "task": item.task, "model": spec.name, "prompt_version": version, "raw": comp.text,
         "label": label, "abstained": label is None, "probs": probs,
-        "prompt_tokens": sum(a for a, _ in attempt_tokens),
-        "completion_tokens": sum(b for _, b in attempt_tokens),
-        "attempts": len(attempt_tokens), "attempt_tokens": attempt_tokens,
-        "latency_s": round(latency, 4), "finish_reason": comp.finish_reason,
+        **_token_fields(attempt_tokens), "latency_s": round(latency, 4), "finish_reason": comp.finish_reason,
         "backend": spec.backend, "endpoint_model": comp.endpoint_model,
     }
     ledger.append(record)
