@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=5)
     ap.add_argument("--restarts", type=int, default=40)
     ap.add_argument("--restart-batch", type=int, default=None)
+    ap.add_argument("--screen-iter", default="default",
+                    help="sweeps before the restarts are screened ('none': every restart runs to the end)")
+    ap.add_argument("--keep", type=int, default=None, help="restarts that run on after screening")
     ap.add_argument("--repeat", type=int, default=2, help="calls to time (the first compiles)")
     args = ap.parse_args()
 
@@ -58,23 +61,32 @@ def main() -> None:
     patterns, _, _, _ = merge_patterns(tensor, None)
     t_merge = time.perf_counter() - t0
     mv = MajorityVote(ties="random").fit(tensor)
+    screen = {}
+    if args.screen_iter != "default":
+        screen["screen_iter"] = None if args.screen_iter == "none" else int(args.screen_iter)
+    if args.keep is not None:
+        screen["keep"] = args.keep
     rows = []
     for i in range(args.repeat):
-        model = EBCC(restarts=args.restarts, restart_batch=args.restart_batch, seed=i)
+        model = EBCC(restarts=args.restarts, restart_batch=args.restart_batch, seed=i, **screen)
         t0, c0 = time.perf_counter(), time.process_time()
         model.fit(tensor)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         rows.append((i + 1, dt, cpu, float((model.label_codes_ == truth).mean()), model.n_iter_,
+                     int(np.sum(model.sweeps_)),
                      float(np.max(model.elbos_)), float(np.min(model.elbos_))))
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__} "
           f"({jax.devices()[0].platform}); panel {args.tasks} x {args.workers} x {args.classes}, "
           f"{patterns.n_tasks} distinct answer rows (merged in {t_merge:.2f} s)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (CPU seconds = time on all cores of this process)")
+    probe = EBCC(restarts=args.restarts, **screen)
+    print(f"screening: screen_iter={probe.screen_iter}, keep={probe.keep}")
     print(f"{'call':>4} {'restarts':>8} {'seconds':>8} {'cpu_s':>8} {'acc_ebcc':>8} {'acc_mv':>7} {'iters(best)':>11} "
-          f"{'best_elbo':>10} {'worst_elbo':>10}")
+          f"{'sweeps(all)':>11} {'best_elbo':>10} {'worst_elbo':>10}")
     acc_mv = float((mv.label_codes_ == truth).mean())
-    for call, dt, cpu, acc, it, hi, lo in rows:
-        print(f"{call:>4} {args.restarts:>8} {dt:8.1f} {cpu:8.1f} {acc:8.4f} {acc_mv:7.4f} {it:>11} {hi:10.5f} {lo:10.5f}")
+    for call, dt, cpu, acc, it, sw, hi, lo in rows:
+        print(f"{call:>4} {args.restarts:>8} {dt:8.1f} {cpu:8.1f} {acc:8.4f} {acc_mv:7.4f} {it:>11} {sw:>11} "
+              f"{hi:10.5f} {lo:10.5f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ Examples (run one heavy job at a time on a shared machine; prefix with ``nice``)
     # every aggregator at given sizes (each in its own process: peak RSS per method)
     python benchmarks/speed.py table --sizes 10000,100000 --kind dense
     python benchmarks/speed.py table --sizes 1000000 --kind coo --methods ds,mv
+    # the sparse human crowd (10,000 annotators, 3 answers per task), crowd-kit beside ours
+    python benchmarks/speed.py table --sizes 10000,100000,1000000,10000000 --kind coo
     # all of it, JSON saved
     python benchmarks/speed.py all --out speed.json
 
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--kind", default="dense", choices=["dense", "coo"])
     ap.add_argument("--methods", default="", help="comma-separated (default: all but llm-judge)")
+    ap.add_argument("--crowdkit-max", type=int, default=100_000,
+                    help="table: time crowd-kit's same method on the same data up to this many items")
+    ap.add_argument("--table-repeats", type=int, default=1, help="table: timed fits after the first")
+    ap.add_argument("--timeout", type=float, default=1800, help="table: seconds per method and size")
     ap.add_argument("--out", help="write the figures as JSON here")
     a = ap.parse_args(argv)
     print(f"machine: {_machine()}", flush=True)
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             [m for m in METHODS if m not in ("llm-judge", "ds-bayes")]
         sizes = [int(s) for s in a.sizes.split(",")]
         speed.print_header()
-        res["table"] = speed.method_table(methods, sizes, a.kind)
+        res["table"] = speed.method_table(methods, sizes, a.kind, repeats=a.table_repeats,
+                                          timeout=a.timeout, crowdkit_max=a.crowdkit_max)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return 0

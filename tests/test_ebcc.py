@@ -40,10 +40,43 @@ def test_restarts_are_independent_and_best_is_kept():
     one = jax.jit(lambda k: kernel.fit_one(data, k, w, priors, **opts)[1].objective)
     alone = [float(one(k)) for k in keys]
     np.testing.assert_allclose(together.elbos, alone, rtol=1e-5)
-    starts = [np.asarray(kernel.init(data, k, w, 3).zg) for k in keys[:2]]
+    starts = [np.asarray(kernel.start(data, k, 3)) for k in keys[:2]]
     assert np.abs(starts[0] - starts[1]).max() > 0.1  # the starts differ
     assert int(together.best) == int(np.argmax(alone))
     assert float(together.objective) == pytest.approx(max(alone), rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["coo", "dense"])
+def test_screened_restarts_continue_exactly(layout):
+    """Screening: every restart runs ``screen_iter`` sweeps, the ``keep`` best by ELBO run on. A
+    kept restart ends exactly where it would have unscreened (its state carries over: no
+    posteriors are stored between the stages, they are rebuilt from the counts); a dropped one
+    reports its ELBO after ``screen_iter`` sweeps."""
+    tensor, _ = panel(12, n_tasks=90, n_workers=5)
+    key = jax.random.key(3)
+    opts = dict(n_subtypes=3, max_iter=40, tol=1e-12, atol=1e-4, restarts=6, restart_batch=4)
+    with jax.enable_x64(True):
+        data = prepare(tensor, layout=layout, dtype=jnp.float64)
+        full = kernel.fit(data, key, **opts)
+        early = kernel.fit(data, key, **{**opts, "max_iter": 4})
+        screened = kernel.fit(data, key, screen_iter=4, keep=2, **opts)
+    assert np.all(np.asarray(full.sweeps) > 4)
+    top = np.argsort(-np.asarray(early.elbos))[:2]
+    dropped = np.setdiff1d(np.arange(6), top)
+    np.testing.assert_allclose(np.asarray(screened.elbos)[top], np.asarray(full.elbos)[top], rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(screened.elbos)[dropped], np.asarray(early.elbos)[dropped],
+                               rtol=1e-10)
+    np.testing.assert_array_equal(np.asarray(screened.sweeps)[dropped], 4)
+    b = int(screened.best)
+    assert b == top[np.argmax(np.asarray(full.elbos)[top])]
+    # its posteriors are those of its last sweep (rebuilt from the counts kept between stages)
+    with jax.enable_x64(True):
+        w = data.task_mask
+        priors = kernel._priors(data, w, 3, 1.0, 0.1, 4.0, 1.0, True)
+        alone, loop = kernel.fit_one(data, jax.random.split(key, 6)[b], w, priors, n_subtypes=3,
+                                     max_iter=40, tol=1e-12, atol=1e-4)
+    np.testing.assert_allclose(screened.posteriors[:tensor.n_tasks], alone.z[:tensor.n_tasks], atol=1e-10)
+    np.testing.assert_allclose(screened.history, loop.history, rtol=1e-10)
 
 
 def test_merge_patterns_round_trip():

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["CHUNK", "task_class_sum", "worker_confusion", "task_vote", "worker_agreement",
-           "ds_em_step", "ds_fit_dense", "chunked"]
+           "ds_em_step", "ds_fit_dense", "chunked", "subtype_sweep"]
 
 #: tasks per chunk; None = by backend: 4096 on CPU (4096 tasks x 12 workers x 5 classes of
 #: float32 temporaries is ~1 MB, cache-sized), 2**24 on accelerators (one chunk up to 16M tasks:
@@ -229,3 +229,53 @@ def ds_fit_dense(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing
     return ds.DSResult(posteriors=state.posteriors, priors=jnp.exp(state.log_prior),
                        confusion=jnp.exp(state.log_conf), objective=loop.objective,
                        history=loop.history, n_iter=loop.n_iter, converged=loop.converged)
+
+
+def subtype_sweep(labels: jax.Array, n_classes: int, n_subtypes: int, weight: jax.Array,
+                  gold: jax.Array, bias: jax.Array, log_table: jax.Array, z_prev: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    r"""One pass of a model whose latent state is a (class, subtype) pair (EBCC), fused.
+
+    Columns ``c = k * M + m``. Per chunk: scores :math:`s_{tc} = b_c + \sum_w T_{w c y_{tw}}`
+    (indicator x table; gold tasks keep only their class's columns), :math:`\log Z_t`,
+    :math:`q_t(c) = e^{s_{tc} - \log Z_t}`, the class posterior :math:`z_t(k) = \sum_m q_t(k, m)`
+    and its largest move from ``z_prev`` over the weighted tasks, then the weighted sums
+    :math:`\sum_t w_t [y_{tw} = l] q_t(c)` and :math:`\sum_t w_t q_t(c)`. The ``[tasks, K * M]``
+    posterior never leaves the chunk.
+
+    Args:
+        weight: ``[T]`` how many tasks each row stands for (0: padding).
+        bias: ``[K * M]``; log_table: ``[W, K * M, L]``; z_prev: ``[T, K]``.
+
+    Returns:
+        ``(z [T, K], sum_t w_t log Z_t, counts [W, K * M, L], col_sum [K * M], dz)``.
+    """
+    W, L, KM = labels.shape[1], n_classes, log_table.shape[1]
+    M, K = n_subtypes, KM // n_subtypes
+    dtype = log_table.dtype
+    # gold as K more indicator columns whose table rows rule out the other classes' columns: a
+    # large finite negative (a select over the scores costs more than these K columns)
+    off = jnp.asarray(jnp.finfo(dtype).min / 4, dtype)
+    rule_out = jnp.where(jnp.arange(K)[:, None] == jnp.arange(KM)[None] // M, 0.0, off).astype(dtype)
+    tab = jnp.concatenate([_flat_table(log_table), rule_out])
+
+    def body(carry, lab, w, g, zp):
+        counts, csum, ll, dz = carry
+        oh = _onehot_flat(lab, L, dtype)
+        gold_oh = (g[:, None] == jnp.arange(K, dtype=g.dtype)).astype(dtype)
+        s = bias + jnp.matmul(jnp.concatenate([oh, gold_oh], axis=1), tab, precision=_HIGHEST)
+        top = s.max(axis=1)
+        e = jnp.exp(s - top[:, None])
+        tot = e.sum(axis=1)
+        p = e * (1.0 / tot)[:, None]
+        z = p.reshape(-1, K, M).sum(axis=2)
+        real = (w > 0).astype(dtype)
+        dz = jnp.maximum(dz, (jnp.abs(z - zp) * real[:, None]).max())
+        pw = p * w[:, None]
+        counts = counts + jnp.matmul(oh.T, pw, precision=_HIGHEST)
+        return (counts, csum + pw.sum(axis=0), ll + (w * (top + jnp.log(tot))).sum(), dz), z
+
+    init = (jnp.zeros((W * L, KM), dtype), jnp.zeros((KM,), dtype), jnp.zeros((), dtype),
+            jnp.zeros((), dtype))
+    (counts, csum, ll, dz), z = chunked(labels, (weight, gold, z_prev), body, init)
+    return z, ll, counts.reshape(W, L, KM).transpose(0, 2, 1), csum, dz

@@ -58,17 +58,21 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import LabelTensor
-from ._core import CrowdData, choose_layout, normalize, prepare, task_class_sum, task_vote, worker_confusion
+from . import _fast
+from ._core import (CrowdData, Dense, choose_layout, fast_enabled, normalize, prepare, task_class_sum,
+                    task_vote, worker_confusion)
 from .base import Aggregator
 from .ibcc import confusion_prior, dirichlet_stats, log_beta, n_answers
 
-__all__ = ["EBCC", "EBCCState", "EBCCResult", "init", "step", "fit_one", "fit", "merge_patterns"]
+__all__ = ["EBCC", "EBCCState", "EBCCResult", "start", "init", "e_step", "step", "fit_one", "fit", "merge_patterns"]
 
 
 class EBCCState(NamedTuple):
-    zg: jax.Array  # [tasks, K, M] q(z, g)
-    n_km: jax.Array  # [K, M] expected counts of (class, subtype), task weights applied
-    n_wkml: jax.Array  # [workers, K, M, L] expected answer counts
+    z: jax.Array  # [tasks, K] q(z) of the last sweep, the subtypes summed out
+    n_km: jax.Array  # [K, M] expected counts of (class, subtype) from the last q(z, g), weighted
+    n_wkml: jax.Array  # [workers, K, M, L] expected answer counts from the last q(z, g)
+    used_km: jax.Array  # the counts the last sweep's q(tau), q(pi), q(V) came from: with
+    used_wkml: jax.Array  # them, e_step rebuilds the last q(z, g) without storing [tasks, K, M]
 
 
 class EBCCResult(NamedTuple):
@@ -78,11 +82,12 @@ class EBCCResult(NamedTuple):
     subtype_prior: jax.Array  # [K, M] E[pi]
     confusion: jax.Array  # [workers, K, L] E[V] averaged over subtypes with E[pi]
     objective: jax.Array  # final ELBO per answer of the kept restart
-    elbos: jax.Array  # [restarts] final ELBO (per answer) of every restart
+    elbos: jax.Array  # [restarts] last ELBO (per answer) of every restart
     best: jax.Array  # index of the kept restart
     history: jax.Array  # [max_iter] ELBO of the kept restart
-    n_iter: jax.Array
-    converged: jax.Array
+    n_iter: jax.Array  # sweeps of the kept restart
+    converged: jax.Array  # whether the kept restart met the stopping rule
+    sweeps: jax.Array  # [restarts] sweeps each restart ran (screened-out ones stop early)
 
 
 class _Priors(NamedTuple):
@@ -92,6 +97,13 @@ class _Priors(NamedTuple):
     log_beta0: tuple  # log B of the three priors: scalar, [K], [K]
 
 
+class _Loop(NamedTuple):
+    objective: jax.Array
+    history: jax.Array
+    n_iter: jax.Array
+    converged: jax.Array
+
+
 def _counts(data: CrowdData, zg: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
     T, K, M = zg.shape
     wz = zg * weight[:, None, None]
@@ -99,41 +111,104 @@ def _counts(data: CrowdData, zg: jax.Array, weight: jax.Array) -> tuple[jax.Arra
     return wz.sum(axis=0), n_wkml
 
 
-def init(data: CrowdData, key: jax.Array, weight: jax.Array, n_subtypes: int) -> EBCCState:
-    """Majority-vote class fractions split over subtypes by a Dirichlet(1) draw per task and class."""
+def start(data: CrowdData, key: jax.Array, n_subtypes: int) -> jax.Array:
+    """The random start ``q(z, g)``: majority-vote class fractions split over subtypes by a
+    Dirichlet(1) draw per task and class (gold tasks: their class)."""
     dtype = data.task_mask.dtype
     K = data.n_classes
     z = normalize(task_vote(data, data.worker_mask.astype(dtype)))
     z = jnp.where((data.gold >= 0)[:, None],
                   jax.nn.one_hot(jnp.maximum(data.gold, 0), K, dtype=dtype), z)
     # Dirichlet(1, ..., 1) = normalised independent Exp(1) draws (cheaper to compile than gamma).
-    e = jax.random.exponential(key, (data.n_tasks, K, n_subtypes), dtype)
-    split = e / e.sum(axis=2, keepdims=True)
-    zg = z[:, :, None] * split
-    return EBCCState(zg, *_counts(data, zg, weight))
+    e = -jnp.log(_hash_uniform(key, (data.n_tasks, K, n_subtypes), dtype))
+    return z[:, :, None] * (e / e.sum(axis=2, keepdims=True))
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 that mixes every input bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _hash_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Uniform numbers in (0, 1) from a counter hashed with two words drawn from ``key``.
+
+    The random start needs tasks x K x M numbers per restart; ``jax.random`` (threefry) took
+    0.74 s for 20M of them on the 2-core VM, 30 s for 40 restarts at 1,000,000 x 12 x 5, more
+    than the sweeps. A counter hash is one fused elementwise pass. Good enough for a random
+    start (restarts still differ, tested), not a general-purpose generator.
+    """
+    s = jax.random.bits(key, (2,), jnp.uint32)
+    n = int(np.prod(shape))
+    i = jax.lax.iota(jnp.uint32, n)
+    h = _fmix32(_fmix32(i * jnp.uint32(0x9E3779B9) + s[0]) ^ s[1])
+    u = ((h >> 9).astype(dtype) + 0.5) * (1.0 / (1 << 23))
+    return u.reshape(shape)
+
+
+def init(data: CrowdData, key: jax.Array, weight: jax.Array, n_subtypes: int) -> EBCCState:
+    """The state after the random start (:func:`start`)."""
+    zg = start(data, key, n_subtypes)
+    n_km, n_wkml = _counts(data, zg, weight)
+    return EBCCState(zg.sum(axis=2), n_km, n_wkml, n_km, n_wkml)
+
+
+def _expectations(priors: _Priors, n_km: jax.Array, n_wkml: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q(tau), q(pi), q(V) from the counts: ``(bias [K*M], log_table [W, K*M, L], kl)``.
+
+    ``bias`` is E log tau_k + E log pi_km, ``log_table`` E log V, and ``kl`` the Dirichlet part of
+    the ELBO (every term but the sum of log Z_t).
+    """
+    K, M = n_km.shape
+    nu = priors.alpha + n_km.sum(axis=1)
+    eta = priors.eta0 + n_km
+    mu = priors.beta[None, :, None, :] + n_wkml
+    (e_tau, lb_tau), (e_pi, lb_pi), (e_v, lb_v) = dirichlet_stats(nu, eta, mu)
+    lb0_tau, lb0_pi, lb0_v = priors.log_beta0
+    kl = lb_tau - lb0_tau + ((priors.alpha - nu) * e_tau).sum()
+    kl += (lb_pi - lb0_pi + ((priors.eta0 - eta) * e_pi).sum(-1)).sum()
+    per_worker = lb_v - lb0_v[None, :, None] + ((priors.beta[None, :, None, :] - mu) * e_v).sum(-1)
+    return (e_tau[:, None] + e_pi).reshape(K * M), e_v.reshape(-1, K * M, e_v.shape[-1]), (kl, per_worker)
+
+
+def e_step(data: CrowdData, bias: jax.Array, log_table: jax.Array, n_subtypes: int
+           ) -> tuple[jax.Array, jax.Array]:
+    """``q(z, g)`` ``[tasks, K, M]`` and ``log Z`` ``[tasks]`` (gold tasks: their class only)."""
+    K = data.n_classes
+    scores = bias[None] + task_class_sum(data, log_table)
+    allowed = (data.gold < 0)[:, None] | (data.gold[:, None] == jnp.arange(K)[None])
+    scores = jnp.where(jnp.repeat(allowed, n_subtypes, axis=1), scores, -jnp.inf)
+    log_z = jax.nn.logsumexp(scores, axis=1)
+    zg = jnp.exp(scores - log_z[:, None]).reshape(-1, K, n_subtypes)
+    return zg, log_z
 
 
 def step(data: CrowdData, state: EBCCState, *, weight: jax.Array,
-         priors: _Priors) -> tuple[EBCCState, jax.Array]:
-    """q(tau), q(pi), q(V) from the counts of q(z, g); then q(z, g); returns the ELBO per answer."""
-    T, K, M = state.zg.shape
-    nu = priors.alpha + state.n_km.sum(axis=1)
-    eta = priors.eta0 + state.n_km
-    mu = priors.beta[None, :, None, :] + state.n_wkml
-    (e_tau, lb_tau), (e_pi, lb_pi), (e_v, lb_v) = dirichlet_stats(nu, eta, mu)
-    scores = (e_tau[:, None] + e_pi).reshape(1, K * M) + task_class_sum(data, e_v.reshape(-1, K * M, data.n_classes))
-    allowed = (data.gold < 0)[:, None] | (data.gold[:, None] == jnp.arange(K)[None])
-    scores = jnp.where(jnp.repeat(allowed, M, axis=1), scores, -jnp.inf)
-    log_z = jax.nn.logsumexp(scores, axis=1)
-    zg = jnp.exp(scores - log_z[:, None]).reshape(T, K, M)
-    n_km, n_wkml = _counts(data, zg, weight)
-    lb0_tau, lb0_pi, lb0_v = priors.log_beta0
-    elbo = (weight * log_z).sum()
-    elbo += lb_tau - lb0_tau + ((priors.alpha - nu) * e_tau).sum()
-    elbo += (lb_pi - lb0_pi + ((priors.eta0 - eta) * e_pi).sum(-1)).sum()
-    per_worker = lb_v - lb0_v[None, :, None] + ((priors.beta[None, :, None, :] - mu) * e_v).sum(-1)
-    elbo += (per_worker.sum(axis=(1, 2)) * data.worker_mask).sum()
-    return EBCCState(zg, n_km, n_wkml), elbo / n_answers(data)
+         priors: _Priors) -> tuple[EBCCState, jax.Array, jax.Array]:
+    """One VB sweep: q(tau), q(pi), q(V) from the counts of q(z, g); then q(z, g) and its counts.
+
+    Returns ``(state, ELBO per answer, dz)``, ``dz`` the largest move of a (weighted) task's
+    class posterior. On a dense panel the E-step and the sums are one fused pass
+    (:func:`._fast.subtype_sweep`); elsewhere they are the reference sums.
+    """
+    K, M = state.n_km.shape
+    bias, table, (kl, per_worker) = _expectations(priors, state.n_km, state.n_wkml)
+    if isinstance(data, Dense) and fast_enabled():
+        z, ll, counts, csum, dz = _fast.subtype_sweep(data.labels, data.n_classes, M, weight,
+                                                      data.gold, bias, table, state.z)
+        n_km, n_wkml = csum.reshape(K, M), counts.reshape(-1, K, M, data.n_classes)
+    else:
+        zg, log_z = e_step(data, bias, table, M)
+        n_km, n_wkml = _counts(data, zg, weight)
+        z, ll = zg.sum(axis=2), (weight * log_z).sum()
+        dz = jnp.where(weight[:, None] > 0, jnp.abs(z - state.z), 0.0).max()
+    elbo = ll + kl + (per_worker.sum(axis=(1, 2)) * data.worker_mask).sum()
+    new = EBCCState(z, n_km, n_wkml, state.n_km, state.n_wkml)
+    return new, elbo / n_answers(data), dz
 
 
 def _priors(data: CrowdData, weight: jax.Array, n_subtypes: int, alpha: float, a_pi: float,
@@ -152,52 +227,81 @@ def _priors(data: CrowdData, weight: jax.Array, n_subtypes: int, alpha: float, a
                    log_beta0=(log_beta(alpha_k), log_beta(eta0), log_beta(beta)))
 
 
-class _Loop(NamedTuple):
-    objective: jax.Array
-    history: jax.Array
-    n_iter: jax.Array
-    converged: jax.Array
+def _run(data: CrowdData, weight: jax.Array, priors: _Priors, state: EBCCState, loop: _Loop, *,
+         until: int, tol: float, atol: float) -> tuple[EBCCState, _Loop]:
+    """Sweep until ``until`` sweeps in all, or the stopping rule (see :func:`fit_one`)."""
+
+    def cond(c):
+        return (c[1].n_iter < until) & ~c[1].converged
+
+    def body(c):
+        st, lp = c
+        new, obj, dz = step(data, st, weight=weight, priors=priors)
+        done = ((obj - lp.objective) < tol) | (dz <= atol)
+        return new, _Loop(obj, lp.history.at[lp.n_iter].set(obj), lp.n_iter + 1, done)
+
+    return jax.lax.while_loop(cond, body, (state, loop))
+
+
+def _new_loop(max_iter: int, dtype: Any) -> _Loop:
+    return _Loop(jnp.asarray(-jnp.inf, dtype), jnp.zeros((max(max_iter, 1),), dtype),
+                 jnp.asarray(0, jnp.int32), jnp.asarray(False))
 
 
 def fit_one(data: CrowdData, key: jax.Array, weight: jax.Array, priors: _Priors, *,
             n_subtypes: int, max_iter: int, tol: float, atol: float) -> tuple[EBCCState, _Loop]:
-    """One restart from ``key``.
+    """One restart from ``key``, run to the end.
 
     Stops after the first sweep whose ELBO (per answer) gains less than ``tol``, or whose class
     posteriors move by at most ``atol`` anywhere (the reference code's rule), or at ``max_iter``.
     """
     state = init(data, key, weight, n_subtypes)
-    mask = data.task_mask[:, None] > 0
-    dtype = data.task_mask.dtype
+    return _run(data, weight, priors, state, _new_loop(max_iter, state.z.dtype), until=max_iter,
+                tol=tol, atol=atol)
 
-    def cond(c):
-        return (c[2] < max_iter) & ~c[3]
 
-    def body(c):
-        st, prev, i, _, hist = c
-        new, obj = step(data, st, weight=weight, priors=priors)
-        dz = jnp.where(mask, jnp.abs(new.zg.sum(axis=2) - st.zg.sum(axis=2)), 0.0).max()
-        done = ((obj - prev) < tol) | (dz <= atol)
-        return new, obj, i + 1, done, hist.at[i].set(obj)
+def _in_chunks(fn, xs: Any, n: int, batch: int) -> Any:
+    """``vmap(fn)`` over the leading axis (length ``n``) of ``xs``, ``batch`` at a time (a
+    ``lax.scan`` over chunks, the last one padded by repeating the first item)."""
+    B = max(1, min(batch, n))
+    n_chunks = -(-n // B)
 
-    carry = (state, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), jnp.asarray(False),
-             jnp.zeros((max(max_iter, 1),), dtype))
-    st, obj, n, done, hist = jax.lax.while_loop(cond, body, carry)
-    hist = jnp.where(jnp.arange(hist.shape[0]) < n, hist, obj)
-    return st, _Loop(objective=obj, history=hist, n_iter=n, converged=done)
+    def pad(x):
+        x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (n_chunks * B - n,) + x.shape[1:])])
+        return x.reshape((n_chunks, B) + x.shape[1:])
+
+    _, ys = jax.lax.scan(lambda c, x: (c, jax.vmap(fn)(x)), None, jax.tree_util.tree_map(pad, xs))
+    return jax.tree_util.tree_map(lambda y: y.reshape((n_chunks * B,) + y.shape[2:])[:n], ys)
+
+
+def _light(state: EBCCState) -> EBCCState:
+    """A state without its ``[tasks, K]`` posteriors (rebuilt by :func:`_resume`)."""
+    return state._replace(z=jnp.zeros((0,), state.z.dtype))
+
+
+def _resume(data: CrowdData, priors: _Priors, state: EBCCState) -> EBCCState:
+    bias, table, _ = _expectations(priors, state.used_km, state.used_wkml)
+    return state._replace(z=e_step(data, bias, table, state.n_km.shape[1])[0].sum(axis=2))
 
 
 @functools.partial(jax.jit, static_argnames=("n_subtypes", "max_iter", "restarts", "restart_batch",
-                                             "empirical_prior"))
+                                             "empirical_prior", "screen_iter", "keep"))
 def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_subtypes: int = 10,
         restarts: int = 1, restart_batch: int = 8, max_iter: int = 500, tol: float = 1e-6,
         atol: float = 1e-3, alpha: float = 1.0, a_pi: float = 0.1, beta_diag: float = 4.0,
-        beta_off: float = 1.0, empirical_prior: bool = True) -> EBCCResult:
-    """Fit EBCC ``restarts`` times from independent keys and keep the best final ELBO.
+        beta_off: float = 1.0, empirical_prior: bool = True, screen_iter: int | None = None,
+        keep: int = 1) -> EBCCResult:
+    """Fit EBCC from ``restarts`` independent keys and keep the best final ELBO.
 
     Restart ``r`` starts from ``jax.random.split(key, restarts)[r]``; restarts run ``vmap``-ed in
-    chunks of ``restart_batch`` (a ``lax.scan`` over chunks carries the best state so far, so
-    memory holds one chunk). Each restart's result does not depend on the others (tested).
+    chunks of ``restart_batch`` (a ``lax.scan`` over chunks; between chunks only each restart's
+    counts are kept, not its posteriors). Each restart's result does not depend on the others
+    (tested).
+
+    With ``screen_iter``, every restart first runs at most ``screen_iter`` sweeps; only the
+    ``keep`` restarts with the best ELBO at that point run on to ``max_iter`` or convergence (the
+    ELBO never decreases, so a dropped restart's last ELBO is below every kept one's final ELBO).
+    Without it, every restart runs to the end.
 
     Args:
         data: the answers (``prepare``).
@@ -208,41 +312,42 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
     dtype = data.task_mask.dtype
     weight = data.task_mask if weight is None else weight.astype(dtype) * data.task_mask
     priors = _priors(data, weight, n_subtypes, alpha, a_pi, beta_diag, beta_off, empirical_prior)
-    run = jax.vmap(functools.partial(fit_one, data, weight=weight, priors=priors,
-                                     n_subtypes=n_subtypes, max_iter=max_iter, tol=tol, atol=atol))
-    B = max(1, min(restart_batch, restarts))
-    n_chunks = -(-restarts // B)
-    keys = jax.random.split(key, restarts)
-    keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (n_chunks * B - restarts,) + keys.shape[1:])])
-    valid = (jnp.arange(n_chunks * B) < restarts).reshape(n_chunks, B)
-    keys = keys.reshape((n_chunks, B) + keys.shape[1:])
+    opts = dict(tol=tol, atol=atol)
+    screening = screen_iter is not None and screen_iter < max_iter and keep < restarts
 
-    def chunk(best, xs):
-        ks, ok = xs
-        states, loops = run(ks)
-        obj = jnp.where(ok & jnp.isfinite(loops.objective), loops.objective, -jnp.inf)
-        i = jnp.argmax(obj)
-        pick = jax.tree_util.tree_map(lambda x: x[i], (states, loops))
-        better = obj[i] > best[0]
-        best = jax.tree_util.tree_map(lambda new, old: jnp.where(better, new, old),
-                                      (obj[i], pick), best)
-        return best, obj
+    def first(k):
+        state = init(data, k, weight, n_subtypes)
+        until = screen_iter if screening else max_iter
+        state, loop = _run(data, weight, priors, state, _new_loop(max_iter, dtype), until=until, **opts)
+        return _light(state), loop
 
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape[1:], s.dtype),
-                                   jax.eval_shape(run, keys[0]))
-    (best_obj, (state, loop)), elbos = jax.lax.scan(
-        chunk, (jnp.asarray(-jnp.inf, dtype), zeros), (keys, valid))
-    elbos = elbos.reshape(-1)[:restarts]
+    states, loops = _in_chunks(first, jax.random.split(key, restarts), restarts, restart_batch)
+    if screening:
+        top = jnp.argsort(-jnp.where(jnp.isfinite(loops.objective), loops.objective, -jnp.inf))[:keep]
+
+        def more(x):
+            state, loop = x
+            state, loop = _run(data, weight, priors, _resume(data, priors, state), loop,
+                               until=max_iter, **opts)
+            return _light(state), loop
+
+        picked = jax.tree_util.tree_map(lambda x: x[top], (states, loops))
+        s2, l2 = _in_chunks(more, picked, keep, restart_batch)
+        states, loops = jax.tree_util.tree_map(lambda a, b: a.at[top].set(b), (states, loops), (s2, l2))
+    elbos = jnp.where(jnp.isfinite(loops.objective), loops.objective, -jnp.inf)
     best = jnp.argmax(elbos).astype(jnp.int32)
+    state, loop = jax.tree_util.tree_map(lambda x: x[best], (states, loops))
+    bias, table, _ = _expectations(priors, state.used_km, state.used_wkml)
+    zg = e_step(data, bias, table, n_subtypes)[0]
     nu = priors.alpha + state.n_km.sum(axis=1)
     eta = priors.eta0 + state.n_km
     mu = priors.beta[None, :, None, :] + state.n_wkml
     e_pi = eta / eta.sum(axis=1, keepdims=True)
     e_v = mu / mu.sum(axis=-1, keepdims=True)
-    return EBCCResult(posteriors=state.zg.sum(axis=2), subtypes=state.zg, class_prior=nu / nu.sum(),
+    return EBCCResult(posteriors=zg.sum(axis=2), subtypes=zg, class_prior=nu / nu.sum(),
                       subtype_prior=e_pi, confusion=jnp.einsum("km,wkml->wkl", e_pi, e_v),
                       objective=loop.objective, elbos=elbos, best=best, history=loop.history,
-                      n_iter=loop.n_iter, converged=loop.converged)
+                      n_iter=loop.n_iter, converged=loop.converged, sweeps=loops.n_iter)
 
 
 def merge_patterns(tensor: LabelTensor, gold: np.ndarray | None) -> tuple[LabelTensor, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -270,6 +375,14 @@ def merge_patterns(tensor: LabelTensor, gold: np.ndarray | None) -> tuple[LabelT
     return patterns, counts.astype(np.float64), inverse.reshape(-1), pgold
 
 
+#: ``screen_iter="auto"``: screen the restarts (``AUTO_SCREEN_ITER`` sweeps, keep ``AUTO_KEEP``)
+#: when the rows to fit carry more than ``AUTO_SCREEN_ANSWERS`` answers, else run every restart
+#: to the end (the reference protocol). See the module docstring for the measurements.
+AUTO_SCREEN_ANSWERS = 1_000_000
+AUTO_SCREEN_ITER = 5
+AUTO_KEEP = 1
+
+
 class EBCC(Aggregator):
     """Enhanced Bayesian classifier combination (Li, Rubinstein & Cohn, ICML 2019).
 
@@ -284,6 +397,11 @@ class EBCC(Aggregator):
         beta_diag, beta_off: Dirichlet parameters of the confusion rows (reference: 4 and 1).
         empirical_prior: class-proportion prior = majority-vote class counts (reference: on).
         max_iter: the most VB sweeps per restart.
+        screen_iter, keep: screening of the restarts: all of them run ``screen_iter`` sweeps,
+            then only the ``keep`` best by ELBO (default 1) run on to the end. None: every
+            restart runs to the end (the reference protocol). ``auto``: None up to
+            ``AUTO_SCREEN_ANSWERS`` answers (after merging rows), else 5 sweeps, keep 1. See the
+            module docstring for what screening costs in accuracy and saves in time.
         tol: stop a restart when its ELBO (per answer) gains less than this (None: never; float32
             rounding noise in the ELBO can stop a restart early, so the default relies on atol)...
         atol: ... or when no class posterior moves by more than this (reference: 1e-3).
@@ -307,10 +425,16 @@ class EBCC(Aggregator):
     def __init__(self, n_subtypes: int = 10, restarts: int = 40, restart_batch: int | None = None,
                  seed: int = 0, alpha: float = 1.0, a_pi: float = 0.1, beta_diag: float = 4.0,
                  beta_off: float = 1.0, empirical_prior: bool = True, max_iter: int = 500,
-                 tol: float | None = None, atol: float = 1e-3, merge: str = "auto", layout: str = "auto",
+                 tol: float | None = None, atol: float = 1e-3, screen_iter: int | str | None = "auto",
+                 keep: int | None = None, merge: str = "auto", layout: str = "auto",
                  dtype: str = "float32") -> None:
         if n_subtypes < 1 or restarts < 1 or (restart_batch is not None and restart_batch < 1):
             raise ValueError("n_subtypes, restarts and restart_batch must be >= 1")
+        if (keep is not None and keep < 1) or not (
+                screen_iter is None or screen_iter == "auto" or (isinstance(screen_iter, int) and screen_iter >= 1)):
+            raise ValueError(f"screen_iter must be 'auto', None or an int >= 1 and keep None or >= 1, "
+                             f"got screen_iter={screen_iter!r}, keep={keep!r}")
+        self.screen_iter, self.keep = screen_iter, keep
         if merge not in ("auto", "on", "off"):
             raise ValueError(f"merge must be 'auto', 'on' or 'off', got {merge!r}")
         self.n_subtypes, self.restarts, self.restart_batch = n_subtypes, restarts, restart_batch
@@ -332,11 +456,13 @@ class EBCC(Aggregator):
             data = prepare(rows, layout=layout, gold=rgold, dtype=dtype)
             weight = np.zeros(data.n_tasks)
             weight[: rows.n_tasks] = counts
+            screen_iter, keep = self._screening(rows.n_answers)
             res = fit(data, jax.random.key(self.seed), jnp.asarray(weight, dtype),
                       n_subtypes=self.n_subtypes, restarts=self.restarts,
                       restart_batch=self.restart_batch or (8 if layout == "dense" else 1), max_iter=self.max_iter,
                       tol=-np.inf if self.tol is None else self.tol, atol=self.atol, alpha=self.alpha, a_pi=self.a_pi, beta_diag=self.beta_diag,
-                      beta_off=self.beta_off, empirical_prior=self.empirical_prior)
+                      beta_off=self.beta_off, empirical_prior=self.empirical_prior,
+                      screen_iter=screen_iter, keep=keep)
             res = jax.tree_util.tree_map(np.asarray, res)
         post, sub = res.posteriors[: rows.n_tasks], res.subtypes[: rows.n_tasks]
         if inverse is not None:
@@ -346,7 +472,16 @@ class EBCC(Aggregator):
                 "subtype_priors": res.subtype_prior, "errors": errors,
                 "skills": np.einsum("k,wkk->w", res.class_prior, errors), "elbos": res.elbos,
                 "best_restart": int(res.best), "elbo": float(res.objective),
-                "n_iter": int(res.n_iter), "converged": bool(res.converged), "history": res.history}
+                "n_iter": int(res.n_iter), "converged": bool(res.converged), "history": res.history,
+                "sweeps": res.sweeps}
+
+    def _screening(self, n_answers: int) -> tuple[int | None, int]:
+        """``(screen_iter, keep)`` for a fit of ``n_answers`` answers (``auto`` resolved)."""
+        if self.screen_iter == "auto":
+            if n_answers > AUTO_SCREEN_ANSWERS:
+                return AUTO_SCREEN_ITER, self.keep or AUTO_KEEP
+            return None, 1
+        return self.screen_iter, self.keep or 1
 
     def skills_table(self) -> pa.Table:
         cols: dict[str, Any] = {"worker": pa.array(self.workers_.tolist()),

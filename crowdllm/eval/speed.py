@@ -250,13 +250,43 @@ PARAMS: dict[str, dict[str, Any]] = {
     "mmsr": {"max_iter": 50}, "kos": {"n_iter": 50}, "ibcc": {"max_iter": 50},
     "ebcc": {"restarts": 1, "max_iter": 50}, "bwa": {"max_iter": 50},
 }
+#: crowd-kit's class and arguments for each of our methods it also has (same iteration counts as
+#: PARAMS; tol=0 where crowd-kit takes one, so it runs them all)
+CROWDKIT: dict[str, tuple[str, dict[str, Any]]] = {
+    "mv": ("MajorityVote", {}), "wawa": ("Wawa", {}), "zbs": ("ZeroBasedSkill", {"n_iter": 50}),
+    "ds": ("DawidSkene", {"n_iter": 50, "tol": 0.0}),
+    "onecoin-ds": ("OneCoinDawidSkene", {"n_iter": 50, "tol": 0.0}),
+    "glad": ("GLAD", {"n_iter": 50, "tol": 0.0, "silent": True}),
+    "mace": ("MACE", {"n_restarts": 1, "n_iter": 50}), "mmsr": ("MMSR", {"n_iter": 50, "tol": 0.0}),
+    "kos": ("KOS", {"n_iter": 50}),
+}
 
 
-def run_method(method: str, n: int, kind: str = "dense", repeats: int = 2) -> dict[str, Any]:
+def crowdkit_seconds(method: str, tensor: Any, timeout: float | None = None) -> float | None:
+    """crowd-kit's version of ``method`` fitted once on the same answers (None: no such method in
+    crowd-kit, or crowd-kit not installed)."""
+    if method not in CROWDKIT:
+        return None
+    try:
+        import pandas as pd
+        import crowdkit.aggregation as ck
+    except ImportError:
+        return None
+    name, kw = CROWDKIT[method]
+    # labels as strings: crowd-kit's KOS looks labels up by value and fails on numeric codes
+    df = pd.DataFrame({"task": np.asarray(tensor.task), "worker": np.asarray(tensor.worker),
+                       "label": np.asarray(tensor.label).astype(str)})
+    return _timed(lambda: getattr(ck, name)(**kw).fit(df))
+
+
+def run_method(method: str, n: int, kind: str = "dense", repeats: int = 2,
+               crowdkit_max: int = 0) -> dict[str, Any]:
     """Time one aggregator's ``fit`` (prepare + kernel + results) on a synthetic workload.
 
     5 classes (2 for KOS, which is binary only); ``first_s`` includes compilation, ``run_s``
-    is the median of ``repeats`` further fits (the compiled kernels are cached).
+    is the median of ``repeats`` further fits (the compiled kernels are cached). Up to
+    ``crowdkit_max`` items, crowd-kit's same method is timed on the same answers
+    (``crowdkit_s``, ``speedup`` = crowdkit_s / run_s).
     """
     from ..aggregation import METHODS
     from ..labels import LabelTensor
@@ -280,19 +310,24 @@ def run_method(method: str, n: int, kind: str = "dense", repeats: int = 2) -> di
     runs = [_timed(lambda: model.fit(tensor)) for _ in range(repeats)]
     run = statistics.median(runs) if runs else first
     acc = float((np.asarray(model.label_codes_) == truth).mean())
-    return {"method": method, "n": n, "kind": kind, "first_s": first, "run_s": run,
-            "accuracy": acc, "peak_rss_GiB": peak_rss_gib()}
+    row = {"method": method, "n": n, "kind": kind, "first_s": first, "run_s": run,
+           "accuracy": acc, "peak_rss_GiB": peak_rss_gib()}
+    ck = crowdkit_seconds(method, tensor) if n <= crowdkit_max else None
+    if ck is not None:
+        row.update(crowdkit_s=ck, speedup=ck / max(run, 1e-9))
+    return row
 
 
 def method_table(methods: list[str], sizes: list[int], kind: str = "dense", repeats: int = 1,
-                 timeout: float = 1800) -> list[dict[str, Any]]:
-    """Each (method, size) in a fresh subprocess (so its peak RSS is its own)."""
+                 timeout: float = 1800, crowdkit_max: int = 0) -> list[dict[str, Any]]:
+    """Each (method, size) in a fresh subprocess (so its peak RSS is its own, crowd-kit's fit
+    included when it runs: up to ``crowdkit_max`` items)."""
     rows = []
     for n in sizes:
         for m in methods:
             _progress(f"{m} on {kind} {n:,} ...")
             code = ("import json,sys; from crowdllm.eval.speed import run_method; "
-                    f"print('RESULT', json.dumps(run_method({m!r}, {n}, {kind!r}, {repeats})))")
+                    f"print('RESULT', json.dumps(run_method({m!r}, {n}, {kind!r}, {repeats}, {crowdkit_max})))")
             try:
                 p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                    timeout=timeout, env=dict(os.environ))
@@ -312,13 +347,14 @@ def _print_row(r: dict[str, Any]) -> None:
         print(f"{r['method']:12s} {r['kind']:6s} {r['n']:>12,}  FAILED: {r['error']}", flush=True)
         return
     acc = "" if r.get("accuracy") is None else f"{r['accuracy']:.3f}"
+    ck = f"{r['crowdkit_s']:12.2f} {r['speedup']:8.0f}x" if "crowdkit_s" in r else ""
     print(f"{r['method']:12s} {r['kind']:6s} {r['n']:>12,} {r['first_s']:10.2f} {r['run_s']:10.2f} "
-          f"{r['peak_rss_GiB']:9.2f} {acc:>8s}", flush=True)
+          f"{r['peak_rss_GiB']:9.2f} {acc:>8s} {ck}", flush=True)
 
 
 def print_header() -> None:
     print(f"{'method':12s} {'kind':6s} {'items':>12s} {'first s':>10s} {'run s':>10s} "
-          f"{'peak GiB':>9s} {'accuracy':>8s}", flush=True)
+          f"{'peak GiB':>9s} {'accuracy':>8s} {'crowd-kit s':>12s} {'speed-up':>9s}", flush=True)
 
 
 def run_speed(methods: str | None = None, output: str | None = None, n: int = 1_000_000,
@@ -331,7 +367,7 @@ def run_speed(methods: str | None = None, output: str | None = None, n: int = 1_
         [m for m in METHODS if m not in ("llm-judge", "ds-bayes")]
     print()
     print_header()
-    res["table"] = method_table(names, list(sizes), "dense")
+    res["table"] = method_table(names, list(sizes), "dense", crowdkit_max=crowdkit_n)
     if output:
         from pathlib import Path
         Path(output).write_text(json.dumps(res, indent=1))
