@@ -107,3 +107,17 @@ def test_gold_is_clamped():
         assert model.probas_[t, g] == pytest.approx(1.0)
     assert model.elbos_.shape == (2,)
     np.testing.assert_allclose(model.subtypes_.sum(axis=2), model.probas_, atol=1e-5)
+
+
+def test_screening_defaults_and_bad_arguments():
+    """``auto`` screens only past AUTO_SCREEN_ANSWERS answers; a kept count or sweep count below
+    one is refused by name."""
+    model = EBCC()
+    assert model._screening(kernel.AUTO_SCREEN_ANSWERS) == (None, 1)
+    assert model._screening(kernel.AUTO_SCREEN_ANSWERS + 1) == (kernel.AUTO_SCREEN_ITER, kernel.AUTO_KEEP)
+    assert EBCC(screen_iter=3, keep=2)._screening(10) == (3, 2)
+    assert EBCC(screen_iter=None)._screening(10 ** 9) == (None, 1)
+    with pytest.raises(ValueError, match="screen_iter"):
+        EBCC(screen_iter=0)
+    with pytest.raises(ValueError, match="keep"):
+        EBCC(keep=0)
