@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import pytest
 
 from crowdllm.aggregation import MMSR
 from crowdllm.aggregation import mmsr as mmsr_mod
@@ -85,3 +86,23 @@ def test_jit_equals_no_jit_and_dense_equals_coo():
         jitted = mmsr_mod.fit(*args, n_tasks=t.n_tasks, max_iter=200)  # converged
         out.append(np.asarray(jitted.skills)[: t.n_workers])
     np.testing.assert_allclose(out[0], out[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("n_adversaries", [0, -1, 2])
+def test_pair_list_path_equals_matrix_path(monkeypatch, n_adversaries):
+    """A large crowd fits on the list of observed annotator pairs (no [W, W] matrices, signs by
+    power iteration): forced on a real sparse crowd (zencrowd_in, 25 annotators, most pairs
+    unobserved), it gives the matrix path's skills and labels, trimming included."""
+    t = LabelTensor.coerce(DATA / "zencrowd_in" / "answers.csv")
+    agree, common = mmsr_mod.pair_statistics(t, prepare(t, layout="coo"))
+    row, col, a, c = mmsr_mod.sparse_pair_statistics(t)
+    assert (common > 0).sum() == len(row) < t.n_workers ** 2 - t.n_workers
+    np.testing.assert_array_equal(a, agree[row, col])
+    np.testing.assert_array_equal(c, common[row, col])
+    opts = dict(n_adversaries=n_adversaries, layout="coo", dtype="float64")
+    matrix = MMSR(**opts).fit(t)
+    monkeypatch.setattr(mmsr_mod, "DENSE_PAIRS_MAX_WORKERS", 0)
+    pairs = MMSR(**opts).fit(t)
+    assert pairs.n_iter_ == matrix.n_iter_
+    np.testing.assert_allclose(pairs.skills_, matrix.skills_, atol=1e-8)
+    np.testing.assert_array_equal(pairs.label_codes_, matrix.label_codes_)

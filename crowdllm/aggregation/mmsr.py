@@ -23,7 +23,12 @@ weighted votes (the one-coin posterior under a uniform class prior); gold tasks 
 The pairwise statistics are one pass over the answers: for the dense layout an on-device
 reduction over tasks; for COO one sparse product per class on the host (SciPy), since pairs of
 answers on the same task are not a fixed-shape object. The MSR iterations, signs and vote are
-jitted.
+jitted. A COO crowd of more than ``DENSE_PAIRS_MAX_WORKERS`` annotators (a human crowd of
+10,000) never builds ``[W, W]`` matrices: the updates run on the list of observed pairs
+(segment sums; trimming by one sort of the pairs per update), the change of :math:`u v^\top` is
+computed from the vectors, and the sign eigenvector comes from power iteration (equal to the
+matrix path, tested). Before that path, 2,000 tasks of a 10,000-annotator crowd did not finish
+in 5 minutes; now 100,000 tasks take 0.15 s after compilation.
 
 Where this differs from crowd-kit's ``MMSR`` (1.4.2), and why it runs on every dataset:
 
@@ -66,10 +71,16 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from ..labels import LabelTensor
-from ._core import Dense, argmax_ties, clamp_gold, prepare, task_vote
+from ._core import Dense, argmax_ties, bucket, clamp_gold, prepare, task_vote
 from .base import Aggregator
 
-__all__ = ["MMSR", "MmsrResult", "pair_statistics", "fit", "covariation"]
+__all__ = ["MMSR", "MmsrResult", "pair_statistics", "sparse_pair_statistics", "fit", "fit_sparse",
+           "covariation"]
+
+#: COO crowds with more annotators than this fit on the list of observed annotator pairs
+#: (:func:`fit_sparse`) instead of ``[W, W]`` matrices: at 10,000 annotators those are 400 MB
+#: each and the dense ``eigh`` alone runs for minutes.
+DENSE_PAIRS_MAX_WORKERS = 2048
 
 
 class MmsrResult(NamedTuple):
@@ -115,6 +126,31 @@ def pair_statistics(tensor: LabelTensor, data: Any = None) -> tuple[np.ndarray, 
     return agree, common
 
 
+def sparse_pair_statistics(tensor: LabelTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The observed pairs only: ``(w, v, agree, common)`` for every ordered pair ``w != v`` of
+    annotators who share a task (both orders listed), sorted by ``(v, w)``. Same counts as
+    :func:`pair_statistics`, without its ``[W, W]`` arrays (a crowd of 10,000 annotators)."""
+    T, W, K = max(tensor.n_tasks, 1), tensor.n_workers, max(tensor.n_classes, 1)
+    ones = np.ones(tensor.n_answers, dtype=np.float64)
+
+    def product(sel):
+        a = sp.csr_matrix((ones[sel], (tensor.task[sel], tensor.worker[sel])), shape=(T, W))
+        a.data = np.minimum(a.data, 1.0)
+        return (a.T @ a).tocsc()
+
+    common = product(slice(None))
+    common.setdiag(0)
+    common.eliminate_zeros()
+    common.sort_indices()
+    agree = sp.csc_matrix((W, W))
+    for k in range(K):
+        agree = agree + product(tensor.label == k)
+    agree = agree.minimum(common)  # same sparsity as common or sparser
+    coo = common.tocoo()  # column-major: sorted by (v, w)
+    a = np.asarray(agree[coo.row, coo.col]).reshape(-1)
+    return coo.row.astype(np.int32), coo.col.astype(np.int32), a, coo.data.astype(np.float64)
+
+
 def covariation(agree: jax.Array, common: jax.Array, n_classes: int) -> jax.Array:
     """``C = K/(K-1) * agree/common - 1/(K-1)`` where ``common > 0``, else 0."""
     K = max(n_classes, 2)
@@ -144,6 +180,99 @@ def _msr_update(X: jax.Array, obs: jax.Array, u: jax.Array, v: jax.Array, F: jax
     total, cnt = jax.lax.cond(F > 0, trimmed, plain, None)
     mean = total / jnp.maximum(cnt, 1)
     return jnp.where(cnt > 0, jnp.maximum(mean, floor), v)
+
+
+def _msr_update_sparse(row: jax.Array, col: jax.Array, x: jax.Array, real: jax.Array, u: jax.Array,
+                       v: jax.Array, F: jax.Array, floor: jax.Array) -> jax.Array:
+    """:func:`_msr_update` on the observed entries only: ``x[p]`` at ``(row[p], col[p])``, entry
+    ``p`` counted where ``real[p]`` (padding entries are not)."""
+    W = v.shape[0]
+    vals = jnp.where(real, x / u[row], jnp.inf)  # padding sorts last in its column
+    seg = functools.partial(jax.ops.segment_sum, num_segments=W)
+    one = real.astype(x.dtype)
+    n = seg(one, col)
+    below = seg(one * (vals < v[col]), col)
+    above = seg(one * (vals > v[col]), col)
+    lo, hi = jnp.minimum(below, F), jnp.minimum(above, F)
+
+    def trimmed(_):
+        c, srt = jax.lax.sort((col, vals), num_keys=2)  # by column, then value
+        n_all = seg(jnp.ones_like(one), col)
+        rank = jnp.arange(c.shape[0]) - (jnp.cumsum(n_all) - n_all)[c]
+        keep = (rank >= lo[c]) & (rank < (n - hi)[c])
+        return seg(jnp.where(keep, srt, 0.0), c), seg(keep.astype(x.dtype), c)
+
+    def plain(_):
+        return seg(jnp.where(real, vals, 0.0), col), n
+
+    total, cnt = jax.lax.cond(F > 0, trimmed, plain, None)
+    mean = total / jnp.maximum(cnt, 1)
+    return jnp.where(cnt > 0, jnp.maximum(mean, floor), v)
+
+
+def _rank_one_change(u: jax.Array, v: jax.Array, u2: jax.Array, v2: jax.Array) -> jax.Array:
+    """``||u2 v2^T - u v^T||_F`` without the ``[W, W]`` matrix, free of cancellation:
+    ``u2 v2^T - u v^T = du v2^T + u dv^T`` with ``du = u2 - u``, ``dv = v2 - v``."""
+    du, dv = u2 - u, v2 - v
+    sq = (du @ du) * (v2 @ v2) + 2 * (du @ u) * (v2 @ dv) + (u @ u) * (dv @ dv)
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "ties", "power_iter"))
+def fit_sparse(data: Any, row: jax.Array, col: jax.Array, agree: jax.Array, common: jax.Array,
+               key: jax.Array, *, n_tasks: int | jax.Array, max_iter: int = 10000,
+               tol: float = 1e-6, n_adversaries: int | jax.Array = -1, ties: str = "lowest",
+               power_iter: int = 1000) -> MmsrResult:
+    """:func:`fit` on the observed annotator pairs (:func:`sparse_pair_statistics`), for crowds
+    too large for ``[W, W]`` matrices: same start, updates, stopping rule, clipping and vote;
+    the leading eigenvector that gives the signs comes from at most ``power_iter`` steps of
+    power iteration from ``|s|`` instead of a dense ``eigh``. Pairs with ``common = 0`` are
+    padding.
+    """
+    K = max(data.n_classes, 2)
+    dtype = data.task_mask.dtype
+    W = data.n_workers
+    wm = data.worker_mask.astype(bool)
+    real = (common > 0) & wm[row] & wm[col]
+    C = jnp.where(real, covariation(agree.astype(dtype), common.astype(dtype), K), 0.0)
+    X = jnp.abs(C)
+    seg = functools.partial(jax.ops.segment_sum, num_segments=W)
+    deg = seg(real.astype(jnp.int32), col)
+    connected = deg > 0
+    d_min = jnp.min(jnp.where(connected, deg, jnp.iinfo(jnp.int32).max))
+    F = jnp.where(n_adversaries >= 0, n_adversaries, jnp.maximum(d_min // 2 - 1, 0))
+    floor = 1.0 / jnp.sqrt(jnp.maximum(jnp.asarray(n_tasks, dtype), 1.0))
+    u0 = v0 = jnp.maximum(jnp.sqrt(seg(X, col) / jnp.maximum(deg, 1)), floor)
+    hist0 = jnp.zeros((max(min(max_iter, 1000), 1),), dtype)
+
+    def cond(st):
+        return (st[2] < max_iter) & (st[3] >= tol)
+
+    def body(st):
+        u, v, i, _, hist = st
+        v_new = _msr_update_sparse(row, col, X, real, u, v, F, floor)
+        u_new = _msr_update_sparse(col, row, X, real, v_new, u, F, floor)
+        delta = _rank_one_change(u, v, u_new, v_new) / jnp.maximum(
+            jnp.linalg.norm(u_new) * jnp.linalg.norm(v_new), 1e-30)
+        hist = hist.at[jnp.minimum(i, hist.shape[0] - 1)].set(delta)
+        return u_new, v_new, i + 1, delta, hist
+
+    u, v, n_iter, delta, hist = jax.lax.while_loop(
+        cond, body, (u0, v0, jnp.asarray(0, jnp.int32), jnp.asarray(jnp.inf, dtype), hist0))
+    s_abs = u / jnp.sqrt(jnp.linalg.norm(u) / jnp.maximum(jnp.linalg.norm(v), 1e-30))
+
+    def p_cond(st):
+        return (st[1] < power_iter) & (st[2] > 1e-6)
+
+    def p_body(st):
+        y, i, _ = st
+        y2 = seg(C * y[row], col) + s_abs ** 2 * y  # (C with |s|^2 on the diagonal) y
+        y2 = y2 / jnp.maximum(jnp.linalg.norm(y2), 1e-30)
+        return y2, i + 1, jnp.abs(y2 - y).max()
+
+    y0 = s_abs / jnp.maximum(jnp.linalg.norm(s_abs), 1e-30)
+    lead = jax.lax.while_loop(p_cond, p_body, (y0, jnp.asarray(0), jnp.asarray(jnp.inf, dtype)))[0]
+    return _finish(data, key, s_abs, lead, connected, floor, n_iter, delta < tol, hist, ties)
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "ties"))
@@ -197,7 +326,17 @@ def fit(data: Any, agree: jax.Array, common: jax.Array, key: jax.Array, *, n_tas
 
     # Signs: the leading eigenvector of C completed with |s|^2 on the diagonal (C ~ s s^T).
     _, vecs = jnp.linalg.eigh(Cm + jnp.diag(s_abs ** 2))
-    sg = jnp.where(vecs[:, -1] >= 0, 1.0, -1.0).astype(dtype)
+    return _finish(data, key, s_abs, vecs[:, -1], connected, floor, n_iter, delta < tol, hist, ties)
+
+
+def _finish(data: Any, key: jax.Array, s_abs: jax.Array, lead: jax.Array, connected: jax.Array,
+            floor: jax.Array, n_iter: jax.Array, converged: jax.Array, hist: jax.Array,
+            ties: str) -> MmsrResult:
+    """Signs from the leading eigenvector ``lead`` (then the global sign that puts most skill
+    mass positive), clipping, the median skill for annotators in no pair, the weighted vote."""
+    K = max(data.n_classes, 2)
+    dtype = s_abs.dtype
+    sg = jnp.where(lead >= 0, 1.0, -1.0).astype(dtype)
     sg = sg * jnp.where((sg * s_abs * connected).sum() < 0, -1.0, 1.0)
     s = sg * s_abs
     lo, hi = -1.0 / (K - 1) + floor, 1.0 - floor
@@ -214,7 +353,7 @@ def fit(data: Any, agree: jax.Array, common: jax.Array, key: jax.Array, *, n_tas
     post = clamp_gold(post, data.gold)
     labels = jnp.where(has_gold, data.gold, labels)
     return MmsrResult(posteriors=post, labels=labels, skills=s, weights=weight, n_iter=n_iter,
-                      converged=delta < tol, history=hist)
+                      converged=converged, history=hist)
 
 
 class MMSR(Aggregator):
@@ -254,12 +393,20 @@ class MMSR(Aggregator):
         with jax.enable_x64(self.dtype == "float64"):
             dtype = jnp.float64 if self.dtype == "float64" else jnp.float32
             data = prepare(tensor, layout=self.layout, gold=gold, dtype=dtype)
-            agree, common = pair_statistics(tensor, data)
             W, Wp = tensor.n_workers, data.n_workers
-            pad = lambda m: np.pad(m, ((0, Wp - W), (0, Wp - W)))  # noqa: E731
-            res = fit(data, jnp.asarray(pad(agree)), jnp.asarray(pad(common)),
-                      jax.random.key(self.seed), n_tasks=tensor.n_tasks, max_iter=self.max_iter,
-                      tol=self.tol, n_adversaries=self.n_adversaries, ties=self.ties)
+            opts = dict(n_tasks=tensor.n_tasks, max_iter=self.max_iter, tol=self.tol,
+                        n_adversaries=self.n_adversaries, ties=self.ties)
+            key = jax.random.key(self.seed)
+            if isinstance(data, Dense) or W <= DENSE_PAIRS_MAX_WORKERS:
+                agree, common = pair_statistics(tensor, data)
+                pad = lambda m: np.pad(m, ((0, Wp - W), (0, Wp - W)))  # noqa: E731
+                res = fit(data, jnp.asarray(pad(agree)), jnp.asarray(pad(common)), key, **opts)
+            else:  # a large crowd: the observed pairs only
+                row, col, agree, common = sparse_pair_statistics(tensor)
+                P = bucket(len(row))
+                pad = lambda x: np.pad(x, (0, P - len(x)))  # noqa: E731  (common 0 = padding)
+                res = fit_sparse(data, jnp.asarray(pad(row)), jnp.asarray(pad(col)),
+                                 jnp.asarray(pad(agree)), jnp.asarray(pad(common)), key, **opts)
             res = jax.tree_util.tree_map(np.asarray, res)
         T = tensor.n_tasks
         return {"probas": res.posteriors[:T], "labels": res.labels[:T], "skills": res.skills[:W],
