@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="", help="comma-separated (default: all but llm-judge)")
     ap.add_argument("--crowdkit-max", type=int, default=100_000,
                     help="table: time crowd-kit's same method on the same data up to this many items")
+    ap.add_argument("--crowdkit-timeout", type=float, default=600,
+                    help="table: stop crowd-kit after this many seconds (printed as a lower bound)")
     ap.add_argument("--table-repeats", type=int, default=1, help="table: timed fits after the first")
     ap.add_argument("--timeout", type=float, default=1800, help="table: seconds per method and size")
     ap.add_argument("--out", help="write the figures as JSON here")
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in a.sizes.split(",")]
         speed.print_header()
         res["table"] = speed.method_table(methods, sizes, a.kind, repeats=a.table_repeats,
-                                          timeout=a.timeout, crowdkit_max=a.crowdkit_max)
+                                          timeout=a.timeout, crowdkit_max=a.crowdkit_max,
+                                          crowdkit_timeout=a.crowdkit_timeout)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return 0

@@ -279,28 +279,29 @@ def crowdkit_seconds(method: str, tensor: Any, timeout: float | None = None) -> 
     return _timed(lambda: getattr(ck, name)(**kw).fit(df))
 
 
-def run_method(method: str, n: int, kind: str = "dense", repeats: int = 2,
-               crowdkit_max: int = 0) -> dict[str, Any]:
-    """Time one aggregator's ``fit`` (prepare + kernel + results) on a synthetic workload.
-
-    5 classes (2 for KOS, which is binary only); ``first_s`` includes compilation, ``run_s``
-    is the median of ``repeats`` further fits (the compiled kernels are cached). Up to
-    ``crowdkit_max`` items, crowd-kit's same method is timed on the same answers
-    (``crowdkit_s``, ``speedup`` = crowdkit_s / run_s).
-    """
-    from ..aggregation import METHODS
+def workload(method: str, n: int, kind: str = "dense") -> tuple[Any, np.ndarray]:
+    """The synthetic answers of the table, as a label tensor, and the true labels: 5 classes
+    (2 for KOS, which is binary only), dense panel or sparse crowd (deterministic seeds)."""
     from ..labels import LabelTensor
 
-    L = 2 if method == "kos" else 5  # KOS is for binary tasks only
+    L = 2 if method == "kos" else 5
     if kind == "dense":
         labels, truth = dense_panel(n, n_classes=L)
-        tensor = tensor_from_dense(labels)
-        del labels
-    else:
-        task, worker, label, truth = sparse_crowd(n, n_classes=L)
-        tensor = LabelTensor(task=task, worker=worker, label=label, task_ids=np.arange(n),
-                             worker_ids=np.arange(10_000), classes=np.arange(L))
-        del task, worker, label
+        return tensor_from_dense(labels), truth
+    task, worker, label, truth = sparse_crowd(n, n_classes=L)
+    return LabelTensor(task=task, worker=worker, label=label, task_ids=np.arange(n),
+                       worker_ids=np.arange(10_000), classes=np.arange(L)), truth
+
+
+def run_method(method: str, n: int, kind: str = "dense", repeats: int = 2) -> dict[str, Any]:
+    """Time one aggregator's ``fit`` (prepare + kernel + results) on :func:`workload`.
+
+    ``first_s`` includes compilation, ``run_s`` is the median of ``repeats`` further fits (the
+    compiled kernels are cached).
+    """
+    from ..aggregation import METHODS
+
+    tensor, truth = workload(method, n, kind)
     cls = METHODS[method]
     kw = {k: v for k, v in PARAMS.get(method, {}).items() if k in cls.parameters()}
     if "layout" in cls.parameters():
@@ -310,33 +311,54 @@ def run_method(method: str, n: int, kind: str = "dense", repeats: int = 2,
     runs = [_timed(lambda: model.fit(tensor)) for _ in range(repeats)]
     run = statistics.median(runs) if runs else first
     acc = float((np.asarray(model.label_codes_) == truth).mean())
-    row = {"method": method, "n": n, "kind": kind, "first_s": first, "run_s": run,
-           "accuracy": acc, "peak_rss_GiB": peak_rss_gib()}
-    ck = crowdkit_seconds(method, tensor) if n <= crowdkit_max else None
-    if ck is not None:
-        row.update(crowdkit_s=ck, speedup=ck / max(run, 1e-9))
-    return row
+    return {"method": method, "n": n, "kind": kind, "first_s": first, "run_s": run,
+            "accuracy": acc, "peak_rss_GiB": peak_rss_gib()}
+
+
+def run_crowdkit(method: str, n: int, kind: str = "dense") -> dict[str, Any]:
+    """crowd-kit's same method, one fit on the same :func:`workload` (``crowdkit_s`` None when
+    crowd-kit lacks the method or is not installed)."""
+    tensor, _ = workload(method, n, kind)
+    return {"crowdkit_s": crowdkit_seconds(method, tensor),
+            "crowdkit_peak_rss_GiB": peak_rss_gib()}
+
+
+def _subprocess(call: str, timeout: float) -> dict[str, Any]:
+    """Run ``crowdllm.eval.speed.<call>`` in a fresh interpreter; its dict, or ``error``."""
+    code = f"import json; from crowdllm.eval import speed; print('RESULT', json.dumps(speed.{call}))"
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=timeout, env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout {timeout:.0f}s"}
+    line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    return json.loads(line[-1][7:]) if line else {
+        "error": (p.stderr.strip().splitlines() or ["?"])[-1][:120]}
 
 
 def method_table(methods: list[str], sizes: list[int], kind: str = "dense", repeats: int = 1,
-                 timeout: float = 1800, crowdkit_max: int = 0) -> list[dict[str, Any]]:
-    """Each (method, size) in a fresh subprocess (so its peak RSS is its own, crowd-kit's fit
-    included when it runs: up to ``crowdkit_max`` items)."""
+                 timeout: float = 1800, crowdkit_max: int = 0,
+                 crowdkit_timeout: float = 600) -> list[dict[str, Any]]:
+    """Each (method, size) in a fresh subprocess (so its peak RSS is its own); up to
+    ``crowdkit_max`` items, crowd-kit's same method in another one, stopped after
+    ``crowdkit_timeout`` seconds (``crowdkit_s`` then records the limit as a lower bound)."""
     rows = []
     for n in sizes:
         for m in methods:
             _progress(f"{m} on {kind} {n:,} ...")
-            code = ("import json,sys; from crowdllm.eval.speed import run_method; "
-                    f"print('RESULT', json.dumps(run_method({m!r}, {n}, {kind!r}, {repeats}, {crowdkit_max})))")
-            try:
-                p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                   timeout=timeout, env=dict(os.environ))
-                line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-                row = json.loads(line[-1][7:]) if line else {
-                    "method": m, "n": n, "kind": kind,
-                    "error": (p.stderr.strip().splitlines() or ["?"])[-1][:120]}
-            except subprocess.TimeoutExpired:
-                row = {"method": m, "n": n, "kind": kind, "error": f"timeout {timeout:.0f}s"}
+            row = {"method": m, "n": n, "kind": kind,
+                   **_subprocess(f"run_method({m!r}, {n}, {kind!r}, {repeats})", timeout)}
+            if n <= crowdkit_max and m in CROWDKIT and "error" not in row:
+                _progress(f"crowd-kit's {m} on {kind} {n:,} ...")
+                ck = _subprocess(f"run_crowdkit({m!r}, {n}, {kind!r})", crowdkit_timeout)
+                if "error" in ck and ck["error"].startswith("timeout"):
+                    row.update(crowdkit_s=crowdkit_timeout, crowdkit_timed_out=True)
+                elif ck.get("crowdkit_s") is not None:
+                    row.update(crowdkit_s=ck["crowdkit_s"])
+                elif "error" in ck:
+                    row["crowdkit_error"] = ck["error"]
+                if "crowdkit_s" in row:
+                    row["speedup"] = row["crowdkit_s"] / max(row["run_s"], 1e-9)
             rows.append(row)
             _print_row(row)
     return rows
@@ -347,7 +369,12 @@ def _print_row(r: dict[str, Any]) -> None:
         print(f"{r['method']:12s} {r['kind']:6s} {r['n']:>12,}  FAILED: {r['error']}", flush=True)
         return
     acc = "" if r.get("accuracy") is None else f"{r['accuracy']:.3f}"
-    ck = f"{r['crowdkit_s']:12.2f} {r['speedup']:8.0f}x" if "crowdkit_s" in r else ""
+    ck = ""
+    if "crowdkit_s" in r:
+        more = ">" if r.get("crowdkit_timed_out") else " "
+        ck = f"{more}{r['crowdkit_s']:11.2f} {more}{r['speedup']:7.0f}x"
+    elif "crowdkit_error" in r:
+        ck = f"  crowd-kit failed: {r['crowdkit_error']}"
     print(f"{r['method']:12s} {r['kind']:6s} {r['n']:>12,} {r['first_s']:10.2f} {r['run_s']:10.2f} "
           f"{r['peak_rss_GiB']:9.2f} {acc:>8s} {ck}", flush=True)
 
