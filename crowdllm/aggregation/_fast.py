@@ -151,6 +151,15 @@ def worker_agreement(labels: jax.Array, n_classes: int, post: jax.Array) -> jax.
     return acc
 
 
+def _softmax(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(softmax(s), logsumexp(s))`` over the last axis with one ``exp`` per entry
+    (``logsumexp`` then ``exp(s - log_z)`` computes it twice; exp is the dearest op here)."""
+    top = s.max(axis=-1, keepdims=True)
+    e = jnp.exp(s - top)
+    tot = e.sum(axis=-1, keepdims=True)
+    return e * (1.0 / tot), (top + jnp.log(tot))[..., 0]
+
+
 def ds_em_step(labels: jax.Array, n_classes: int, task_mask: jax.Array, gold: jax.Array,
                log_prior: jax.Array, log_conf: jax.Array
                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -175,8 +184,7 @@ def ds_em_step(labels: jax.Array, n_classes: int, task_mask: jax.Array, gold: ja
         counts, psum, ll = carry
         oh = _onehot_flat(lab, L, dtype)
         s = log_prior + jnp.matmul(oh, tab, precision=_HIGHEST)
-        log_z = jax.nn.logsumexp(s, axis=1)
-        p = jnp.exp(s - log_z[:, None])
+        p, log_z = _softmax(s)
         is_gold = g >= 0
         g0 = jnp.maximum(g, 0)
         p = jnp.where(is_gold[:, None], jax.nn.one_hot(g0, K, dtype=dtype), p)
@@ -264,16 +272,13 @@ def subtype_sweep(labels: jax.Array, n_classes: int, n_subtypes: int, weight: ja
         oh = _onehot_flat(lab, L, dtype)
         gold_oh = (g[:, None] == jnp.arange(K, dtype=g.dtype)).astype(dtype)
         s = bias + jnp.matmul(jnp.concatenate([oh, gold_oh], axis=1), tab, precision=_HIGHEST)
-        top = s.max(axis=1)
-        e = jnp.exp(s - top[:, None])
-        tot = e.sum(axis=1)
-        p = e * (1.0 / tot)[:, None]
+        p, log_z = _softmax(s)
         z = p.reshape(-1, K, M).sum(axis=2)
         real = (w > 0).astype(dtype)
         dz = jnp.maximum(dz, (jnp.abs(z - zp) * real[:, None]).max())
         pw = p * w[:, None]
         counts = counts + jnp.matmul(oh.T, pw, precision=_HIGHEST)
-        return (counts, csum + pw.sum(axis=0), ll + (w * (top + jnp.log(tot))).sum(), dz), z
+        return (counts, csum + pw.sum(axis=0), ll + (w * log_z).sum(), dz), z
 
     init = (jnp.zeros((W * L, KM), dtype), jnp.zeros((KM,), dtype), jnp.zeros((), dtype),
             jnp.zeros((), dtype))
