@@ -1,0 +1,38 @@
+"""The speed harness (``crowdllm.eval.speed``): rows of the method table, crowd-kit beside ours.
+
+Functional only (what each row holds), never timings: those belong to ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crowdllm.eval import speed
+
+
+def test_workload_is_deterministic_and_sparse_crowd_shaped():
+    a, truth_a = speed.workload("mv", 300, "coo")
+    b, truth_b = speed.workload("mv", 300, "coo")
+    np.testing.assert_array_equal(np.asarray(a.label), np.asarray(b.label))
+    np.testing.assert_array_equal(truth_a, truth_b)
+    assert a.n_tasks == 300 and a.n_answers == 900 and a.n_workers == 10_000
+    k, _ = speed.workload("kos", 50, "dense")
+    assert k.n_classes == 2 and k.n_answers == 50 * 12
+
+
+def test_method_table_times_crowdkit_beside_ours_and_bounds_a_timeout():
+    pytest.importorskip("crowdkit")
+    rows = speed.method_table(["mv"], [200], "coo", repeats=0, crowdkit_max=200)
+    (row,) = rows
+    assert row["method"] == "mv" and row["n"] == 200 and "error" not in row
+    assert row["accuracy"] > 0.5 and row["crowdkit_s"] > 0
+    assert row["speedup"] == pytest.approx(row["crowdkit_s"] / max(row["run_s"], 1e-9))
+    # crowd-kit stopped at its limit: the limit is recorded as a lower bound, ours still reported
+    (slow,) = speed.method_table(["mv"], [200], "coo", repeats=0, crowdkit_max=200,
+                                 crowdkit_timeout=0.01)
+    assert slow["crowdkit_timed_out"] and slow["crowdkit_s"] == 0.01 and slow["run_s"] > 0
+    # above crowdkit_max, and for methods crowd-kit lacks, no crowd-kit column
+    (big,) = speed.method_table(["mv"], [200], "coo", repeats=0, crowdkit_max=100)
+    (bwa,) = speed.method_table(["bwa"], [200], "coo", repeats=0, crowdkit_max=200)
+    assert "crowdkit_s" not in big and "crowdkit_s" not in bwa and bwa["accuracy"] > 0.5
