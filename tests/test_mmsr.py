@@ -106,3 +106,13 @@ def test_pair_list_path_equals_matrix_path(monkeypatch, n_adversaries):
     assert pairs.n_iter_ == matrix.n_iter_
     np.testing.assert_allclose(pairs.skills_, matrix.skills_, atol=1e-8)
     np.testing.assert_array_equal(pairs.label_codes_, matrix.label_codes_)
+
+
+def test_dense_pair_counts_equal_the_coo_counts():
+    """The dense panel's chunked pair counts (indicator products) equal the sparse products."""
+    t = LabelTensor.coerce(DATA / "zheng_d_product" / "answers.csv")
+    dense = mmsr_mod.pair_statistics(t, prepare(t, layout="dense"))
+    coo = mmsr_mod.pair_statistics(t, prepare(t, layout="coo"))
+    for a, b in zip(dense, coo):
+        np.testing.assert_array_equal(a, b)
+    assert dense[1].sum() > 0 and (dense[0] <= dense[1]).all()

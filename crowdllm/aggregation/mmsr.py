@@ -71,6 +71,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from ..labels import LabelTensor
+from . import _fast
 from ._core import Dense, argmax_ties, bucket, clamp_gold, prepare, task_vote
 from .base import Aggregator
 
@@ -93,13 +94,23 @@ class MmsrResult(NamedTuple):
     history: jax.Array
 
 
-@jax.jit
-def _dense_pairs(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    lab = labels.astype(jnp.int32)
-    has = lab >= 0
-    both = has[:, :, None] & has[:, None, :]
-    agree = (both & (lab[:, :, None] == lab[:, None, :])).sum(0)
-    return agree, both.sum(0)
+@functools.partial(jax.jit, static_argnames=("n_classes",))
+def _dense_pairs(labels: jax.Array, n_classes: int) -> tuple[jax.Array, jax.Array]:
+    """``(agree, common)`` ``[W, W]`` int32 by task chunks: per chunk, the product of the answer
+    indicator ``[C, W * L]`` with itself (same-label blocks summed: agreements) and of the
+    answered mask with itself. The ``[tasks, W, W]`` comparison it replaces took 13 GiB at
+    10,000,000 x 12."""
+    W, L = labels.shape[1], n_classes
+
+    def body(acc, lab):
+        oh = _fast._onehot_flat(lab, L, jnp.float32)  # exact: chunk counts < 2**24
+        has = (lab >= 0).astype(jnp.float32)
+        same = jnp.einsum("cwl,cvl->wv", oh.reshape(-1, W, L), oh.reshape(-1, W, L))
+        both = has.T @ has
+        return (acc[0] + same.astype(jnp.int32), acc[1] + both.astype(jnp.int32)), None
+
+    zero = jnp.zeros((W, W), jnp.int32)
+    return _fast.chunked(labels, (), body, (zero, zero))[0]
 
 
 def pair_statistics(tensor: LabelTensor, data: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +118,7 @@ def pair_statistics(tensor: LabelTensor, data: Any = None) -> tuple[np.ndarray, 
     answered), zero on the diagonal. Repeated answers of one annotator on a task count once."""
     W = tensor.n_workers
     if isinstance(data, Dense):
-        agree, common = (np.asarray(x)[:W, :W].astype(np.float64) for x in _dense_pairs(data.labels))
+        agree, common = (np.asarray(x)[:W, :W].astype(np.float64) for x in _dense_pairs(data.labels, data.n_classes))
     else:
         T, K = max(tensor.n_tasks, 1), max(tensor.n_classes, 1)
         ones = np.ones(tensor.n_answers, dtype=np.float64)
