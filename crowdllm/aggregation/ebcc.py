@@ -293,9 +293,14 @@ def _light(state: EBCCState) -> EBCCState:
     return state._replace(z=jnp.zeros((0,), state.z.dtype))
 
 
-def _resume(data: CrowdData, priors: _Priors, state: EBCCState) -> EBCCState:
+def _last_q(data: CrowdData, priors: _Priors, state: EBCCState) -> jax.Array:
+    """The ``q(z, g)`` of the state's last sweep, rebuilt from the counts that sweep used."""
     bias, table, _ = _expectations(priors, state.used_km, state.used_wkml)
-    return state._replace(z=e_step(data, bias, table, state.n_km.shape[1])[0].sum(axis=2))
+    return e_step(data, bias, table, state.n_km.shape[1])[0]
+
+
+def _resume(data: CrowdData, priors: _Priors, state: EBCCState) -> EBCCState:
+    return state._replace(z=_last_q(data, priors, state).sum(axis=2))
 
 
 @functools.partial(jax.jit, static_argnames=("n_subtypes", "max_iter", "restarts", "restart_batch",
@@ -351,8 +356,7 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
     elbos = jnp.where(jnp.isfinite(loops.objective), loops.objective, -jnp.inf)
     best = jnp.argmax(elbos).astype(jnp.int32)
     state, loop = jax.tree_util.tree_map(lambda x: x[best], (states, loops))
-    bias, table, _ = _expectations(priors, state.used_km, state.used_wkml)
-    zg = e_step(data, bias, table, n_subtypes)[0]
+    zg = _last_q(data, priors, state)
     nu = priors.alpha + state.n_km.sum(axis=1)
     eta = priors.eta0 + state.n_km
     mu = priors.beta[None, :, None, :] + state.n_wkml
