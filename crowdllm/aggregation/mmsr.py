@@ -62,7 +62,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,19 +119,10 @@ def pair_statistics(tensor: LabelTensor, data: Any = None) -> tuple[np.ndarray, 
     W = tensor.n_workers
     if isinstance(data, Dense):
         agree, common = (np.asarray(x)[:W, :W].astype(np.float64) for x in _dense_pairs(data.labels, data.n_classes))
-    else:
-        T, K = max(tensor.n_tasks, 1), max(tensor.n_classes, 1)
-        ones = np.ones(tensor.n_answers, dtype=np.float64)
-        answered = sp.csr_matrix((ones, (tensor.task, tensor.worker)), shape=(T, W))
-        answered.data = np.minimum(answered.data, 1.0)
-        common = np.asarray((answered.T @ answered).todense())
-        agree = np.zeros((W, W))
-        for k in range(K):
-            sel = tensor.label == k
-            a_k = sp.csr_matrix((ones[sel], (tensor.task[sel], tensor.worker[sel])), shape=(T, W))
-            a_k.data = np.minimum(a_k.data, 1.0)
-            agree += np.asarray((a_k.T @ a_k).todense())
-        agree = np.minimum(agree, common)
+    else:  # the observed pairs, spread into [W, W]
+        row, col, a, c = sparse_pair_statistics(tensor)
+        agree, common = np.zeros((W, W)), np.zeros((W, W))
+        agree[row, col], common[row, col] = a, c
     np.fill_diagonal(agree, 0)
     np.fill_diagonal(common, 0)
     return agree, common
@@ -193,10 +184,12 @@ def _msr_update(X: jax.Array, obs: jax.Array, u: jax.Array, v: jax.Array, F: jax
     return jnp.where(cnt > 0, jnp.maximum(mean, floor), v)
 
 
-def _msr_update_sparse(row: jax.Array, col: jax.Array, x: jax.Array, real: jax.Array, u: jax.Array,
-                       v: jax.Array, F: jax.Array, floor: jax.Array) -> jax.Array:
+def _msr_update_sparse(row: jax.Array, col: jax.Array, start: jax.Array, x: jax.Array,
+                       real: jax.Array, u: jax.Array, v: jax.Array, F: jax.Array,
+                       floor: jax.Array) -> jax.Array:
     """:func:`_msr_update` on the observed entries only: ``x[p]`` at ``(row[p], col[p])``, entry
-    ``p`` counted where ``real[p]`` (padding entries are not)."""
+    ``p`` counted where ``real[p]`` (padding entries are not); ``start[j]``: how many entries
+    lie in the columns before ``j``."""
     W = v.shape[0]
     vals = jnp.where(real, x / u[row], jnp.inf)  # padding sorts last in its column
     seg = functools.partial(jax.ops.segment_sum, num_segments=W)
@@ -208,8 +201,7 @@ def _msr_update_sparse(row: jax.Array, col: jax.Array, x: jax.Array, real: jax.A
 
     def trimmed(_):
         c, srt = jax.lax.sort((col, vals), num_keys=2)  # by column, then value
-        n_all = seg(jnp.ones_like(one), col)
-        rank = jnp.arange(c.shape[0]) - (jnp.cumsum(n_all) - n_all)[c]
+        rank = jnp.arange(c.shape[0]) - start[c]
         keep = (rank >= lo[c]) & (rank < (n - hi)[c])
         return seg(jnp.where(keep, srt, 0.0), c), seg(keep.astype(x.dtype), c)
 
@@ -227,6 +219,45 @@ def _rank_one_change(u: jax.Array, v: jax.Array, u2: jax.Array, v2: jax.Array) -
     du, dv = u2 - u, v2 - v
     sq = (du @ du) * (v2 @ v2) + 2 * (du @ u) * (v2 @ dv) + (u @ u) * (dv @ dv)
     return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def _msr(x_sum: jax.Array, deg: jax.Array, update: Callable, change: Callable, *,
+         n_tasks: int | jax.Array, n_adversaries: int | jax.Array, max_iter: int, tol: float,
+         dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The MSR iterations, shared by the matrix form (:func:`fit`) and the pair-list form
+    (:func:`fit_sparse`), which differ only in ``update(u, v, F, floor) -> (u', v')`` and
+    ``change(u, v, u', v') = ||u' v'^T - u v^T||_F``.
+
+    ``x_sum[w]`` is the sum of annotator ``w``'s observed ``|C|``, ``deg[w]`` their number.
+    Returns ``(|s|, connected, floor, n_iter, delta, history)``.
+    """
+    connected = deg > 0
+    d_min = jnp.min(jnp.where(connected, deg, jnp.iinfo(jnp.int32).max))
+    F = jnp.where(n_adversaries >= 0, n_adversaries, jnp.maximum(d_min // 2 - 1, 0))
+    floor = 1.0 / jnp.sqrt(jnp.maximum(jnp.asarray(n_tasks, dtype), 1.0))
+    # Deterministic start (crowd-kit draws u = v uniformly at random): the root of each
+    # annotator's mean |C|, so the result does not depend on padding or layout.
+    u0 = v0 = jnp.maximum(jnp.sqrt(x_sum / jnp.maximum(deg, 1)), floor)
+    hist0 = jnp.zeros((max(min(max_iter, 1000), 1),), dtype)
+
+    def cond(c):
+        _, _, i, delta, _ = c
+        return (i < max_iter) & (delta >= tol)
+
+    def body(c):
+        u, v, i, _, hist = c
+        u_new, v_new = update(u, v, F, floor)
+        # Relative change of u v^T (crowd-kit uses the absolute change with tol 1e-10, which
+        # float32 cannot resolve).
+        delta = change(u, v, u_new, v_new) / jnp.maximum(
+            jnp.linalg.norm(u_new) * jnp.linalg.norm(v_new), 1e-30)
+        hist = hist.at[jnp.minimum(i, hist.shape[0] - 1)].set(delta)
+        return u_new, v_new, i + 1, delta, hist
+
+    u, v, n_iter, delta, hist = jax.lax.while_loop(
+        cond, body, (u0, v0, jnp.asarray(0, jnp.int32), jnp.asarray(jnp.inf, dtype), hist0))
+    s_abs = u / jnp.sqrt(jnp.linalg.norm(u) / jnp.maximum(jnp.linalg.norm(v), 1e-30))
+    return s_abs, connected, floor, n_iter, delta, hist
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "ties", "power_iter"))
@@ -248,29 +279,16 @@ def fit_sparse(data: Any, row: jax.Array, col: jax.Array, agree: jax.Array, comm
     C = jnp.where(real, covariation(agree.astype(dtype), common.astype(dtype), K), 0.0)
     X = jnp.abs(C)
     seg = functools.partial(jax.ops.segment_sum, num_segments=W)
-    deg = seg(real.astype(jnp.int32), col)
-    connected = deg > 0
-    d_min = jnp.min(jnp.where(connected, deg, jnp.iinfo(jnp.int32).max))
-    F = jnp.where(n_adversaries >= 0, n_adversaries, jnp.maximum(d_min // 2 - 1, 0))
-    floor = 1.0 / jnp.sqrt(jnp.maximum(jnp.asarray(n_tasks, dtype), 1.0))
-    u0 = v0 = jnp.maximum(jnp.sqrt(seg(X, col) / jnp.maximum(deg, 1)), floor)
-    hist0 = jnp.zeros((max(min(max_iter, 1000), 1),), dtype)
+    # where each column's (and row's) entries start once sorted by it: fixed by the pair list
+    starts = [jnp.cumsum(n) - n for n in (seg(jnp.ones_like(X), col), seg(jnp.ones_like(X), row))]
 
-    def cond(st):
-        return (st[2] < max_iter) & (st[3] >= tol)
+    def update(u, v, F, floor):
+        v_new = _msr_update_sparse(row, col, starts[0], X, real, u, v, F, floor)
+        return _msr_update_sparse(col, row, starts[1], X, real, v_new, u, F, floor), v_new
 
-    def body(st):
-        u, v, i, _, hist = st
-        v_new = _msr_update_sparse(row, col, X, real, u, v, F, floor)
-        u_new = _msr_update_sparse(col, row, X, real, v_new, u, F, floor)
-        delta = _rank_one_change(u, v, u_new, v_new) / jnp.maximum(
-            jnp.linalg.norm(u_new) * jnp.linalg.norm(v_new), 1e-30)
-        hist = hist.at[jnp.minimum(i, hist.shape[0] - 1)].set(delta)
-        return u_new, v_new, i + 1, delta, hist
-
-    u, v, n_iter, delta, hist = jax.lax.while_loop(
-        cond, body, (u0, v0, jnp.asarray(0, jnp.int32), jnp.asarray(jnp.inf, dtype), hist0))
-    s_abs = u / jnp.sqrt(jnp.linalg.norm(u) / jnp.maximum(jnp.linalg.norm(v), 1e-30))
+    s_abs, connected, floor, n_iter, delta, hist = _msr(
+        seg(X, col), seg(real.astype(jnp.int32), col), update, _rank_one_change, n_tasks=n_tasks,
+        n_adversaries=n_adversaries, max_iter=max_iter, tol=tol, dtype=dtype)
 
     def p_cond(st):
         return (st[1] < power_iter) & (st[2] > 1e-6)
@@ -300,39 +318,17 @@ def fit(data: Any, agree: jax.Array, common: jax.Array, key: jax.Array, *, n_tas
     C = covariation(agree.astype(dtype), common.astype(dtype), K)
     obs = (common > 0) & data.worker_mask.astype(bool)[:, None] & data.worker_mask.astype(bool)[None, :]
     X = jnp.abs(C)
-    deg = obs.sum(0)
-    connected = deg > 0
-    d_min = jnp.min(jnp.where(connected, deg, jnp.iinfo(jnp.int32).max))
-    F_auto = jnp.maximum(d_min // 2 - 1, 0)
-    F = jnp.where(n_adversaries >= 0, n_adversaries, F_auto)
-    n_t = jnp.maximum(jnp.asarray(n_tasks, dtype), 1.0)
-    floor = 1.0 / jnp.sqrt(n_t)
-    W = X.shape[0]
-    # Deterministic start (crowd-kit draws u = v uniformly at random): the root of each
-    # annotator's mean |C|, so the result does not depend on padding or layout.
-    row = jnp.where(obs, X, 0.0).sum(1) / jnp.maximum(deg, 1)
-    u0 = v0 = jnp.maximum(jnp.sqrt(row), floor)
-    hist0 = jnp.zeros((max(min(max_iter, 1000), 1),), dtype)
 
-    def cond(c):
-        _, _, i, delta, _ = c
-        return (i < max_iter) & (delta >= tol)
-
-    def body(c):
-        u, v, i, _, hist = c
+    def update(u, v, F, floor):
         v_new = _msr_update(X, obs, u, v, F, floor)
-        u_new = _msr_update(X.T, obs.T, v_new, u, F, floor)
-        # Relative change of u v^T (crowd-kit uses the absolute change with tol 1e-10, which
-        # float32 cannot resolve).
-        delta = (jnp.sqrt(((u_new[:, None] * v_new[None, :] - u[:, None] * v[None, :]) ** 2).sum())
-                 / jnp.maximum(jnp.linalg.norm(u_new) * jnp.linalg.norm(v_new), 1e-30))
-        hist = hist.at[jnp.minimum(i, hist.shape[0] - 1)].set(delta)
-        return u_new, v_new, i + 1, delta, hist
+        return _msr_update(X.T, obs.T, v_new, u, F, floor), v_new
 
-    u, v, n_iter, delta, hist = jax.lax.while_loop(
-        cond, body, (u0, v0, jnp.asarray(0, jnp.int32), jnp.asarray(jnp.inf, dtype), hist0))
-    k = jnp.sqrt(jnp.linalg.norm(u) / jnp.maximum(jnp.linalg.norm(v), 1e-30))
-    s_abs = u / k
+    def change(u, v, u_new, v_new):
+        return jnp.sqrt(((u_new[:, None] * v_new[None, :] - u[:, None] * v[None, :]) ** 2).sum())
+
+    s_abs, connected, floor, n_iter, delta, hist = _msr(
+        jnp.where(obs, X, 0.0).sum(1), obs.sum(0), update, change, n_tasks=n_tasks,
+        n_adversaries=n_adversaries, max_iter=max_iter, tol=tol, dtype=dtype)
     Cm = jnp.where(obs, C, 0.0)
 
     # Signs: the leading eigenvector of C completed with |s|^2 on the diagonal (C ~ s s^T).
