@@ -262,7 +262,7 @@ CROWDKIT: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def crowdkit_seconds(method: str, tensor: Any, timeout: float | None = None) -> float | None:
+def crowdkit_seconds(method: str, tensor: Any) -> float | None:
     """crowd-kit's version of ``method`` fitted once on the same answers (None: no such method in
     crowd-kit, or crowd-kit not installed)."""
     if method not in CROWDKIT:
@@ -354,7 +354,8 @@ def method_table(methods: list[str], sizes: list[int], kind: str = "dense", repe
                 if "error" in ck and ck["error"].startswith("timeout"):
                     row.update(crowdkit_s=crowdkit_timeout, crowdkit_timed_out=True)
                 elif ck.get("crowdkit_s") is not None:
-                    row.update(crowdkit_s=ck["crowdkit_s"])
+                    row.update(crowdkit_s=ck["crowdkit_s"],
+                               crowdkit_peak_rss_GiB=ck["crowdkit_peak_rss_GiB"])
                 elif "error" in ck:
                     row["crowdkit_error"] = ck["error"]
                 if "crowdkit_s" in row:
