@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--screen-iter", default="default",
                     help="sweeps before the restarts are screened ('none': every restart runs to the end)")
     ap.add_argument("--keep", type=int, default=None, help="restarts that run on after screening")
+    ap.add_argument("--screen-tasks", default="default",
+                    help="tasks sampled to screen on ('none': screen on all of them)")
     ap.add_argument("--repeat", type=int, default=2, help="calls to time (the first compiles)")
     args = ap.parse_args()
 
@@ -66,6 +68,8 @@ def main() -> None:
         screen["screen_iter"] = None if args.screen_iter == "none" else int(args.screen_iter)
     if args.keep is not None:
         screen["keep"] = args.keep
+    if args.screen_tasks != "default":
+        screen["screen_tasks"] = None if args.screen_tasks == "none" else int(args.screen_tasks)
     rows = []
     for i in range(args.repeat):
         model = EBCC(restarts=args.restarts, restart_batch=args.restart_batch, seed=i, **screen)
@@ -74,13 +78,13 @@ def main() -> None:
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         rows.append((i + 1, dt, cpu, float((model.label_codes_ == truth).mean()), model.n_iter_,
                      int(np.sum(model.sweeps_)),
-                     float(np.max(model.elbos_)), float(np.min(model.elbos_))))
+                     float(np.nanmax(model.elbos_)), float(np.nanmin(model.elbos_))))
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__} "
           f"({jax.devices()[0].platform}); panel {args.tasks} x {args.workers} x {args.classes}, "
           f"{patterns.n_tasks} distinct answer rows (merged in {t_merge:.2f} s)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (CPU seconds = time on all cores of this process)")
     probe = EBCC(restarts=args.restarts, **screen)
-    print(f"screening: screen_iter={probe.screen_iter}, keep={probe.keep}")
+    print(f"screening: screen_iter={probe.screen_iter}, keep={probe.keep}, screen_tasks={probe.screen_tasks}")
     print(f"{'call':>4} {'restarts':>8} {'seconds':>8} {'cpu_s':>8} {'acc_ebcc':>8} {'acc_mv':>7} {'iters(best)':>11} "
           f"{'sweeps(all)':>11} {'best_elbo':>10} {'worst_elbo':>10}")
     acc_mv = float((mv.label_codes_ == truth).mean())

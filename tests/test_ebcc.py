@@ -121,3 +121,87 @@ def test_screening_defaults_and_bad_arguments():
         EBCC(screen_iter=0)
     with pytest.raises(ValueError, match="keep"):
         EBCC(keep=0)
+
+
+def test_accelerated_sweeps_never_lower_the_elbo_and_stop_at_a_fixed_point():
+    """Over-relaxed sweeps: the accepted ELBO never decreases, some extrapolated sweeps are taken
+    (and some refused), and where the rule stops, a plain sweep barely moves the posteriors."""
+    tensor, z = panel(13, n_tasks=300, n_workers=6)
+    with jax.enable_x64(True):
+        data = prepare(tensor, layout="dense", dtype=jnp.float64)
+        w = data.task_mask
+        priors = kernel._priors(data, w, 3, 1.0, 0.1, 4.0, 1.0, True)
+        key = jax.random.key(5)
+        opts = dict(n_subtypes=3, max_iter=400, tol=-np.inf, atol=1e-6)
+        plain_state, plain = kernel.fit_one(data, key, w, priors, **opts)
+        fast_state, fast = kernel.fit_one(data, key, w, priors, accelerate=True, **opts)
+        _, _, dz = kernel.step(data, fast_state, weight=w, priors=priors)
+    h = np.asarray(fast.history)[: int(fast.n_iter)]
+    assert bool(fast.converged) and bool(plain.converged)
+    assert np.all(np.diff(h) >= -1e-12), np.diff(h).min()
+    assert len(np.unique(h)) < len(h)  # some extrapolations were refused (the ELBO stayed)
+    assert int(fast.n_iter) < int(plain.n_iter)
+    assert float(dz) < 1e-5  # a plain sweep from where it stopped: a fixed point
+    acc = lambda st: (np.asarray(st.z)[: tensor.n_tasks].argmax(1) == z).mean()  # noqa: E731
+    assert acc(fast_state) == pytest.approx(acc(plain_state), abs=0.01)
+
+
+def test_screening_sample_weights_and_starts():
+    """The screening sample: drawn rows carry their answers, weights add up to the tasks they
+    stand for, and each drawn row starts where it starts in the whole."""
+    tensor, _ = panel(14, n_tasks=400, n_workers=4, n_classes=2, p_missing=0.0)
+    rows, counts, _, _ = kernel.merge_patterns(tensor, None)
+    sample, weight, drawn = kernel.screening_sample(rows, counts, 150, seed=0)
+    assert 0 < sample.n_tasks < rows.n_tasks
+    assert weight.sum() == pytest.approx(counts.sum())
+    np.testing.assert_array_equal(sample.dense(), rows.dense()[drawn])
+    whole, part = prepare(rows, layout="dense", pad=False), prepare(sample, layout="dense", pad=False)
+    key = jax.random.key(2)
+    np.testing.assert_allclose(kernel.start(part, key, 3, jnp.asarray(drawn)),
+                               np.asarray(kernel.start(whole, key, 3))[drawn], rtol=1e-6)
+
+
+@pytest.mark.parametrize("accelerate", [False, True])
+def test_screening_on_a_sample_keeps_the_unscreened_result(accelerate):
+    """Screened on a sample, the kept restart then runs on all rows from its own start: its
+    result is that restart's result without screening; dropped restarts report NaN."""
+    tensor, _ = panel(15, n_tasks=600, n_workers=5)
+    rows, counts, _, _ = kernel.merge_patterns(tensor, None)
+    key = jax.random.key(4)
+    opts = dict(n_subtypes=3, max_iter=60, tol=-np.inf, atol=1e-4, accelerate=accelerate)
+    with jax.enable_x64(True):
+        data = prepare(rows, layout="dense", dtype=jnp.float64)
+        w = jnp.zeros(data.n_tasks).at[: rows.n_tasks].set(counts)
+        sample, sw, drawn = kernel.screening_sample(rows, counts, 200, seed=1)
+        sdata = prepare(sample, layout="dense", dtype=jnp.float64)
+        spad = jnp.zeros(sdata.n_tasks).at[: sample.n_tasks].set(sw)
+        rpad = jnp.zeros(sdata.n_tasks, jnp.int32).at[: sample.n_tasks].set(drawn.astype(np.int32))
+        res = kernel.fit(data, key, w, restarts=5, restart_batch=2, screen_iter=3, keep=2,
+                         screen_on=(sdata, spad, rpad), **opts)
+        b = int(res.best)
+        priors = kernel._priors(data, w * data.task_mask, 3, 1.0, 0.1, 4.0, 1.0, True)
+        alone, loop = kernel.fit_one(data, jax.random.split(key, 5)[b], w * data.task_mask, priors, **opts)
+    elbos = np.asarray(res.elbos)
+    assert np.isnan(elbos).sum() == 3 and np.isfinite(elbos).sum() == 2
+    assert elbos[b] == np.nanmax(elbos)
+    assert float(res.objective) == pytest.approx(float(loop.objective), rel=1e-10)
+    assert int(res.n_iter) == int(loop.n_iter)
+    np.testing.assert_allclose(res.posteriors[: rows.n_tasks], alone.z[: rows.n_tasks], atol=1e-10)
+
+
+def test_fast_protocol_defaults_and_bad_arguments():
+    """Past AUTO_SCREEN_ANSWERS answers: over-relaxed sweeps, and screening on a sample when the
+    tasks are more than twice AUTO_SCREEN_TASKS; below, the reference protocol."""
+    model = EBCC()
+    assert not model._accelerate(kernel.AUTO_SCREEN_ANSWERS)
+    assert model._accelerate(kernel.AUTO_SCREEN_ANSWERS + 1)
+    assert model._screen_draws(2 * kernel.AUTO_SCREEN_TASKS) is None
+    assert model._screen_draws(2 * kernel.AUTO_SCREEN_TASKS + 1) == kernel.AUTO_SCREEN_TASKS
+    assert EBCC(screen_tasks=None)._screen_draws(10 ** 9) is None
+    assert EBCC(screen_tasks=100)._screen_draws(100) is None
+    assert EBCC(screen_tasks=100)._screen_draws(101) == 100
+    assert EBCC(accelerate=True)._accelerate(10)
+    with pytest.raises(ValueError, match="screen_tasks"):
+        EBCC(screen_tasks=0)
+    with pytest.raises(ValueError, match="accelerate"):
+        EBCC(accelerate="yes")
