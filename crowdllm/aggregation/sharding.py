@@ -11,7 +11,10 @@ single-device fit to float rounding (tested on 4 CPU devices in ``tests/test_sha
 
 Multi-host: call :func:`initialize` on every host (the same program, one process per host),
 then :func:`shard` builds global arrays from each host's copy of the prepared data and the same
-jitted ``fit`` runs across all hosts' devices.
+jitted ``fit`` runs across all hosts' devices (on CPU hosts the collectives go over gloo, JAX's
+default). Gather per-task results with ``jax.experimental.multihost_utils.process_allgather``.
+Tested with two processes of 2 CPU devices each on localhost (``tests/test_multihost.py``):
+DS and one-coin DS equal the single-device fit to 1e-5.
 
 Example:
     >>> from crowdllm.aggregation import _core, dawid_skene, sharding
