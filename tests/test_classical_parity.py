@@ -61,8 +61,6 @@ KNOWN_BELOW = {
             ".559-.561, after 20: .526, converged at 51: .5004); crowd-kit 1.4.2 stops early, and "
             "the crowd-kit JOSS paper's own GLAD figure for this dataset is .511; the mean over 21 "
             "datasets (.7963 vs .7875) is above crowd-kit's; issue 3 stays open on this",
-    "mmsr": "more than 1 point below crowd-kit on li_quiz_itmanage and li_quiz_medicine (one task "
-            "each: a different sign rule for adversarial annotators); issue 3 stays open on this",
 }
 
 
