@@ -365,6 +365,7 @@ def fit_sparse(data: Any, row: jax.Array, col: jax.Array, agree: jax.Array, comm
 
     y0 = s_abs / jnp.maximum(jnp.linalg.norm(s_abs), 1e-30)
     lead = jax.lax.while_loop(p_cond, p_body, (y0, jnp.asarray(0), jnp.asarray(jnp.inf, dtype)))[0]
+
     def project(signed, b):
         return seg(jnp.where(real, C if signed else 1.0, 0.0) * b[row], col)
 
