@@ -11,6 +11,7 @@ does not depend on what else runs.
 
 Usage:
     nice python benchmarks/ebcc_speed.py [--tasks 1000000] [--workers 12] [--classes 5] [--restarts 40]
+        [--screen-iter N|none] [--keep N] [--screen-tasks N|none] [--accelerate auto|on|off]
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def main() -> None:
     ap.add_argument("--screen-tasks", default="default",
                     help="tasks sampled to screen on ('none': screen on all of them)")
     ap.add_argument("--repeat", type=int, default=2, help="calls to time (the first compiles)")
+    ap.add_argument("--accelerate", choices=["auto", "on", "off"], default="auto",
+                    help="over-relaxed sweeps (auto: past 1,000,000 answers)")
     args = ap.parse_args()
 
     import jax
@@ -68,6 +71,8 @@ def main() -> None:
         screen["screen_iter"] = None if args.screen_iter == "none" else int(args.screen_iter)
     if args.keep is not None:
         screen["keep"] = args.keep
+    if args.accelerate != "auto":
+        screen["accelerate"] = args.accelerate == "on"
     if args.screen_tasks != "default":
         screen["screen_tasks"] = None if args.screen_tasks == "none" else int(args.screen_tasks)
     rows = []
@@ -84,7 +89,8 @@ def main() -> None:
           f"{patterns.n_tasks} distinct answer rows (merged in {t_merge:.2f} s)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (CPU seconds = time on all cores of this process)")
     probe = EBCC(restarts=args.restarts, **screen)
-    print(f"screening: screen_iter={probe.screen_iter}, keep={probe.keep}, screen_tasks={probe.screen_tasks}")
+    print(f"screening: screen_iter={probe.screen_iter}, keep={probe.keep}, screen_tasks={probe.screen_tasks}, "
+          f"accelerate={probe.accelerate}")
     print(f"{'call':>4} {'restarts':>8} {'seconds':>8} {'cpu_s':>8} {'acc_ebcc':>8} {'acc_mv':>7} {'iters(best)':>11} "
           f"{'sweeps(all)':>11} {'best_elbo':>10} {'worst_elbo':>10}")
     acc_mv = float((mv.label_codes_ == truth).mean())
