@@ -70,8 +70,8 @@ def ours(n_items: int, repeats: int) -> dict[str, tuple[float, float]]:
                                 repeats)
 
     # M-MSR: the pair statistics (one pass over the panel) and the MSR + vote, both jitted.
-    tc1, tr1 = time_compiled(mmsr._dense_pairs, (data5.labels,), {}, repeats)
-    agree, common = (jnp.asarray(x) for x in mmsr._dense_pairs(data5.labels))
+    tc1, tr1 = time_compiled(mmsr._dense_pairs, (data5.labels,), dict(n_classes=5), repeats)
+    agree, common = (jnp.asarray(x) for x in mmsr._dense_pairs(data5.labels, 5))
     tc2, tr2 = time_compiled(mmsr.fit, (data5, agree, common, jax.random.key(0)),
                              dict(n_tasks=n_items), repeats)
     res["mmsr"] = (tc1 + tc2, tr1 + tr2)

@@ -36,3 +36,24 @@ def test_method_table_times_crowdkit_beside_ours_and_bounds_a_timeout():
     (big,) = speed.method_table(["mv"], [200], "coo", repeats=0, crowdkit_max=100)
     (bwa,) = speed.method_table(["bwa"], [200], "coo", repeats=0, crowdkit_max=200)
     assert "crowdkit_s" not in big and "crowdkit_s" not in bwa and bwa["accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("script", ["classical_speed", "ebcc_speed"])
+def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
+    """The benchmark scripts call kernels by their internal signatures, so a change of those
+    can break a script silently (``classical_speed`` did, session 3); run each end to end on a
+    tiny panel and check the table it prints (no timing is asserted)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    mod = importlib.import_module(script)
+    argv = {"classical_speed": ["--items", "600", "--ck-items", "0", "--repeats", "1"],
+            "ebcc_speed": ["--tasks", "300", "--restarts", "3", "--repeat", "1"]}[script]
+    monkeypatch.setattr(sys, "argv", [script] + argv)
+    mod.main()
+    out = capsys.readouterr().out
+    names = ["glad", "mace", "mmsr", "kos"] if script == "classical_speed" else ["acc_ebcc"]
+    for name in names:
+        assert name in out, out
