@@ -205,3 +205,17 @@ def test_fast_protocol_defaults_and_bad_arguments():
         EBCC(screen_tasks=0)
     with pytest.raises(ValueError, match="accelerate"):
         EBCC(accelerate="yes")
+
+
+@pytest.mark.parametrize("layout", ["coo", "dense"])
+def test_sample_screening_through_the_class(layout):
+    """``EBCC(screen_tasks=...)`` end to end (sampling, padding, row indices, both layouts): the
+    kept restart's final ELBO is the one it reaches in the unscreened protocol, the others are NaN."""
+    tensor, z = panel(16, n_tasks=500, n_workers=5, p_missing=0.0 if layout == "dense" else 0.3)
+    opts = dict(restarts=4, n_subtypes=3, seed=3, layout=layout, dtype="float64", accelerate=True)
+    full = EBCC(screen_iter=None, **opts).fit(tensor)
+    screened = EBCC(screen_iter=3, keep=1, screen_tasks=120, **opts).fit(tensor)
+    b = screened.best_restart_
+    assert np.isnan(screened.elbos_).sum() == 3
+    assert screened.elbos_[b] == pytest.approx(full.elbos_[b], rel=1e-9)
+    assert (screened.label_codes_ == z).mean() > 0.8
