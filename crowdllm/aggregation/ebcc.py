@@ -48,15 +48,17 @@ Making 40 restarts cheap:
   most 20,000 answers, 40 restarts, mean accuracy over seeds 0-2: full protocol 0.8545, 5/1
   0.8531, 20/4 0.8537 (reference 0.8549); the ELBO after a few sweeps ranks restarts poorly
   (zheng_face loses up to a point). A kept restart continues exactly where it stopped (tested).
-* past 100,000 tasks, screening runs on a sample of 50,000 tasks (``screen_tasks``, drawn in
-  proportion to the rows' weights and reweighted to stand for the whole, each row starting
-  where it starts in the whole), and the kept restart then runs on all rows from its start, so
-  its result is the one it has unscreened (tested): 40 restarts' screening cost 34 s at
-  1,000,000 tasks on all rows, about 3 s on the sample;
+* when restarts are screened and there are more than 100,000 tasks, screening runs on a
+  sample of 50,000 tasks (``screen_tasks``, drawn in proportion to the rows' weights and
+  reweighted to stand for the whole, each row starting where it starts in the whole), and the
+  kept restart then runs on all rows from its start, so its result is the one it has unscreened
+  (tested): 40 restarts' screening cost 34 s at 1,000,000 tasks on all rows, about 3 s on the
+  sample;
 * past 1,000,000 answers, sweeps are over-relaxed (``accelerate``, see :func:`_run`): a slow
   drift of the subtypes kept plain sweeps going for 240 to more than 500 sweeps at 1,000,000
-  tasks; over-relaxed, 90-190 (the ELBO still never decreases; it stops at a fixed point of the
-  same sweeps).
+  tasks; over-relaxed, 90-192 (the ELBO still never decreases; it stops at a fixed point of the
+  same sweeps). With both, 40 restarts at 1,000,000 x 12 x 5 take 18.7-34.5 s on the 2-core VM
+  (26.6 s with compilation; the protocol before them: 74-89 s), ``benchmarks/ebcc_speed.py``.
 
 References:
     Y. Li, B. Rubinstein, T. Cohn. Exploiting worker correlation for label aggregation in
@@ -571,7 +573,7 @@ class EBCC(Aggregator):
         priors_: ``[K]`` expected class proportions.
         skills_: ``[workers]`` expected accuracy.
         elbos_: ``[restarts]`` final ELBO (per answer) of every restart (NaN: dropped by screening
-            on a sample); ``best_restart_``.
+            on a sample, or a restart whose ELBO was not finite); ``best_restart_``.
         subtypes_: ``[tasks, K, M]`` posterior over (class, subtype).
     """
 
