@@ -114,7 +114,7 @@ def test_tie_split_accuracy():
                "published figures are one draw of random starts: the reference algorithm re-run "
                "in numpy with seeds 0-39 gives 0.7765 on zencrowd_in (0.7804 on average over "
                "single starts); over all 13 EBCC datasets ours is 0.8539 / 0.8551 / 0.8545 with "
-               "seeds 0 / 1 / 2 against the published 0.8546; issue 4 stays open on this"))
+               "seeds 0 / 1 / 2 against the published 0.8546; issue 4 is marked blocked on this (session 4)"))
     if m == "ebcc" else m for m in METHODS])
 def test_accuracy_matches_reference(method):
     names = [d for d in datasets_with_figures() if method in reference_figures(d)]

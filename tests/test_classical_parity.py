@@ -56,14 +56,14 @@ KNOWN_BELOW = {
             "on crowdscale_fact_eval (1 restart), below ours; li_quiz_itmanage turns on one task "
             "answered 18 to 17, which crowd-kit gets right with random_state=0 only (seeds 1-5 "
             "give .80 with exactly our wrong tasks, at the same likelihood). The mean over 21 "
-            "datasets (.8230 vs .8099) is above crowd-kit's; issue 3 stays open on this",
+            "datasets (.8230 vs .8099) is above crowd-kit's; issue 3 is marked blocked on this (session 4)",
     "glad": "more than 1 point below crowd-kit on zheng_s_relevance only (.5004 vs .5646): "
             "crowd-kit 1.4.2 stops after 2 iterations because its stopping check compares Q under "
             "different posteriors and Q dips once (-0.328021 to -0.329367); run on, crowd-kit's "
             "own GLAD drifts as ours does (iteration 10 .531, 20 .5224, 40 .5130; the crowd-kit "
             "paper's figure for this dataset is .511), ours converged at 51: .5004. Stopping on a "
             "dip of Q is not a convergence rule, and our objective rises monotonically. The mean "
-            "over 21 datasets (.7963 vs .7875) is above crowd-kit's; issue 3 stays open on this",
+            "over 21 datasets (.7963 vs .7875) is above crowd-kit's; issue 3 is marked blocked on this (session 4)",
 }
 
 
