@@ -110,12 +110,18 @@ def methods(as_json: bool) -> None:
                    "ds-bayes: nuts|svi); NUTS/SVI show a progress bar.")
 @click.option("--judge", help="llm-judge: the judging annotator (a panel name of the run, or "
                               "PANEL.toml#NAME); default: $CROWDLLM_JUDGE.")
+@click.option("--param", "-p", "param_specs", multiple=True, metavar="NAME=VALUE",
+              help="Any other parameter of the method (repeatable), e.g. -m ebcc -p restarts=10 "
+                   "-p accelerate=true; values are read as JSON when they parse (numbers, "
+                   "true/false, null), else as text. See the method's docstring.")
 def aggregate(answers: str, method: str, gold: str | None, use_gold: str, output: str | None,
               skills: str | None, seed: int, max_iter: int | None, tol: float | None,
               duplicates: str, task_col: str, worker_col: str, label_col: str,
-              as_json: bool, inference: str | None = None, judge: str | None = None) -> None:
+              as_json: bool, inference: str | None = None, judge: str | None = None,
+              param_specs: tuple[str, ...] = ()) -> None:
     """Aggregate crowd answers (a task,worker,label file, a run folder, or 'example')."""
     from .aggregation import get_method
+    from .eval.bench import parse_params
 
     try:
         # check the options before reading a possibly large file
@@ -123,7 +129,11 @@ def aggregate(answers: str, method: str, gold: str | None, use_gold: str, output
                                   "inference": inference, "judge": judge}
         if use_gold == "init":
             params["init"] = "gold"
-        model = get_method(method, **params)
+        for spec in param_specs:
+            if "=" not in spec or not spec.partition("=")[0].strip():
+                raise ValueError(f"bad --param {spec!r}: expected NAME=VALUE, e.g. restarts=10")
+        named = parse_params([f"{method}.{spec}" for spec in param_specs]).get(method, {})
+        model = get_method(method, named, **params)
         gold_path = (example_dir() / "gold.csv") if gold == "example" else gold
         if use_gold != "none" and gold_path is None:
             fail("--use-gold needs --gold")

@@ -131,3 +131,33 @@ def test_bundled_example_runs(runner, tmp_path):
     assert pq.read_table(out).num_rows == 807
     acc = float(res.output.split("accuracy on 807 gold tasks: ")[1].split()[0])
     assert acc > 0.82  # MV's expected accuracy on this dataset is 0.8222 (SOURCE.md); DS beats it
+
+
+def test_param_reaches_the_method_and_a_wrong_name_is_refused(runner, answers):
+    """``-p NAME=VALUE``: JSON values (numbers, true/false, null) reach the method's constructor;
+    a name the method does not take, or a spec without ``=``, is one clear error."""
+    p, _ = answers
+    res = runner.invoke(main, ["aggregate", str(p), "-m", "ds", "-p", "max_iter=1", "-p", "tol=1e-12", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output[res.output.index("{"):])["n_iter"] == 1
+    # null reaches the constructor too (EBCC: screen_iter=None means every restart runs to the end)
+    from crowdllm.aggregation import get_method
+
+    assert get_method("ebcc", {"screen_iter": None}, seed=1).screen_iter is None
+    assert get_method("ebcc", seed=1, tol=None).screen_iter == "auto"
+    res = runner.invoke(main, ["aggregate", str(p), "-m", "ebcc", "-p", "restarts=2", "-p", "n_subtypes=2",
+                               "-p", "screen_iter=null", "-p", "accelerate=true", "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["aggregate", str(p), "-m", "ebcc", "-p", "restarts=0"])
+    assert res.exit_code != 0 and "restarts" in res.output
+    res = runner.invoke(main, ["aggregate", str(p), "-m", "ebcc", "-p", "restart=3"])
+    assert res.exit_code != 0
+    assert "no parameter 'restart'" in res.output and "restarts" in res.output
+    res = runner.invoke(main, ["aggregate", str(p), "-m", "ds", "-p", "max_iter"])
+    assert res.exit_code != 0 and "NAME=VALUE" in res.output
+
+
+def test_bench_param_with_a_wrong_name_is_refused(runner, answers):
+    p, _ = answers
+    res = runner.invoke(main, ["bench", str(p.parent), "-m", "ds", "-p", "ds.maxiter=3"])
+    assert res.exit_code != 0 and "no parameter 'maxiter'" in res.output

@@ -42,11 +42,13 @@ def register(cls: type[Aggregator]) -> type[Aggregator]:
     return cls
 
 
-def get_method(name: str, **params: Any) -> Aggregator:
+def get_method(name: str, explicit: Any = None, **params: Any) -> Aggregator:
     """Build the aggregator called ``name``, passing only the parameters it accepts.
 
     ``seed``, ``max_iter`` and ``tol`` are common CLI options; a method that has no such
-    parameter ignores them (``None`` values are ignored too).
+    parameter ignores them (``None`` values are ignored too). ``explicit`` (a mapping) holds
+    parameters the user named: each must exist (:func:`check_params`), ``None`` included, and
+    they win over ``params``.
     """
     try:
         cls = METHODS[name]
@@ -54,9 +56,26 @@ def get_method(name: str, **params: Any) -> Aggregator:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
     accepted = cls.parameters()
     kwargs = {k: v for k, v in params.items() if v is not None and k in accepted}
+    if explicit:
+        check_params(name, explicit)
+        kwargs.update(explicit)
     return cls(**kwargs)
 
 
-__all__ = ["Aggregator", "ConvergenceWarning", "METHODS", "get_method", "register",
+def check_params(name: str, params: Any) -> None:
+    """Raise ``ValueError`` naming every key of ``params`` that method ``name`` does not take
+    (``get_method`` ignores those silently, which suits the CLI's common options but would hide
+    a typo in a parameter the user named)."""
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+    unknown = sorted(set(params) - set(cls.parameters()))
+    if unknown:
+        raise ValueError(f"method {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                         f"its parameters: {', '.join(cls.parameters())}")
+
+
+__all__ = ["Aggregator", "ConvergenceWarning", "METHODS", "get_method", "check_params", "register",
            "MajorityVote", "Wawa", "ZeroBasedSkill", "DawidSkene", "OneCoinDawidSkene",
            "GLAD", "MACE", "MMSR", "KOS"]

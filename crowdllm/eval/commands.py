@@ -72,10 +72,14 @@ _param_opt = click.option("--param", "-p", "param", multiple=True, metavar="METH
 
 
 def _params(specs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    from ..aggregation import check_params
     from .bench import parse_params
 
     try:
-        return parse_params(specs)
+        params = parse_params(specs)
+        for method, values in params.items():
+            check_params(method, values)
+        return params
     except ValueError as exc:
         _cli().fail(str(exc))
         raise

@@ -74,7 +74,7 @@ def run_method(tensor: LabelTensor, name: str, params: Mapping[str, Any] | None 
     try:
         with warnings.catch_warnings(record=True) as caught:  # type: ignore[assignment]
             warnings.simplefilter("always")
-            model = get_method(name, **{"seed": seed, **dict(params or {})})
+            model = get_method(name, dict(params or {}), seed=seed)
             model.fit(tensor)
         codes = np.asarray(model.label_codes_, dtype=np.int32)
         if codes.shape != (tensor.n_tasks,):
