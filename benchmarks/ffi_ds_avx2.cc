@@ -34,10 +34,13 @@ static inline __m256 exp256(__m256 x) {
 constexpr int K = 5, L = 5, MAXW = 64;
 
 struct Acc {
-  std::vector<__m256> cnt;  // [W][L][K] lanes
+  std::vector<__m256> cnt;  // [W][L][K] lanes, flushed into dcnt every FLUSH blocks
+  std::vector<double> dcnt;
+  double dcs[K] = {0};
   __m256 csum[K];
   __m256 msum, prod;
   __m256i ex;
+  double dmsum = 0;
   double tail_ll = 0; double tail_cnt[MAXW * L * K] = {0}; double tail_cs[K] = {0};
 };
 
@@ -51,12 +54,31 @@ static void run(const int8_t* lab, int64_t t0, int64_t t1, int64_t W, const floa
       T[w][k] = _mm256_load_ps(v);
     }
   A.cnt.assign(W * L * K, _mm256_setzero_ps());
+  A.dcnt.assign(W * L * K, 0.0);
   for (int k = 0; k < K; ++k) A.csum[k] = _mm256_setzero_ps();
   A.msum = _mm256_setzero_ps(); A.prod = _mm256_set1_ps(1.f); A.ex = _mm256_setzero_si256();
   const __m256i seven = _mm256_set1_epi32(7);
   int64_t nb = (t1 - t0) / 8;
   alignas(32) int32_t idx[MAXW][8];
+  auto flush = [&] {  // float lanes sum at most FLUSH values each; the totals are kept in double
+    alignas(32) float a[8];
+    for (int64_t j = 0; j < W * L * K; ++j) {
+      _mm256_store_ps(a, A.cnt[j]);
+      for (float x : a) A.dcnt[j] += x;
+      A.cnt[j] = _mm256_setzero_ps();
+    }
+    _mm256_store_ps(a, A.msum);
+    for (float x : a) A.dmsum += x;
+    A.msum = _mm256_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+      _mm256_store_ps(a, A.csum[k]);
+      for (float x : a) A.dcs[k] += x;
+      A.csum[k] = _mm256_setzero_ps();
+    }
+  };
+  constexpr int64_t FLUSH = 256;
   for (int64_t b = 0; b < nb; ++b) {
+    if (b % FLUSH == FLUSH - 1) flush();
     int64_t base = t0 + b * 8;
     for (int i = 0; i < 8; ++i) {
       const int8_t* y = lab + (base + i) * W;
@@ -91,6 +113,7 @@ static void run(const int8_t* lab, int64_t t0, int64_t t1, int64_t W, const floa
       }
     }
   }
+  flush();
   // tail rows (scalar)
   for (int64_t t = t0 + nb * 8; t < t1; ++t) {
     const int8_t* y = lab + t * W;
@@ -124,13 +147,13 @@ static ffi::Error Impl(ffi::Buffer<ffi::S8> labels, ffi::Buffer<ffi::F32> table,
   for (auto& th : pool) th.join();
   float* c = counts->typed_data(); float* k = csum->typed_data();
   double tot = 0;
-  for (int64_t j = 0; j < W * L * K; ++j) { double s = 0; for (auto& A : acc) s += hsum(A.cnt[j]) + A.tail_cnt[j]; c[j] = (float)s; }
-  for (int j = 0; j < K; ++j) { double s = 0; for (auto& A : acc) s += hsum(A.csum[j]) + A.tail_cs[j]; k[j] = (float)s; }
+  for (int64_t j = 0; j < W * L * K; ++j) { double s = 0; for (auto& A : acc) s += A.dcnt[j] + A.tail_cnt[j]; c[j] = (float)s; }
+  for (int j = 0; j < K; ++j) { double s = 0; for (auto& A : acc) s += A.dcs[j] + A.tail_cs[j]; k[j] = (float)s; }
   for (auto& A : acc) {
     alignas(32) float p[8]; alignas(32) int32_t e[8];
     _mm256_store_ps(p, A.prod); _mm256_store_si256((__m256i*)e, A.ex);
     double lz = 0; for (int i = 0; i < 8; ++i) lz += (e[i] + std::log2((double)p[i])) * 0.6931471805599453;
-    tot += hsum(A.msum) + lz + A.tail_ll;
+    tot += A.dmsum + lz + A.tail_ll;
   }
   ll->typed_data()[0] = (float)tot;
   return ffi::Error::Success();
