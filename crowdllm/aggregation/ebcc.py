@@ -521,6 +521,13 @@ def screening_sample(tensor: LabelTensor, counts: np.ndarray, n_draw: int, seed:
     return sample, drawn[rows] * (counts.sum() / n_draw), rows
 
 
+def _padded(values: np.ndarray, n: int, dtype: Any) -> jax.Array:
+    """``values`` followed by zeros up to length ``n`` (the padded task axis of prepared data)."""
+    out = np.zeros(n, np.asarray(values).dtype)
+    out[: len(values)] = values
+    return jnp.asarray(out, dtype)
+
+
 #: ``screen_iter="auto"``: screen the restarts (``AUTO_SCREEN_ITER`` sweeps, keep ``AUTO_KEEP``)
 #: when the rows to fit carry more than ``AUTO_SCREEN_ANSWERS`` answers, else run every restart
 #: to the end (the reference protocol). See the module docstring for the measurements.
@@ -621,8 +628,7 @@ class EBCC(Aggregator):
         with jax.enable_x64(f64):
             dtype = jnp.float64 if f64 else jnp.float32
             data = prepare(rows, layout=layout, gold=rgold, dtype=dtype)
-            weight = np.zeros(data.n_tasks)
-            weight[: rows.n_tasks] = counts
+            weight = _padded(counts, data.n_tasks, dtype)
             screen_iter, keep = self._screening(rows.n_answers)
             screen_on = None
             n_draw = self._screen_draws(tensor.n_tasks)
@@ -630,12 +636,9 @@ class EBCC(Aggregator):
                 sample, sample_weight, sample_rows = screening_sample(rows, counts, n_draw, self.seed)
                 sdata = prepare(sample, layout=layout, gold=None if rgold is None else rgold[sample_rows],
                                 dtype=dtype)
-                pad = np.zeros(sdata.n_tasks)
-                pad[: sample.n_tasks] = sample_weight
-                rows_padded = np.zeros(sdata.n_tasks, np.int64)
-                rows_padded[: sample.n_tasks] = sample_rows
-                screen_on = (sdata, jnp.asarray(pad, dtype), jnp.asarray(rows_padded, jnp.int32))
-            res = fit(data, jax.random.key(self.seed), jnp.asarray(weight, dtype),
+                screen_on = (sdata, _padded(sample_weight, sdata.n_tasks, dtype),
+                             _padded(sample_rows, sdata.n_tasks, jnp.int32))
+            res = fit(data, jax.random.key(self.seed), weight,
                       n_subtypes=self.n_subtypes, restarts=self.restarts,
                       restart_batch=self.restart_batch or (8 if layout == "dense" else 1), max_iter=self.max_iter,
                       tol=-np.inf if self.tol is None else self.tol, atol=self.atol, alpha=self.alpha, a_pi=self.a_pi, beta_diag=self.beta_diag,
