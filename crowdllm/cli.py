@@ -121,7 +121,7 @@ def aggregate(answers: str, method: str, gold: str | None, use_gold: str, output
               param_specs: tuple[str, ...] = ()) -> None:
     """Aggregate crowd answers (a task,worker,label file, a run folder, or 'example')."""
     from .aggregation import get_method
-    from .eval.bench import parse_params
+    from .eval.bench import parse_value
 
     try:
         # check the options before reading a possibly large file
@@ -129,10 +129,12 @@ def aggregate(answers: str, method: str, gold: str | None, use_gold: str, output
                                   "inference": inference, "judge": judge}
         if use_gold == "init":
             params["init"] = "gold"
+        named: dict[str, Any] = {}
         for spec in param_specs:
-            if "=" not in spec or not spec.partition("=")[0].strip():
+            key, sep, value = spec.partition("=")
+            if not sep or not key.strip():
                 raise ValueError(f"bad --param {spec!r}: expected NAME=VALUE, e.g. restarts=10")
-        named = parse_params([f"{method}.{spec}" for spec in param_specs]).get(method, {})
+            named[key.strip()] = parse_value(value)
         model = get_method(method, named, **params)
         gold_path = (example_dir() / "gold.csv") if gold == "example" else gold
         if use_gold != "none" and gold_path is None:

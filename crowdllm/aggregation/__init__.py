@@ -42,6 +42,13 @@ def register(cls: type[Aggregator]) -> type[Aggregator]:
     return cls
 
 
+def _method_class(name: str) -> type[Aggregator]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+
+
 def get_method(name: str, explicit: Any = None, **params: Any) -> Aggregator:
     """Build the aggregator called ``name``, passing only the parameters it accepts.
 
@@ -50,10 +57,7 @@ def get_method(name: str, explicit: Any = None, **params: Any) -> Aggregator:
     parameters the user named: each must exist (:func:`check_params`), ``None`` included, and
     they win over ``params``.
     """
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+    cls = _method_class(name)
     accepted = cls.parameters()
     kwargs = {k: v for k, v in params.items() if v is not None and k in accepted}
     if explicit:
@@ -66,10 +70,7 @@ def check_params(name: str, params: Any) -> None:
     """Raise ``ValueError`` naming every key of ``params`` that method ``name`` does not take
     (``get_method`` ignores those silently, which suits the CLI's common options but would hide
     a typo in a parameter the user named)."""
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+    cls = _method_class(name)
     unknown = sorted(set(params) - set(cls.parameters()))
     if unknown:
         raise ValueError(f"method {name!r} has no parameter {', '.join(map(repr, unknown))}; "

@@ -27,7 +27,8 @@ import numpy as np
 from ..labels import CrowdDataError, read_answers
 from .evaluate import run_method
 
-__all__ = ["BenchResult", "run_bench", "summarize", "merge_results", "average_ranks", "parse_params", "DEFAULT_PARAMS"]
+__all__ = ["BenchResult", "run_bench", "summarize", "merge_results", "average_ranks", "parse_params", "parse_value",
+           "DEFAULT_PARAMS"]
 
 #: per-method parameters the benchmark uses unless ``--param`` says otherwise
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {}
@@ -44,12 +45,16 @@ def parse_params(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
         method, dot, key = head.partition(".")
         if not sep or not dot or not method or not key:
             raise ValueError(f"bad --param {spec!r}: expected METHOD.NAME=VALUE")
-        try:
-            v: Any = json.loads(value)
-        except json.JSONDecodeError:
-            v = value
-        out.setdefault(method.strip(), {})[key.strip()] = v
+        out.setdefault(method.strip(), {})[key.strip()] = parse_value(value)
     return out
+
+
+def parse_value(text: str) -> Any:
+    """A ``--param`` value: JSON when it parses (numbers, true/false, null, lists), else the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def average_ranks(acc: np.ndarray) -> np.ndarray:
