@@ -45,6 +45,7 @@ import pyarrow as pa
 from ..labels import LabelTensor
 from ._core import (TINY, CrowdData, clamp_gold, iterate, normalize, prepare, task_class_sum,
                     task_vote, worker_confusion)
+from . import _native
 from .base import Aggregator
 
 __all__ = ["DawidSkene", "DSState", "DSResult", "init", "step", "fit", "e_step", "m_step"]
@@ -151,6 +152,12 @@ class DawidSkene(Aggregator):
             tasks passed to ``fit``; needs gold).
         layout: ``auto``, ``coo`` or ``dense``.
         dtype: ``float32`` or ``float64``.
+        native: ``auto`` (default): on the dense layout in float32 on a CPU with AVX2 and a C++
+            compiler, each EM iteration runs as the native kernel of :mod:`._native` (identical
+            answer rows merged, annotators grouped; ~35x fewer milliseconds per iteration than
+            the XLA pass at 1,000,000 x 12 x 5), elsewhere as XLA. ``on``: the native kernel or
+            an error saying why it cannot run; ``off``: always XLA. Both give the same result to
+            float rounding.
 
     Attributes (after fit):
         errors_: ``[workers, K, L]`` confusion matrices, ``errors_[w, k, l] = P(w says l | true k)``.
@@ -164,13 +171,16 @@ class DawidSkene(Aggregator):
     iterative = True
 
     def __init__(self, max_iter: int = 100, tol: float = 1e-5, smoothing: float = 0.01,
-                 init: str = "mv", layout: str = "auto", dtype: str = "float32") -> None:
+                 init: str = "mv", layout: str = "auto", dtype: str = "float32",
+                 native: str = "auto") -> None:
         if init not in ("mv", "gold"):
             raise ValueError(f"init must be 'mv' or 'gold', got {init!r}")
+        if native not in ("auto", "on", "off"):
+            raise ValueError(f"native must be 'auto', 'on' or 'off', got {native!r}")
         if smoothing < 0:
             raise ValueError(f"smoothing must be >= 0, got {smoothing}")
         self.max_iter, self.tol, self.smoothing = max_iter, tol, smoothing
-        self.init, self.layout, self.dtype = init, layout, dtype
+        self.init, self.layout, self.dtype, self.native = init, layout, dtype, native
 
     def _fit(self, tensor: LabelTensor, gold: np.ndarray | None) -> dict[str, Any]:
         if self.init == "gold" and gold is None:
@@ -178,7 +188,13 @@ class DawidSkene(Aggregator):
         with jax.enable_x64(self.dtype == "float64"):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
-            res = fit(data, max_iter=self.max_iter, tol=self.tol, smoothing=self.smoothing,
+            why_not = "turned off (native='off')" if self.native == "off" else \
+                _native.applies(data, data.task_mask.dtype)
+            if why_not is not None and self.native == "on":
+                raise RuntimeError(f"native='on', but the native kernel cannot run: {why_not}")
+            self.native_used_ = why_not is None
+            run = _native.ds_fit if why_not is None else fit
+            res = run(data, max_iter=self.max_iter, tol=self.tol, smoothing=self.smoothing,
                       init_from_gold=self.init == "gold")
             res = jax.tree_util.tree_map(np.asarray, res)
         W = tensor.n_workers

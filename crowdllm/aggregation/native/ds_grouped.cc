@@ -1,0 +1,519 @@
+// Dawid-Skene's E-step and M-step sums over a dense panel, by groups of annotators (AVX2, CPU).
+//
+// Built on first use by crowdllm/aggregation/_native.py (g++ -O3 -mavx2 -mfma) and called from
+// JAX as an XLA FFI custom call. The annotators are cut into groups of s (s as large as keeps
+// (L+1)^s <= 2048); each task row is encoded once per fit as one code per group (uint16, the
+// group's answers as digits in base L+1, 0 = no answer, plus the group's offset). Then
+//
+//   E-step:  score[t, k] = sum_g tab[code[t, g], k]      (tab = the group's summed log-confusion
+//                                                          entries, log prior folded into group 0)
+//   M-step:  C[code[t, g], k] += q_t(k)                   (per-combination sums of posteriors)
+//
+// so a row costs G loads and G read-add-writes of one 8-lane vector (G = 3 for 12 annotators and
+// 5 classes) instead of W x K lookups and adds. The per-annotator counts are C summed over the
+// other digits (done in JAX; tiny). Rows are taken 8 at a time and
+// transposed so that the softmax runs across rows; each thread sums chunks of 16,384 rows in float lanes and
+// carries the chunks' sums in double. K <= 8 classes.
+//
+// Identical rows (same codes, same gold) are merged first (CrowdllmDsGroupedUnique, a hash pass
+// once per fit): the passes run over the distinct rows, each weighted by how many tasks it stands
+// for (398,225 distinct rows of 1,000,000 on the synthetic 12 x 5 panel; LLM panels agree more).
+//
+// flags[t]: -2 = padding row (unique pass only: dropped), -1 = no gold, k >= 0 = gold class k
+// (posterior clamped to it; its log-likelihood term is its score for k).
+#include <immintrin.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline __m256 exp256(__m256 x) {  // Cephes expf, |rel err| < 2e-7 on [-87, 0]
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline __m256 log256(__m256 x) {  // Cephes logf for x in [1, 8] (a softmax normaliser)
+  __m256i bits = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(
+      _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
+      _mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));  // [0.5, 1)
+  __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, _mm256_set1_ps(1.f)));
+  m = _mm256_add_ps(m, _mm256_and_ps(small, m));
+  __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.f));
+  __m256 z = _mm256_mul_ps(f, f);
+  __m256 y = _mm256_set1_ps(7.0376836292E-2f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.1514610310E-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.1676998740E-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.2420140846E-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.4249322787E-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.6668057665E-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.0000714765E-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-2.4999993993E-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(3.3333331174E-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  f = _mm256_add_ps(f, y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), f);
+}
+
+inline void transpose8(__m256 r[8]) {
+  __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+struct Part {  // one thread's share of the sums
+  std::vector<float> C;    // [NC, 8]: float sums over the current chunk of rows
+  std::vector<double> D;   // [NC, 8]: the chunks' sums, in double
+  __m256d ll0, ll1;
+  void flush() {
+    for (size_t j = 0; j < C.size(); ++j) D[j] += C[j];
+    std::fill(C.begin(), C.end(), 0.f);
+  }
+};
+
+//: rows summed in float lanes before the sums are carried into double
+constexpr int64_t CHUNK = 16384;
+
+enum Mode { SUMS = 0, POST = 1, VOTE = 2 };
+
+// One block of 8 distinct rows: codes 8 x G, flags 8, weights 8 (SUMS, VOTE). SUMS: softmax
+// posteriors, weighted, added into part.C, weighted log-likelihood into part.ll. VOTE: the table
+// holds vote weights; posteriors are the normalised votes (uniform when there are none). POST:
+// softmax posteriors written to post[8, K] (rows below n_out only).
+template <int K, int MODE>
+inline void block(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wts,
+                  const float* tab, Part& part, float* post, int n_out) {
+  __m256 s[8];
+  for (int i = 0; i < 8; ++i) {
+    const uint16_t* c = codes + i * G;
+    __m256 v = _mm256_loadu_ps(tab + 8 * (int64_t)c[0]);
+    for (int64_t g = 1; g < G; ++g) v = _mm256_add_ps(v, _mm256_loadu_ps(tab + 8 * (int64_t)c[g]));
+    s[i] = v;
+  }
+  transpose8(s);  // s[k]: lane i = row i's score (or votes) for class k
+  __m256 p[8];
+  __m256 ll = _mm256_setzero_ps();
+  if (MODE == VOTE) {
+    __m256 z = s[0];
+    for (int k = 1; k < K; ++k) z = _mm256_add_ps(z, s[k]);
+    __m256 any = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
+    __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_blendv_ps(_mm256_set1_ps(1.f), z, any));
+    for (int k = 0; k < K; ++k)
+      p[k] = _mm256_blendv_ps(_mm256_set1_ps(1.f / K), _mm256_mul_ps(s[k], inv), any);
+  } else {
+    __m256 m = s[0];
+    for (int k = 1; k < K; ++k) m = _mm256_max_ps(m, s[k]);
+    __m256 z = _mm256_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+      p[k] = exp256(_mm256_sub_ps(s[k], m));
+      z = _mm256_add_ps(z, p[k]);
+    }
+    __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), z);
+    for (int k = 0; k < K; ++k) p[k] = _mm256_mul_ps(p[k], inv);
+    ll = _mm256_add_ps(m, log256(z));
+  }
+  for (int k = K; k < 8; ++k) p[k] = _mm256_setzero_ps();
+  int64_t fl8;
+  std::memcpy(&fl8, flags, 8);
+  if (fl8 != -1) {  // some row is gold (rows without gold, all -1, skip this)
+    __m256i f = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(fl8));
+    __m256 gold = _mm256_castsi256_ps(_mm256_cmpgt_epi32(f, _mm256_set1_epi32(-1)));
+    for (int k = 0; k < K; ++k) {
+      __m256 eq = _mm256_castsi256_ps(_mm256_cmpeq_epi32(f, _mm256_set1_epi32(k)));
+      p[k] = _mm256_blendv_ps(p[k], _mm256_and_ps(eq, _mm256_set1_ps(1.f)), gold);
+      if (MODE != VOTE) ll = _mm256_blendv_ps(ll, s[k], eq);
+    }
+  }
+  if (MODE != POST) {
+    __m256 wt = _mm256_loadu_ps(wts);
+    for (int k = 0; k < K; ++k) p[k] = _mm256_mul_ps(p[k], wt);
+    ll = _mm256_mul_ps(ll, wt);
+  }
+  if (MODE != VOTE) {
+    part.ll0 = _mm256_add_pd(part.ll0, _mm256_cvtps_pd(_mm256_castps256_ps128(ll)));
+    part.ll1 = _mm256_add_pd(part.ll1, _mm256_cvtps_pd(_mm256_extractf128_ps(ll, 1)));
+  }
+  transpose8(p);  // p[i]: row i's posteriors in lanes 0..K-1, zeros above
+  if (MODE == POST) {  // each row's 8-lane store spills into the next row, which overwrites it;
+    // the block's last row is stored masked (the next block may belong to another thread)
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(K),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int i = 0; i + 1 < n_out; ++i) _mm256_storeu_ps(post + i * K, p[i]);
+    _mm256_maskstore_ps(post + (n_out - 1) * K, keep, p[n_out - 1]);
+    return;
+  }
+  float* C = part.C.data();
+  for (int i = 0; i < 8; ++i) {
+    const uint16_t* c = codes + i * G;
+    for (int64_t g = 0; g < G; ++g) {
+      float* d = C + 8 * (int64_t)c[g];
+      _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), p[i]));
+    }
+  }
+}
+
+template <int K, int MODE>
+void rows(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wts,
+          const float* tab, int64_t r0, int64_t r1, Part& part, float* post) {
+  int64_t t = r0;
+  for (; t + 8 <= r1; t += 8) {
+    block<K, MODE>(codes + t * G, G, flags + t, wts + t, tab, part,
+                   MODE == POST ? post + t * K : nullptr, 8);
+    if (MODE != POST && (t - r0) % CHUNK == CHUNK - 8) part.flush();
+  }
+  if (t < r1) {  // the last rows, padded to a block with weightless copies of row r0
+    int n = (int)(r1 - t);
+    std::vector<uint16_t> c(8 * G);
+    for (int i = 0; i < 8; ++i) std::memcpy(&c[i * G], codes + (i < n ? t + i : r0) * G, G * 2);
+    int8_t f[8];
+    float w[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::fill(f, f + 8, int8_t(-1));
+    std::memcpy(f, flags + t, n);
+    if (MODE != POST) std::memcpy(w, wts + t, n * sizeof(float));
+    block<K, MODE>(c.data(), G, f, w, tab, part, MODE == POST ? post + t * K : nullptr, n);
+  }
+}
+
+template <int MODE>
+using RowsFn = void (*)(const uint16_t*, int64_t, const int8_t*, const float*, const float*,
+                        int64_t, int64_t, Part&, float*);
+
+template <int MODE>
+RowsFn<MODE> pick(int64_t K) {
+  switch (K) {
+    case 1: return rows<1, MODE>;
+    case 2: return rows<2, MODE>;
+    case 3: return rows<3, MODE>;
+    case 4: return rows<4, MODE>;
+    case 5: return rows<5, MODE>;
+    case 6: return rows<6, MODE>;
+    case 7: return rows<7, MODE>;
+    case 8: return rows<8, MODE>;
+    default: return nullptr;
+  }
+}
+
+// Rows [0, U) split over threads; returns the summed log-likelihood. SUMS, VOTE: C [NC, 8]
+// (float) gets the summed per-combination posteriors. POST: out gets posteriors [U, K].
+template <int MODE>
+ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags, const float* wts,
+                const float* tab, int64_t NC, int64_t K, int64_t threads, float* out, double* ll) {
+  RowsFn<MODE> fn = pick<MODE>(K);
+  if (fn == nullptr) return ffi::Error::InvalidArgument("ds_grouped: 1 <= K <= 8 classes");
+  int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (U + 4095) / 4096));
+  std::vector<Part> parts(n);
+  auto work = [&](int i) {
+    Part& part = parts[i];
+    part.ll0 = part.ll1 = _mm256_setzero_pd();
+    if (MODE != POST) {
+      part.C.assign(NC * 8, 0.f);
+      part.D.assign(NC * 8, 0.0);
+    }
+    int64_t a = U * i / n / 8 * 8, b = i + 1 == n ? U : U * (i + 1) / n / 8 * 8;
+    if (b > a) fn(codes, G, flags, wts, tab, a, b, part, out);
+    if (MODE != POST) part.flush();
+  };
+  std::vector<std::thread> pool;
+  for (int i = 1; i < n; ++i) pool.emplace_back(work, i);
+  work(0);
+  for (auto& th : pool) th.join();
+  double tot = 0;
+  for (auto& part : parts) {
+    alignas(32) double v[8];
+    _mm256_store_pd(v, part.ll0);
+    _mm256_store_pd(v + 4, part.ll1);
+    for (double x : v) tot += x;
+  }
+  *ll = tot;
+  if (MODE != POST) {
+    for (int64_t j = 0; j < NC * 8; ++j) {
+      double acc = 0;
+      for (auto& part : parts) acc += part.D[j];
+      out[j] = (float)acc;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Check(ffi::Buffer<ffi::U16>& codes, ffi::Buffer<ffi::S8>& flags,
+                 ffi::Buffer<ffi::F32>& table, ffi::Buffer<ffi::S32>& n, int64_t* U) {
+  auto cd = codes.dimensions();
+  auto td = table.dimensions();
+  if (cd.size() != 2 || td.size() != 2 || td[1] != 8 || cd[1] < 1)
+    return ffi::Error::InvalidArgument("ds_grouped: codes [T, G >= 1] and table [NC, 8] expected");
+  if (flags.dimensions()[0] != cd[0]) return ffi::Error::InvalidArgument("ds_grouped: flags [T]");
+  *U = n.typed_data()[0];
+  if (*U < 0 || *U > cd[0]) return ffi::Error::InvalidArgument("ds_grouped: 0 <= n <= T rows");
+  return ffi::Error::Success();
+}
+
+// E-step and M-step sums over the first n distinct rows (weights = how many tasks each stands for)
+ffi::Error SumsImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                    ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
+                    ffi::Buffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> sums,
+                    ffi::ResultBuffer<ffi::F32> ll, int64_t K, int64_t threads, int64_t vote) {
+  int64_t U;
+  if (auto e = Check(codes, flags, table, n, &U); e.failure()) return e;
+  double tot = 0;
+  auto args = std::make_tuple(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
+                              weights.typed_data(), table.typed_data(), table.dimensions()[0], K,
+                              threads, sums->typed_data(), &tot);
+  ffi::Error e = vote ? std::apply(Pass<VOTE>, args) : std::apply(Pass<SUMS>, args);
+  ll->typed_data()[0] = (float)tot;
+  return e;
+}
+
+// The E-step's posteriors of every task: the distinct rows' posteriors, spread by inverse
+// (inverse[t] = -1, a padding row: zeros).
+ffi::Error PostImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                    ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> table,
+                    ffi::Buffer<ffi::S32> inverse, ffi::ResultBuffer<ffi::F32> post,
+                    ffi::ResultBuffer<ffi::F32> ll, int64_t K, int64_t threads) {
+  int64_t U;
+  if (auto e = Check(codes, flags, table, n, &U); e.failure()) return e;
+  int64_t T = inverse.dimensions()[0];
+  std::vector<float> pu(U * K + 8);
+  double tot = 0;
+  ffi::Error e = Pass<POST>(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
+                            nullptr, table.typed_data(), table.dimensions()[0], K, threads,
+                            pu.data(), &tot);
+  if (e.failure()) return e;
+  ll->typed_data()[0] = (float)tot;
+  const int32_t* inv = inverse.typed_data();
+  float* out = post->typed_data();
+  int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, T / 65536));
+  auto spread = [&](int i) {
+    for (int64_t t = T * i / nt; t < T * (i + 1) / nt; ++t) {
+      int32_t u = inv[t];
+      for (int k = 0; k < K; ++k) out[t * K + k] = u >= 0 ? pu[u * K + k] : 0.f;
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int i = 1; i < nt; ++i) pool.emplace_back(spread, i);
+  spread(0);
+  for (auto& th : pool) th.join();
+  return ffi::Error::Success();
+}
+
+inline uint64_t mix(uint64_t h) {
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdULL;
+  h ^= h >> 33;
+  h *= 0xc4ceb9fe1a85ec53ULL;
+  return h ^ (h >> 33);
+}
+
+// Distinct (codes, flag) rows in order of first appearance, how many tasks each stands for, and
+// each task's distinct row (padding rows, flag -2: inverse -1, not counted). Outputs past the
+// n-th row are zero (codes, weights) and -1 (flags).
+ffi::Error UniqueImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                      ffi::ResultBuffer<ffi::U16> ucodes, ffi::ResultBuffer<ffi::S8> uflags,
+                      ffi::ResultBuffer<ffi::F32> uweights, ffi::ResultBuffer<ffi::S32> inverse,
+                      ffi::ResultBuffer<ffi::S32> n_out) {
+  auto cd = codes.dimensions();
+  if (cd.size() != 2 || flags.dimensions()[0] != cd[0])
+    return ffi::Error::InvalidArgument("ds_grouped: codes [T, G] and flags [T] expected");
+  int64_t T = cd[0], G = cd[1];
+  const uint16_t* c = codes.typed_data();
+  const int8_t* f = flags.typed_data();
+  uint16_t* uc = ucodes->typed_data();
+  int8_t* uf = uflags->typed_data();
+  int32_t* inv = inverse->typed_data();
+  uint64_t size = 16;
+  while (size < 2 * (uint64_t)T) size <<= 1;
+  std::vector<int32_t> count;
+  count.reserve(std::min<int64_t>(T, 1 << 20));
+  constexpr int64_t AHEAD = 16;  // slots are prefetched this many rows ahead (the table is large)
+  uint64_t ring[AHEAD];
+  int32_t U = 0;
+  auto add = [&](int64_t t, int32_t s) {
+    if (s >= 0) {
+      ++count[s];
+      inv[t] = s;
+      return;
+    }
+    std::memcpy(uc + (int64_t)U * G, c + t * G, G * 2);
+    uf[U] = f[t];
+    count.push_back(1);
+    inv[t] = U++;
+  };
+  if (G <= 3) {  // the whole row fits one 64-bit key, kept in the table: probes read no row
+    struct Slot {
+      uint64_t key;
+      int64_t idx;
+    };
+    // one 16-byte slot per probe, on huge pages where the kernel gives them (random probes into
+    // 32 MB of 4 KB pages spent most of their time on TLB misses)
+    size_t bytes = (size * sizeof(Slot) + (2u << 20) - 1) / (2u << 20) * (2u << 20);
+    Slot* tab = static_cast<Slot*>(std::aligned_alloc(2u << 20, bytes));
+    if (tab == nullptr) return ffi::Error::Internal("ds_grouped: out of memory for the row table");
+    madvise(tab, bytes, MADV_HUGEPAGE);
+    std::memset(tab, 0xff, size * sizeof(Slot));  // key ~0: empty (a real key has bits 56-63 clear)
+    auto key = [&](int64_t t) {
+      uint64_t k = (uint64_t)(uint8_t)f[t] << 48;
+      for (int64_t g = 0; g < G; ++g) k |= (uint64_t)c[t * G + g] << (16 * g);
+      return k;
+    };
+    for (int64_t t = 0; t < std::min(T, AHEAD); ++t) {
+      ring[t] = key(t);
+      __builtin_prefetch(&tab[mix(ring[t]) & (size - 1)]);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      uint64_t k = ring[t % AHEAD];
+      if (t + AHEAD < T) {
+        uint64_t kn = key(t + AHEAD);
+        ring[t % AHEAD] = kn;
+        __builtin_prefetch(&tab[mix(kn) & (size - 1)]);
+      }
+      if (f[t] == -2) {
+        inv[t] = -1;
+        continue;
+      }
+      for (uint64_t i = mix(k) & (size - 1);; i = (i + 1) & (size - 1)) {
+        if (tab[i].key == k) {  // idx: the distinct row (low 32 bits), its count (high 32)
+          tab[i].idx += int64_t(1) << 32;
+          inv[t] = (int32_t)tab[i].idx;
+          break;
+        }
+        if (tab[i].key == ~0ULL) {
+          tab[i].key = k;
+          tab[i].idx = (int64_t(1) << 32) | U;
+          std::memcpy(uc + (int64_t)U * G, c + t * G, G * 2);
+          uf[U] = f[t];
+          inv[t] = U++;
+          break;
+        }
+      }
+    }
+    count.assign(U, 0);
+    for (uint64_t i = 0; i < size; ++i)
+      if (tab[i].key != ~0ULL) count[(uint32_t)tab[i].idx] = (int32_t)(tab[i].idx >> 32);
+    std::free(tab);
+  } else {
+    std::vector<int32_t> slot(size, -1);
+    auto hash = [&](int64_t t) {
+      const uint16_t* row = c + t * G;
+      uint64_t h = (uint64_t)(uint8_t)f[t] * 0x9E3779B97F4A7C15ULL;
+      for (int64_t g = 0; g < G; ++g) h = mix(h ^ row[g]);
+      return h & (size - 1);
+    };
+    for (int64_t t = 0; t < std::min(T, AHEAD); ++t) {
+      ring[t] = hash(t);
+      __builtin_prefetch(&slot[ring[t]]);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      uint64_t h = ring[t % AHEAD];
+      if (t + AHEAD < T) {
+        uint64_t hn = hash(t + AHEAD);
+        ring[t % AHEAD] = hn;
+        __builtin_prefetch(&slot[hn]);
+      }
+      if (f[t] == -2) {
+        inv[t] = -1;
+        continue;
+      }
+      const uint16_t* row = c + t * G;
+      for (uint64_t i = h;; i = (i + 1) & (size - 1)) {
+        int32_t s = slot[i];
+        if (s < 0) {
+          slot[i] = U;
+          add(t, -1);
+          break;
+        }
+        if (uf[s] == f[t] && std::memcmp(uc + (int64_t)s * G, row, G * 2) == 0) {
+          add(t, s);
+          break;
+        }
+      }
+    }
+  }
+  float* w = uweights->typed_data();
+  for (int32_t u = 0; u < U; ++u) w[u] = (float)count[u];
+  std::fill(w + U, w + T, 0.f);
+  std::fill(uf + U, uf + T, int8_t(-1));
+  std::memset(uc + (int64_t)U * G, 0, (T - U) * G * 2);
+  n_out->typed_data()[0] = U;
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedSums, SumsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("K")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("vote"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedPost, PostImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("K")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedUnique, UniqueImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::U16>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

@@ -1,0 +1,251 @@
+"""The native Dawid-Skene kernel (``aggregation._native``) equals the XLA path.
+
+Kernel level: the per-combination sums, turned into confusion counts and class totals, equal the
+fused XLA pass's (``_fast.ds_em_step``) on panels with missing answers, gold, padding rows, every
+class count 1-8, annotator counts that leave a short last group, and more than three groups (the
+general row-merging path); the merged rows are exactly numpy's distinct rows. Fit level: the
+native fit equals ``dawid_skene.fit`` (posteriors, confusion matrices, objective history) on real
+datasets and on data drawn from Dawid-Skene's own generative story, with and without gold.
+Fallback: where the kernel cannot run (turned off, no compiler), DawidSkene uses the XLA path
+and says so; ``native='on'`` refuses with the reason. The build cache: built once, reused, safe
+under concurrent first uses.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crowdllm.aggregation import DawidSkene, _core, _fast, _native, dawid_skene
+from crowdllm.labels import LabelTensor
+
+from conftest import DATA
+
+WHY = _native.why_unavailable()
+needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"native kernel unavailable: {WHY}")
+
+
+def _draw(T, W, K, missing, gold_frac, seed):
+    """Answers drawn from Dawid-Skene's generative story (a confusion matrix per annotator)."""
+    rng = np.random.default_rng(seed)
+    prior = rng.dirichlet(np.ones(K) * 3)
+    truth = rng.choice(K, T, p=prior)
+    conf = rng.dirichlet(np.ones(K) * 0.6, (W, K)) * 0.5 + np.eye(K)[None] * 0.5  # [W, K, L]
+    u = rng.random((T, W, 1))
+    lab = (u > np.cumsum(conf[np.arange(W)[None, :], truth[:, None]], axis=-1)).sum(-1)
+    lab = np.minimum(lab, K - 1).astype(np.int8)
+    lab[rng.random((T, W)) < missing] = -1
+    gold = np.where(rng.random(T) < gold_frac, truth, -1).astype(np.int32)
+    return lab, gold, truth
+
+
+def _step_inputs(T, W, K, missing, gold_frac, seed, pad=5):
+    rng = np.random.default_rng(seed + 100)
+    lab, gold, _ = _draw(T, W, K, missing, gold_frac, seed)
+    lab[0] = -1  # a task nobody answered
+    mask = np.ones(T, np.float32)
+    mask[-pad:] = 0  # padding rows
+    lab[-pad:] = -1
+    gold[-pad:] = -1
+    log_conf = np.log(rng.dirichlet(np.ones(K) * 2, (W, K))).astype(np.float32)
+    log_prior = np.log(rng.dirichlet(np.ones(K) * 5)).astype(np.float32)
+    return (jnp.asarray(lab), jnp.asarray(mask), jnp.asarray(gold), jnp.asarray(log_prior),
+            jnp.asarray(log_conf))
+
+
+@needs_kernel
+@pytest.mark.parametrize("T,W,K,missing,gold_frac", [
+    (1003, 12, 5, 0.2, 0.1),    # 3 groups of 4 (the LLM-panel shape), a ragged last block
+    (64, 1, 2, 0.0, 0.0),       # one annotator
+    (777, 13, 3, 0.5, 0.1),     # groups of 6, 6 and 1
+    (500, 7, 8, 0.1, 0.2),      # 8 classes: groups of 3, 3, 1
+    (9, 3, 1, 0.0, 0.0),        # one class, fewer rows than a block
+    (40_000, 30, 5, 0.3, 0.05),  # 8 groups (rows merged through the general path), 2 threads
+])
+def test_sums_equal_the_fused_xla_pass(T, W, K, missing, gold_frac):
+    labels, mask, gold, log_prior, log_conf = _step_inputs(T, W, K, missing, gold_frac, seed=T)
+    post, ll, counts, psum = _fast.ds_em_step(labels, K, mask, gold, log_prior, log_conf)
+    p = _native.plan(W, K)
+    rows = _native.unique(_native.encode(labels, p), _native.flags_of(mask, gold))
+    tab = _native.tables(p, log_prior, log_conf)
+    C, ll2 = _native.sums(rows, tab, K)
+    counts2, psum2 = _native.counts_from(p, C, K)
+    np.testing.assert_allclose(np.asarray(counts2), np.asarray(counts), rtol=2e-5, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(psum2), np.asarray(psum), rtol=2e-5, atol=2e-4)
+    np.testing.assert_allclose(float(ll2), float(ll), rtol=2e-6)
+    post2 = _native.posteriors(rows, tab, K)
+    real = np.asarray(mask) > 0
+    np.testing.assert_allclose(np.asarray(post2)[real], np.asarray(post)[real], atol=1e-5)
+    assert (np.asarray(post2)[~real] == 0).all()
+    # the counts sum to the answers of the real rows (what ds_fit uses as n_answers)
+    n_ans = int((np.asarray(labels)[real] >= 0).sum())
+    assert abs(float(counts2.sum()) - n_ans) <= 1e-5 * n_ans + 1e-3
+
+
+@needs_kernel
+@pytest.mark.parametrize("W,K", [(12, 5), (30, 5)])  # G = 3 (64-bit keys) and G = 8 (row compare)
+def test_merged_rows_are_the_distinct_rows(W, K):
+    labels, mask, gold, _, _ = _step_inputs(20_000, W, K, 0.6, 0.1, seed=W)
+    lab = np.asarray(labels)
+    if W == 30:  # many repeats on the general path too
+        lab = lab[np.random.default_rng(0).integers(0, 500, lab.shape[0])]
+        labels = jnp.asarray(lab)
+    p = _native.plan(W, K)
+    codes = _native.encode(labels, p)
+    flags = _native.flags_of(mask, gold)
+    rows = _native.unique(codes, flags)
+    n = int(rows.n[0])
+    real = np.asarray(mask) > 0
+    key = np.concatenate([lab, np.asarray(flags)[:, None]], axis=1)[real]
+    distinct, counts = np.unique(key, axis=0, return_counts=True)
+    assert n == len(distinct)
+    inv = np.asarray(rows.inverse)
+    assert (inv[~real] == -1).all()
+    # each task's merged row has its codes and gold; the weights count the tasks
+    np.testing.assert_array_equal(np.asarray(rows.codes)[inv[real]], np.asarray(codes)[real])
+    np.testing.assert_array_equal(np.asarray(rows.flags)[inv[real]], np.asarray(flags)[real])
+    np.testing.assert_array_equal(np.asarray(rows.weights)[:n],
+                                  np.bincount(inv[real], minlength=n).astype(np.float32))
+    assert sorted(np.asarray(rows.weights)[:n].astype(int)) == sorted(counts.tolist())
+    assert (np.asarray(rows.weights)[n:] == 0).all()
+
+
+def _tensor(lab, K):
+    return LabelTensor.from_dense(lab, classes=[f"c{k}" for k in range(K)])
+
+
+@needs_kernel
+@pytest.mark.parametrize("init_from_gold", [False, True])
+@pytest.mark.parametrize("T,W,K,gold_frac", [(3000, 12, 5, 0.05), (2000, 9, 3, 0.1),
+                                             (1500, 20, 2, 0.0)])
+def test_native_fit_equals_the_xla_fit_on_sampled_data(T, W, K, gold_frac, init_from_gold):
+    if init_from_gold and gold_frac == 0:
+        pytest.skip("no gold to start from")
+    lab, gold, truth = _draw(T, W, K, 0.3, gold_frac, seed=W)
+    data = _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32)
+    assert _native.applies(data, jnp.float32) is None
+    a = dawid_skene.fit(data, max_iter=40, tol=-1.0, init_from_gold=init_from_gold)
+    b = _native.ds_fit(data, max_iter=40, tol=-1.0, init_from_gold=init_from_gold)
+    assert int(a.n_iter) == int(b.n_iter) == 40
+    np.testing.assert_allclose(np.asarray(b.posteriors)[:T], np.asarray(a.posteriors)[:T], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.confusion), np.asarray(a.confusion), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.priors), np.asarray(a.priors), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.history), np.asarray(a.history), rtol=1e-5)
+    # and it is a good Dawid-Skene fit: above majority vote on data from the model
+    mv = np.asarray(_core.normalize(jnp.asarray(np.stack([(lab == k).sum(1) for k in range(K)], 1),
+                                                jnp.float32))).argmax(1)
+    assert (np.asarray(b.posteriors)[:T].argmax(1) == truth).mean() >= (mv == truth).mean()
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["dog", "zencrowd_in", "bluebird"])
+def test_dawid_skene_class_native_equals_xla_on_real_data(name):
+    tensor = LabelTensor.coerce(DATA / name / "answers.csv")
+    native = DawidSkene(layout="dense").fit(tensor)
+    xla = DawidSkene(layout="dense", native="off").fit(tensor)
+    assert native.native_used_ and not xla.native_used_
+    assert native.n_iter_ == xla.n_iter_
+    np.testing.assert_allclose(native.probas_, xla.probas_, atol=1e-5)
+    np.testing.assert_allclose(native.errors_, xla.errors_, atol=1e-5)
+    np.testing.assert_array_equal(native.labels_, xla.labels_)
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore:DawidSkene did not converge")
+def test_gold_in_fitting_and_zero_iterations():
+    tensor = LabelTensor.coerce(DATA / "zencrowd_in" / "answers.csv")
+    gold = DATA / "zencrowd_in" / "gold.csv"
+    for kw in ({"init": "gold"}, {"max_iter": 0}, {"max_iter": 1}):
+        a = DawidSkene(layout="dense", **kw).fit(tensor, gold=gold if kw.get("init") else None)
+        b = DawidSkene(layout="dense", native="off", **kw).fit(
+            tensor, gold=gold if kw.get("init") else None)
+        assert a.native_used_
+        np.testing.assert_allclose(a.probas_, b.probas_, atol=1e-5)
+
+
+def test_where_the_kernel_does_not_apply_the_xla_path_runs():
+    lab, gold, _ = _draw(200, 5, 3, 0.2, 0.0, seed=1)
+    tensor = _tensor(lab, 3)
+    for layout, dtype in (("coo", "float32"), ("dense", "float64")):
+        with jax.enable_x64(dtype == "float64"):
+            data = _core.prepare(tensor, layout=layout,
+                                 dtype=jnp.float64 if dtype == "float64" else jnp.float32)
+            assert _native.applies(data, data.task_mask.dtype) is not None
+        ds = DawidSkene(layout=layout, dtype=dtype).fit(tensor)
+        assert not ds.native_used_
+    nine = _core.prepare(_tensor(np.minimum(lab * 4, 8), 9), layout="dense")
+    assert "9 classes" in _native.applies(nine, jnp.float32)
+    with pytest.raises(RuntimeError, match="native='on'.*not on the dense layout"):
+        DawidSkene(layout="coo", native="on").fit(tensor)
+    with pytest.raises(ValueError, match="native must be"):
+        DawidSkene(native="yes")
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """A process state where the kernel has not been looked at, with an empty build cache."""
+    monkeypatch.setenv("CROWDLLM_CACHE", str(tmp_path / "cache"))
+    _native._reset()
+    yield tmp_path / "cache" / "native"
+    _native._reset()
+    # the real kernel again for later tests (its targets stay registered with XLA)
+
+
+def test_turned_off_falls_back_to_xla(monkeypatch, fresh_native):
+    monkeypatch.setenv("CROWDLLM_NATIVE", "0")
+    assert _native.why_unavailable() == "turned off by CROWDLLM_NATIVE"
+    lab, _, _ = _draw(300, 6, 4, 0.2, 0.0, seed=2)
+    tensor = _tensor(lab, 4)
+    ds = DawidSkene(layout="dense").fit(tensor)
+    assert not ds.native_used_
+    ref = DawidSkene(layout="dense", native="off").fit(tensor)
+    np.testing.assert_array_equal(ds.probas_, ref.probas_)
+    with pytest.raises(RuntimeError, match="turned off by CROWDLLM_NATIVE"):
+        DawidSkene(layout="dense", native="on").fit(tensor)
+    assert not fresh_native.exists()  # nothing was built
+
+
+@pytest.mark.skipif(_native._cpu_ok() is not None, reason="the CPU cannot run the kernel anyway")
+def test_a_failed_build_warns_and_falls_back(monkeypatch, fresh_native, tmp_path):
+    fake = tmp_path / "broken-c++"
+    fake.write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        why = _native.why_unavailable()
+    assert "could not be built" in why
+    lab, _, _ = _draw(300, 6, 4, 0.2, 0.0, seed=3)
+    assert not DawidSkene(layout="dense").fit(_tensor(lab, 4)).native_used_
+    assert list(fresh_native.glob("*")) == []  # no half-written library left behind
+
+
+@needs_kernel
+def test_the_build_is_cached_and_safe_under_concurrent_first_uses(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    paths, errors = [], []
+
+    def build():
+        try:
+            paths.append(_native.build(cache))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(paths)) == 1
+    lib = paths[0]
+    assert [p.name for p in cache.iterdir()] == [lib.name]  # no temporary files left
+    import ctypes
+
+    assert hasattr(ctypes.cdll.LoadLibrary(str(lib)), "CrowdllmDsGroupedSums")
+    # a second build finds it: the compiler is not run again
+    calls = []
+    monkeypatch.setattr(_native.subprocess, "run", lambda *a, **k: calls.append(a))
+    assert _native.build(cache) == lib and calls == []
