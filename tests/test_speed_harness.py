@@ -65,3 +65,22 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
         names.append("C++ AVX2, 2 thread(s)")
     for name in names:
         assert name in out, out
+
+
+def test_ds_check_rows_name_the_native_kernel_and_crowdkit_ratio(capsys):
+    pytest.importorskip("crowdkit")
+    from crowdllm.aggregation import _native
+
+    out = speed.ds_check(n=3000, n_iter=5, repeats=1, crowdkit_n=1000)
+    names = [v["name"] for v in out["variants"]]
+    if _native.why_unavailable() is None:
+        assert names[:2] == ["native kernel, rows merged (default)", "native kernel, every row"]
+        assert 0 < out["distinct_rows"] <= 3000 and out["native"] == "used"
+    else:
+        assert not any(n.startswith("native") for n in names) and out["native"] != "used"
+    assert "fused E+M (_fast.ds_fit_dense)" in names and out["accuracy"] > 0.9
+    for v in out["variants"]:
+        assert v["run_s"] > 0 and v["x_crowdkit"] == pytest.approx(out["crowdkit_s_scaled"] / v["run_s"])
+        assert v["x_floor"] == pytest.approx(v["run_s"] / 5 / (out["floor_ms_per_iter"] / 1e3))
+    assert out["speedup"] == pytest.approx(max(v["x_crowdkit"] for v in out["variants"]))
+    assert "native kernel:" in capsys.readouterr().out

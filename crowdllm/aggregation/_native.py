@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["available", "why_unavailable", "applies", "Plan", "plan", "encode", "flags_of",
-           "Rows", "unique", "tables", "vote_table", "counts_from", "sums", "posteriors", "ds_fit"]
+           "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
+           "posteriors", "ds_fit"]
 
 SOURCE = Path(__file__).with_name("native") / "ds_grouped.cc"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
@@ -341,18 +342,28 @@ class _State(NamedTuple):
     used_conf: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "init_from_gold"))
+def every_row(codes: jax.Array, flags: jax.Array) -> Rows:
+    """Every task its own row (no merging; padding rows weigh 0)."""
+    T = codes.shape[0]
+    return Rows(codes=codes, flags=jnp.where(flags == -2, -1, flags).astype(jnp.int8),
+                weights=(flags != -2).astype(jnp.float32), n=jnp.full((1,), T, jnp.int32),
+                inverse=jnp.arange(T, dtype=jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "init_from_gold", "merge"))
 def ds_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: float = 0.01,
-           init_from_gold: bool = False):
+           init_from_gold: bool = False, merge: bool = True):
     """Dawid-Skene on a Dense panel with the native kernel: same model, start, stopping rule,
-    objective and result as ``dawid_skene.fit`` (check :func:`applies` first)."""
+    objective and result as ``dawid_skene.fit`` (check :func:`applies` first). ``merge``: merge
+    identical answer rows first (the default; off only to measure what merging buys)."""
     from . import dawid_skene as ds
     from ._core import iterate
     from ._fast import _ds_params
 
     K = data.n_classes
     p = plan(int(data.labels.shape[1]), int(K))
-    rows = unique(encode(data.labels, p), flags_of(data.task_mask, data.gold))
+    codes, flags = encode(data.labels, p), flags_of(data.task_mask, data.gold)
+    rows = unique(codes, flags) if merge else every_row(codes, flags)
 
     def params(C):
         counts, psum = counts_from(p, C, K)
