@@ -1,4 +1,5 @@
-"""The native Dawid-Skene kernel (``aggregation._native``) equals the XLA path.
+"""The native Dawid-Skene kernel (``aggregation._native``) equals the XLA path, for Dawid-Skene
+and one-coin Dawid-Skene.
 
 Kernel level: the per-combination sums, turned into confusion counts and class totals, equal the
 fused XLA pass's (``_fast.ds_em_step``) on panels with missing answers, gold, padding rows, every
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crowdllm.aggregation import DawidSkene, _core, _fast, _native, dawid_skene
+from crowdllm.aggregation import DawidSkene, OneCoinDawidSkene, _core, _fast, _native, dawid_skene, one_coin
 from crowdllm.labels import LabelTensor
 
 from conftest import DATA
@@ -142,6 +143,19 @@ def test_native_fit_equals_the_xla_fit_on_sampled_data(T, W, K, gold_frac, init_
 
 
 @needs_kernel
+@pytest.mark.parametrize("T,W,K,gold_frac", [(3000, 12, 5, 0.05), (1500, 20, 2, 0.0)])
+def test_native_one_coin_fit_equals_the_xla_fit_on_sampled_data(T, W, K, gold_frac):
+    lab, gold, truth = _draw(T, W, K, 0.3, gold_frac, seed=W + 1)
+    data = _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32)
+    a = one_coin.fit(data, max_iter=40, tol=-1.0)
+    b = _native.onecoin_fit(data, max_iter=40, tol=-1.0)
+    assert int(a.n_iter) == int(b.n_iter) == 40
+    np.testing.assert_allclose(np.asarray(b.posteriors)[:T], np.asarray(a.posteriors)[:T], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.skills), np.asarray(a.skills), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.history), np.asarray(a.history), rtol=1e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("name", ["dog", "zencrowd_in", "bluebird"])
 def test_dawid_skene_class_native_equals_xla_on_real_data(name):
     tensor = LabelTensor.coerce(DATA / name / "answers.csv")
@@ -152,6 +166,11 @@ def test_dawid_skene_class_native_equals_xla_on_real_data(name):
     np.testing.assert_allclose(native.probas_, xla.probas_, atol=1e-5)
     np.testing.assert_allclose(native.errors_, xla.errors_, atol=1e-5)
     np.testing.assert_array_equal(native.labels_, xla.labels_)
+    oc = OneCoinDawidSkene(layout="dense").fit(tensor)
+    oc_xla = OneCoinDawidSkene(layout="dense", native="off").fit(tensor)
+    assert oc.native_used_ and not oc_xla.native_used_ and oc.n_iter_ == oc_xla.n_iter_
+    np.testing.assert_allclose(oc.probas_, oc_xla.probas_, atol=1e-5)
+    np.testing.assert_allclose(oc.skills_, oc_xla.skills_, atol=1e-5)
 
 
 @needs_kernel
@@ -159,10 +178,12 @@ def test_dawid_skene_class_native_equals_xla_on_real_data(name):
 def test_gold_in_fitting_and_zero_iterations():
     tensor = LabelTensor.coerce(DATA / "zencrowd_in" / "answers.csv")
     gold = DATA / "zencrowd_in" / "gold.csv"
-    for kw in ({"init": "gold"}, {"max_iter": 0}, {"max_iter": 1}):
-        a = DawidSkene(layout="dense", **kw).fit(tensor, gold=gold if kw.get("init") else None)
-        b = DawidSkene(layout="dense", native="off", **kw).fit(
-            tensor, gold=gold if kw.get("init") else None)
+    for cls, kw in ((DawidSkene, {"init": "gold"}), (DawidSkene, {"max_iter": 0}),
+                    (DawidSkene, {"max_iter": 1}), (OneCoinDawidSkene, {"max_iter": 0}),
+                    (OneCoinDawidSkene, {})):
+        fit_gold = gold if kw.get("init") or cls is OneCoinDawidSkene else None
+        a = cls(layout="dense", **kw).fit(tensor, gold=fit_gold)
+        b = cls(layout="dense", native="off", **kw).fit(tensor, gold=fit_gold)
         assert a.native_used_
         np.testing.assert_allclose(a.probas_, b.probas_, atol=1e-5)
 
@@ -183,6 +204,8 @@ def test_where_the_kernel_does_not_apply_the_xla_path_runs():
         DawidSkene(layout="coo", native="on").fit(tensor)
     with pytest.raises(ValueError, match="native must be"):
         DawidSkene(native="yes")
+    with pytest.raises(ValueError, match="native must be"):
+        OneCoinDawidSkene(native=True)
 
 
 @pytest.fixture

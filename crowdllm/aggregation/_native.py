@@ -1,4 +1,5 @@
-r"""Dawid-Skene's EM iteration as a native CPU kernel, by groups of annotators.
+r"""Dawid-Skene's EM iteration as a native CPU kernel, by groups of annotators (used by
+``DawidSkene`` and ``OneCoinDawidSkene``).
 
 XLA's CPU code for the fused pass (:func:`._fast.ds_em_step`) runs at ~116 ms per iteration on
 1,000,000 x 12 x 5 on the 2-core VM, ~70 times the memory-bandwidth floor. This module builds a
@@ -17,7 +18,12 @@ way round:
   class totals are the first group's ``C`` summed over its combinations (all tiny, in JAX).
 
 A row then costs ``G`` vector loads and ``G`` vector read-add-writes (3 for 12 annotators) instead
-of ``W x K`` lookups and adds; sums are kept in double. The compiled library is cached per user
+of ``W x K`` lookups and adds; sums are carried in double. Before the first pass, tasks with the
+same answers and gold are merged into one row weighted by their number (a hash pass in the
+kernel, once per fit: 384,857 distinct rows of 1,000,000 on the synthetic 12 x 5 panel), so the
+passes run over distinct rows. At 1,000,000 x 12 x 5 on the 2-core VM a whole 50-iteration fit
+takes 4.4 ms per iteration (merging included) against the XLA pass's 126
+(``python benchmarks/speed.py ds``). The compiled library is cached per user
 (``$CROWDLLM_CACHE`` or ``~/.cache/crowdllm``; written to a temporary name and renamed, so
 concurrent first uses are safe). It is used where it applies (CPU backend, x86-64 with AVX2 and
 FMA, a C++ compiler, float32, dense layout, at most 8 classes) and skipped otherwise, with the XLA
@@ -45,9 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["available", "why_unavailable", "applies", "Plan", "plan", "encode", "flags_of",
+__all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Plan", "plan", "encode", "flags_of",
            "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
-           "posteriors", "ds_fit"]
+           "posteriors", "ds_fit", "onecoin_fit"]
 
 SOURCE = Path(__file__).with_name("native") / "ds_grouped.cc"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
@@ -207,6 +213,25 @@ def applies(data: Any, dtype: Any) -> str | None:
     return _load()
 
 
+NATIVE_OPTIONS = ("auto", "on", "off")
+
+
+def check_option(native: str) -> str:
+    if native not in NATIVE_OPTIONS:
+        raise ValueError(f"native must be 'auto', 'on' or 'off', got {native!r}")
+    return native
+
+
+def use(native: str, data: Any) -> bool:
+    """Whether an aggregator with option ``native`` runs ``data`` on the kernel (``on`` where it
+    cannot: a RuntimeError saying why)."""
+    why_not = "turned off (native='off')" if check_option(native) == "off" else \
+        applies(data, data.task_mask.dtype)
+    if why_not is not None and native == "on":
+        raise RuntimeError(f"native='on', but the native kernel cannot run: {why_not}")
+    return why_not is None
+
+
 def encode(labels: jax.Array, p: Plan) -> jax.Array:
     """``[T, G]`` uint16 combination codes of each row (once per fit)."""
     lab = labels.astype(jnp.int32) + 1  # missing (-1) -> digit 0
@@ -335,19 +360,62 @@ def posteriors(rows: Rows, tab: jax.Array, n_classes: int) -> jax.Array:
     return post
 
 
-class _State(NamedTuple):
-    log_prior: jax.Array
-    log_conf: jax.Array
-    used_prior: jax.Array  # the parameters the last E-step used (its posteriors are the result)
-    used_conf: jax.Array
-
-
 def every_row(codes: jax.Array, flags: jax.Array) -> Rows:
     """Every task its own row (no merging; padding rows weigh 0)."""
     T = codes.shape[0]
     return Rows(codes=codes, flags=jnp.where(flags == -2, -1, flags).astype(jnp.int8),
                 weights=(flags != -2).astype(jnp.float32), n=jnp.full((1,), T, jnp.int32),
                 inverse=jnp.arange(T, dtype=jnp.int32))
+
+
+class _State(NamedTuple):
+    params: Any
+    used: Any  # the parameters the last E-step used (its posteriors are the result)
+
+
+def _em(data: Any, *, merge: bool, max_iter: int, tol: Any, start: Any, log_params: Any,
+        update: Any, prior_term: Any, start_gold: Any = None):
+    """EM with the native kernel for a model whose E-step is Dawid-Skene's.
+
+    ``start(counts, psum)`` / ``update(counts, psum)``: parameters from the summed counts of
+    the majority-vote posteriors / of an E-step; ``log_params(params)``: ``(log prior
+    [K], log confusion [W, K, L])``; ``prior_term(params)``: the log prior density added to the
+    log-likelihood; ``start_gold(params, counts, psum)``: the start adjusted by the counts of
+    the gold tasks alone (or None). Returns ``(params, posteriors, Loop)``.
+    """
+    from ._core import iterate
+
+    K = data.n_classes
+    p = plan(int(data.labels.shape[1]), int(K))
+    codes, flags = encode(data.labels, p), flags_of(data.task_mask, data.gold)
+    rows = unique(codes, flags) if merge else every_row(codes, flags)
+
+    # the start: majority-vote posteriors (gold clamped), then one M-step
+    votes = vote_table(p, data.worker_mask.astype(jnp.float32), K)
+    counts0, psum0 = counts_from(p, sums(rows, votes, K, vote=True)[0], K)
+    params0 = start(counts0, psum0)
+    # every task's posteriors sum to one, so the counts sum to the number of answers, to float
+    # rounding (XLA's (labels >= 0).sum() over the int8 panel took 24 ms at 1M x 12)
+    n_ans = jnp.maximum(jnp.round(counts0.sum()), 1.0)
+    if start_gold is not None:
+        gold_rows = rows._replace(weights=rows.weights * (rows.flags >= 0))
+        counts_g, psum_g = counts_from(p, sums(gold_rows, votes, K, vote=True)[0], K)
+        params0 = start_gold(params0, counts_g, psum_g)
+
+    def step(st):
+        C, ll = sums(rows, tables(p, *log_params(st.params)), K)
+        obj = (ll + prior_term(st.params)) / n_ans
+        return _State(update(*counts_from(p, C, K)), st.params), obj
+
+    st, loop = iterate(step, _State(params0, params0), max_iter=max_iter, tol=tol)
+    if max_iter == 0:  # no E-step ran: the start's posteriors (majority vote, gold clamped)
+        from ._core import clamp_gold, normalize, task_vote
+
+        post = clamp_gold(normalize(task_vote(data, data.worker_mask.astype(jnp.float32))),
+                          data.gold)
+    else:  # the last E-step's posteriors
+        post = posteriors(rows, tables(p, *log_params(st.used)), K)
+    return st.params, post, loop
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "init_from_gold", "merge"))
@@ -357,42 +425,52 @@ def ds_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: floa
     objective and result as ``dawid_skene.fit`` (check :func:`applies` first). ``merge``: merge
     identical answer rows first (the default; off only to measure what merging buys)."""
     from . import dawid_skene as ds
-    from ._core import iterate
     from ._fast import _ds_params
 
+    def start_gold(params, counts, psum):  # confusion from the gold tasks where an annotator has any
+        log_prior, log_conf = params
+        has_gold = counts.sum(axis=(1, 2)) > 0
+        return log_prior, jnp.where(has_gold[:, None, None], _ds_params(counts, psum, smoothing)[1],
+                                    log_conf)
+
+    update = functools.partial(_ds_params, smoothing=smoothing)
+    (log_prior, log_conf), post, loop = _em(
+        data, merge=merge, max_iter=max_iter, tol=tol, start=update, log_params=lambda q: q,
+        update=update, prior_term=lambda q: ds.log_prior_density(data, *q, smoothing),
+        start_gold=start_gold if init_from_gold else None)
+    return ds.DSResult(posteriors=post, priors=jnp.exp(log_prior), confusion=jnp.exp(log_conf),
+                       objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
+                       converged=loop.converged)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "merge"))
+def onecoin_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: float = 0.01,
+                merge: bool = True):
+    """One-coin Dawid-Skene with the native kernel: the E-step is Dawid-Skene's with one-coin
+    confusion matrices, and the M-step's agreements and answer counts are the diagonal and the
+    total of the same summed counts. Same result as ``one_coin.fit``."""
+    from . import one_coin as oc
+    from ._core import TINY, normalize
+
     K = data.n_classes
-    p = plan(int(data.labels.shape[1]), int(K))
-    codes, flags = encode(data.labels, p), flags_of(data.task_mask, data.gold)
-    rows = unique(codes, flags) if merge else every_row(codes, flags)
 
-    def params(C):
-        counts, psum = counts_from(p, C, K)
-        return counts, _ds_params(counts, psum, smoothing)
+    def update(counts, psum):
+        hits = jnp.trace(counts, axis1=1, axis2=2)
+        n = counts.sum(axis=(1, 2))
+        skills = jnp.where(n + 2 * smoothing > 0,
+                           (hits + smoothing) / jnp.maximum(n + 2 * smoothing, TINY), 0.5)
+        prior = jnp.maximum(normalize(psum + smoothing), TINY)
+        return jnp.log(prior), jnp.clip(skills, TINY, 1 - TINY)
 
-    # the start: majority-vote posteriors (gold clamped), then one M-step (ds.init)
-    votes = vote_table(p, data.worker_mask.astype(jnp.float32), K)
-    counts0, (log_prior, log_conf) = params(sums(rows, votes, K, vote=True)[0])
-    # every task's posteriors sum to one, so the counts sum to the number of answers (XLA's
-    # (labels >= 0).sum() over the int8 panel took 24 ms at 1M x 12, this is free)
-    n_ans = jnp.maximum(jnp.round(counts0.sum()), 1.0)
-    if init_from_gold:  # confusion matrices from the gold tasks alone where an annotator has any
-        gold_rows = rows._replace(weights=rows.weights * (rows.flags >= 0))
-        gold_counts, (_, log_conf_gold) = params(sums(gold_rows, votes, K, vote=True)[0])
-        has_gold = gold_counts.sum(axis=(1, 2)) > 0
-        log_conf = jnp.where(has_gold[:, None, None], log_conf_gold, log_conf)
+    def prior_term(q):
+        log_prior, s = q
+        return smoothing * (((jnp.log(s) + jnp.log1p(-s)) * data.worker_mask).sum()
+                            + log_prior.sum())
 
-    def step(st):
-        C, ll = sums(rows, tables(p, st.log_prior, st.log_conf), K)
-        obj = (ll + ds.log_prior_density(data, st.log_prior, st.log_conf, smoothing)) / n_ans
-        _, (new_prior, new_conf) = params(C)
-        return _State(new_prior, new_conf, st.log_prior, st.log_conf), obj
-
-    st, loop = iterate(step, _State(log_prior, log_conf, log_prior, log_conf),
-                       max_iter=max_iter, tol=tol)
-    if max_iter == 0:  # no E-step ran: the start's posteriors
-        post = ds.init(data, smoothing=smoothing).posteriors
-    else:  # the last E-step's posteriors (the parameters it used)
-        post = posteriors(rows, tables(p, st.used_prior, st.used_conf), K)
-    return ds.DSResult(posteriors=post, priors=jnp.exp(st.log_prior),
-                       confusion=jnp.exp(st.log_conf), objective=loop.objective,
-                       history=loop.history, n_iter=loop.n_iter, converged=loop.converged)
+    (log_prior, skills), post, loop = _em(
+        data, merge=merge, max_iter=max_iter, tol=tol, start=update,
+        log_params=lambda q: (q[0], oc.log_confusion(q[1], K)), update=update,
+        prior_term=prior_term)
+    return oc.OneCoinResult(posteriors=post, priors=jnp.exp(log_prior), skills=skills,
+                            objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
+                            converged=loop.converged)

@@ -29,6 +29,7 @@ import pyarrow as pa
 from ..labels import LabelTensor
 from ._core import (TINY, CrowdData, clamp_gold, iterate, normalize, prepare, task_vote,
                     worker_agreement, worker_count)
+from . import _native
 from .base import Aggregator
 from .dawid_skene import _n_answers, e_step
 
@@ -101,7 +102,9 @@ class OneCoinDawidSkene(Aggregator):
     """One-coin Dawid-Skene: a single accuracy per annotator, fitted by EM.
 
     Args:
-        max_iter, tol, smoothing, layout, dtype: as for :class:`~crowdllm.aggregation.DawidSkene`.
+        max_iter, tol, smoothing, layout, dtype, native: as for
+            :class:`~crowdllm.aggregation.DawidSkene` (the native kernel runs the same E-step;
+            the M-step's agreements are the diagonal of its summed counts).
 
     Attributes (after fit):
         skills_: ``[workers]`` probability that each annotator answers correctly.
@@ -114,16 +117,19 @@ class OneCoinDawidSkene(Aggregator):
     iterative = True
 
     def __init__(self, max_iter: int = 100, tol: float = 1e-5, smoothing: float = 0.01,
-                 layout: str = "auto", dtype: str = "float32") -> None:
+                 layout: str = "auto", dtype: str = "float32", native: str = "auto") -> None:
         if smoothing < 0:
             raise ValueError(f"smoothing must be >= 0, got {smoothing}")
         self.max_iter, self.tol, self.smoothing, self.layout, self.dtype = max_iter, tol, smoothing, layout, dtype
+        self.native = _native.check_option(native)
 
     def _fit(self, tensor: LabelTensor, gold: np.ndarray | None) -> dict[str, Any]:
         with jax.enable_x64(self.dtype == "float64"):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
-            res = jax.tree_util.tree_map(np.asarray, fit(
+            self.native_used_ = _native.use(self.native, data)
+            run = _native.onecoin_fit if self.native_used_ else fit
+            res = jax.tree_util.tree_map(np.asarray, run(
                 data, max_iter=self.max_iter, tol=self.tol, smoothing=self.smoothing))
         return {"probas": res.posteriors[: tensor.n_tasks], "priors": res.priors,
                 "skills": res.skills[: tensor.n_workers], "n_iter": int(res.n_iter),
