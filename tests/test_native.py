@@ -1,5 +1,5 @@
-"""The native Dawid-Skene kernel (``aggregation._native``) equals the XLA path, for Dawid-Skene
-and one-coin Dawid-Skene.
+"""The native Dawid-Skene kernel (``aggregation._native``) equals the XLA path, for Dawid-Skene,
+one-coin Dawid-Skene and IBCC (VB).
 
 Kernel level: the per-combination sums, turned into confusion counts and class totals, equal the
 fused XLA pass's (``_fast.ds_em_step``) on panels with missing answers, gold, padding rows, every
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crowdllm.aggregation import DawidSkene, OneCoinDawidSkene, _core, _fast, _native, dawid_skene, one_coin
+from crowdllm.aggregation import (IBCC, DawidSkene, OneCoinDawidSkene, _core, _fast, _native,
+                                  dawid_skene, ibcc, one_coin)
 from crowdllm.labels import LabelTensor
 
 from conftest import DATA
@@ -156,6 +157,45 @@ def test_native_one_coin_fit_equals_the_xla_fit_on_sampled_data(T, W, K, gold_fr
 
 
 @needs_kernel
+@pytest.mark.parametrize("T,W,K,gold_frac", [(3000, 12, 5, 0.05), (2000, 9, 3, 0.1),
+                                             (500, 7, 8, 0.1)])
+def test_native_ibcc_equals_the_xla_vb_on_sampled_data(T, W, K, gold_frac):
+    lab, gold, truth = _draw(T, W, K, 0.3, gold_frac, seed=W + 2)
+    data = _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32)
+    # the reference stopping rule (a class posterior moves by <= 1e-3), and 30 sweeps exactly
+    for kw in ({"max_iter": 500, "tol": -np.inf, "atol": 1e-3},
+               {"max_iter": 30, "tol": -np.inf, "atol": -1.0}):
+        a = ibcc.fit(data, **kw)
+        b = _native.ibcc_fit(data, **kw)
+        assert int(a.n_iter) == int(b.n_iter) and 3 < int(b.n_iter) < 500
+        np.testing.assert_allclose(np.asarray(b.posteriors)[:T], np.asarray(a.posteriors)[:T],
+                                   atol=1e-5)
+        np.testing.assert_allclose(np.asarray(b.mu), np.asarray(a.mu), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(b.nu), np.asarray(a.nu), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(b.history), np.asarray(a.history), rtol=1e-5)
+        assert bool(b.converged) == bool(a.converged)
+
+
+@needs_kernel
+def test_tracked_sums_report_the_largest_posterior_move():
+    labels, mask, gold, log_prior, log_conf = _step_inputs(1003, 12, 5, 0.2, 0.1, seed=5)
+    p = _native.plan(12, 5)
+    rows = _native.unique(_native.encode(labels, p), _native.flags_of(mask, gold))
+    tabs = [_native.tables(p, log_prior, log_conf), _native.tables(p, log_prior * 0.5, log_conf * 0.8)]
+    track = _native.track_buffer(rows)
+    posts, dzs = [], []
+    for tab in tabs:
+        C, ll, track, dz = _native.sums_tracked(rows, tab, 5, track)
+        C2, ll2 = _native.sums(rows, tab, 5)
+        np.testing.assert_array_equal(np.asarray(C), np.asarray(C2))
+        posts.append(np.asarray(_native.posteriors(rows, tab, 5)))
+        dzs.append(float(dz))
+    real = np.asarray(mask) > 0
+    assert dzs[0] == pytest.approx(np.abs(posts[0][real]).max(), abs=1e-6)  # from zeros
+    assert dzs[1] == pytest.approx(np.abs(posts[1] - posts[0])[real].max(), abs=1e-6)
+
+
+@needs_kernel
 @pytest.mark.parametrize("name", ["dog", "zencrowd_in", "bluebird"])
 def test_dawid_skene_class_native_equals_xla_on_real_data(name):
     tensor = LabelTensor.coerce(DATA / name / "answers.csv")
@@ -171,6 +211,11 @@ def test_dawid_skene_class_native_equals_xla_on_real_data(name):
     assert oc.native_used_ and not oc_xla.native_used_ and oc.n_iter_ == oc_xla.n_iter_
     np.testing.assert_allclose(oc.probas_, oc_xla.probas_, atol=1e-5)
     np.testing.assert_allclose(oc.skills_, oc_xla.skills_, atol=1e-5)
+    ib = IBCC(layout="dense").fit(tensor)
+    ib_xla = IBCC(layout="dense", native="off").fit(tensor)
+    assert ib.native_used_ and not ib_xla.native_used_ and ib.n_iter_ == ib_xla.n_iter_
+    np.testing.assert_allclose(ib.probas_, ib_xla.probas_, atol=1e-5)
+    np.testing.assert_allclose(ib.errors_, ib_xla.errors_, atol=1e-5)
 
 
 @needs_kernel

@@ -53,14 +53,15 @@ import numpy as np
 
 __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Plan", "plan", "encode", "flags_of",
            "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
-           "posteriors", "ds_fit", "onecoin_fit"]
+           "posteriors", "ds_fit", "onecoin_fit", "ibcc_fit",
+           "track_buffer", "sums_tracked"]
 
 SOURCE = Path(__file__).with_name("native") / "ds_grouped.cc"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 #: most combinations per annotator group (the group's two tables stay in cache)
 MAX_COMBOS = 2048
 _TARGETS = {"sums": "CrowdllmDsGroupedSums", "post": "CrowdllmDsGroupedPost",
-            "unique": "CrowdllmDsGroupedUnique"}
+            "unique": "CrowdllmDsGroupedUnique", "track": "CrowdllmDsGroupedTrack"}
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -348,6 +349,27 @@ def sums(rows: Rows, tab: jax.Array, n_classes: int, vote: bool = False
     return C, ll[0]
 
 
+def track_buffer(rows: Rows) -> jax.Array:
+    """The buffer :func:`sums_tracked` keeps each distinct row's posteriors in."""
+    return jnp.zeros(((rows.codes.shape[0] + 7) // 8 * 64,), jnp.float32)
+
+
+def sums_tracked(rows: Rows, tab: jax.Array, n_classes: int, track: jax.Array,
+                 vote: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """:func:`sums`, also comparing each distinct row's posteriors with the ones kept in
+    ``track`` by the last call: ``(C, log-likelihood, track, largest change)`` (the track
+    buffer is updated in place where XLA can alias it)."""
+    _require()
+    out = (jax.ShapeDtypeStruct((tab.shape[0], 8), jnp.float32),
+           jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct(track.shape, jnp.float32),
+           jax.ShapeDtypeStruct((1,), jnp.float32))
+    C, ll, track, dz = jax.ffi.ffi_call("crowdllm_ds_grouped_track", out,
+                                        input_output_aliases={5: 2})(
+        rows.codes, rows.flags, rows.weights, rows.n, tab, track, K=np.int64(n_classes),
+        threads=np.int64(_threads()), vote=np.int64(vote))
+    return C, ll[0], track, dz[0]
+
+
 def posteriors(rows: Rows, tab: jax.Array, n_classes: int) -> jax.Array:
     """The E-step's posteriors of every task ``[T, K]`` (padding rows: zeros)."""
     _require()
@@ -474,3 +496,66 @@ def onecoin_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing:
     return oc.OneCoinResult(posteriors=post, priors=jnp.exp(log_prior), skills=skills,
                             objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
                             converged=loop.converged)
+
+
+class _VBCarry(NamedTuple):
+    nu: jax.Array
+    mu: jax.Array
+    used_nu: jax.Array
+    used_mu: jax.Array
+    track: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "merge"))
+def ibcc_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, atol: float = 1e-3,
+             alpha: float = 1.0, beta_diag: float = 4.0, beta_off: float = 1.0,
+             merge: bool = True):
+    """IBCC by mean-field VB with the native kernel. A sweep's q(z) is Dawid-Skene's E-step with
+    the tables of E[log rho], E[log pi]; q(rho), q(pi) are the priors plus the summed counts;
+    the kernel keeps each distinct row's q(z) to give the largest move of a class posterior
+    (the stopping rule). Same start, sweeps, stopping rule, ELBO and result as ``ibcc.fit``."""
+    from . import ibcc
+
+    K = data.n_classes
+    alpha_k = jnp.full((K,), alpha, jnp.float32)
+    beta = ibcc.confusion_prior(K, beta_diag, beta_off, jnp.float32)
+    p = plan(int(data.labels.shape[1]), int(K))
+    codes, flags = encode(data.labels, p), flags_of(data.task_mask, data.gold)
+    rows = unique(codes, flags) if merge else every_row(codes, flags)
+    votes = vote_table(p, data.worker_mask.astype(jnp.float32), K)
+    # the start: majority-vote q(z) (kept in the track buffer), and the q(rho), q(pi) it implies
+    C0, _, track, _ = sums_tracked(rows, votes, K, track_buffer(rows), vote=True)
+    counts0, psum0 = counts_from(p, C0, K)
+    n_ans = jnp.maximum(jnp.round(counts0.sum()), 1.0)
+    nu0, mu0 = alpha_k + psum0, beta[None] + counts0
+
+    def cond(c):
+        return (c[2] < max_iter) & ~c[3]
+
+    def body(c):
+        st, prev, i, _, hist = c
+        stats = ibcc.dirichlet_stats(st.nu, st.mu)
+        C, ll, track, dz = sums_tracked(rows, tables(p, stats[0][0], stats[1][0]), K, st.track)
+        obj = (ll + ibcc.elbo_params(data, st.nu, st.mu, alpha_k, beta, stats)) / n_ans
+        counts, psum = counts_from(p, C, K)
+        new = _VBCarry(alpha_k + psum, beta[None] + counts, st.nu, st.mu, track)
+        done = ((obj - prev) < tol) | (dz <= atol)
+        return new, obj, i + 1, done, hist.at[i].set(obj)
+
+    carry = (_VBCarry(nu0, mu0, nu0, mu0, track), jnp.asarray(-jnp.inf, jnp.float32),
+             jnp.asarray(0, jnp.int32), jnp.asarray(False), jnp.zeros((max(max_iter, 1),), jnp.float32))
+    st, obj, n, done, hist = jax.lax.while_loop(cond, body, carry)
+    hist = jnp.where(jnp.arange(hist.shape[0]) < n, hist, obj)
+    # the result is the last sweep's: q(z) from the q(rho), q(pi) it used, and those
+    if max_iter == 0:
+        from ._core import clamp_gold, normalize, task_vote
+
+        post = clamp_gold(normalize(task_vote(data, data.worker_mask.astype(jnp.float32))),
+                          data.gold)
+    else:
+        stats = ibcc.dirichlet_stats(st.used_nu, st.used_mu)
+        post = posteriors(rows, tables(p, stats[0][0], stats[1][0]), K)
+    nu, mu = st.used_nu, st.used_mu
+    return ibcc.IBCCResult(posteriors=post, nu=nu, mu=mu, priors=nu / nu.sum(),
+                           confusion=mu / mu.sum(axis=-1, keepdims=True), objective=obj,
+                           history=hist, n_iter=n, converged=done)

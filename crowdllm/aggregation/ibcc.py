@@ -58,9 +58,11 @@ from jax.scipy.special import digamma, gammaln
 from ..labels import LabelTensor
 from ._core import (CrowdData, Loop, clamp_gold, normalize, prepare, task_class_sum, task_vote,
                     worker_confusion)
+from . import _native
 from .base import Aggregator
 
-__all__ = ["IBCC", "IBCCState", "IBCCResult", "init", "step", "fit", "elbo", "confusion_prior",
+__all__ = ["IBCC", "IBCCState", "IBCCResult", "init", "step", "fit", "elbo", "elbo_params",
+           "confusion_prior",
            "dirichlet_stats", "log_beta", "n_answers"]
 
 
@@ -145,10 +147,16 @@ def _q_z(data: CrowdData, scores: jax.Array) -> tuple[jax.Array, jax.Array]:
 def elbo(data: CrowdData, state: IBCCState, log_z: jax.Array, alpha: jax.Array, beta: jax.Array,
          stats: list | None = None) -> jax.Array:
     """The evidence lower bound of ``state`` (whose ``posteriors`` gave ``log_z``)."""
-    (e_rho, lb_rho), (e_pi, lb_pi) = stats or dirichlet_stats(state.nu, state.mu)
-    out = (log_z * data.task_mask).sum()
-    out += lb_rho - log_beta(alpha) + ((alpha - state.nu) * e_rho).sum()
-    per_worker = (lb_pi - log_beta(beta)[None] + ((beta[None] - state.mu) * e_pi).sum(-1)).sum(1)
+    return (log_z * data.task_mask).sum() + elbo_params(data, state.nu, state.mu, alpha, beta,
+                                                         stats)
+
+
+def elbo_params(data: CrowdData, nu: jax.Array, mu: jax.Array, alpha: jax.Array, beta: jax.Array,
+                stats: list | None = None) -> jax.Array:
+    """The ELBO's terms of q(rho), q(pi) (all but the tasks' log normalisers)."""
+    (e_rho, lb_rho), (e_pi, lb_pi) = stats or dirichlet_stats(nu, mu)
+    out = lb_rho - log_beta(alpha) + ((alpha - nu) * e_rho).sum()
+    per_worker = (lb_pi - log_beta(beta)[None] + ((beta[None] - mu) * e_pi).sum(-1)).sum(1)
     return out + (per_worker * data.worker_mask).sum()
 
 
@@ -240,6 +248,10 @@ class IBCC(Aggregator):
         progress_bar: show NumPyro's progress bar (NUTS / SVI; on by default, as in NumPyro).
         layout: ``auto``, ``coo`` or ``dense``.
         dtype: ``float32`` or ``float64``.
+        native: as for :class:`~crowdllm.aggregation.DawidSkene` (VB only): on dense float32
+            panels on AVX2 CPUs each sweep runs on the native kernel (q(z) is Dawid-Skene's
+            E-step with the tables of E[log rho], E[log pi]; the kernel also keeps each distinct
+            answer row's q(z) for the stopping rule).
 
     Attributes (after fit):
         errors_: ``[workers, K, L]`` posterior mean confusion matrices.
@@ -258,7 +270,7 @@ class IBCC(Aggregator):
                  inference: str = "vb",
                  num_samples: int = 500, num_warmup: int = 500, num_steps: int = 2000,
                  seed: int = 0, progress_bar: bool = True, layout: str = "auto",
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", native: str = "auto") -> None:
         if inference not in INFERENCE:
             raise ValueError(f"inference must be one of {', '.join(INFERENCE)}, got {inference!r}")
         if alpha <= 0 or beta_diag <= 0 or beta_off <= 0:
@@ -268,6 +280,7 @@ class IBCC(Aggregator):
         self.num_samples, self.num_warmup, self.num_steps = num_samples, num_warmup, num_steps
         self.seed, self.progress_bar = seed, progress_bar
         self.layout, self.dtype = layout, dtype
+        self.native = _native.check_option(native)
 
     def _fit(self, tensor: LabelTensor, gold: np.ndarray | None) -> dict[str, Any]:
         if self.inference != "vb":
@@ -282,7 +295,9 @@ class IBCC(Aggregator):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
             tol = -np.inf if self.tol is None else self.tol
-            res = fit(data, max_iter=self.max_iter, tol=tol, atol=self.atol, alpha=self.alpha,
+            self.native_used_ = _native.use(self.native, data)
+            run = _native.ibcc_fit if self.native_used_ else fit
+            res = run(data, max_iter=self.max_iter, tol=tol, atol=self.atol, alpha=self.alpha,
                       beta_diag=self.beta_diag, beta_off=self.beta_off)
             res = jax.tree_util.tree_map(np.asarray, res)
         W = tensor.n_workers

@@ -110,6 +110,8 @@ struct Part {  // one thread's share of the sums
   std::vector<float> C;    // [NC, 8]: float sums over the current chunk of rows
   std::vector<double> D;   // [NC, 8]: the chunks' sums, in double
   __m256d ll0, ll1;
+  float* track = nullptr;  // [blocks, 8 classes, 8 rows]: each row's last posteriors (or none)
+  __m256 dz;               // the largest change of a posterior since the last pass
   void flush() {
     for (size_t j = 0; j < C.size(); ++j) D[j] += C[j];
     std::fill(C.begin(), C.end(), 0.f);
@@ -127,7 +129,7 @@ enum Mode { SUMS = 0, POST = 1, VOTE = 2 };
 // softmax posteriors written to post[8, K] (rows below n_out only).
 template <int K, int MODE>
 inline void block(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wts,
-                  const float* tab, Part& part, float* post, int n_out) {
+                  const float* tab, Part& part, float* post, int n_out, float* q) {
   __m256 s[8];
   for (int i = 0; i < 8; ++i) {
     const uint16_t* c = codes + i * G;
@@ -169,6 +171,16 @@ inline void block(const uint16_t* codes, int64_t G, const int8_t* flags, const f
       if (MODE != VOTE) ll = _mm256_blendv_ps(ll, s[k], eq);
     }
   }
+  if (MODE != POST && q != nullptr) {  // track: compare with the last pass, keep these
+    __m256 wt = _mm256_loadu_ps(wts);
+    __m256 live = _mm256_cmp_ps(wt, _mm256_setzero_ps(), _CMP_GT_OQ);
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int k = 0; k < K; ++k) {
+      __m256 d = _mm256_andnot_ps(sign, _mm256_sub_ps(p[k], _mm256_loadu_ps(q + 8 * k)));
+      part.dz = _mm256_max_ps(part.dz, _mm256_and_ps(d, live));
+      _mm256_storeu_ps(q + 8 * k, p[k]);
+    }
+  }
   if (MODE != POST) {
     __m256 wt = _mm256_loadu_ps(wts);
     for (int k = 0; k < K; ++k) p[k] = _mm256_mul_ps(p[k], wt);
@@ -203,7 +215,8 @@ void rows(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wt
   int64_t t = r0;
   for (; t + 8 <= r1; t += 8) {
     block<K, MODE>(codes + t * G, G, flags + t, wts + t, tab, part,
-                   MODE == POST ? post + t * K : nullptr, 8);
+                   MODE == POST ? post + t * K : nullptr, 8,
+                   part.track ? part.track + t * 8 : nullptr);
     if (MODE != POST && (t - r0) % CHUNK == CHUNK - 8) part.flush();
   }
   if (t < r1) {  // the last rows, padded to a block with weightless copies of row r0
@@ -215,7 +228,8 @@ void rows(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wt
     std::fill(f, f + 8, int8_t(-1));
     std::memcpy(f, flags + t, n);
     if (MODE != POST) std::memcpy(w, wts + t, n * sizeof(float));
-    block<K, MODE>(c.data(), G, f, w, tab, part, MODE == POST ? post + t * K : nullptr, n);
+    block<K, MODE>(c.data(), G, f, w, tab, part, MODE == POST ? post + t * K : nullptr, n,
+                   part.track ? part.track + t * 8 : nullptr);
   }
 }
 
@@ -242,7 +256,8 @@ RowsFn<MODE> pick(int64_t K) {
 // (float) gets the summed per-combination posteriors. POST: out gets posteriors [U, K].
 template <int MODE>
 ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags, const float* wts,
-                const float* tab, int64_t NC, int64_t K, int64_t threads, float* out, double* ll) {
+                const float* tab, int64_t NC, int64_t K, int64_t threads, float* out, double* ll,
+                float* track = nullptr, float* dz = nullptr) {
   RowsFn<MODE> fn = pick<MODE>(K);
   if (fn == nullptr) return ffi::Error::InvalidArgument("ds_grouped: 1 <= K <= 8 classes");
   int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (U + 4095) / 4096));
@@ -250,6 +265,8 @@ ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags
   auto work = [&](int i) {
     Part& part = parts[i];
     part.ll0 = part.ll1 = _mm256_setzero_pd();
+    part.track = track;
+    part.dz = _mm256_setzero_ps();
     if (MODE != POST) {
       part.C.assign(NC * 8, 0.f);
       part.D.assign(NC * 8, 0.0);
@@ -270,6 +287,15 @@ ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags
     for (double x : v) tot += x;
   }
   *ll = tot;
+  if (dz != nullptr) {
+    float m = 0;
+    for (auto& part : parts) {
+      alignas(32) float v[8];
+      _mm256_store_ps(v, part.dz);
+      for (float x : v) m = std::max(m, x);
+    }
+    *dz = m;
+  }
   if (MODE != POST) {
     for (int64_t j = 0; j < NC * 8; ++j) {
       double acc = 0;
@@ -302,7 +328,32 @@ ffi::Error SumsImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
   double tot = 0;
   auto args = std::make_tuple(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
                               weights.typed_data(), table.typed_data(), table.dimensions()[0], K,
-                              threads, sums->typed_data(), &tot);
+                              threads, sums->typed_data(), &tot, static_cast<float*>(nullptr),
+                              static_cast<float*>(nullptr));
+  ffi::Error e = vote ? std::apply(Pass<VOTE>, args) : std::apply(Pass<SUMS>, args);
+  ll->typed_data()[0] = (float)tot;
+  return e;
+}
+
+// SumsImpl that also keeps each distinct row's posteriors between passes (track, [blocks, 8, 8],
+// updated in place) and returns the largest change of any posterior (VB's stopping rule).
+ffi::Error TrackImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                     ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
+                     ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> track_in,
+                     ffi::ResultBuffer<ffi::F32> sums, ffi::ResultBuffer<ffi::F32> ll,
+                     ffi::ResultBuffer<ffi::F32> track, ffi::ResultBuffer<ffi::F32> dz,
+                     int64_t K, int64_t threads, int64_t vote) {
+  int64_t U;
+  if (auto e = Check(codes, flags, table, n, &U); e.failure()) return e;
+  if (track_in.element_count() < (U + 7) / 8 * 64)
+    return ffi::Error::InvalidArgument("ds_grouped: track must hold [ceil(T / 8), 8, 8] floats");
+  float* tr = track->typed_data();
+  if (tr != track_in.typed_data())  // not aliased: start from the input's values
+    std::memcpy(tr, track_in.typed_data(), track_in.element_count() * sizeof(float));
+  double tot = 0;
+  auto args = std::make_tuple(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
+                              weights.typed_data(), table.typed_data(), table.dimensions()[0], K,
+                              threads, sums->typed_data(), &tot, tr, dz->typed_data());
   ffi::Error e = vote ? std::apply(Pass<VOTE>, args) : std::apply(Pass<SUMS>, args);
   ll->typed_data()[0] = (float)tot;
   return e;
@@ -490,6 +541,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedSums, SumsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("K")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("vote"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedTrack, TrackImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("K")
