@@ -1,5 +1,5 @@
 r"""Dawid-Skene's EM iteration as a native CPU kernel, by groups of annotators (used by
-``DawidSkene`` and ``OneCoinDawidSkene``).
+``DawidSkene``, ``OneCoinDawidSkene`` and ``IBCC``'s VB: all three have Dawid-Skene's E-step).
 
 XLA's CPU code for the fused pass (:func:`._fast.ds_em_step`) runs at ~116 ms per iteration on
 1,000,000 x 12 x 5 on the 2-core VM, ~70 times the memory-bandwidth floor. This module builds a
