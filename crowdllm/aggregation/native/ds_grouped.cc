@@ -127,9 +127,10 @@ enum Mode { SUMS = 0, POST = 1, VOTE = 2 };
 // posteriors, weighted, added into part.C, weighted log-likelihood into part.ll. VOTE: the table
 // holds vote weights; posteriors are the normalised votes (uniform when there are none). POST:
 // softmax posteriors written to post[8, K] (rows below n_out only).
-template <int K, int MODE>
-inline void block(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wts,
+template <int K, int MODE, int GT>
+inline void block(const uint16_t* codes, int64_t G_, const int8_t* flags, const float* wts,
                   const float* tab, Part& part, float* post, int n_out, float* q) {
+  const int64_t G = GT > 0 ? GT : G_;  // the common group count is a constant: loops unrolled
   __m256 s[8];
   for (int i = 0; i < 8; ++i) {
     const uint16_t* c = codes + i * G;
@@ -209,12 +210,12 @@ inline void block(const uint16_t* codes, int64_t G, const int8_t* flags, const f
   }
 }
 
-template <int K, int MODE>
+template <int K, int MODE, int GT>
 void rows(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wts,
           const float* tab, int64_t r0, int64_t r1, Part& part, float* post) {
   int64_t t = r0;
   for (; t + 8 <= r1; t += 8) {
-    block<K, MODE>(codes + t * G, G, flags + t, wts + t, tab, part,
+    block<K, MODE, GT>(codes + t * G, G, flags + t, wts + t, tab, part,
                    MODE == POST ? post + t * K : nullptr, 8,
                    part.track ? part.track + t * 8 : nullptr);
     if (MODE != POST && (t - r0) % CHUNK == CHUNK - 8) part.flush();
@@ -228,7 +229,7 @@ void rows(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wt
     std::fill(f, f + 8, int8_t(-1));
     std::memcpy(f, flags + t, n);
     if (MODE != POST) std::memcpy(w, wts + t, n * sizeof(float));
-    block<K, MODE>(c.data(), G, f, w, tab, part, MODE == POST ? post + t * K : nullptr, n,
+    block<K, MODE, GT>(c.data(), G, f, w, tab, part, MODE == POST ? post + t * K : nullptr, n,
                    part.track ? part.track + t * 8 : nullptr);
   }
 }
@@ -238,16 +239,17 @@ using RowsFn = void (*)(const uint16_t*, int64_t, const int8_t*, const float*, c
                         int64_t, int64_t, Part&, float*);
 
 template <int MODE>
-RowsFn<MODE> pick(int64_t K) {
+RowsFn<MODE> pick(int64_t K, int64_t G) {
+  bool g3 = G == 3;  // 12 annotators with 4-8 classes, 13-18 with 2 (the LLM-panel shapes)
   switch (K) {
-    case 1: return rows<1, MODE>;
-    case 2: return rows<2, MODE>;
-    case 3: return rows<3, MODE>;
-    case 4: return rows<4, MODE>;
-    case 5: return rows<5, MODE>;
-    case 6: return rows<6, MODE>;
-    case 7: return rows<7, MODE>;
-    case 8: return rows<8, MODE>;
+    case 1: return g3 ? rows<1, MODE, 3> : rows<1, MODE, 0>;
+    case 2: return g3 ? rows<2, MODE, 3> : rows<2, MODE, 0>;
+    case 3: return g3 ? rows<3, MODE, 3> : rows<3, MODE, 0>;
+    case 4: return g3 ? rows<4, MODE, 3> : rows<4, MODE, 0>;
+    case 5: return g3 ? rows<5, MODE, 3> : rows<5, MODE, 0>;
+    case 6: return g3 ? rows<6, MODE, 3> : rows<6, MODE, 0>;
+    case 7: return g3 ? rows<7, MODE, 3> : rows<7, MODE, 0>;
+    case 8: return g3 ? rows<8, MODE, 3> : rows<8, MODE, 0>;
     default: return nullptr;
   }
 }
@@ -258,7 +260,7 @@ template <int MODE>
 ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags, const float* wts,
                 const float* tab, int64_t NC, int64_t K, int64_t threads, float* out, double* ll,
                 float* track = nullptr, float* dz = nullptr) {
-  RowsFn<MODE> fn = pick<MODE>(K);
+  RowsFn<MODE> fn = pick<MODE>(K, G);
   if (fn == nullptr) return ffi::Error::InvalidArgument("ds_grouped: 1 <= K <= 8 classes");
   int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (U + 4095) / 4096));
   std::vector<Part> parts(n);
