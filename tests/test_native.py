@@ -245,6 +245,11 @@ def test_where_the_kernel_does_not_apply_the_xla_path_runs():
         assert not ds.native_used_
     nine = _core.prepare(_tensor(np.minimum(lab * 4, 8), 9), layout="dense")
     assert "9 classes" in _native.applies(nine, jnp.float32)
+    assert _native.plan(200, 5) is not None and _native.plan(300, 5) is None  # uint16 codes
+    wide, _, _ = _draw(50, 300, 5, 0.9, 0.0, seed=4)
+    wide_data = _core.prepare(_tensor(wide, 5), layout="dense")
+    assert "too many annotators" in _native.applies(wide_data, jnp.float32)
+    assert not DawidSkene(layout="dense").fit(_tensor(wide, 5)).native_used_
     with pytest.raises(RuntimeError, match="native='on'.*not on the dense layout"):
         DawidSkene(layout="coo", native="on").fit(tensor)
     with pytest.raises(ValueError, match="native must be"):

@@ -320,21 +320,29 @@ ffi::Error Check(ffi::Buffer<ffi::U16>& codes, ffi::Buffer<ffi::S8>& flags,
   return ffi::Error::Success();
 }
 
-// E-step and M-step sums over the first n distinct rows (weights = how many tasks each stands for)
-ffi::Error SumsImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
-                    ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
-                    ffi::Buffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> sums,
-                    ffi::ResultBuffer<ffi::F32> ll, int64_t K, int64_t threads, int64_t vote) {
+// The sums pass over the first n distinct rows (weights = how many tasks each stands for); with
+// track, each row's posteriors are compared with and replace the ones kept there.
+ffi::Error SumsPass(ffi::Buffer<ffi::U16>& codes, ffi::Buffer<ffi::S8>& flags,
+                    ffi::Buffer<ffi::F32>& weights, ffi::Buffer<ffi::S32>& n,
+                    ffi::Buffer<ffi::F32>& table, float* sums, float* ll, float* track, float* dz,
+                    int64_t K, int64_t threads, int64_t vote) {
   int64_t U;
   if (auto e = Check(codes, flags, table, n, &U); e.failure()) return e;
   double tot = 0;
   auto args = std::make_tuple(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
                               weights.typed_data(), table.typed_data(), table.dimensions()[0], K,
-                              threads, sums->typed_data(), &tot, static_cast<float*>(nullptr),
-                              static_cast<float*>(nullptr));
+                              threads, sums, &tot, track, dz);
   ffi::Error e = vote ? std::apply(Pass<VOTE>, args) : std::apply(Pass<SUMS>, args);
-  ll->typed_data()[0] = (float)tot;
+  ll[0] = (float)tot;
   return e;
+}
+
+ffi::Error SumsImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                    ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
+                    ffi::Buffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> sums,
+                    ffi::ResultBuffer<ffi::F32> ll, int64_t K, int64_t threads, int64_t vote) {
+  return SumsPass(codes, flags, weights, n, table, sums->typed_data(), ll->typed_data(), nullptr,
+                  nullptr, K, threads, vote);
 }
 
 // SumsImpl that also keeps each distinct row's posteriors between passes (track, [blocks, 8, 8],
@@ -345,20 +353,13 @@ ffi::Error TrackImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
                      ffi::ResultBuffer<ffi::F32> sums, ffi::ResultBuffer<ffi::F32> ll,
                      ffi::ResultBuffer<ffi::F32> track, ffi::ResultBuffer<ffi::F32> dz,
                      int64_t K, int64_t threads, int64_t vote) {
-  int64_t U;
-  if (auto e = Check(codes, flags, table, n, &U); e.failure()) return e;
-  if (track_in.element_count() < (U + 7) / 8 * 64)
+  if (track_in.element_count() < (codes.dimensions()[0] + 7) / 8 * 64)
     return ffi::Error::InvalidArgument("ds_grouped: track must hold [ceil(T / 8), 8, 8] floats");
   float* tr = track->typed_data();
   if (tr != track_in.typed_data())  // not aliased: start from the input's values
     std::memcpy(tr, track_in.typed_data(), track_in.element_count() * sizeof(float));
-  double tot = 0;
-  auto args = std::make_tuple(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
-                              weights.typed_data(), table.typed_data(), table.dimensions()[0], K,
-                              threads, sums->typed_data(), &tot, tr, dz->typed_data());
-  ffi::Error e = vote ? std::apply(Pass<VOTE>, args) : std::apply(Pass<SUMS>, args);
-  ll->typed_data()[0] = (float)tot;
-  return e;
+  return SumsPass(codes, flags, weights, n, table, sums->typed_data(), ll->typed_data(), tr,
+                  dz->typed_data(), K, threads, vote);
 }
 
 // The E-step's posteriors of every task: the distinct rows' posteriors, spread by inverse
