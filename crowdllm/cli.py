@@ -27,7 +27,7 @@ def example_dir() -> Path:
 
 
 def fail(message: str) -> None:
-    """Print ``error: message`` to stderr and exit with status 2 (bad input), keeping it one line."""
+    """Print ``Error: message`` to stderr and exit with status 1 (bad input), keeping it one line."""
     raise click.ClickException(message)
 
 

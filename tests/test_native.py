@@ -250,7 +250,7 @@ def test_where_the_kernel_does_not_apply_the_xla_path_runs():
     wide_data = _core.prepare(_tensor(wide, 5), layout="dense")
     assert "too many annotators" in _native.applies(wide_data, jnp.float32)
     assert not DawidSkene(layout="dense").fit(_tensor(wide, 5)).native_used_
-    with pytest.raises(RuntimeError, match="native='on'.*not on the dense layout"):
+    with pytest.raises(ValueError, match="native='on'.*not on the dense layout"):
         DawidSkene(layout="coo", native="on").fit(tensor)
     with pytest.raises(ValueError, match="native must be"):
         DawidSkene(native="yes")
@@ -277,7 +277,7 @@ def test_turned_off_falls_back_to_xla(monkeypatch, fresh_native):
     assert not ds.native_used_
     ref = DawidSkene(layout="dense", native="off").fit(tensor)
     np.testing.assert_array_equal(ds.probas_, ref.probas_)
-    with pytest.raises(RuntimeError, match="turned off by CROWDLLM_NATIVE"):
+    with pytest.raises(ValueError, match="turned off by CROWDLLM_NATIVE"):
         DawidSkene(layout="dense", native="on").fit(tensor)
     assert not fresh_native.exists()  # nothing was built
 

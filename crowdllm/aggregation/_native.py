@@ -225,11 +225,11 @@ def check_option(native: str) -> str:
 
 def use(native: str, data: Any) -> bool:
     """Whether an aggregator with option ``native`` runs ``data`` on the kernel (``on`` where it
-    cannot: a RuntimeError saying why)."""
+    cannot: a ValueError saying why)."""
     why_not = "turned off (native='off')" if check_option(native) == "off" else \
         applies(data, data.task_mask.dtype)
     if why_not is not None and native == "on":
-        raise RuntimeError(f"native='on', but the native kernel cannot run: {why_not}")
+        raise ValueError(f"native='on', but the native kernel cannot run: {why_not}")
     return why_not is None
 
 
