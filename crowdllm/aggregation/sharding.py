@@ -25,7 +25,9 @@ Example:
 Known limit: on the dense layout, the chunked fast sums (``_fast``) walk the task axis with
 ``lax.scan``; when that axis is sharded the compiler gathers the label rows onto each device,
 which is correct but does not divide the work. For dense panels beyond one device use the COO
-layout (``prepare(..., layout="coo")``), whose sums partition cleanly.
+layout (``prepare(..., layout="coo")``), whose sums partition cleanly. The native CPU kernel
+(:mod:`._native`, DawidSkene / OneCoinDawidSkene / IBCC on one device) is not used for data
+sharded over several devices: their classes take the XLA path there.
 """
 
 from __future__ import annotations
