@@ -149,3 +149,22 @@ def test_every_method_fast_equals_reference(name):
         ref = cls(**kw).fit(tensor)
     np.testing.assert_allclose(fast.probas_, ref.probas_, rtol=tol, atol=tol)
     np.testing.assert_array_equal(fast.label_codes_, ref.label_codes_)
+
+
+@pytest.mark.parametrize("name", ["ds", "onecoin-ds", "ibcc"])
+def test_native_kernel_equals_the_reference_path_in_float32(name):
+    """DawidSkene, OneCoinDawidSkene and IBCC run on the native kernel by default (dense,
+    float32, AVX2 CPU); ``use_fast(False)`` gives the one-hot einsum reference instead."""
+    from crowdllm.aggregation import _native
+
+    if _native.why_unavailable() is not None:
+        pytest.skip(f"native kernel unavailable: {_native.why_unavailable()}")
+    tensor, _ = _panel(n_tasks=200, n_workers=9, n_classes=3, seed=11, with_gold=False)
+    kw = {"layout": "dense", "max_iter": 30}
+    fast = METHODS[name](**kw).fit(tensor)
+    with _core.use_fast(False):
+        ref = METHODS[name](**kw).fit(tensor)
+    assert fast.native_used_ and not ref.native_used_
+    assert fast.n_iter_ == ref.n_iter_
+    np.testing.assert_allclose(fast.probas_, ref.probas_, atol=1e-5)
+    np.testing.assert_array_equal(fast.label_codes_, ref.label_codes_)

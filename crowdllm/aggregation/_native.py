@@ -196,10 +196,12 @@ def plan(n_workers: int, n_classes: int) -> Plan | None:
 
 def applies(data: Any, dtype: Any) -> str | None:
     """None when the native kernel can fit ``data`` (a Dense panel), else why not."""
-    from ._core import Dense
+    from ._core import Dense, fast_enabled
 
     if not isinstance(data, Dense):
         return "the data are not on the dense layout"
+    if not fast_enabled():
+        return "the reference path was asked for (_core.use_fast(False))"
     if jnp.dtype(dtype) != jnp.float32:
         return "float64 was asked for (the kernel sums in float32 lanes)"
     if jax.default_backend() != "cpu":
