@@ -392,35 +392,50 @@ def every_row(codes: jax.Array, flags: jax.Array) -> Rows:
                 inverse=jnp.arange(T, dtype=jnp.int32))
 
 
+def _setup(data: Any, merge: bool) -> tuple[Plan, Rows, jax.Array]:
+    """The plan, the (merged) rows and the vote table of a fit (once per fit)."""
+    p = plan(int(data.labels.shape[1]), int(data.n_classes))
+    codes, flags = encode(data.labels, p), flags_of(data.task_mask, data.gold)
+    rows = unique(codes, flags) if merge else every_row(codes, flags)
+    return p, rows, vote_table(p, data.worker_mask.astype(jnp.float32), data.n_classes)
+
+
+def _n_answers(counts: jax.Array) -> jax.Array:
+    """Every task's posteriors sum to one, so the summed counts are the number of answers, to
+    float rounding (XLA's ``(labels >= 0).sum()`` over the int8 panel took 24 ms at 1M x 12)."""
+    return jnp.maximum(jnp.round(counts.sum()), 1.0)
+
+
+def _vote_posteriors(data: Any) -> jax.Array:
+    """The start's posteriors (majority vote, gold clamped): the result when no sweep runs."""
+    from ._core import clamp_gold, normalize, task_vote
+
+    return clamp_gold(normalize(task_vote(data, data.worker_mask.astype(jnp.float32))), data.gold)
+
+
 class _State(NamedTuple):
     params: Any
     used: Any  # the parameters the last E-step used (its posteriors are the result)
 
 
-def _em(data: Any, *, merge: bool, max_iter: int, tol: Any, start: Any, log_params: Any,
-        update: Any, prior_term: Any, start_gold: Any = None):
+def _em(data: Any, *, merge: bool, max_iter: int, tol: Any, log_params: Any, update: Any,
+        prior_term: Any, start_gold: Any = None):
     """EM with the native kernel for a model whose E-step is Dawid-Skene's.
 
-    ``start(counts, psum)`` / ``update(counts, psum)``: parameters from the summed counts of
-    the majority-vote posteriors / of an E-step; ``log_params(params)``: ``(log prior
-    [K], log confusion [W, K, L])``; ``prior_term(params)``: the log prior density added to the
-    log-likelihood; ``start_gold(params, counts, psum)``: the start adjusted by the counts of
-    the gold tasks alone (or None). Returns ``(params, posteriors, Loop)``.
+    ``update(counts, psum)``: parameters from the summed counts of the posteriors (the start:
+    of the majority-vote posteriors); ``log_params(params)``: ``(log prior [K], log confusion
+    [W, K, L])``; ``prior_term(params)``: the log prior density added to the log-likelihood;
+    ``start_gold(params, counts, psum)``: the start adjusted by the counts of the gold tasks
+    alone (or None). Returns ``(params, posteriors, Loop)``.
     """
     from ._core import iterate
 
     K = data.n_classes
-    p = plan(int(data.labels.shape[1]), int(K))
-    codes, flags = encode(data.labels, p), flags_of(data.task_mask, data.gold)
-    rows = unique(codes, flags) if merge else every_row(codes, flags)
-
+    p, rows, votes = _setup(data, merge)
     # the start: majority-vote posteriors (gold clamped), then one M-step
-    votes = vote_table(p, data.worker_mask.astype(jnp.float32), K)
     counts0, psum0 = counts_from(p, sums(rows, votes, K, vote=True)[0], K)
-    params0 = start(counts0, psum0)
-    # every task's posteriors sum to one, so the counts sum to the number of answers, to float
-    # rounding (XLA's (labels >= 0).sum() over the int8 panel took 24 ms at 1M x 12)
-    n_ans = jnp.maximum(jnp.round(counts0.sum()), 1.0)
+    params0 = update(counts0, psum0)
+    n_ans = _n_answers(counts0)
     if start_gold is not None:
         gold_rows = rows._replace(weights=rows.weights * (rows.flags >= 0))
         counts_g, psum_g = counts_from(p, sums(gold_rows, votes, K, vote=True)[0], K)
@@ -432,11 +447,8 @@ def _em(data: Any, *, merge: bool, max_iter: int, tol: Any, start: Any, log_para
         return _State(update(*counts_from(p, C, K)), st.params), obj
 
     st, loop = iterate(step, _State(params0, params0), max_iter=max_iter, tol=tol)
-    if max_iter == 0:  # no E-step ran: the start's posteriors (majority vote, gold clamped)
-        from ._core import clamp_gold, normalize, task_vote
-
-        post = clamp_gold(normalize(task_vote(data, data.worker_mask.astype(jnp.float32))),
-                          data.gold)
+    if max_iter == 0:  # no E-step ran
+        post = _vote_posteriors(data)
     else:  # the last E-step's posteriors
         post = posteriors(rows, tables(p, *log_params(st.used)), K)
     return st.params, post, loop
@@ -459,8 +471,7 @@ def ds_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: floa
 
     update = functools.partial(_ds_params, smoothing=smoothing)
     (log_prior, log_conf), post, loop = _em(
-        data, merge=merge, max_iter=max_iter, tol=tol, start=update, log_params=lambda q: q,
-        update=update, prior_term=lambda q: ds.log_prior_density(data, *q, smoothing),
+        data, merge=merge, max_iter=max_iter, tol=tol, log_params=lambda q: q, update=update, prior_term=lambda q: ds.log_prior_density(data, *q, smoothing),
         start_gold=start_gold if init_from_gold else None)
     return ds.DSResult(posteriors=post, priors=jnp.exp(log_prior), confusion=jnp.exp(log_conf),
                        objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
@@ -492,7 +503,7 @@ def onecoin_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing:
                             + log_prior.sum())
 
     (log_prior, skills), post, loop = _em(
-        data, merge=merge, max_iter=max_iter, tol=tol, start=update,
+        data, merge=merge, max_iter=max_iter, tol=tol,
         log_params=lambda q: (q[0], oc.log_confusion(q[1], K)), update=update,
         prior_term=prior_term)
     return oc.OneCoinResult(posteriors=post, priors=jnp.exp(log_prior), skills=skills,
@@ -506,6 +517,7 @@ class _VBCarry(NamedTuple):
     used_nu: jax.Array
     used_mu: jax.Array
     track: jax.Array
+    dz: jax.Array  # the largest move of a class posterior in the sweep that made this carry
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "merge"))
@@ -521,43 +533,31 @@ def ibcc_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, atol: float =
     K = data.n_classes
     alpha_k = jnp.full((K,), alpha, jnp.float32)
     beta = ibcc.confusion_prior(K, beta_diag, beta_off, jnp.float32)
-    p = plan(int(data.labels.shape[1]), int(K))
-    codes, flags = encode(data.labels, p), flags_of(data.task_mask, data.gold)
-    rows = unique(codes, flags) if merge else every_row(codes, flags)
-    votes = vote_table(p, data.worker_mask.astype(jnp.float32), K)
+    p, rows, votes = _setup(data, merge)
     # the start: majority-vote q(z) (kept in the track buffer), and the q(rho), q(pi) it implies
     C0, _, track, _ = sums_tracked(rows, votes, K, track_buffer(rows), vote=True)
     counts0, psum0 = counts_from(p, C0, K)
-    n_ans = jnp.maximum(jnp.round(counts0.sum()), 1.0)
+    n_ans = _n_answers(counts0)
     nu0, mu0 = alpha_k + psum0, beta[None] + counts0
 
-    def cond(c):
-        return (c[2] < max_iter) & ~c[3]
-
-    def body(c):
-        st, prev, i, _, hist = c
+    def step(st):
         stats = ibcc.dirichlet_stats(st.nu, st.mu)
         C, ll, track, dz = sums_tracked(rows, tables(p, stats[0][0], stats[1][0]), K, st.track)
         obj = (ll + ibcc.elbo_params(data, st.nu, st.mu, alpha_k, beta, stats)) / n_ans
         counts, psum = counts_from(p, C, K)
-        new = _VBCarry(alpha_k + psum, beta[None] + counts, st.nu, st.mu, track)
-        done = ((obj - prev) < tol) | (dz <= atol)
-        return new, obj, i + 1, done, hist.at[i].set(obj)
+        return _VBCarry(alpha_k + psum, beta[None] + counts, st.nu, st.mu, track, dz), obj
 
-    carry = (_VBCarry(nu0, mu0, nu0, mu0, track), jnp.asarray(-jnp.inf, jnp.float32),
-             jnp.asarray(0, jnp.int32), jnp.asarray(False), jnp.zeros((max(max_iter, 1),), jnp.float32))
-    st, obj, n, done, hist = jax.lax.while_loop(cond, body, carry)
-    hist = jnp.where(jnp.arange(hist.shape[0]) < n, hist, obj)
+    start = _VBCarry(nu0, mu0, nu0, mu0, track, jnp.asarray(jnp.inf, jnp.float32))
+    st, loop = ibcc.vb_loop(step, start, lambda new, old: new.dz, max_iter=max_iter, tol=tol,
+                            atol=atol)
     # the result is the last sweep's: q(z) from the q(rho), q(pi) it used, and those
     if max_iter == 0:
-        from ._core import clamp_gold, normalize, task_vote
-
-        post = clamp_gold(normalize(task_vote(data, data.worker_mask.astype(jnp.float32))),
-                          data.gold)
+        post = _vote_posteriors(data)
     else:
         stats = ibcc.dirichlet_stats(st.used_nu, st.used_mu)
         post = posteriors(rows, tables(p, stats[0][0], stats[1][0]), K)
     nu, mu = st.used_nu, st.used_mu
     return ibcc.IBCCResult(posteriors=post, nu=nu, mu=mu, priors=nu / nu.sum(),
-                           confusion=mu / mu.sum(axis=-1, keepdims=True), objective=obj,
-                           history=hist, n_iter=n, converged=done)
+                           confusion=mu / mu.sum(axis=-1, keepdims=True),
+                           objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
+                           converged=loop.converged)

@@ -178,10 +178,10 @@ def step(data: CrowdData, state: IBCCState, *, alpha: jax.Array,
     return new, elbo(data, new, log_z, alpha, beta, stats) / n_answers(data)
 
 
-def vb_loop(step, state, posteriors, mask, *, max_iter: int, tol, atol):
+def vb_loop(step, state, moved, *, max_iter: int, tol, atol):
     """Run ``state, elbo = step(state)`` until the ELBO gains less than ``tol`` or no class
-    posterior (``posteriors(state)``, rows where ``mask``) moves by more than ``atol`` (the
-    reference code's rule), or ``max_iter`` sweeps; returns ``(state, Loop)``."""
+    posterior moves by more than ``atol`` (``moved(new, old)``: the largest move; the reference
+    code's rule), or ``max_iter`` sweeps; returns ``(state, Loop)``."""
     _, obj0 = jax.eval_shape(step, state)
     dtype = obj0.dtype
 
@@ -191,8 +191,7 @@ def vb_loop(step, state, posteriors, mask, *, max_iter: int, tol, atol):
     def body(c):
         st, prev, i, _, hist = c
         new, obj = step(st)
-        dz = jnp.where(mask[:, None], jnp.abs(posteriors(new) - posteriors(st)), 0.0).max()
-        done = ((obj - prev) < tol) | (dz <= atol)
+        done = ((obj - prev) < tol) | (moved(new, st) <= atol)
         return new, obj, i + 1, done, hist.at[i].set(obj)
 
     carry = (state, jnp.asarray(-jnp.inf, dtype), jnp.asarray(0, jnp.int32), jnp.asarray(False),
@@ -215,9 +214,13 @@ def fit(data: CrowdData, *, max_iter: int = 500, tol: float = 1e-7, atol: float 
     alpha_k = jnp.broadcast_to(jnp.asarray(alpha, dtype), (K,))
     beta = confusion_prior(K, beta_diag, beta_off, dtype)
     state = init(data, alpha_k, beta)
-    state, loop = vb_loop(functools.partial(step, data, alpha=alpha_k, beta=beta), state,
-                          lambda s: s.posteriors, data.task_mask > 0, max_iter=max_iter, tol=tol,
-                          atol=atol)
+    real = (data.task_mask > 0)[:, None]
+
+    def moved(new, old):
+        return jnp.where(real, jnp.abs(new.posteriors - old.posteriors), 0.0).max()
+
+    state, loop = vb_loop(functools.partial(step, data, alpha=alpha_k, beta=beta), state, moved,
+                          max_iter=max_iter, tol=tol, atol=atol)
     return IBCCResult(posteriors=state.posteriors, nu=state.nu, mu=state.mu,
                       priors=state.nu / state.nu.sum(),
                       confusion=state.mu / state.mu.sum(axis=-1, keepdims=True),
