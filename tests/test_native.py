@@ -1,5 +1,5 @@
 """The native Dawid-Skene kernel (``aggregation._native``) equals the XLA path, for Dawid-Skene,
-one-coin Dawid-Skene and IBCC (VB).
+one-coin Dawid-Skene, IBCC (VB) and MACE (EM and VB).
 
 Kernel level: the per-combination sums, turned into confusion counts and class totals, equal the
 fused XLA pass's (``_fast.ds_em_step``) on panels with missing answers, gold, padding rows, every
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crowdllm.aggregation import (IBCC, DawidSkene, OneCoinDawidSkene, _core, _fast, _native,
-                                  dawid_skene, ibcc, one_coin)
+from crowdllm.aggregation import (IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core, _fast,
+                                  _native, dawid_skene, ibcc, mace, one_coin)
 from crowdllm.labels import LabelTensor
 
 from conftest import DATA
@@ -174,6 +174,62 @@ def test_native_ibcc_equals_the_xla_vb_on_sampled_data(T, W, K, gold_frac):
         assert bool(b.converged) == bool(a.converged)
 
 
+def _draw_mace(T, W, K, missing, gold_frac, seed):
+    """Answers drawn from MACE's story: annotator w knows (answers the truth) w.p. theta_w, else
+    draws from their own strategy xi_w."""
+    rng = np.random.default_rng(seed)
+    truth = rng.choice(K, T, p=rng.dirichlet(np.ones(K) * 3))
+    theta = rng.uniform(0.2, 0.9, W)
+    xi = rng.dirichlet(np.ones(K) * 0.5, W)
+    spam = np.stack([rng.choice(K, T, p=xi[w]) for w in range(W)], axis=1)
+    lab = np.where(rng.random((T, W)) < theta, truth[:, None], spam).astype(np.int8)
+    lab[rng.random((T, W)) < missing] = -1
+    gold = np.where(rng.random(T) < gold_frac, truth, -1).astype(np.int32)
+    return lab, gold, truth
+
+
+@needs_kernel
+@pytest.mark.parametrize("method,learn_prior,init_from_gold", [
+    ("vb", True, False), ("em", False, True)])
+def test_native_mace_equals_the_xla_restarts_on_sampled_data(method, learn_prior, init_from_gold):
+    T, W, K = 2500, 10, 4
+    lab, gold, truth = _draw_mace(T, W, K, 0.3, 0.05, seed=len(method) + learn_prior)
+    data = _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32)
+    keys = jax.random.split(jax.random.key(3), 3)
+    kw = dict(method=method, smoothing=0.01 / K, learn_prior=learn_prior,
+              init_from_gold=init_from_gold)
+    # a fixed 25 iterations: the same sweeps
+    a = mace.fit_restarts(data, keys, max_iter=25, tol=-1.0, **kw)
+    b = _native.mace_fit_restarts(data, keys, max_iter=25, tol=-1.0, **kw)
+    np.testing.assert_array_equal(np.asarray(b.n_iter), 25)
+    np.testing.assert_allclose(np.asarray(b.posteriors)[:, :T], np.asarray(a.posteriors)[:, :T],
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.knowing), np.asarray(a.knowing), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.strategy), np.asarray(a.strategy), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.priors), np.asarray(a.priors), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.start_knowing), np.asarray(a.start_knowing), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(b.history), np.asarray(a.history), rtol=1e-5)
+    if not init_from_gold:  # the restarts differ (from gold: every annotator here answered gold)
+        assert np.unique(np.asarray(b.start_knowing)[:, 0]).size == 3
+    # the stopping rule, each restart on its own: the gains near tol differ by float rounding
+    # (~1e-6 per answer: XLA sums the log-likelihood in float32), so a restart may stop one
+    # sweep apart; each stops after its first gain below tol
+    a = mace.fit_restarts(data, keys, max_iter=200, tol=1e-5, **kw)
+    b = _native.mace_fit_restarts(data, keys, max_iter=200, tol=1e-5, **kw)
+    for r in range(3):
+        n, n_xla = int(b.n_iter[r]), int(a.n_iter[r])
+        assert 3 < n < 200 and abs(n - n_xla) <= 1 and bool(b.converged[r])
+        gains = np.diff(np.asarray(b.history[r])[:n])
+        assert (gains[:-1] >= 1e-5).all() and gains[-1] < 1e-5
+        m = min(n, n_xla)
+        np.testing.assert_allclose(np.asarray(b.history[r])[:m], np.asarray(a.history[r])[:m],
+                                   rtol=1e-5)
+    # a good MACE fit: above majority vote on data from the model
+    best = mace.best_restart(b)
+    mv = np.stack([(lab == k).sum(1) for k in range(K)], 1).argmax(1)
+    assert (np.asarray(best.posteriors)[:T].argmax(1) == truth).mean() > (mv == truth).mean()
+
+
 @needs_kernel
 def test_tracked_sums_report_the_largest_posterior_move():
     labels, mask, gold, log_prior, log_conf = _step_inputs(1003, 12, 5, 0.2, 0.1, seed=5)
@@ -194,6 +250,7 @@ def test_tracked_sums_report_the_largest_posterior_move():
 
 
 @needs_kernel
+@pytest.mark.filterwarnings("ignore:MACE did not converge")
 @pytest.mark.parametrize("name", ["zencrowd_in", "bluebird"])
 def test_dawid_skene_class_native_equals_xla_on_real_data(name):
     tensor = LabelTensor.coerce(DATA / name / "answers.csv")
@@ -209,6 +266,13 @@ def test_dawid_skene_class_native_equals_xla_on_real_data(name):
     assert oc.native_used_ and not oc_xla.native_used_ and oc.n_iter_ == oc_xla.n_iter_
     np.testing.assert_allclose(oc.probas_, oc_xla.probas_, atol=1e-5)
     np.testing.assert_allclose(oc.skills_, oc_xla.skills_, atol=1e-5)
+    # a fixed 30 sweeps (under the stopping rule a restart may stop one sweep apart: see above)
+    ma = MACE(layout="dense", n_restarts=3, max_iter=30, tol=-1.0).fit(tensor)
+    ma_xla = MACE(layout="dense", n_restarts=3, max_iter=30, tol=-1.0, native="off").fit(tensor)
+    assert ma.native_used_ and not ma_xla.native_used_ and ma.n_iter_ == ma_xla.n_iter_
+    np.testing.assert_allclose(ma.probas_, ma_xla.probas_, atol=1e-5)
+    np.testing.assert_allclose(ma.objectives_, ma_xla.objectives_, rtol=1e-5)
+    np.testing.assert_allclose(ma.spamming_, ma_xla.spamming_, atol=1e-5)
     ib = IBCC(layout="dense").fit(tensor)
     ib_xla = IBCC(layout="dense", native="off").fit(tensor)
     assert ib.native_used_ and not ib_xla.native_used_ and ib.n_iter_ == ib_xla.n_iter_

@@ -53,7 +53,7 @@ import numpy as np
 
 __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Plan", "plan", "encode", "flags_of",
            "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
-           "posteriors", "ds_fit", "onecoin_fit", "ibcc_fit",
+           "posteriors", "ds_fit", "onecoin_fit", "ibcc_fit", "mace_fit_restarts",
            "track_buffer", "sums_tracked"]
 
 SOURCE = Path(__file__).with_name("native") / "ds_grouped.cc"
@@ -561,3 +561,65 @@ def ibcc_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, atol: float =
                            confusion=mu / mu.sum(axis=-1, keepdims=True),
                            objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
                            converged=loop.converged)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "method", "init_from_gold", "learn_prior",
+                                             "merge"))
+def mace_fit_restarts(data: Any, keys: jax.Array, *, max_iter: int = 50, tol: float = 1e-5,
+                      method: str = "vb", smoothing: float = 0.0, a: float = 0.5, b: float = 0.5,
+                      gamma: float = 10.0, default_noise: float = 0.5,
+                      init_from_gold: bool = False, learn_prior: bool = False,
+                      delta: float = 1.0, merge: bool = True):
+    """MACE's restarts with the native kernel (same starts, sweeps, objective and results as
+    ``mace.fit_restarts``). MACE's likelihood is a confusion matrix (``mace.log_confusion``), so
+    its E-step is Dawid-Skene's; its expected counts are the diagonal (posterior mass of the
+    labels given) and the column sums (answers given) of the summed counts. The rows are merged
+    once; the restarts run one after another (``lax.map``), each stopping on its own."""
+    from . import mace
+    from ._core import iterate
+
+    if method not in ("em", "vb"):
+        raise ValueError(f"method must be 'em' or 'vb', got {method!r}")
+    K = data.n_classes
+    kw = dict(method=method, smoothing=smoothing, a=a, b=b, gamma=gamma,
+              learn_prior=learn_prior, delta=delta)
+    p, rows, votes = _setup(data, merge)
+    # each annotator's answers (and hits on gold tasks) from the vote pass's counts
+    counts0, _ = counts_from(p, sums(rows, votes, K, vote=True)[0], K)
+    n_ans = _n_answers(counts0)
+    n_given = counts0.sum(axis=(1, 2))
+    gold_counts = None
+    if init_from_gold:  # gold rows' vote posteriors are their gold class
+        gold_rows = rows._replace(weights=rows.weights * (rows.flags >= 0))
+        counts_g, _ = counts_from(p, sums(gold_rows, votes, K, vote=True)[0], K)
+        gold_counts = (counts_g.sum(axis=(1, 2)), jnp.trace(counts_g, axis1=1, axis2=2))
+    n_tasks = data.task_mask.sum()
+
+    def expected(params):  # the E-step's counts and log-likelihood under params
+        C, ll = sums(rows, tables(p, params.log_prior, mace.log_confusion(params)), K)
+        counts, psum = counts_from(p, C, K)
+        know_frac = mace._answer_terms(params)[2]
+        m, n = jnp.diagonal(counts, axis1=1, axis2=2), counts.sum(axis=1)
+        return mace._state(know_frac, m, n, None, psum), ll
+
+    def step(state):
+        params, prior_term = mace.m_step(data, state, **kw)
+        new, ll = expected(params)
+        return new, (ll + prior_term) / n_ans
+
+    def one(key):
+        known, spam, strat = mace.start_counts(n_given, key, K, default_noise=default_noise,
+                                               gold_counts=gold_counts)
+        state = mace.MaceState(known=known, spam=spam, strategy=strat, posteriors=None,
+                               class_sum=jnp.full((K,), n_tasks / K, jnp.float32))
+        start = known / jnp.maximum(known + spam, mace.TINY)
+        state, loop = iterate(step, state, max_iter=max_iter, tol=tol)
+        params, _ = mace.m_step(data, state, **kw)  # the posteriors of the final parameters
+        post = posteriors(rows, tables(p, params.log_prior, mace.log_confusion(params)), K)
+        theta, xi = mace._summary(data, state, **kw)
+        return mace.MaceResult(posteriors=post, knowing=theta, strategy=xi,
+                               objective=loop.objective, history=loop.history,
+                               n_iter=loop.n_iter, converged=loop.converged,
+                               start_knowing=start, priors=mace._prior_summary(state, **kw))
+
+    return jax.lax.map(one, keys)

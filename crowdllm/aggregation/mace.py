@@ -89,7 +89,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import LabelTensor
-from . import _fast
+from . import _fast, _native
 from ._core import TINY, CrowdData, Dense, fast_enabled, iterate, prepare
 from .base import Aggregator
 from .ibcc import dirichlet_stats
@@ -184,15 +184,13 @@ def e_step(data: CrowdData, params: MaceParams) -> tuple[MaceState, jax.Array]:
     The known-count of an answer is ``q_t(y) * c[w, y]``, so the expected counts need only
     ``M[w, l] = sum over answers (t, w, l) of q_t(l)`` and the answer counts ``N[w, l]``.
     """
-    ls = params.log_spam[:, None] + params.log_strategy  # [W, K]: log P(y = l | spam)
-    l_match = jnp.logaddexp(params.log_know[:, None], ls)  # log P(y = l | z = l)
-    know_frac = jnp.exp(params.log_know[:, None] - l_match)  # P(know | y = l, z = l)
+    ls, l_match, know_frac = _answer_terms(params)
     K = data.n_classes
     if isinstance(data, Dense) and fast_enabled():
-        # MACE's likelihood is a structured confusion matrix, log P(y = l | z = k) = ls[w, l]
-        # + [k = l] (l_match - ls)[w, l], so Dawid-Skene's fused E+M pass does the E-step and
-        # its counts: m[w, l] is their diagonal, n[w, l] their sum over true classes.
-        log_conf = ls[:, None, :] + jnp.eye(K, dtype=ls.dtype)[None] * (l_match - ls)[:, None, :]
+        # MACE's likelihood is a structured confusion matrix (see log_confusion), so Dawid-Skene's
+        # fused E+M pass does the E-step and its counts: m[w, l] is their diagonal, n[w, l] their
+        # sum over true classes.
+        log_conf = log_confusion(params)
         post, ll, counts, psum = _fast.ds_em_step(data.labels, K, data.task_mask, data.gold,
                                                   params.log_prior, log_conf)
         m, n = jnp.diagonal(counts, axis1=1, axis2=2), counts.sum(axis=1)
@@ -208,6 +206,21 @@ def e_step(data: CrowdData, params: MaceParams) -> tuple[MaceState, jax.Array]:
     return state, (log_z * data.task_mask).sum()
 
 
+def _answer_terms(params: MaceParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``[W, K]`` tables: log P(y = l | spam), log P(y = l | z = l) and P(know | y = l, z = l)."""
+    ls = params.log_spam[:, None] + params.log_strategy
+    l_match = jnp.logaddexp(params.log_know[:, None], ls)
+    return ls, l_match, jnp.exp(params.log_know[:, None] - l_match)
+
+
+def log_confusion(params: MaceParams) -> jax.Array:
+    """``[W, K, L]``: MACE's likelihood as a confusion matrix, log P(y = l | z = k) = ls[w, l]
+    + [k = l] (l_match - ls)[w, l]."""
+    ls, l_match, _ = _answer_terms(params)
+    K = ls.shape[1]
+    return ls[:, None, :] + jnp.eye(K, dtype=ls.dtype)[None] * (l_match - ls)[:, None, :]
+
+
 def _state(know_frac: jax.Array, m: jax.Array, n: jax.Array, post: jax.Array,
            class_sum: jax.Array) -> MaceState:
     """Expected counts from ``m[w, l]`` (posterior mass of the labels given) and ``n[w, l]``
@@ -221,25 +234,39 @@ def init(data: CrowdData, key: jax.Array, *, default_noise: float = 0.5,
          init_from_gold: bool = False) -> MaceState:
     """Random start: expected counts of n_w answers under a random theta_w and xi_w."""
     dtype = data.task_mask.dtype
-    K, W = data.n_classes, data.n_workers
+    K = data.n_classes
+    view = answer_view(data)
+    n = worker_sum(data, view.weight)
+    gold_counts = None
+    if init_from_gold:
+        on_gold = (data.gold[view.task] >= 0).astype(dtype) * view.weight
+        hit = (view.label == data.gold[view.task]).astype(dtype) * on_gold
+        gold_counts = (worker_sum(data, on_gold), worker_sum(data, hit))
+    known, spam, strategy = start_counts(n, key, K, default_noise=default_noise,
+                                         gold_counts=gold_counts)
+    post = jnp.full((data.n_tasks, K), 1.0 / K, dtype)
+    return MaceState(known=known, spam=spam, strategy=strategy, posteriors=post,
+                     class_sum=(post * data.task_mask[:, None]).sum(0))
+
+
+def start_counts(n: jax.Array, key: jax.Array, n_classes: int, *, default_noise: float,
+                 gold_counts: tuple[jax.Array, jax.Array] | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(known, spam, strategy)`` counts of a random start, from each annotator's answer count
+    ``n`` (and ``gold_counts = (answers on gold, hits on gold)`` for ``init="gold"``)."""
+    dtype, W, K = n.dtype, n.shape[0], n_classes
     k1, k2 = jax.random.split(key)
     u = jax.random.uniform(k1, (W, 2), dtype, 1.0, 1.0 + default_noise)
     theta = u[:, 1] / u.sum(1)
     v = jax.random.uniform(k2, (W, K), dtype, 1.0, 1.0 + default_noise)
     xi = v / v.sum(1, keepdims=True)
-    view = answer_view(data)
-    n = worker_sum(data, view.weight)
     known = n * theta
-    if init_from_gold:
-        on_gold = (data.gold[view.task] >= 0).astype(dtype) * view.weight
-        hit = (view.label == data.gold[view.task]).astype(dtype) * on_gold
-        n_gold = worker_sum(data, on_gold)
-        acc = (1 + worker_sum(data, hit)) / (2 + n_gold)
+    if gold_counts is not None:
+        n_gold, hits = gold_counts
+        acc = (1 + hits) / (2 + n_gold)
         known = jnp.where(n_gold > 0, n * acc, known)
     spam = n - known
-    post = jnp.full((data.n_tasks, K), 1.0 / K, dtype)
-    return MaceState(known=known, spam=spam, strategy=spam[:, None] * xi, posteriors=post,
-                     class_sum=(post * data.task_mask[:, None]).sum(0))
+    return known, spam, spam[:, None] * xi
 
 
 def step(data: CrowdData, state: MaceState, **kw: Any) -> tuple[MaceState, jax.Array]:
@@ -332,12 +359,17 @@ class MACE(Aggregator):
         init: ``random`` or ``gold`` (known-counts from hits on gold tasks).
         prior: ``learned`` (class proportions estimated, default) or ``uniform`` (the paper's).
         layout, dtype: as for every kernel.
+        native: ``auto`` (default), ``on`` or ``off``: as for
+            :class:`~crowdllm.aggregation.DawidSkene`. MACE's E-step is Dawid-Skene's with
+            structured confusion matrices, so on dense float32 panels on AVX2 CPUs every
+            iteration runs on the native kernel (rows merged once, restarts one after another).
 
     Attributes (after fit):
         spamming_: ``[workers, 2]``: probability of spamming, of knowing (crowd-kit's order).
         thetas_: ``[workers, K]`` spam strategies. skills_: ``[workers]`` knowing probability.
         objectives_: ``[n_restarts]`` final objective of every restart.
         priors_: ``[K]`` class proportions (uniform when ``prior="uniform"``).
+        native_used_: whether the native kernel ran the fit.
     """
 
     name = "mace"
@@ -349,7 +381,8 @@ class MACE(Aggregator):
                  tol: float = 1e-5, smoothing: float | None = None, alpha: float = 0.5,
                  beta: float = 0.5, gamma: float = 10.0, default_noise: float = 0.5,
                  seed: int = 0, init: str = "random", prior: str = "learned",
-                 layout: str = "auto", dtype: str = "float32") -> None:
+                 layout: str = "auto", dtype: str = "float32", native: str = "auto") -> None:
+        self.native = _native.check_option(native)
         if prior not in ("uniform", "learned"):
             raise ValueError(f"prior must be 'uniform' or 'learned', got {prior!r}")
         self.prior = prior
@@ -375,12 +408,12 @@ class MACE(Aggregator):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
             keys = jax.random.split(jax.random.key(self.seed), self.n_restarts)
-            allres = fit_restarts(data, keys, max_iter=self.max_iter, tol=self.tol,
-                                  method=self.method, smoothing=smoothing, a=self.alpha,
-                                  b=self.beta, gamma=self.gamma,
-                                  default_noise=self.default_noise,
-                                  init_from_gold=self.init == "gold",
-                                  learn_prior=self.prior == "learned")
+            self.native_used_ = _native.use(self.native, data)
+            run = _native.mace_fit_restarts if self.native_used_ else fit_restarts
+            allres = run(data, keys, max_iter=self.max_iter, tol=self.tol, method=self.method,
+                         smoothing=smoothing, a=self.alpha, b=self.beta, gamma=self.gamma,
+                         default_noise=self.default_noise, init_from_gold=self.init == "gold",
+                         learn_prior=self.prior == "learned")
             res = jax.tree_util.tree_map(np.asarray, best_restart(allres))
             objectives = np.asarray(allres.objective)
         W = tensor.n_workers
