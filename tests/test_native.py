@@ -1,5 +1,6 @@
 """The native Dawid-Skene kernel (``aggregation._native``) equals the XLA path, for Dawid-Skene,
-one-coin Dawid-Skene, IBCC (VB) and MACE (EM and VB).
+one-coin Dawid-Skene, IBCC (VB) and MACE (EM and VB); and the GLAD kernels (``native/glad.cc``)
+equal GLAD's XLA E-step, gradient and Q, and the native GLAD fit the XLA fit.
 
 Kernel level: the per-combination sums, turned into confusion counts and class totals, equal the
 fused XLA pass's (``_fast.ds_em_step``) on panels with missing answers, gold, padding rows, every
@@ -21,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crowdllm.aggregation import (IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core, _fast,
-                                  _native, dawid_skene, ibcc, mace, one_coin)
+from crowdllm.aggregation import (GLAD, IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core, _fast,
+                                  _native, dawid_skene, glad, ibcc, mace, one_coin)
 from crowdllm.labels import LabelTensor
 
 from conftest import DATA
@@ -230,6 +231,83 @@ def test_native_mace_equals_the_xla_restarts_on_sampled_data(method, learn_prior
     assert (np.asarray(best.posteriors)[:T].argmax(1) == truth).mean() > (mv == truth).mean()
 
 
+def _draw_glad(T, W, K, missing, gold_frac, seed):
+    """Answers drawn from GLAD's story: right w.p. sigma(alpha_w beta_t), else another class."""
+    rng = np.random.default_rng(seed)
+    truth = rng.choice(K, T)
+    alpha = rng.normal(1.5, 1.0, W)
+    beta = np.exp(rng.normal(0.3, 0.5, T))
+    right = rng.random((T, W)) < 1 / (1 + np.exp(-alpha[None] * beta[:, None]))
+    other = (truth[:, None] + rng.integers(1, max(K, 2), (T, W))) % K
+    lab = np.where(right, truth[:, None], other).astype(np.int8)
+    lab[rng.random((T, W)) < missing] = -1
+    gold = np.where(rng.random(T) < gold_frac, truth, -1).astype(np.int32)
+    return lab, gold, truth
+
+
+@needs_kernel
+@pytest.mark.parametrize("T,W,K", [(1003, 12, 5), (301, 7, 8), (250, 5, 2), (97, 3, 1)])
+def test_glad_passes_equal_the_xla_e_step_gradient_and_q(T, W, K):
+    """Every row (no merging) with padding rows, gold, missing answers, a task nobody answered,
+    and row counts that leave a partial block of 8."""
+    lab, gold, _ = _draw_glad(T, W, K, 0.25, 0.1, seed=T)
+    lab[0] = -1
+    data = _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32)
+    n_rows = data.n_tasks
+    rng = np.random.default_rng(1)
+    prm = glad.GladParams(jnp.asarray(rng.normal(1, 2, W), jnp.float32),
+                          jnp.asarray(rng.normal(0.5, 1, n_rows), jnp.float32))
+    log_prior = jnp.log(jnp.asarray(rng.dirichlet(np.ones(K) * 3), jnp.float32))
+    post, ll, x, log_right = glad._e_parts(data, prm, log_prior)
+    view = glad.answer_view(data)
+    p_right = glad.gather_posterior(data, post, view)
+    real = np.asarray(data.task_mask) > 0
+    lab_t, flags, wts, n, _ = _native._glad_rows(data, merge=False)
+    assert int(n[0]) == n_rows
+    post_n, p_n, ll_n, q_n, class_n = _native.glad_e(lab_t, flags, wts, n, prm.alpha, prm.log_beta,
+                                                     log_prior, jnp.zeros((W, n_rows)), True)
+    np.testing.assert_allclose(np.asarray(post_n)[real], np.asarray(post)[real], atol=2e-6)
+    np.testing.assert_allclose(np.asarray(p_n).T[real], np.asarray(p_right)[real], atol=2e-6)
+    assert float(ll_n) == pytest.approx(float(ll), rel=1e-5)
+    q_xla = float(glad._q_answers(x, log_right, p_right, view))
+    assert float(q_n) == pytest.approx(q_xla, rel=1e-5)
+    np.testing.assert_allclose(np.asarray(class_n), np.asarray(post)[real].sum(0), rtol=1e-5)
+    da, db, q2 = _native.glad_grad(lab_t, wts, n, p_right.T, prm.alpha, prm.log_beta, q=True)
+    g = glad.q_grad(data, prm, p_right, 0.0, 0.0)  # priors' terms: d = -(theta - 0)
+    np.testing.assert_allclose(np.asarray(da) - np.asarray(prm.alpha), np.asarray(g.alpha),
+                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose((np.asarray(db) - np.asarray(prm.log_beta))[real],
+                               np.asarray(g.log_beta)[real], rtol=1e-4, atol=1e-4)
+    assert float(q2) == pytest.approx(q_xla, rel=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("merge,learn_prior,init_from_gold", [
+    (True, False, False), (True, True, True), (False, True, False)])
+def test_native_glad_fit_equals_the_xla_fit_on_sampled_data(merge, learn_prior, init_from_gold):
+    T, W, K = 3000, 10, 4
+    lab, gold, truth = _draw_glad(T, W, K, 0.3, 0.05, seed=7)
+    data = _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32)
+    kw = dict(max_iter=20, tol=-1.0, learn_prior=learn_prior, init_from_gold=init_from_gold)
+    a = glad.fit(data, **kw)
+    b = _native.glad_fit(data, merge=merge, **kw)
+    assert int(a.n_iter) == int(b.n_iter) == 20
+    np.testing.assert_allclose(np.asarray(b.posteriors)[:T], np.asarray(a.posteriors)[:T],
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.alphas), np.asarray(a.alphas), rtol=1e-5, atol=1e-6)
+    # a task's difficulty takes 100 Adam steps of its own gradient (a sum of ~7 float32 terms
+    # in another order): up to ~2e-5 apart
+    np.testing.assert_allclose(np.asarray(b.betas)[:T], np.asarray(a.betas)[:T], rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(b.priors), np.asarray(a.priors), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(b.history), np.asarray(a.history), rtol=1e-5)
+    # tasks with the same answers (and no gold) end with the same difficulty
+    rows, inv, counts = np.unique(lab, axis=0, return_inverse=True, return_counts=True)
+    same = np.flatnonzero((inv.reshape(-1) == counts.argmax()) & (gold < 0))
+    assert same.size > 2 and np.ptp(np.asarray(b.betas)[same]) == 0
+    mv = np.stack([(lab == k).sum(1) for k in range(K)], 1).argmax(1)
+    assert (np.asarray(b.posteriors)[:T].argmax(1) == truth).mean() >= (mv == truth).mean()
+
+
 @needs_kernel
 def test_tracked_sums_report_the_largest_posterior_move():
     labels, mask, gold, log_prior, log_conf = _step_inputs(1003, 12, 5, 0.2, 0.1, seed=5)
@@ -251,6 +329,7 @@ def test_tracked_sums_report_the_largest_posterior_move():
 
 @needs_kernel
 @pytest.mark.filterwarnings("ignore:MACE did not converge")
+@pytest.mark.filterwarnings("ignore:GLAD did not converge")
 @pytest.mark.parametrize("name", ["zencrowd_in", "bluebird"])
 def test_dawid_skene_class_native_equals_xla_on_real_data(name):
     tensor = LabelTensor.coerce(DATA / name / "answers.csv")
@@ -273,6 +352,16 @@ def test_dawid_skene_class_native_equals_xla_on_real_data(name):
     np.testing.assert_allclose(ma.probas_, ma_xla.probas_, atol=1e-5)
     np.testing.assert_allclose(ma.objectives_, ma_xla.objectives_, rtol=1e-5)
     np.testing.assert_allclose(ma.spamming_, ma_xla.spamming_, atol=1e-5)
+    # GLAD: 10 iterations. Past ~20 on zencrowd_in the fit creeps along a flat ridge where
+    # whether a step raises Q (the backtracking test) is decided by float rounding: the two paths
+    # then keep the same objective (to 2e-7 per answer) with posteriors ~1e-3 apart
+    gl = GLAD(layout="dense", max_iter=10, tol=-1.0).fit(tensor)
+    gl_xla = GLAD(layout="dense", max_iter=10, tol=-1.0, native="off").fit(tensor)
+    assert gl.native_used_ and not gl_xla.native_used_ and gl.n_iter_ == gl_xla.n_iter_
+    np.testing.assert_allclose(gl.probas_, gl_xla.probas_, atol=1e-5)
+    np.testing.assert_allclose(gl.alphas_, gl_xla.alphas_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gl.betas_, gl_xla.betas_, rtol=1e-4)
+    np.testing.assert_allclose(gl.loss_history_, gl_xla.loss_history_, rtol=1e-5)
     ib = IBCC(layout="dense").fit(tensor)
     ib_xla = IBCC(layout="dense", native="off").fit(tensor)
     assert ib.native_used_ and not ib_xla.native_used_ and ib.n_iter_ == ib_xla.n_iter_

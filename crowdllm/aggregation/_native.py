@@ -53,15 +53,22 @@ import numpy as np
 
 __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Plan", "plan", "encode", "flags_of",
            "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
-           "posteriors", "ds_fit", "onecoin_fit", "ibcc_fit", "mace_fit_restarts",
+           "posteriors", "ds_fit", "onecoin_fit", "ibcc_fit", "mace_fit_restarts", "decode",
+           "glad_e", "glad_grad", "glad_fit",
            "track_buffer", "sums_tracked"]
 
-SOURCE = Path(__file__).with_name("native") / "ds_grouped.cc"
+NATIVE_DIR = Path(__file__).with_name("native")
+#: compiled together into one library; the header is part of the cache key
+SOURCES = (NATIVE_DIR / "ds_grouped.cc", NATIVE_DIR / "glad.cc")
+HEADERS = (NATIVE_DIR / "simd.h",)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 #: most combinations per annotator group (the group's two tables stay in cache)
 MAX_COMBOS = 2048
-_TARGETS = {"sums": "CrowdllmDsGroupedSums", "post": "CrowdllmDsGroupedPost",
-            "unique": "CrowdllmDsGroupedUnique", "track": "CrowdllmDsGroupedTrack"}
+_TARGETS = {"crowdllm_ds_grouped_sums": "CrowdllmDsGroupedSums",
+            "crowdllm_ds_grouped_post": "CrowdllmDsGroupedPost",
+            "crowdllm_ds_grouped_unique": "CrowdllmDsGroupedUnique",
+            "crowdllm_ds_grouped_track": "CrowdllmDsGroupedTrack",
+            "crowdllm_glad_e": "CrowdllmGladE", "crowdllm_glad_grad": "CrowdllmGladGrad"}
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -99,11 +106,11 @@ def build(cache: Path | None = None) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++, c++ or $CXX) found")
     include = jax.ffi.include_dir()
-    src = SOURCE.read_bytes()
+    src = b"\0".join(f.read_bytes() for f in SOURCES + HEADERS)
     key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), cxx.encode(),
                                      jax.__version__.encode(), include.encode()])).hexdigest()[:16]
     cache = _cache_dir() if cache is None else Path(cache)
-    lib = cache / f"ds_grouped-{key}.so"
+    lib = cache / f"kernels-{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
@@ -112,10 +119,11 @@ def build(cache: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=lib.stem + ".", suffix=".tmp", dir=cache)
     os.close(fd)
     try:
-        res = subprocess.run([cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp, "-lpthread"],
+        res = subprocess.run([cxx, *FLAGS, f"-I{include}", *map(str, SOURCES), "-o", tmp,
+                              "-lpthread"],
                              capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{res.stderr[-2000:]}")
+            raise RuntimeError(f"{cxx} failed to build the native kernels:\n{res.stderr[-2000:]}")
         os.replace(tmp, lib)  # atomic: a concurrent build of the same key writes the same file
     finally:
         if os.path.exists(tmp):
@@ -138,8 +146,8 @@ def _load() -> str | None:
                 path = str(build())
                 if path not in _registered:  # once per process (XLA keeps the targets)
                     lib = ctypes.cdll.LoadLibrary(path)
-                    for kind, sym in _TARGETS.items():
-                        jax.ffi.register_ffi_target(f"crowdllm_ds_grouped_{kind}",
+                    for name, sym in _TARGETS.items():
+                        jax.ffi.register_ffi_target(name,
                                                     jax.ffi.pycapsule(getattr(lib, sym)),
                                                     platform="cpu")
                     _registered.add(path)
@@ -623,3 +631,171 @@ def mace_fit_restarts(data: Any, keys: jax.Array, *, max_iter: int = 50, tol: fl
                                start_knowing=start, priors=mace._prior_summary(state, **kw))
 
     return jax.lax.map(one, keys)
+
+
+# --------------------------------------------------------------------------- GLAD
+def decode(rows: Rows, p: Plan, n_workers: int) -> jax.Array:
+    """The answers ``[T, W]`` (int8, -1 = none) of the rows' combination codes."""
+    codes = rows.codes.astype(jnp.int32)
+    cols = []
+    for gi, (g, off) in enumerate(zip(p.groups, p.offsets)):
+        c = codes[:, gi] - off
+        for j in range(len(g)):
+            cols.append((c // p.base ** j) % p.base - 1)
+    return jnp.stack(cols[:n_workers], axis=1).astype(jnp.int8)
+
+
+def glad_e(lab_t: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
+           alpha: jax.Array, log_beta: jax.Array, log_prior: jax.Array, p_prev: jax.Array,
+           want_post: bool = False):
+    """GLAD's E pass over the first ``n`` rows of ``lab_t [W, T]``: ``(posteriors [T, K] or
+    None, q_t(y_tw) [W, T], weighted log-likelihood, weighted Q answer term, weighted class
+    sums [K])``. ``p_prev`` (a ``[W, T]`` buffer, e.g. the last pass's) is reused for the new
+    ``q_t(y_tw)``."""
+    _require()
+    W, T = lab_t.shape
+    K = log_prior.shape[0]
+    out = (jax.ShapeDtypeStruct((T if want_post else 1, K), jnp.float32),
+           jax.ShapeDtypeStruct((W, T), jnp.float32), jax.ShapeDtypeStruct((2 + K,), jnp.float32))
+    post, pr, stats = jax.ffi.ffi_call("crowdllm_glad_e", out, input_output_aliases={7: 1})(
+        lab_t, flags, weights, n, alpha, log_beta, log_prior, p_prev, threads=np.int64(_threads()))
+    return post if want_post else None, pr, stats[0], stats[1], stats[2:]
+
+
+def glad_grad(lab_t: jax.Array, weights: jax.Array, n: jax.Array, p_right: jax.Array,
+              alpha: jax.Array, log_beta: jax.Array, *, grad: bool = True, q: bool = False):
+    """GLAD's gradient pass: ``(sum_t n_t g_tw beta_t [W], sum_w g_tw x_tw [T], Q answer
+    term)`` with ``g = q_t(y_tw) - sigma(x_tw)`` (the priors' terms are added by the caller)."""
+    _require()
+    W, T = lab_t.shape
+    out = (jax.ShapeDtypeStruct((W,), jnp.float32), jax.ShapeDtypeStruct((T,), jnp.float32),
+           jax.ShapeDtypeStruct((1,), jnp.float32))
+    da, db, qv = jax.ffi.ffi_call("crowdllm_glad_grad", out)(
+        lab_t, weights, n, p_right, alpha, log_beta, threads=np.int64(_threads()),
+        mode=np.int64(int(grad) + 2 * int(q)))
+    return da, db, qv[0]
+
+
+@functools.partial(jax.jit, static_argnames=("merge",))
+def _glad_rows(data: Any, merge: bool):
+    """``(answers [W, T] int8, gold flags, weights, n, inverse)`` of the (merged) rows."""
+    W, K = int(data.labels.shape[1]), data.n_classes
+    p = plan(W, K)
+    codes, flags = encode(data.labels, p), flags_of(data.task_mask, data.gold)
+    rows = unique(codes, flags) if merge else every_row(codes, flags)
+    lab = decode(rows, p, W) if merge else data.labels
+    valid = jnp.arange(lab.shape[0]) < rows.n[0]
+    lab = jnp.where((lab >= 0) & valid[:, None], lab, -1)
+    return lab.T, rows.flags, jnp.where(valid, rows.weights, 0.0), rows.n, rows.inverse
+
+
+def _fit_size(arrays: tuple[jax.Array, ...], fill: tuple[Any, ...], size: int):
+    """Each array cut or padded (with its fill value) to ``size`` along its last axis."""
+    out = []
+    for a, f in zip(arrays, fill):
+        T = a.shape[-1]
+        if size <= T:
+            out.append(a[..., :size])
+        else:
+            pad = [(0, 0)] * (a.ndim - 1) + [(0, size - T)]
+            out.append(jnp.pad(a, pad, constant_values=f))
+    return out
+
+
+def glad_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, lr: float = 0.1,
+             m_steps: int = 5, mu_alpha: float = 1.0, mu_beta: float = 1.0,
+             learn_prior: bool = False, init_from_gold: bool = False, merge: bool = True):
+    """GLAD with the native passes: same model, start, Adam steps, backtracking, stopping rule,
+    objective and result as ``glad.fit``.
+
+    Tasks with the same answers and gold start from the same difficulty and get the same
+    gradients, so they stay identical: they are merged into one weighted row (the annotators'
+    sums weighted by the row's count; a row's difficulty gradient is one task's, so Adam takes
+    the same steps). The distinct rows are counted on the host and the fit is compiled for that
+    count's size bucket. Each pass computes one exp (and one log where Q or the log-likelihood
+    is wanted) per answer of a distinct row (``native/glad.cc``).
+    """
+    from ._core import bucket
+
+    lab_t, flags, wts, n, inverse = _glad_rows(data, merge)
+    size = -(-bucket(int(n[0])) // 8) * 8
+    lab_t, flags, wts = _fit_size((lab_t, flags, wts), (-1, -1, 0.0), size)
+    res = _glad_fit_rows(lab_t, flags, wts, n, data.worker_mask, data.n_classes,
+                         max_iter=max_iter, tol=tol, lr=lr, m_steps=m_steps, mu_alpha=mu_alpha,
+                         mu_beta=mu_beta, learn_prior=learn_prior, init_from_gold=init_from_gold)
+    return _glad_spread(res, inverse, mu_beta)
+
+
+@jax.jit
+def _glad_spread(res: Any, inverse: jax.Array, mu_beta: float):
+    """The rows' posteriors and difficulties given to their tasks (padding tasks: zeros and the
+    prior mean's beta, as the XLA path leaves them)."""
+    ok, inv = inverse >= 0, jnp.maximum(inverse, 0)
+    return res._replace(
+        posteriors=jnp.where(ok[:, None], res.posteriors[inv], 0.0),
+        betas=jnp.where(ok, res.betas[inv], jnp.exp(jnp.asarray(mu_beta, jnp.float32))))
+
+
+@functools.partial(jax.jit, static_argnames=("n_classes", "max_iter", "m_steps", "learn_prior",
+                                             "init_from_gold"))
+def _glad_fit_rows(lab_t: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Array,
+                   worker_mask: jax.Array, n_classes: int, *, max_iter: int, tol: float,
+                   lr: float, m_steps: int, mu_alpha: float, mu_beta: float, learn_prior: bool,
+                   init_from_gold: bool):
+    """GLAD on weighted rows (a GladResult per row: posteriors [T, K], betas [T])."""
+    from . import glad
+    from ._core import TINY, iterate, normalize
+
+    K = n_classes
+    W, T = lab_t.shape
+    valid = jnp.arange(T) < n[0]
+    answered = lab_t >= 0
+    n_ans = jnp.maximum((answered * wts[None]).sum(), 1.0)
+    wm = worker_mask
+
+    def prior_density(prm):
+        return (-0.5 * (((prm.alpha - mu_alpha) ** 2) * wm).sum()
+                - 0.5 * (((prm.log_beta - mu_beta) ** 2) * wts).sum())
+
+    alpha = jnp.full((W,), mu_alpha, jnp.float32)
+    if init_from_gold:
+        on_gold = answered & (flags >= 0)[None]
+        hit = on_gold & (lab_t == flags[None])
+        alpha = glad.alpha_from_gold(alpha, (on_gold * wts[None]).sum(1),
+                                     (hit * wts[None]).sum(1), mu_beta)
+    params = glad.GladParams(alpha, jnp.full((T,), mu_beta, jnp.float32))
+    # GladState.posteriors carries the [W, T] buffer of q_t(y_tw) the E pass rewrites in place
+    state = glad.GladState(params=params, opt_state=glad._optimizer().init(params),
+                           log_prior=jnp.full((K,), -jnp.log(K), jnp.float32),
+                           posteriors=jnp.zeros((W, T), jnp.float32),
+                           lr_scale=jnp.asarray(1.0, jnp.float32))
+
+    def step(st):
+        _, p_right, ll, q_ans, class_sum = glad_e(lab_t, flags, wts, n, st.params.alpha,
+                                                  st.params.log_beta, st.log_prior, st.posteriors)
+        obj = (ll + prior_density(st.params)) / n_ans
+
+        def q_fn(prm):
+            return glad_grad(lab_t, wts, n, p_right, prm.alpha, prm.log_beta, grad=False,
+                             q=True)[2] + prior_density(prm)
+
+        def grad_fn(prm):
+            da, db, _ = glad_grad(lab_t, wts, n, p_right, prm.alpha, prm.log_beta)
+            return glad.GladParams((da - (prm.alpha - mu_alpha)) * wm,
+                                   jnp.where(valid, db - (prm.log_beta - mu_beta), 0.0))
+
+        prm, opt_state, scale = glad.adam_steps(st, q_ans + prior_density(st.params), q_fn,
+                                                grad_fn, lr=lr, m_steps=m_steps)
+        log_prior = st.log_prior
+        if learn_prior:
+            log_prior = jnp.log(jnp.maximum(normalize(class_sum + 0.01), TINY))
+        return glad.GladState(params=prm, opt_state=opt_state, log_prior=log_prior,
+                              posteriors=p_right, lr_scale=scale), obj
+
+    state, loop = iterate(step, state, max_iter=max_iter, tol=tol)
+    post = glad_e(lab_t, flags, wts, n, state.params.alpha, state.params.log_beta,
+                  state.log_prior, state.posteriors, want_post=True)[0]
+    return glad.GladResult(posteriors=post, alphas=state.params.alpha,
+                           betas=jnp.exp(state.params.log_beta), priors=jnp.exp(state.log_prior),
+                           objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
+                           converged=loop.converged)

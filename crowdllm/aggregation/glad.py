@@ -75,7 +75,7 @@ import optax
 import pyarrow as pa
 
 from ..labels import LabelTensor
-from . import _fast
+from . import _fast, _native
 from ._core import (TINY, Coo, CrowdData, Dense, clamp_gold, fast_enabled, iterate, normalize,
                     prepare)
 from .base import Aggregator
@@ -323,18 +323,34 @@ def m_step(data: CrowdData, state: GladState, post: jax.Array, *, lr: float, m_s
     """
     view = answer_view(data)
     p_right = gather_posterior(data, post, view)
-    opt = _optimizer()
     if e_parts is None:
         q_old = q_value(data, state.params, p_right, mu_alpha, mu_beta)
     else:
         q_old = (_q_answers(*e_parts, p_right, view)
                  + log_prior_density(data, state.params, mu_alpha, mu_beta))
+    params, opt_state, scale = adam_steps(
+        state, q_old, lambda prm: q_value(data, prm, p_right, mu_alpha, mu_beta),
+        lambda prm: q_grad(data, prm, p_right, mu_alpha, mu_beta), lr=lr, m_steps=m_steps,
+        max_tries=max_tries)
+    log_prior = state.log_prior
+    if learn_prior:
+        log_prior = jnp.log(jnp.maximum(normalize((post * data.task_mask[:, None]).sum(0) + 0.01),
+                                        TINY))
+    return GladState(params=params, opt_state=opt_state, log_prior=log_prior, posteriors=post,
+                     lr_scale=scale)
+
+
+def adam_steps(state: GladState, q_old: jax.Array, q_fn: Any, grad_fn: Any, *, lr: float,
+               m_steps: int, max_tries: int = 4) -> tuple[GladParams, Any, jax.Array]:
+    """The M-step's optimiser: ``m_steps`` Adam steps from ``state`` along ``grad_fn(params)``,
+    undone and retried with a 4 times smaller scale while ``q_fn(params) < q_old`` (at most
+    ``max_tries`` times). Returns ``(params, opt_state, lr scale)`` (the old ones if all fail)."""
+    opt = _optimizer()
 
     def run(scale):
         def one(carry, _):
             params, opt_state = carry
-            grad = q_grad(data, params, p_right, mu_alpha, mu_beta)
-            direction, opt_state = opt.update(grad, opt_state, params)
+            direction, opt_state = opt.update(grad_fn(params), opt_state, params)
             params = jax.tree_util.tree_map(lambda p, d: p + (lr * scale) * d, params, direction)
             return (_clip(params), opt_state), None
 
@@ -349,7 +365,7 @@ def m_step(data: CrowdData, state: GladState, post: jax.Array, *, lr: float, m_s
     def body(c):
         tries, scale, _, _, _ = c
         params, opt_state = run(scale)
-        accepted = q_value(data, params, p_right, mu_alpha, mu_beta) >= q_old
+        accepted = q_fn(params) >= q_old
         return tries + 1, jnp.where(accepted, scale, scale / 4), accepted, params, opt_state
 
     c0 = (jnp.asarray(0, jnp.int32), state.lr_scale, jnp.asarray(False), state.params,
@@ -358,13 +374,16 @@ def m_step(data: CrowdData, state: GladState, post: jax.Array, *, lr: float, m_s
     keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
         lambda a, b: jnp.where(accepted, a, b), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-    scale = jnp.where(accepted, jnp.minimum(scale * 2, 1.0), scale)
-    log_prior = state.log_prior
-    if learn_prior:
-        log_prior = jnp.log(jnp.maximum(normalize((post * data.task_mask[:, None]).sum(0) + 0.01),
-                                        TINY))
-    return GladState(params=params, opt_state=opt_state, log_prior=log_prior, posteriors=post,
-                     lr_scale=scale)
+    return params, opt_state, jnp.where(accepted, jnp.minimum(scale * 2, 1.0), scale)
+
+
+def alpha_from_gold(alpha: jax.Array, n_gold: jax.Array, hits: jax.Array,
+                    mu_beta: float) -> jax.Array:
+    """``init="gold"``: P(right) = sigma(alpha * beta0) at the smoothed accuracy on gold tasks,
+    so alpha = logit(acc) / beta0 (clipped), for annotators who answered any."""
+    acc = (1 + hits) / (2 + n_gold)
+    a_gold = jnp.clip((jnp.log(acc) - jnp.log1p(-acc)) / jnp.exp(mu_beta), -ALPHA_MAX, ALPHA_MAX)
+    return jnp.where(n_gold > 0, a_gold, alpha)
 
 
 def init(data: CrowdData, *, mu_alpha: float = 1.0, mu_beta: float = 1.0,
@@ -378,11 +397,7 @@ def init(data: CrowdData, *, mu_alpha: float = 1.0, mu_beta: float = 1.0,
         view = answer_view(data)
         on_gold = (data.gold[view.task] >= 0).astype(dtype) * view.weight
         hit = (view.label == data.gold[view.task]).astype(dtype) * on_gold
-        n = worker_sum(data, on_gold)
-        acc = (1 + worker_sum(data, hit)) / (2 + n)
-        # P(right) = sigma(alpha * beta0): alpha = logit(acc) / beta0, clipped.
-        a_gold = jnp.clip((jnp.log(acc) - jnp.log1p(-acc)) / jnp.exp(mu_beta), -ALPHA_MAX, ALPHA_MAX)
-        alpha = jnp.where(n > 0, a_gold, alpha)
+        alpha = alpha_from_gold(alpha, worker_sum(data, on_gold), worker_sum(data, hit), mu_beta)
     params = GladParams(alpha, log_beta)
     log_prior = jnp.full((K,), -jnp.log(K), dtype)
     post, _ = e_step(data, params, log_prior)
@@ -430,10 +445,16 @@ class GLAD(Aggregator):
         init: ``default`` (alpha = mu_alpha) or ``gold`` (alpha from accuracy on gold tasks).
         layout: ``auto``, ``coo`` or ``dense``.
         dtype: ``float32`` or ``float64``.
+        native: ``auto`` (default), ``on`` or ``off``, as for
+            :class:`~crowdllm.aggregation.DawidSkene`: on dense float32 panels on AVX2 CPUs
+            the E-step and the gradient passes run as native kernels (``native/glad.cc``) over
+            the distinct answer rows (tasks with the same answers and gold keep the same
+            difficulty, so they are fitted once, weighted); Adam and the backtracking stay in JAX.
 
     Attributes (after fit):
         alphas_: ``[workers]`` expertise. betas_: ``[tasks]`` inverse difficulty (> 0).
         skills_: same as ``alphas_``. priors_: ``[K]`` class prior.
+        native_used_: whether the native kernels ran the fit.
     """
 
     name = "glad"
@@ -443,7 +464,9 @@ class GLAD(Aggregator):
 
     def __init__(self, max_iter: int = 100, tol: float = 1e-5, m_steps: int = 5, lr: float = 0.1,
                  mu_alpha: float = 1.0, mu_beta: float = 1.0, learn_prior: bool = False,
-                 init: str = "default", layout: str = "auto", dtype: str = "float32") -> None:
+                 init: str = "default", layout: str = "auto", dtype: str = "float32",
+                 native: str = "auto") -> None:
+        self.native = _native.check_option(native)
         if init not in ("default", "gold"):
             raise ValueError(f"init must be 'default' or 'gold', got {init!r}")
         if m_steps < 1 or lr <= 0:
@@ -458,7 +481,9 @@ class GLAD(Aggregator):
         with jax.enable_x64(self.dtype == "float64"):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
-            res = fit(data, max_iter=self.max_iter, tol=self.tol, lr=self.lr,
+            self.native_used_ = _native.use(self.native, data)
+            run = _native.glad_fit if self.native_used_ else fit
+            res = run(data, max_iter=self.max_iter, tol=self.tol, lr=self.lr,
                       m_steps=self.m_steps, mu_alpha=self.mu_alpha, mu_beta=self.mu_beta,
                       learn_prior=self.learn_prior, init_from_gold=self.init == "gold")
             res = jax.tree_util.tree_map(np.asarray, res)

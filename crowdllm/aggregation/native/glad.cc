@@ -1,0 +1,382 @@
+// GLAD's E-step and M-step gradient passes over a dense panel (AVX2, CPU).
+//
+// Built with ds_grouped.cc into one library by crowdllm/aggregation/_native.py and called from
+// JAX as XLA FFI custom calls; the EM loop, Adam and the backtracking stay in JAX. Every answer
+// has its own logit x = alpha_w * exp(b_t), so nothing can be tabulated: each pass computes one
+// exp (and, where a log-likelihood is wanted, one log) per answer, 8 tasks at a time (lanes =
+// tasks). The labels and the per-answer posteriors are annotator-major ([W, T]), so the 8 tasks'
+// values for one annotator are one contiguous load.
+//
+//   E pass:    score[t, k] = log rho_k + sum_w answered (log sigma(-x) - log(K-1))
+//                            + sum_w [y = k] (x + log(K-1)),
+//              posteriors (softmax, gold clamped), p[w, t] = q_t(y_tw), the weighted
+//              log-likelihood sum_t n_t log Z_t and Q's answer term
+//              sum n_t (log sigma(x) - (1 - p) x).
+//   grad pass: g = p - sigma(x) per answer; d_alpha[w] = sum_t n_t g exp(b_t) (weighted) and
+//              d_b[t] = sum_w g x (per task: merged rows stand for identical tasks, whose
+//              gradients are identical); optionally Q's answer term.
+//
+// n_t = the row's weight (how many identical tasks it stands for); rows at or past n are inert
+// (zero outputs). flags[t] = -1 no gold, k >= 0 gold class k.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "simd.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace crowdllm_simd;
+
+constexpr int64_t GCHUNK = 16384;  // rows summed in float lanes before carrying into double
+
+inline __m256i load8_s8(const int8_t* p, int64_t r, int64_t T) {  // 8 labels (-1 past T)
+  alignas(8) int8_t buf[8];
+  if (r + 8 <= T) {
+    std::memcpy(buf, p + r, 8);
+  } else {
+    for (int i = 0; i < 8; ++i) buf[i] = r + i < T ? p[r + i] : -1;
+  }
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(buf)));
+}
+
+inline __m256 load8_f(const float* p, int64_t r, int64_t T) {  // 8 floats (0 past T)
+  if (r + 8 <= T) return _mm256_loadu_ps(p + r);
+  alignas(32) float buf[8];
+  for (int i = 0; i < 8; ++i) buf[i] = r + i < T ? p[r + i] : 0.f;
+  return _mm256_load_ps(buf);
+}
+
+inline void store8_f(float* p, int64_t r, int64_t T, __m256 v) {
+  if (r + 8 <= T) {
+    _mm256_storeu_ps(p + r, v);
+    return;
+  }
+  alignas(32) float buf[8];
+  _mm256_store_ps(buf, v);
+  for (int i = 0; i < 8 && r + i < T; ++i) p[r + i] = buf[i];
+}
+
+inline void add_pd(__m256d& lo, __m256d& hi, __m256 v) {
+  lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+inline double hsum(__m256d lo, __m256d hi) {
+  alignas(32) double v[8];
+  _mm256_store_pd(v, lo);
+  _mm256_store_pd(v + 4, hi);
+  double s = 0;
+  for (double x : v) s += x;
+  return s;
+}
+
+// e = exp(-|x|) (in (0, 1]); sigma(x) and log sigma(x) = min(x, 0) - log(1 + e) from it
+inline __m256 exp_neg_abs(__m256 x) {
+  __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
+  return exp256(_mm256_sub_ps(_mm256_setzero_ps(), a));
+}
+
+inline __m256 sigmoid_from(__m256 x, __m256 e) {
+  __m256 one = _mm256_set1_ps(1.f);
+  __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
+  __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+  return _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), neg);
+}
+
+inline __m256 log_sigmoid_from(__m256 x, __m256 e) {
+  return _mm256_sub_ps(_mm256_min_ps(x, _mm256_setzero_ps()),
+                       log256(_mm256_add_ps(_mm256_set1_ps(1.f), e)));
+}
+
+struct Acc {  // one thread's sums: float lanes over a chunk, carried in double
+  std::vector<__m256> fa;  // [W] d_alpha lanes
+  std::vector<double> da;  // [W]
+  __m256 fq, fll, fc[8];
+  __m256d q0, q1, ll0, ll1;
+  double dc[8];  // class sums (E pass)
+  void init(int64_t W) {
+    fa.assign(W, _mm256_setzero_ps());
+    da.assign(W, 0.0);
+    fq = fll = _mm256_setzero_ps();
+    q0 = q1 = ll0 = ll1 = _mm256_setzero_pd();
+    for (int k = 0; k < 8; ++k) {
+      fc[k] = _mm256_setzero_ps();
+      dc[k] = 0;
+    }
+  }
+  void flush() {
+    for (size_t w = 0; w < fa.size(); ++w) {
+      alignas(32) float v[8];
+      _mm256_store_ps(v, fa[w]);
+      for (float x : v) da[w] += x;
+      fa[w] = _mm256_setzero_ps();
+    }
+    add_pd(q0, q1, fq);
+    add_pd(ll0, ll1, fll);
+    fq = fll = _mm256_setzero_ps();
+    for (int k = 0; k < 8; ++k) {
+      alignas(32) float v[8];
+      _mm256_store_ps(v, fc[k]);
+      for (float x : v) dc[k] += x;
+      fc[k] = _mm256_setzero_ps();
+    }
+  }
+};
+
+template <typename F>
+void parallel_rows(int64_t U, int64_t threads, std::vector<Acc>& parts, int64_t W, F&& body) {
+  int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (U + 4095) / 4096));
+  parts.resize(n);
+  auto work = [&](int i) {
+    Acc& acc = parts[i];
+    acc.init(W);
+    int64_t a = U * i / n / 8 * 8, b = i + 1 == n ? U : U * (i + 1) / n / 8 * 8;
+    for (int64_t c = a; c < b; c += GCHUNK) {
+      for (int64_t r = c; r < std::min(b, c + GCHUNK); r += 8) body(r, acc);
+      acc.flush();
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int i = 1; i < n; ++i) pool.emplace_back(work, i);
+  work(0);
+  for (auto& th : pool) th.join();
+}
+
+inline __m256 valid_lanes(int64_t r, int64_t U) {
+  __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)U), idx));
+}
+
+ffi::Error CheckRows(ffi::Buffer<ffi::S8>& lab, ffi::Buffer<ffi::F32>& weights,
+                     ffi::Buffer<ffi::S32>& n, ffi::Buffer<ffi::F32>& alpha,
+                     ffi::Buffer<ffi::F32>& log_beta, int64_t* W, int64_t* T, int64_t* U) {
+  auto d = lab.dimensions();
+  if (d.size() != 2) return ffi::Error::InvalidArgument("glad: labels [W, T] expected");
+  *W = d[0];
+  *T = d[1];
+  if (alpha.element_count() != *W || log_beta.element_count() != *T ||
+      weights.element_count() != *T)
+    return ffi::Error::InvalidArgument("glad: alpha [W], log_beta [T], weights [T] expected");
+  if (*T >= (int64_t{1} << 31)) return ffi::Error::InvalidArgument("glad: T < 2^31 rows");
+  *U = n.typed_data()[0];
+  if (*U < 0 || *U > *T) return ffi::Error::InvalidArgument("glad: 0 <= n <= T rows");
+  return ffi::Error::Success();
+}
+
+// p_in: the last pass's p (aliased to pright, so the buffer is reused, not page-faulted anew);
+// post: [T, K] posteriors written when it has T rows (else a [1, K] placeholder); stats: the
+// weighted log-likelihood, Q's answer term and the K weighted class sums.
+ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
+                 ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
+                 ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> log_beta,
+                 ffi::Buffer<ffi::F32> log_prior, ffi::Buffer<ffi::F32> p_in,
+                 ffi::ResultBuffer<ffi::F32> post, ffi::ResultBuffer<ffi::F32> pright,
+                 ffi::ResultBuffer<ffi::F32> stats, int64_t threads) {
+  int64_t W, T, U;
+  if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
+  const int64_t K = log_prior.element_count();
+  if (K < 1 || K > 8) return ffi::Error::InvalidArgument("glad: 1 <= K <= 8 classes");
+  const int8_t* L = lab.typed_data();
+  const int8_t* fl = flags.typed_data();
+  const float* wt = weights.typed_data();
+  const float* al = alpha.typed_data();
+  const float* lb = log_beta.typed_data();
+  const float* lp = log_prior.typed_data();
+  if (p_in.element_count() != W * T || pright->element_count() != W * T)
+    return ffi::Error::InvalidArgument("glad: p [W, T] expected");
+  const bool want_post = post->dimensions()[0] == T;
+  float* out = want_post ? post->typed_data() : nullptr;
+  float* P = pright->typed_data();
+  const float lkm1 = std::log((float)std::max<int64_t>(K - 1, 1));
+  if (want_post) std::memset(out + U * K, 0, sizeof(float) * (T - U) * K);  // rows past n: zeros
+  for (int64_t w = 0; w < W; ++w) std::memset(P + w * T + U, 0, sizeof(float) * (T - U));
+  std::vector<Acc> parts;
+  parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
+    thread_local std::vector<__m256> xbuf, lsbuf;
+    xbuf.resize(W);
+    lsbuf.resize(W);
+    __m256 valid = valid_lanes(r, U);
+    __m256 beta = exp256(load8_f(lb, r, T));
+    __m256 base = _mm256_setzero_ps();
+    __m256 sc[8];
+    for (int k = 0; k < 8; ++k) sc[k] = _mm256_setzero_ps();
+    for (int64_t w = 0; w < W; ++w) {
+      __m256i y = load8_s8(L + w * T, r, T);
+      __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
+      __m256 x = _mm256_mul_ps(_mm256_set1_ps(al[w]), beta);
+      __m256 e = exp_neg_abs(x);
+      __m256 ls = log_sigmoid_from(x, e);
+      xbuf[w] = x;
+      lsbuf[w] = ls;
+      // log P(wrong) = log sigma(-x) - log(K - 1) = ls - x - log(K - 1)
+      __m256 lw = _mm256_sub_ps(_mm256_sub_ps(ls, x), _mm256_set1_ps(lkm1));
+      base = _mm256_add_ps(base, _mm256_and_ps(ans, lw));
+      __m256 d = _mm256_add_ps(x, _mm256_set1_ps(lkm1));
+      for (int k = 0; k < K; ++k) {
+        __m256 is = _mm256_castsi256_ps(_mm256_cmpeq_epi32(y, _mm256_set1_epi32(k)));
+        sc[k] = _mm256_add_ps(sc[k], _mm256_and_ps(is, d));
+      }
+    }
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    for (int k = 0; k < K; ++k) {
+      sc[k] = _mm256_add_ps(_mm256_add_ps(sc[k], base), _mm256_set1_ps(lp[k]));
+      m = _mm256_max_ps(m, sc[k]);
+    }
+    __m256 s = _mm256_setzero_ps();
+    __m256 pk[8];
+    for (int k = 0; k < K; ++k) {
+      pk[k] = exp256(_mm256_sub_ps(sc[k], m));
+      s = _mm256_add_ps(s, pk[k]);
+    }
+    __m256 logz = _mm256_add_ps(m, log256(s));
+    __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), s);
+    alignas(8) int8_t gbuf[8];
+    for (int i = 0; i < 8; ++i) gbuf[i] = r + i < U ? fl[r + i] : -1;
+    __m256i g = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(gbuf)));
+    __m256 isg = _mm256_castsi256_ps(_mm256_cmpgt_epi32(g, _mm256_set1_epi32(-1)));
+    __m256 gscore = _mm256_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+      __m256 isk = _mm256_castsi256_ps(_mm256_cmpeq_epi32(g, _mm256_set1_epi32(k)));
+      gscore = _mm256_add_ps(gscore, _mm256_and_ps(isk, sc[k]));
+      pk[k] = _mm256_blendv_ps(_mm256_mul_ps(pk[k], inv),
+                               _mm256_and_ps(isk, _mm256_set1_ps(1.f)), isg);
+    }
+    logz = _mm256_blendv_ps(logz, gscore, isg);
+    __m256 wv = _mm256_and_ps(valid, load8_f(wt, r, T));
+    acc.fll = _mm256_add_ps(acc.fll, _mm256_mul_ps(wv, _mm256_and_ps(valid, logz)));
+    // p = q_t(y_tw) per answer; Q's answer term
+    __m256 q = _mm256_setzero_ps();
+    for (int64_t w = 0; w < W; ++w) {
+      __m256i y = load8_s8(L + w * T, r, T);
+      __m256 p = _mm256_setzero_ps();
+      for (int k = 0; k < K; ++k) {
+        __m256 is = _mm256_castsi256_ps(_mm256_cmpeq_epi32(y, _mm256_set1_epi32(k)));
+        p = _mm256_add_ps(p, _mm256_and_ps(is, pk[k]));
+      }
+      p = _mm256_and_ps(valid, p);
+      store8_f(P + w * T, r, T, p);
+      __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
+      __m256 term = _mm256_fnmadd_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), p), xbuf[w], lsbuf[w]);
+      q = _mm256_add_ps(q, _mm256_and_ps(ans, term));
+    }
+    acc.fq = _mm256_fmadd_ps(wv, q, acc.fq);
+    for (int k = 0; k < K; ++k) acc.fc[k] = _mm256_fmadd_ps(wv, pk[k], acc.fc[k]);
+    if (want_post) {
+      alignas(32) float pv[8][8];
+      for (int k = 0; k < K; ++k) _mm256_store_ps(pv[k], pk[k]);
+      for (int i = 0; i < 8 && r + i < U; ++i)
+        for (int k = 0; k < K; ++k) out[(r + i) * K + k] = pv[k][i];
+    }
+  });
+  double ll = 0, qq = 0, cs[8] = {0};
+  for (auto& a : parts) {
+    ll += hsum(a.ll0, a.ll1);
+    qq += hsum(a.q0, a.q1);
+    for (int k = 0; k < K; ++k) cs[k] += a.dc[k];
+  }
+  if (stats->element_count() != 2 + K) return ffi::Error::InvalidArgument("glad: stats [2 + K]");
+  float* st = stats->typed_data();
+  st[0] = (float)ll;
+  st[1] = (float)qq;
+  for (int k = 0; k < K; ++k) st[2 + k] = (float)cs[k];
+  return ffi::Error::Success();
+}
+
+// mode 1: gradients; 2: Q's answer term only; 3: both
+ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
+                    ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> pright,
+                    ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> log_beta,
+                    ffi::ResultBuffer<ffi::F32> d_alpha, ffi::ResultBuffer<ffi::F32> d_b,
+                    ffi::ResultBuffer<ffi::F32> qout, int64_t threads, int64_t mode) {
+  int64_t W, T, U;
+  if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
+  if (pright.element_count() != W * T) return ffi::Error::InvalidArgument("glad: p [W, T]");
+  const bool grad = mode & 1, want_q = mode & 2;
+  const int8_t* L = lab.typed_data();
+  const float* wt = weights.typed_data();
+  const float* P = pright.typed_data();
+  const float* al = alpha.typed_data();
+  const float* lb = log_beta.typed_data();
+  float* db = d_b->typed_data();
+  std::memset(db + U, 0, sizeof(float) * (T - U));
+  std::vector<Acc> parts;
+  parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
+    __m256 valid = valid_lanes(r, U);
+    __m256 beta = exp256(load8_f(lb, r, T));
+    __m256 wv = _mm256_and_ps(valid, load8_f(wt, r, T));
+    __m256 wb = _mm256_mul_ps(wv, beta);
+    __m256 dbv = _mm256_setzero_ps(), q = _mm256_setzero_ps();
+    for (int64_t w = 0; w < W; ++w) {
+      __m256i y = load8_s8(L + w * T, r, T);
+      __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
+      __m256 x = _mm256_mul_ps(_mm256_set1_ps(al[w]), beta);
+      __m256 e = exp_neg_abs(x);
+      __m256 p = load8_f(P + w * T, r, T);
+      if (grad) {
+        __m256 g = _mm256_and_ps(ans, _mm256_sub_ps(p, sigmoid_from(x, e)));
+        acc.fa[w] = _mm256_fmadd_ps(g, wb, acc.fa[w]);
+        dbv = _mm256_fmadd_ps(g, x, dbv);
+      }
+      if (want_q) {
+        __m256 term = _mm256_fnmadd_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), p), x,
+                                       log_sigmoid_from(x, e));
+        q = _mm256_add_ps(q, _mm256_and_ps(ans, term));
+      }
+    }
+    if (grad) store8_f(db, r, U, dbv);
+    if (want_q) acc.fq = _mm256_fmadd_ps(wv, q, acc.fq);
+  });
+  float* da = d_alpha->typed_data();
+  double qq = 0;
+  for (int64_t w = 0; w < W; ++w) {
+    double s = 0;
+    for (auto& a : parts) s += a.da[w];
+    da[w] = (float)s;
+  }
+  for (auto& a : parts) qq += hsum(a.q0, a.q1);
+  qout->typed_data()[0] = (float)qq;
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladE, EImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladGrad, GradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("mode"));
