@@ -54,7 +54,7 @@ import numpy as np
 __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Plan", "plan", "encode", "flags_of",
            "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
            "posteriors", "ds_fit", "onecoin_fit", "ibcc_fit", "mace_fit_restarts", "decode",
-           "glad_e", "glad_grad", "glad_fit",
+           "glad_e", "glad_grad", "glad_rows", "glad_fit", "block", "unblock",
            "track_buffer", "sums_tracked"]
 
 NATIVE_DIR = Path(__file__).with_name("native")
@@ -634,72 +634,97 @@ def mace_fit_restarts(data: Any, keys: jax.Array, *, max_iter: int = 50, tol: fl
 
 
 # --------------------------------------------------------------------------- GLAD
-def decode(rows: Rows, p: Plan, n_workers: int) -> jax.Array:
-    """The answers ``[T, W]`` (int8, -1 = none) of the rows' combination codes."""
-    codes = rows.codes.astype(jnp.int32)
-    cols = []
+def decode(codes: jax.Array, p: Plan, n_workers: int) -> jax.Array:
+    """The answers ``[T, W]`` (int8, -1 = none) of combination codes ``[T, G]`` (codes out of
+    range, as in the inert rows past a merge's count, decode to some answers: mask them)."""
+    parts = []
     for gi, (g, off) in enumerate(zip(p.groups, p.offsets)):
-        c = codes[:, gi] - off
-        for j in range(len(g)):
-            cols.append((c // p.base ** j) % p.base - 1)
-    return jnp.stack(cols[:n_workers], axis=1).astype(jnp.int8)
+        combos = np.arange(p.base ** len(g))
+        digits = np.stack([(combos // p.base ** j) % p.base - 1 for j in range(len(g))], axis=1)
+        c = jnp.clip(codes[:, gi].astype(jnp.int32) - off, 0, len(combos) - 1)
+        parts.append(jnp.asarray(digits.astype(np.int8))[c])  # a gather of short table rows
+    return jnp.concatenate(parts, axis=1)[:, :n_workers]
 
 
-def glad_e(lab_t: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
+def glad_e(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
            alpha: jax.Array, log_beta: jax.Array, log_prior: jax.Array, p_prev: jax.Array,
            want_post: bool = False):
-    """GLAD's E pass over the first ``n`` rows of ``lab_t [W, T]``: ``(posteriors [T, K] or
-    None, q_t(y_tw) [W, T], weighted log-likelihood, weighted Q answer term, weighted class
-    sums [K])``. ``p_prev`` (a ``[W, T]`` buffer, e.g. the last pass's) is reused for the new
-    ``q_t(y_tw)``."""
+    """GLAD's E pass over the first ``n`` rows of the blocked answers ``lab_b [T/8, W, 8]``:
+    ``(posteriors [T, K] or None, q_t(y_tw) [T/8, W, 8], weighted log-likelihood, weighted Q
+    answer term, weighted class sums [K])``. ``p_prev`` (a buffer shaped like ``lab_b``, e.g. the
+    last pass's) is reused for the new ``q_t(y_tw)``."""
     _require()
-    W, T = lab_t.shape
+    T = lab_b.shape[0] * 8
     K = log_prior.shape[0]
     out = (jax.ShapeDtypeStruct((T if want_post else 1, K), jnp.float32),
-           jax.ShapeDtypeStruct((W, T), jnp.float32), jax.ShapeDtypeStruct((2 + K,), jnp.float32))
+           jax.ShapeDtypeStruct(lab_b.shape, jnp.float32),
+           jax.ShapeDtypeStruct((2 + K,), jnp.float32))
     post, pr, stats = jax.ffi.ffi_call("crowdllm_glad_e", out, input_output_aliases={7: 1})(
-        lab_t, flags, weights, n, alpha, log_beta, log_prior, p_prev, threads=np.int64(_threads()))
+        lab_b, flags, weights, n, alpha, log_beta, log_prior, p_prev, threads=np.int64(_threads()))
     return post if want_post else None, pr, stats[0], stats[1], stats[2:]
 
 
-def glad_grad(lab_t: jax.Array, weights: jax.Array, n: jax.Array, p_right: jax.Array,
+def glad_grad(lab_b: jax.Array, weights: jax.Array, n: jax.Array, p_right: jax.Array,
               alpha: jax.Array, log_beta: jax.Array, *, grad: bool = True, q: bool = False):
     """GLAD's gradient pass: ``(sum_t n_t g_tw beta_t [W], sum_w g_tw x_tw [T], Q answer
     term)`` with ``g = q_t(y_tw) - sigma(x_tw)`` (the priors' terms are added by the caller)."""
     _require()
-    W, T = lab_t.shape
+    T, W = lab_b.shape[0] * 8, lab_b.shape[1]
     out = (jax.ShapeDtypeStruct((W,), jnp.float32), jax.ShapeDtypeStruct((T,), jnp.float32),
            jax.ShapeDtypeStruct((1,), jnp.float32))
     da, db, qv = jax.ffi.ffi_call("crowdllm_glad_grad", out)(
-        lab_t, weights, n, p_right, alpha, log_beta, threads=np.int64(_threads()),
+        lab_b, weights, n, p_right, alpha, log_beta, threads=np.int64(_threads()),
         mode=np.int64(int(grad) + 2 * int(q)))
     return da, db, qv[0]
 
 
+def block(x: jax.Array) -> jax.Array:
+    """``[T, W] -> [T/8, W, 8]`` (T a multiple of 8): the GLAD kernels' layout."""
+    T, W = x.shape
+    return x.reshape(T // 8, 8, W).transpose(0, 2, 1)
+
+
+def unblock(x: jax.Array) -> jax.Array:
+    """``[T/8, W, 8] -> [T, W]``."""
+    B, W, _ = x.shape
+    return x.transpose(0, 2, 1).reshape(B * 8, W)
+
+
 @functools.partial(jax.jit, static_argnames=("merge",))
-def _glad_rows(data: Any, merge: bool):
-    """``(answers [W, T] int8, gold flags, weights, n, inverse)`` of the (merged) rows."""
-    W, K = int(data.labels.shape[1]), data.n_classes
-    p = plan(W, K)
+def _glad_rows(data: Any, merge: bool) -> Rows:
+    p = plan(int(data.labels.shape[1]), data.n_classes)
     codes, flags = encode(data.labels, p), flags_of(data.task_mask, data.gold)
-    rows = unique(codes, flags) if merge else every_row(codes, flags)
-    lab = decode(rows, p, W) if merge else data.labels
-    valid = jnp.arange(lab.shape[0]) < rows.n[0]
-    lab = jnp.where((lab >= 0) & valid[:, None], lab, -1)
-    return lab.T, rows.flags, jnp.where(valid, rows.weights, 0.0), rows.n, rows.inverse
+    return unique(codes, flags) if merge else every_row(codes, flags)
 
 
-def _fit_size(arrays: tuple[jax.Array, ...], fill: tuple[Any, ...], size: int):
-    """Each array cut or padded (with its fill value) to ``size`` along its last axis."""
-    out = []
-    for a, f in zip(arrays, fill):
-        T = a.shape[-1]
-        if size <= T:
-            out.append(a[..., :size])
-        else:
-            pad = [(0, 0)] * (a.ndim - 1) + [(0, size - T)]
-            out.append(jnp.pad(a, pad, constant_values=f))
-    return out
+@functools.partial(jax.jit, static_argnames=("n_workers", "n_classes", "size"))
+def _glad_sized(rows: Rows, n_workers: int, n_classes: int, size: int):
+    """The first ``size`` rows (a multiple of 8; padded past the panel's), answers decoded and
+    blocked, rows past the count inert (no answers, weight 0)."""
+    T = rows.codes.shape[0]
+    codes, flags, wts = rows.codes, rows.flags, rows.weights
+    if size <= T:
+        codes, flags, wts = codes[:size], flags[:size], wts[:size]
+    else:
+        codes = jnp.pad(codes, ((0, size - T), (0, 0)))
+        flags = jnp.pad(flags, (0, size - T), constant_values=-1)
+        wts = jnp.pad(wts, (0, size - T))
+    valid = jnp.arange(size) < rows.n[0]
+    lab = decode(codes, plan(n_workers, n_classes), n_workers)
+    lab = jnp.where(valid[:, None], lab, -1)
+    return block(lab), jnp.where(valid, flags, -1), jnp.where(valid, wts, 0.0)
+
+
+def glad_rows(data: Any, merge: bool = True):
+    """``(answers [S/8, W, 8], gold flags [S], weights [S], n, inverse)``: the distinct rows of a
+    Dense panel (every row with ``merge=False``), counted on the host and cut to their size
+    bucket ``S`` (a multiple of 8), so a fit compiles once per bucket."""
+    from ._core import bucket
+
+    rows = _glad_rows(data, merge)
+    size = -(-bucket(int(rows.n[0])) // 8) * 8
+    return (*_glad_sized(rows, int(data.labels.shape[1]), data.n_classes, size), rows.n,
+            rows.inverse)
 
 
 def glad_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, lr: float = 0.1,
@@ -711,16 +736,11 @@ def glad_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, lr: float = 0
     Tasks with the same answers and gold start from the same difficulty and get the same
     gradients, so they stay identical: they are merged into one weighted row (the annotators'
     sums weighted by the row's count; a row's difficulty gradient is one task's, so Adam takes
-    the same steps). The distinct rows are counted on the host and the fit is compiled for that
-    count's size bucket. Each pass computes one exp (and one log where Q or the log-likelihood
-    is wanted) per answer of a distinct row (``native/glad.cc``).
+    the same steps). Each pass computes one exp per answer of a distinct row, and a log per row
+    where Q or the log-likelihood is wanted (``native/glad.cc``).
     """
-    from ._core import bucket
-
-    lab_t, flags, wts, n, inverse = _glad_rows(data, merge)
-    size = -(-bucket(int(n[0])) // 8) * 8
-    lab_t, flags, wts = _fit_size((lab_t, flags, wts), (-1, -1, 0.0), size)
-    res = _glad_fit_rows(lab_t, flags, wts, n, data.worker_mask, data.n_classes,
+    lab_b, flags, wts, n, inverse = glad_rows(data, merge)
+    res = _glad_fit_rows(lab_b, flags, wts, n, data.worker_mask, data.n_classes,
                          max_iter=max_iter, tol=tol, lr=lr, m_steps=m_steps, mu_alpha=mu_alpha,
                          mu_beta=mu_beta, learn_prior=learn_prior, init_from_gold=init_from_gold)
     return _glad_spread(res, inverse, mu_beta)
@@ -738,7 +758,7 @@ def _glad_spread(res: Any, inverse: jax.Array, mu_beta: float):
 
 @functools.partial(jax.jit, static_argnames=("n_classes", "max_iter", "m_steps", "learn_prior",
                                              "init_from_gold"))
-def _glad_fit_rows(lab_t: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Array,
+def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Array,
                    worker_mask: jax.Array, n_classes: int, *, max_iter: int, tol: float,
                    lr: float, m_steps: int, mu_alpha: float, mu_beta: float, learn_prior: bool,
                    init_from_gold: bool):
@@ -747,10 +767,11 @@ def _glad_fit_rows(lab_t: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
     from ._core import TINY, iterate, normalize
 
     K = n_classes
-    W, T = lab_t.shape
+    lab = unblock(lab_b)  # [T, W] (setup only)
+    T, W = lab.shape
     valid = jnp.arange(T) < n[0]
-    answered = lab_t >= 0
-    n_ans = jnp.maximum((answered * wts[None]).sum(), 1.0)
+    answered = lab >= 0
+    n_ans = jnp.maximum((answered * wts[:, None]).sum(), 1.0)
     wm = worker_mask
 
     def prior_density(prm):
@@ -759,28 +780,28 @@ def _glad_fit_rows(lab_t: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
 
     alpha = jnp.full((W,), mu_alpha, jnp.float32)
     if init_from_gold:
-        on_gold = answered & (flags >= 0)[None]
-        hit = on_gold & (lab_t == flags[None])
-        alpha = glad.alpha_from_gold(alpha, (on_gold * wts[None]).sum(1),
-                                     (hit * wts[None]).sum(1), mu_beta)
+        on_gold = answered & (flags >= 0)[:, None]
+        hit = on_gold & (lab == flags[:, None])
+        alpha = glad.alpha_from_gold(alpha, (on_gold * wts[:, None]).sum(0),
+                                     (hit * wts[:, None]).sum(0), mu_beta)
     params = glad.GladParams(alpha, jnp.full((T,), mu_beta, jnp.float32))
-    # GladState.posteriors carries the [W, T] buffer of q_t(y_tw) the E pass rewrites in place
+    # GladState.posteriors carries the buffer of q_t(y_tw) the E pass rewrites in place
     state = glad.GladState(params=params, opt_state=glad._optimizer().init(params),
                            log_prior=jnp.full((K,), -jnp.log(K), jnp.float32),
-                           posteriors=jnp.zeros((W, T), jnp.float32),
+                           posteriors=jnp.zeros(lab_b.shape, jnp.float32),
                            lr_scale=jnp.asarray(1.0, jnp.float32))
 
     def step(st):
-        _, p_right, ll, q_ans, class_sum = glad_e(lab_t, flags, wts, n, st.params.alpha,
+        _, p_right, ll, q_ans, class_sum = glad_e(lab_b, flags, wts, n, st.params.alpha,
                                                   st.params.log_beta, st.log_prior, st.posteriors)
         obj = (ll + prior_density(st.params)) / n_ans
 
         def q_fn(prm):
-            return glad_grad(lab_t, wts, n, p_right, prm.alpha, prm.log_beta, grad=False,
+            return glad_grad(lab_b, wts, n, p_right, prm.alpha, prm.log_beta, grad=False,
                              q=True)[2] + prior_density(prm)
 
         def grad_fn(prm):
-            da, db, _ = glad_grad(lab_t, wts, n, p_right, prm.alpha, prm.log_beta)
+            da, db, _ = glad_grad(lab_b, wts, n, p_right, prm.alpha, prm.log_beta)
             return glad.GladParams((da - (prm.alpha - mu_alpha)) * wm,
                                    jnp.where(valid, db - (prm.log_beta - mu_beta), 0.0))
 
@@ -793,7 +814,7 @@ def _glad_fit_rows(lab_t: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
                               posteriors=p_right, lr_scale=scale), obj
 
     state, loop = iterate(step, state, max_iter=max_iter, tol=tol)
-    post = glad_e(lab_t, flags, wts, n, state.params.alpha, state.params.log_beta,
+    post = glad_e(lab_b, flags, wts, n, state.params.alpha, state.params.log_beta,
                   state.log_prior, state.posteriors, want_post=True)[0]
     return glad.GladResult(posteriors=post, alphas=state.params.alpha,
                            betas=jnp.exp(state.params.log_beta), priors=jnp.exp(state.log_prior),

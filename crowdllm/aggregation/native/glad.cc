@@ -4,8 +4,9 @@
 // JAX as XLA FFI custom calls; the EM loop, Adam and the backtracking stay in JAX. Every answer
 // has its own logit x = alpha_w * exp(b_t), so nothing can be tabulated: each pass computes one
 // exp (and, where a log-likelihood is wanted, one log) per answer, 8 tasks at a time (lanes =
-// tasks). The labels and the per-answer posteriors are annotator-major ([W, T]), so the 8 tasks'
-// values for one annotator are one contiguous load.
+// tasks). The labels and the per-answer posteriors are stored in blocks of 8 tasks, [T / 8, W, 8]:
+// one block's values for one annotator are one contiguous load, and a pass reads each array as
+// one sequential stream (T is a multiple of 8).
 //
 //   E pass:    score[t, k] = log rho_k + sum_w answered (log sigma(-x) - log(K-1))
 //                            + sum_w [y = k] (x + log(K-1)),
@@ -38,31 +39,8 @@ using namespace crowdllm_simd;
 
 constexpr int64_t GCHUNK = 16384;  // rows summed in float lanes before carrying into double
 
-inline __m256i load8_s8(const int8_t* p, int64_t r, int64_t T) {  // 8 labels (-1 past T)
-  alignas(8) int8_t buf[8];
-  if (r + 8 <= T) {
-    std::memcpy(buf, p + r, 8);
-  } else {
-    for (int i = 0; i < 8; ++i) buf[i] = r + i < T ? p[r + i] : -1;
-  }
-  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(buf)));
-}
-
-inline __m256 load8_f(const float* p, int64_t r, int64_t T) {  // 8 floats (0 past T)
-  if (r + 8 <= T) return _mm256_loadu_ps(p + r);
-  alignas(32) float buf[8];
-  for (int i = 0; i < 8; ++i) buf[i] = r + i < T ? p[r + i] : 0.f;
-  return _mm256_load_ps(buf);
-}
-
-inline void store8_f(float* p, int64_t r, int64_t T, __m256 v) {
-  if (r + 8 <= T) {
-    _mm256_storeu_ps(p + r, v);
-    return;
-  }
-  alignas(32) float buf[8];
-  _mm256_store_ps(buf, v);
-  for (int i = 0; i < 8 && r + i < T; ++i) p[r + i] = buf[i];
+inline __m256i load_s8(const int8_t* p) {  // 8 labels
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
 
 inline void add_pd(__m256d& lo, __m256d& hi, __m256 v) {
@@ -79,10 +57,15 @@ inline double hsum(__m256d lo, __m256d hi) {
   return s;
 }
 
+// exp for arguments <= 0, kept >= -80 so that the result (and what it multiplies) is never a
+// denormal float: denormals take microcode assists, ~100 cycles each (a fitted GLAD has many
+// answers with |x| > 87). exp(-80) = 2e-35 is 0 next to any term it is added to.
+inline __m256 exp_le0(__m256 x) { return exp256(_mm256_max_ps(x, _mm256_set1_ps(-80.f))); }
+
 // e = exp(-|x|) (in (0, 1]); sigma(x) and log sigma(x) = min(x, 0) - log(1 + e) from it
 inline __m256 exp_neg_abs(__m256 x) {
   __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
-  return exp256(_mm256_sub_ps(_mm256_setzero_ps(), a));
+  return exp_le0(_mm256_sub_ps(_mm256_setzero_ps(), a));
 }
 
 inline __m256 sigmoid_from(__m256 x, __m256 e) {
@@ -92,10 +75,26 @@ inline __m256 sigmoid_from(__m256 x, __m256 e) {
   return _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), neg);
 }
 
-inline __m256 log_sigmoid_from(__m256 x, __m256 e) {
-  return _mm256_sub_ps(_mm256_min_ps(x, _mm256_setzero_ps()),
-                       log256(_mm256_add_ps(_mm256_set1_ps(1.f), e)));
-}
+// sum over a row's answers of log(1 + e) (log sigma(x) = min(x, 0) - log(1 + e)), as the log of
+// a running product: one log per 32 answers instead of one per answer (the product of 32 factors
+// in [1, 2] stays below 2^32)
+struct LogProd {
+  __m256 prod = _mm256_set1_ps(1.f), sum = _mm256_setzero_ps();
+  int count = 0;
+  void add(__m256 ans, __m256 e) {
+    prod = _mm256_mul_ps(prod, _mm256_add_ps(_mm256_set1_ps(1.f), _mm256_and_ps(ans, e)));
+    if (++count == 32) flush();
+  }
+  void flush() {
+    sum = _mm256_add_ps(sum, log256(prod));
+    prod = _mm256_set1_ps(1.f);
+    count = 0;
+  }
+  __m256 total() {
+    flush();
+    return sum;
+  }
+};
 
 struct Acc {  // one thread's sums: float lanes over a chunk, carried in double
   std::vector<__m256> fa;  // [W] d_alpha lanes
@@ -160,9 +159,9 @@ ffi::Error CheckRows(ffi::Buffer<ffi::S8>& lab, ffi::Buffer<ffi::F32>& weights,
                      ffi::Buffer<ffi::S32>& n, ffi::Buffer<ffi::F32>& alpha,
                      ffi::Buffer<ffi::F32>& log_beta, int64_t* W, int64_t* T, int64_t* U) {
   auto d = lab.dimensions();
-  if (d.size() != 2) return ffi::Error::InvalidArgument("glad: labels [W, T] expected");
-  *W = d[0];
-  *T = d[1];
+  if (d.size() != 3 || d[2] != 8) return ffi::Error::InvalidArgument("glad: labels [T/8, W, 8]");
+  *W = d[1];
+  *T = d[0] * 8;
   if (alpha.element_count() != *W || log_beta.element_count() != *T ||
       weights.element_count() != *T)
     return ffi::Error::InvalidArgument("glad: alpha [W], log_beta [T], weights [T] expected");
@@ -192,34 +191,35 @@ ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
   const float* lb = log_beta.typed_data();
   const float* lp = log_prior.typed_data();
   if (p_in.element_count() != W * T || pright->element_count() != W * T)
-    return ffi::Error::InvalidArgument("glad: p [W, T] expected");
+    return ffi::Error::InvalidArgument("glad: p [T/8, W, 8] expected");
   const bool want_post = post->dimensions()[0] == T;
   float* out = want_post ? post->typed_data() : nullptr;
   float* P = pright->typed_data();
   const float lkm1 = std::log((float)std::max<int64_t>(K - 1, 1));
   if (want_post) std::memset(out + U * K, 0, sizeof(float) * (T - U) * K);  // rows past n: zeros
-  for (int64_t w = 0; w < W; ++w) std::memset(P + w * T + U, 0, sizeof(float) * (T - U));
+  const int64_t full = (U + 7) / 8 * 8;  // blocks past n: zeros (a partial block: masked below)
+  std::memset(P + full * W, 0, sizeof(float) * (T - full) * W);
   std::vector<Acc> parts;
   parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
-    thread_local std::vector<__m256> xbuf, lsbuf;
+    thread_local std::vector<__m256> xbuf;
     xbuf.resize(W);
-    lsbuf.resize(W);
+    LogProd lp1;
     __m256 valid = valid_lanes(r, U);
-    __m256 beta = exp256(load8_f(lb, r, T));
+    __m256 beta = exp256(_mm256_loadu_ps(lb + r));
     __m256 base = _mm256_setzero_ps();
     __m256 sc[8];
     for (int k = 0; k < 8; ++k) sc[k] = _mm256_setzero_ps();
     for (int64_t w = 0; w < W; ++w) {
-      __m256i y = load8_s8(L + w * T, r, T);
+      __m256i y = load_s8(L + r * W + w * 8);
       __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
           _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
       __m256 x = _mm256_mul_ps(_mm256_set1_ps(al[w]), beta);
       __m256 e = exp_neg_abs(x);
-      __m256 ls = log_sigmoid_from(x, e);
+      lp1.add(ans, e);
       xbuf[w] = x;
-      lsbuf[w] = ls;
-      // log P(wrong) = log sigma(-x) - log(K - 1) = ls - x - log(K - 1)
-      __m256 lw = _mm256_sub_ps(_mm256_sub_ps(ls, x), _mm256_set1_ps(lkm1));
+      // log P(wrong) = log sigma(-x) - log(K - 1) = min(x, 0) - log(1 + e) - x - log(K - 1)
+      __m256 lw = _mm256_sub_ps(_mm256_sub_ps(_mm256_min_ps(x, _mm256_setzero_ps()), x),
+                                _mm256_set1_ps(lkm1));
       base = _mm256_add_ps(base, _mm256_and_ps(ans, lw));
       __m256 d = _mm256_add_ps(x, _mm256_set1_ps(lkm1));
       for (int k = 0; k < K; ++k) {
@@ -227,6 +227,8 @@ ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
         sc[k] = _mm256_add_ps(sc[k], _mm256_and_ps(is, d));
       }
     }
+    const __m256 log1pe = lp1.total();
+    base = _mm256_sub_ps(base, log1pe);
     __m256 m = _mm256_set1_ps(-INFINITY);
     for (int k = 0; k < K; ++k) {
       sc[k] = _mm256_add_ps(_mm256_add_ps(sc[k], base), _mm256_set1_ps(lp[k]));
@@ -235,7 +237,7 @@ ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
     __m256 s = _mm256_setzero_ps();
     __m256 pk[8];
     for (int k = 0; k < K; ++k) {
-      pk[k] = exp256(_mm256_sub_ps(sc[k], m));
+      pk[k] = exp_le0(_mm256_sub_ps(sc[k], m));
       s = _mm256_add_ps(s, pk[k]);
     }
     __m256 logz = _mm256_add_ps(m, log256(s));
@@ -252,25 +254,26 @@ ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
                                _mm256_and_ps(isk, _mm256_set1_ps(1.f)), isg);
     }
     logz = _mm256_blendv_ps(logz, gscore, isg);
-    __m256 wv = _mm256_and_ps(valid, load8_f(wt, r, T));
+    __m256 wv = _mm256_and_ps(valid, _mm256_loadu_ps(wt + r));
     acc.fll = _mm256_add_ps(acc.fll, _mm256_mul_ps(wv, _mm256_and_ps(valid, logz)));
     // p = q_t(y_tw) per answer; Q's answer term
     __m256 q = _mm256_setzero_ps();
     for (int64_t w = 0; w < W; ++w) {
-      __m256i y = load8_s8(L + w * T, r, T);
+      __m256i y = load_s8(L + r * W + w * 8);
       __m256 p = _mm256_setzero_ps();
       for (int k = 0; k < K; ++k) {
         __m256 is = _mm256_castsi256_ps(_mm256_cmpeq_epi32(y, _mm256_set1_epi32(k)));
         p = _mm256_add_ps(p, _mm256_and_ps(is, pk[k]));
       }
       p = _mm256_and_ps(valid, p);
-      store8_f(P + w * T, r, T, p);
+      _mm256_storeu_ps(P + r * W + w * 8, p);
       __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
           _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
-      __m256 term = _mm256_fnmadd_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), p), xbuf[w], lsbuf[w]);
+      __m256 term = _mm256_fnmadd_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), p), xbuf[w],
+                                     _mm256_min_ps(xbuf[w], _mm256_setzero_ps()));
       q = _mm256_add_ps(q, _mm256_and_ps(ans, term));
     }
-    acc.fq = _mm256_fmadd_ps(wv, q, acc.fq);
+    acc.fq = _mm256_fmadd_ps(wv, _mm256_sub_ps(q, log1pe), acc.fq);
     for (int k = 0; k < K; ++k) acc.fc[k] = _mm256_fmadd_ps(wv, pk[k], acc.fc[k]);
     if (want_post) {
       alignas(32) float pv[8][8];
@@ -301,7 +304,7 @@ ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
                     ffi::ResultBuffer<ffi::F32> qout, int64_t threads, int64_t mode) {
   int64_t W, T, U;
   if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
-  if (pright.element_count() != W * T) return ffi::Error::InvalidArgument("glad: p [W, T]");
+  if (pright.element_count() != W * T) return ffi::Error::InvalidArgument("glad: p [T/8, W, 8]");
   const bool grad = mode & 1, want_q = mode & 2;
   const int8_t* L = lab.typed_data();
   const float* wt = weights.typed_data();
@@ -313,17 +316,18 @@ ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
   std::vector<Acc> parts;
   parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
     __m256 valid = valid_lanes(r, U);
-    __m256 beta = exp256(load8_f(lb, r, T));
-    __m256 wv = _mm256_and_ps(valid, load8_f(wt, r, T));
+    __m256 beta = exp256(_mm256_loadu_ps(lb + r));
+    __m256 wv = _mm256_and_ps(valid, _mm256_loadu_ps(wt + r));
     __m256 wb = _mm256_mul_ps(wv, beta);
     __m256 dbv = _mm256_setzero_ps(), q = _mm256_setzero_ps();
+    LogProd lp1;
     for (int64_t w = 0; w < W; ++w) {
-      __m256i y = load8_s8(L + w * T, r, T);
+      __m256i y = load_s8(L + r * W + w * 8);
       __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
           _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
       __m256 x = _mm256_mul_ps(_mm256_set1_ps(al[w]), beta);
       __m256 e = exp_neg_abs(x);
-      __m256 p = load8_f(P + w * T, r, T);
+      __m256 p = _mm256_loadu_ps(P + r * W + w * 8);
       if (grad) {
         __m256 g = _mm256_and_ps(ans, _mm256_sub_ps(p, sigmoid_from(x, e)));
         acc.fa[w] = _mm256_fmadd_ps(g, wb, acc.fa[w]);
@@ -331,12 +335,13 @@ ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
       }
       if (want_q) {
         __m256 term = _mm256_fnmadd_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), p), x,
-                                       log_sigmoid_from(x, e));
+                                       _mm256_min_ps(x, _mm256_setzero_ps()));
         q = _mm256_add_ps(q, _mm256_and_ps(ans, term));
+        lp1.add(ans, e);
       }
     }
-    if (grad) store8_f(db, r, U, dbv);
-    if (want_q) acc.fq = _mm256_fmadd_ps(wv, q, acc.fq);
+    if (grad) _mm256_storeu_ps(db + r, dbv);  // lanes past n: 0 (masked)
+    if (want_q) acc.fq = _mm256_fmadd_ps(wv, _mm256_sub_ps(q, lp1.total()), acc.fq);
   });
   float* da = d_alpha->typed_data();
   double qq = 0;
