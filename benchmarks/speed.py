@@ -5,6 +5,8 @@ Examples (run one heavy job at a time on a shared machine; prefix with ``nice``)
 
     # the headline check: DS, 50 iterations, dense 1,000,000 x 12 x 5, crowd-kit at 100,000
     python benchmarks/speed.py ds --n 1000000 --crowdkit-n 100000
+    # every EM / VB kernel, exactly 50 iterations on 1,000,000 x 12 x 5: native vs XLA vs floor
+    python benchmarks/speed.py iters --n 1000000
     # every aggregator at given sizes (each in its own process: peak RSS per method)
     python benchmarks/speed.py table --sizes 10000,100000 --kind dense
     python benchmarks/speed.py table --sizes 1000000 --kind coo --methods ds,mv
@@ -40,7 +42,7 @@ def _machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["ds", "table", "all"])
+    ap.add_argument("what", choices=["ds", "iters", "table", "all"])
     ap.add_argument("--n", type=int, default=1_000_000, help="items for the DS check")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
@@ -50,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time the one-hot einsum reference path")
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--kind", default="dense", choices=["dense", "coo"])
-    ap.add_argument("--methods", default="", help="comma-separated (default: all but llm-judge)")
+    ap.add_argument("--methods", default="",
+                    help="comma-separated (table default: all but llm-judge; iters default: "
+                         + ",".join(speed.ITERATION_METHODS) + ")")
     ap.add_argument("--crowdkit-max", type=int, default=100_000,
                     help="table: time crowd-kit's same method on the same data up to this many items")
     ap.add_argument("--crowdkit-timeout", type=float, default=600,
@@ -64,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.what in ("ds", "all"):
         res["ds"] = speed.ds_check(n=a.n, n_iter=a.iters, repeats=a.repeats,
                                    crowdkit_n=a.crowdkit_n or None, reference=a.reference)
+    if a.what in ("iters", "all"):
+        methods = tuple(m for m in a.methods.split(",") if m) or speed.ITERATION_METHODS
+        res["iters"] = speed.iteration_table(n=a.n, n_iter=a.iters, repeats=a.repeats,
+                                             methods=methods)
     if a.what in ("table", "all"):
         from crowdllm.aggregation import METHODS
         methods = [m for m in a.methods.split(",") if m] or \

@@ -59,6 +59,27 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
         assert name in out, out
 
 
+def test_iteration_table_times_native_and_xla_side_by_side(capsys):
+    from crowdllm.aggregation import _native
+
+    out = speed.iteration_table(n=2000, n_iter=4, repeats=1, methods=("mace", "glad", "bwa"))
+    paths = [(r["method"], r["path"]) for r in out["rows"]]
+    native = _native.why_unavailable() is None
+    expect = ([("mace", "native")] if native else []) + [("mace", "xla")] + \
+        ([("glad", "native")] if native else []) + [("glad", "xla"), ("bwa", "xla")]
+    assert paths == expect
+    for r in out["rows"]:
+        assert r["run_s"] > 0 and r["accuracy"] > 0.9
+        assert r["ms_per_iter"] == pytest.approx(r["run_s"] / 4 * 1e3)
+        assert r["x_floor"] == pytest.approx(r["ms_per_iter"] / out["floor_ms_per_iter"])
+    acc = {(r["method"], r["path"]): r["accuracy"] for r in out["rows"]}
+    if native:  # the same fits, so the same labels
+        assert acc["mace", "native"] == pytest.approx(acc["mace", "xla"], abs=1e-3)
+        assert acc["glad", "native"] == pytest.approx(acc["glad", "xla"], abs=1e-3)
+    printed = capsys.readouterr().out
+    assert "EM / VB kernels, exactly 4 iterations" in printed and "x floor" in printed
+
+
 def test_ds_check_rows_name_the_native_kernel_and_crowdkit_ratio(capsys):
     pytest.importorskip("crowdkit")
     from crowdllm.aggregation import _native

@@ -9,7 +9,8 @@ Two workloads, both drawn from the Dawid-Skene generative story (so every method
 ``N x 12 x 5`` panel; it times the compile and the run separately (median of several runs),
 crowd-kit's DawidSkene with the same iteration count in the same process (at a smaller size
 when asked, scaled linearly), and prints the floor = bytes one iteration must touch / this
-machine's measured copy bandwidth. :func:`method_table` times every registered aggregator at
+machine's measured copy bandwidth. :func:`iteration_table` does the same for every EM / VB
+kernel (native and XLA paths side by side). :func:`method_table` times every registered aggregator at
 given sizes, each in a fresh subprocess, with its peak RSS (``resource.getrusage``).
 
 Used by ``benchmarks/speed.py`` (command line) and ``crowdllm bench --speed``.
@@ -28,8 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["copy_bandwidth", "dense_panel", "sparse_crowd", "ds_check", "method_table",
-           "peak_rss_gib", "run_method"]
+__all__ = ["copy_bandwidth", "dense_panel", "sparse_crowd", "ds_check", "iteration_table",
+           "method_table", "peak_rss_gib", "run_method"]
 
 
 def _progress(msg: str) -> None:
@@ -240,6 +241,91 @@ def ds_check(n: int = 1_000_000, n_workers: int = 12, n_classes: int = 5, n_iter
     out["peak_rss_GiB"] = peak_rss_gib()
     _print_ds(out)
     return out
+
+
+#: the EM / VB methods of :func:`iteration_table`, each ``(native fit or None, XLA fit)`` as a
+#: function of ``(data, n_iter)`` that runs exactly ``n_iter`` iterations (stopping rules off)
+def _iteration_fits() -> dict[str, tuple[Callable | None, Callable]]:
+    import jax
+
+    from ..aggregation import (_native, bwa, dawid_skene, glad, ibcc, mace, one_coin,
+                               zero_based_skill)
+
+    key1 = jax.random.split(jax.random.key(0), 1)
+    mace_kw = dict(method="vb", smoothing=0.002, learn_prior=True)
+    return {
+        "ds": (lambda d, n: _native.ds_fit(d, max_iter=n, tol=-1.0).posteriors,
+               lambda d, n: dawid_skene.fit(d, max_iter=n, tol=-1.0).posteriors),
+        "onecoin-ds": (lambda d, n: _native.onecoin_fit(d, max_iter=n, tol=-1.0).posteriors,
+                       lambda d, n: one_coin.fit(d, max_iter=n, tol=-1.0).posteriors),
+        "ibcc": (lambda d, n: _native.ibcc_fit(d, max_iter=n, tol=-np.inf, atol=-1.0).posteriors,
+                 lambda d, n: ibcc.fit(d, max_iter=n, tol=-np.inf, atol=-1.0).posteriors),
+        "mace": (lambda d, n: _native.mace_fit_restarts(d, key1, max_iter=n, tol=-1.0,
+                                                        **mace_kw).posteriors[0],
+                 lambda d, n: mace.fit_restarts(d, key1, max_iter=n, tol=-1.0,
+                                                **mace_kw).posteriors[0]),
+        "glad": (lambda d, n: _native.glad_fit(d, max_iter=n, tol=-1.0).posteriors,
+                 lambda d, n: glad.fit(d, max_iter=n, tol=-1.0).posteriors),
+        "bwa": (None, lambda d, n: bwa.fit(d, max_iter=n, tol=-np.inf).posteriors),
+        "zbs": (None, lambda d, n: zero_based_skill.fit(d, jax.random.key(0), max_iter=n,
+                                                        tol=-1.0).posteriors),
+    }
+
+
+ITERATION_METHODS = ("ds", "onecoin-ds", "ibcc", "mace", "glad", "bwa", "zbs")
+
+
+def iteration_table(n: int = 1_000_000, n_iter: int = 50, repeats: int = 3,
+                    methods: tuple[str, ...] = ITERATION_METHODS) -> dict[str, Any]:
+    """Every EM / VB kernel on one dense ``n x 12 x 5`` panel: exactly ``n_iter`` iterations
+    from the prepared panel to the posteriors (setup included), the native kernel (where the
+    method has one and it runs here) and the XLA path side by side, ms per iteration and its
+    ratio to the one-pass floor of :func:`ds_check` (int8 labels read, float32 posteriors read
+    and written, at the copy bandwidth measured in the same run)."""
+    import jax.numpy as jnp
+
+    from ..aggregation import _native
+
+    _progress("copy bandwidth (a copy of 400 MiB) ...")
+    bw = copy_bandwidth()
+    labels, truth = dense_panel(n)
+    data = dense_data(labels)
+    T, W = data.labels.shape
+    floor = (T * W + 2 * T * 5 * 4) / bw
+    why_not = _native.applies(data, jnp.float32)
+    fits = _iteration_fits()
+    out: dict[str, Any] = {"n": n, "iters": n_iter, "copy_GBps": bw / 1e9,
+                           "floor_ms_per_iter": floor * 1e3, "native": why_not or "used",
+                           "rows": []}
+    for m in methods:
+        native_fn, xla_fn = fits[m]
+        for path, fn in (("native", native_fn), ("xla", xla_fn)):
+            if fn is None or (path == "native" and why_not is not None):
+                continue
+            _progress(f"{m}, {path}: compile + {repeats} runs of {n_iter} iterations ...")
+            first, run = _median_run(lambda: fn(data, n_iter), repeats)
+            post = np.asarray(fn(data, n_iter))[:n]
+            out["rows"].append({"method": m, "path": path, "compile_s": first - run,
+                                "run_s": run, "ms_per_iter": run / n_iter * 1e3,
+                                "x_floor": run / n_iter / floor,
+                                "accuracy": float((post.argmax(1) == truth).mean())})
+    out["peak_rss_GiB"] = peak_rss_gib()
+    _print_iterations(out)
+    return out
+
+
+def _print_iterations(o: dict[str, Any]) -> None:
+    print(f"\nEM / VB kernels, exactly {o['iters']} iterations, dense {o['n']:,} x 12 x 5 "
+          f"(setup included); floor {o['floor_ms_per_iter']:.2f} ms/iteration at "
+          f"{o['copy_GBps']:.2f} GB/s; native kernel: {o['native']}")
+    print(f"{'method':12s} {'path':7s} {'compile s':>10s} {'run s':>8s} {'ms/iter':>9s} "
+          f"{'x floor':>8s} {'x XLA':>6s} {'accuracy':>9s}")
+    xla = {r["method"]: r["run_s"] for r in o["rows"] if r["path"] == "xla"}
+    for r in o["rows"]:
+        ratio = f"{xla[r['method']] / r['run_s']:6.1f}" if r["method"] in xla else f"{'-':>6s}"
+        print(f"{r['method']:12s} {r['path']:7s} {r['compile_s']:10.2f} {r['run_s']:8.3f} "
+              f"{r['ms_per_iter']:9.2f} {r['x_floor']:8.1f} {ratio} {r['accuracy']:9.4f}")
+    print(f"peak RSS of this process: {o['peak_rss_GiB']:.2f} GiB")
 
 
 def _print_ds(o: dict[str, Any]) -> None:
