@@ -1,5 +1,5 @@
 """The native Dawid-Skene kernel (``aggregation._native``) equals the XLA path, for Dawid-Skene,
-one-coin Dawid-Skene, IBCC (VB) and MACE (EM and VB); and the GLAD kernels (``native/glad.cc``)
+one-coin Dawid-Skene, IBCC (VB), MACE (EM and VB) and BWA (vote passes); and the GLAD kernels (``native/glad.cc``)
 equal GLAD's XLA E-step, gradient and Q, and the native GLAD fit the XLA fit.
 
 Kernel level: the per-combination sums, turned into confusion counts and class totals, equal the
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crowdllm.aggregation import (GLAD, IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core, _fast,
-                                  _native, dawid_skene, glad, ibcc, mace, one_coin)
+from crowdllm.aggregation import (BWA, GLAD, IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core, _fast,
+                                  _native, bwa, dawid_skene, glad, ibcc, mace, one_coin)
 from crowdllm.labels import LabelTensor
 
 from conftest import DATA
@@ -314,6 +314,39 @@ def test_native_glad_fit_equals_the_xla_fit_on_sampled_data(merge, learn_prior, 
     assert (np.asarray(b.posteriors)[:T].argmax(1) == truth).mean() >= (mv == truth).mean()
 
 
+def _draw_bwa(T, W, K, missing, gold_frac, seed):
+    """Answers as BWA sees them: each annotator right with their own accuracy, otherwise a
+    uniformly drawn other class (indicators = truth + annotator noise)."""
+    rng = np.random.default_rng(seed)
+    truth = rng.choice(K, T, p=rng.dirichlet(np.ones(K) * 4))
+    acc = rng.uniform(0.35, 0.95, W)
+    other = (truth[:, None] + rng.integers(1, max(K, 2), (T, W))) % K
+    lab = np.where(rng.random((T, W)) < acc, truth[:, None], other).astype(np.int8)
+    lab[rng.random((T, W)) < missing] = -1
+    gold = np.where(rng.random(T) < gold_frac, truth, -1).astype(np.int32)
+    return lab, gold, truth
+
+
+@needs_kernel
+@pytest.mark.parametrize("T,W,K,gold_frac,prior_correction", [
+    (3000, 12, 5, 0.05, True), (1200, 9, 3, 0.0, False), (400, 7, 8, 0.1, True)])
+def test_native_bwa_equals_the_xla_fit_on_sampled_data(T, W, K, gold_frac, prior_correction):
+    lab, gold, truth = _draw_bwa(T, W, K, 0.3, gold_frac, seed=T + W)
+    lab[0] = -1  # a task nobody answered: its truth is the class means
+    data = _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32)
+    for kw in ({"max_iter": 30, "tol": -np.inf}, {"max_iter": 0}, {"max_iter": 1}):
+        a = bwa.fit(data, prior_correction=prior_correction, **kw)
+        b = _native.bwa_fit(data, prior_correction=prior_correction, **kw)
+        assert int(a.n_iter) == int(b.n_iter) == kw["max_iter"]
+        np.testing.assert_allclose(np.asarray(b.posteriors)[:T], np.asarray(a.posteriors)[:T],
+                                   atol=1e-5)
+        np.testing.assert_allclose(np.asarray(b.truth)[:T], np.asarray(a.truth)[:T], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(b.precision), np.asarray(a.precision), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(b.history), np.asarray(a.history), rtol=1e-5)
+    mv = np.stack([(lab == k).sum(1) for k in range(K)], 1).argmax(1)
+    assert (np.asarray(b.posteriors)[:T].argmax(1) == truth).mean() >= (mv == truth).mean() - 0.01
+
+
 @needs_kernel
 def test_tracked_sums_report_the_largest_posterior_move():
     labels, mask, gold, log_prior, log_conf = _step_inputs(1003, 12, 5, 0.2, 0.1, seed=5)
@@ -336,6 +369,7 @@ def test_tracked_sums_report_the_largest_posterior_move():
 @needs_kernel
 @pytest.mark.filterwarnings("ignore:MACE did not converge")
 @pytest.mark.filterwarnings("ignore:GLAD did not converge")
+@pytest.mark.filterwarnings("ignore:BWA did not converge")
 @pytest.mark.parametrize("name", ["zencrowd_in", "bluebird"])
 def test_dawid_skene_class_native_equals_xla_on_real_data(name):
     tensor = LabelTensor.coerce(DATA / name / "answers.csv")
@@ -368,6 +402,11 @@ def test_dawid_skene_class_native_equals_xla_on_real_data(name):
     np.testing.assert_allclose(gl.alphas_, gl_xla.alphas_, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gl.betas_, gl_xla.betas_, rtol=1e-4)
     np.testing.assert_allclose(gl.loss_history_, gl_xla.loss_history_, rtol=1e-5)
+    bw = BWA(layout="dense", max_iter=20, tol=-np.inf).fit(tensor)  # a fixed 20 sweeps (as MACE)
+    bw_xla = BWA(layout="dense", max_iter=20, tol=-np.inf, native="off").fit(tensor)
+    assert bw.native_used_ and not bw_xla.native_used_ and bw.n_iter_ == bw_xla.n_iter_
+    np.testing.assert_allclose(bw.probas_, bw_xla.probas_, atol=1e-5)
+    np.testing.assert_allclose(bw.precision_, bw_xla.precision_, rtol=1e-5)
     ib = IBCC(layout="dense").fit(tensor)
     ib_xla = IBCC(layout="dense", native="off").fit(tensor)
     assert ib.native_used_ and not ib_xla.native_used_ and ib.n_iter_ == ib_xla.n_iter_

@@ -1,11 +1,12 @@
-r"""Dawid-Skene's EM iteration as a native CPU kernel, by groups of annotators (used by
-``DawidSkene``, ``OneCoinDawidSkene`` and ``IBCC``'s VB: all three have Dawid-Skene's E-step).
+r"""Native CPU kernels for the EM / VB loops: Dawid-Skene's iteration by groups of annotators
+(used by ``DawidSkene``, ``OneCoinDawidSkene``, ``IBCC``'s VB and ``MACE``: all four have
+Dawid-Skene's E-step), and GLAD's E-step and gradient passes.
 
 XLA's CPU code for the fused pass (:func:`._fast.ds_em_step`) runs at ~116 ms per iteration on
-1,000,000 x 12 x 5 on the 2-core VM, ~70 times the memory-bandwidth floor. This module builds a
-hand-written AVX2 kernel (``native/ds_grouped.cc``) with the system's C++ compiler on first use
-and calls it as an XLA FFI custom call. It computes exactly what the XLA pass computes, another
-way round:
+1,000,000 x 12 x 5 on the 2-core VM, ~70 times the memory-bandwidth floor. This module builds
+hand-written AVX2 kernels (``native/ds_grouped.cc``, ``native/glad.cc``) with the system's C++
+compiler on first use and calls them as XLA FFI custom calls. The grouped pass computes exactly
+what the XLA pass computes, another way round:
 
 * the annotators are cut into groups of ``s`` (as many as keep ``(L + 1) ** s <= 2048``: 4 of 12
   annotators with 5 classes), and each task row is encoded once per fit as one ``uint16`` code per
@@ -29,6 +30,14 @@ concurrent first uses are safe). It is used where it applies (CPU backend, x86-6
 FMA, a C++ compiler, float32, dense layout, at most 8 classes) and skipped otherwise, with the XLA
 pass in its place; ``CROWDLLM_NATIVE=0`` turns it off. Equal to the XLA pass to float rounding
 (``tests/test_native.py``).
+
+MACE's likelihood is a confusion matrix (``mace.log_confusion``), so its sweeps are the grouped
+pass with MACE's counts read off the summed counts (:func:`mace_fit_restarts`). GLAD gives every
+answer its own logit ``alpha_w * beta_t``, so nothing can be tabulated: :func:`glad_fit` runs its
+E-step and its M-step's gradients as passes over the distinct rows (identical tasks keep
+identical difficulties), one exp per answer, with Adam and the backtracking in JAX. BWA's truth
+of a task is a ratio of two such table sums per class (precision-weighted answers over summed
+precisions), so its sweeps are ratio passes of the grouped kernel (:func:`bwa_fit`).
 """
 
 from __future__ import annotations
@@ -51,10 +60,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Plan", "plan", "encode", "flags_of",
+__all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Plan", "plan",
+           "encode", "flags_of",
            "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
            "posteriors", "ds_fit", "onecoin_fit", "ibcc_fit", "mace_fit_restarts", "decode",
-           "glad_e", "glad_grad", "glad_rows", "glad_fit", "block", "unblock",
+           "glad_e", "glad_grad", "glad_rows", "glad_fit", "block", "unblock", "bwa_fit",
+           "ratio_sums", "ratio_values",
            "track_buffer", "sums_tracked"]
 
 NATIVE_DIR = Path(__file__).with_name("native")
@@ -68,6 +79,8 @@ _TARGETS = {"crowdllm_ds_grouped_sums": "CrowdllmDsGroupedSums",
             "crowdllm_ds_grouped_post": "CrowdllmDsGroupedPost",
             "crowdllm_ds_grouped_unique": "CrowdllmDsGroupedUnique",
             "crowdllm_ds_grouped_track": "CrowdllmDsGroupedTrack",
+            "crowdllm_ds_grouped_ratio": "CrowdllmDsGroupedRatio",
+            "crowdllm_ds_grouped_ratio_post": "CrowdllmDsGroupedRatioPost",
             "crowdllm_glad_e": "CrowdllmGladE", "crowdllm_glad_grad": "CrowdllmGladGrad"}
 
 _lock = threading.Lock()
@@ -114,7 +127,7 @@ def build(cache: Path | None = None) -> Path:
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
-    print(f"crowdllm: building the native Dawid-Skene kernel into {cache} (once, ~10 s) ...",
+    print(f"crowdllm: building the native kernels into {cache} (once, ~15 s) ...",
           file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(prefix=lib.stem + ".", suffix=".tmp", dir=cache)
     os.close(fd)
@@ -153,7 +166,7 @@ def _load() -> str | None:
                     _registered.add(path)
             except Exception as exc:  # noqa: BLE001 - any failure means: use the XLA pass
                 why = f"the native kernel could not be built or loaded ({exc})"
-                warnings.warn(f"crowdllm: {why}; Dawid-Skene uses the XLA pass (slower)",
+                warnings.warn(f"crowdllm: {why}; the aggregators use their XLA passes (slower)",
                               RuntimeWarning, stacklevel=3)
         _state["why"] = why
         return why
@@ -321,7 +334,7 @@ def flags_of(task_mask: jax.Array, gold: jax.Array) -> jax.Array:
 def _require() -> None:
     why = _load()
     if why is not None:
-        raise RuntimeError(f"crowdllm's native Dawid-Skene kernel is unavailable: {why}")
+        raise RuntimeError(f"crowdllm's native kernels are unavailable: {why}")
 
 
 class Rows(NamedTuple):
@@ -390,6 +403,26 @@ def posteriors(rows: Rows, tab: jax.Array, n_classes: int) -> jax.Array:
         rows.codes, rows.flags, rows.n, tab, rows.inverse, K=np.int64(n_classes),
         threads=np.int64(_threads()))
     return post
+
+
+def ratio_sums(rows: Rows, num: jax.Array, den: jax.Array, n_classes: int,
+               squares: bool = False) -> jax.Array:
+    """``C [n_combos, 8]``: per combination, the summed ratios ``num / den`` of the rows (each
+    the sum of its table entries; gold rows: their class's indicator), or of their squares."""
+    _require()
+    out = jax.ShapeDtypeStruct((num.shape[0], 8), jnp.float32)
+    return jax.ffi.ffi_call("crowdllm_ds_grouped_ratio", out)(
+        rows.codes, rows.flags, rows.weights, rows.n, num, den, K=np.int64(n_classes),
+        threads=np.int64(_threads()), squares=np.int64(squares))
+
+
+def ratio_values(rows: Rows, num: jax.Array, den: jax.Array, n_classes: int) -> jax.Array:
+    """Every task's ratios ``[T, K]`` (padding rows: zeros)."""
+    _require()
+    out = jax.ShapeDtypeStruct((rows.inverse.shape[0], n_classes), jnp.float32)
+    return jax.ffi.ffi_call("crowdllm_ds_grouped_ratio_post", out)(
+        rows.codes, rows.flags, rows.n, num, den, rows.inverse, K=np.int64(n_classes),
+        threads=np.int64(_threads()))
 
 
 def every_row(codes: jax.Array, flags: jax.Array) -> Rows:
@@ -471,7 +504,7 @@ def ds_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: floa
     from . import dawid_skene as ds
     from ._fast import _ds_params
 
-    def start_gold(params, counts, psum):  # confusion from the gold tasks where an annotator has any
+    def start_gold(params, counts, psum):  # gold tasks' confusion, where an annotator has any
         log_prior, log_conf = params
         has_gold = counts.sum(axis=(1, 2)) > 0
         return log_prior, jnp.where(has_gold[:, None, None], _ds_params(counts, psum, smoothing)[1],
@@ -479,7 +512,8 @@ def ds_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: floa
 
     update = functools.partial(_ds_params, smoothing=smoothing)
     (log_prior, log_conf), post, loop = _em(
-        data, merge=merge, max_iter=max_iter, tol=tol, log_params=lambda q: q, update=update, prior_term=lambda q: ds.log_prior_density(data, *q, smoothing),
+        data, merge=merge, max_iter=max_iter, tol=tol, log_params=lambda q: q, update=update,
+        prior_term=lambda q: ds.log_prior_density(data, *q, smoothing),
         start_gold=start_gold if init_from_gold else None)
     return ds.DSResult(posteriors=post, priors=jnp.exp(log_prior), confusion=jnp.exp(log_conf),
                        objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
@@ -820,3 +854,78 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
                            betas=jnp.exp(state.params.log_beta), priors=jnp.exp(state.log_prior),
                            objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
                            converged=loop.converged)
+
+
+# --------------------------------------------------------------------------- BWA
+class _BWACarry(NamedTuple):
+    hit: jax.Array  # [W, K]: sum of z_tk over w's answers l = k
+    sq: jax.Array  # [W, K]: sum of z_tk^2 over w's answers
+    psum: jax.Array  # [K]: sum_t z_tk
+    num: jax.Array  # the tables the current z came from
+    den: jax.Array
+    precision: jax.Array  # [W, K]: the v they were built from (ones at the start)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "prior_correction", "merge"))
+def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 15.0,
+            lam: float = 1.0, prior_correction: bool = True, merge: bool = True):
+    """BWA with the native kernel: same start, updates, objective and result as ``bwa.fit``.
+
+    BWA's truth of a task, ``z_k = (lam mu_k + sum_w v_wk [y_w = k]) / (lam + sum_w v_wk)``
+    (sums over the task's answers), is a ratio of two sums of table entries per class (the
+    annotator groups' combinations, ``lam mu`` and ``lam`` folded into the first group), so it
+    depends on the row's answers only: rows are merged. Per sweep, two ratio passes give the
+    precisions' statistics: the per-annotator sums of ``z`` and of ``z ** 2`` over their answers.
+    The start (majority-vote fractions) is the same ratio with vote tables.
+    """
+    from . import bwa
+    from ._core import iterate, normalize
+
+    K = data.n_classes
+    p, rows, _ = _setup(data, merge)
+    eye = jnp.eye(K, dtype=jnp.float32)
+    n_tasks = jnp.maximum(data.task_mask.sum(), 1.0)
+    wm = data.worker_mask.astype(jnp.float32)
+
+    def stats(num, den):  # (hit, sq, psum, psq, counts, counts of squares) of the ratios z
+        counts, psum = counts_from(p, ratio_sums(rows, num, den, K), K)
+        counts2, psq = counts_from(p, ratio_sums(rows, num, den, K, squares=True), K)
+        return (jnp.diagonal(counts, axis1=1, axis2=2), counts2.sum(axis=2), psum, psq, counts,
+                counts2)
+
+    # the start: majority-vote fractions, votes_k / answers (a row without answers: uniform, as
+    # 1e-30 / K over 1e-30; elsewhere the 1e-30 vanishes in float32)
+    tiny = 1e-30
+    W = wm.shape[0]
+    num0 = tables(p, jnp.full((K,), tiny / K), wm[:, None, None] * eye[None])
+    den0 = tables(p, jnp.full((K,), tiny), jnp.broadcast_to(wm[:, None, None], (W, K, K)))
+    hit0, sq0, psum0, _, counts0, counts20 = stats(num0, den0)
+    n_wk = counts0.sum(axis=1)  # [W, L]: answers with label l (each answered row's z sums to 1)
+    n_w = n_wk.sum(axis=1)
+    n_ans = jnp.maximum(jnp.round(n_w.sum()), 1.0)
+    adj = 4.0 * (1.0 - 1.0 / K) if prior_correction else 1.0
+    # sum_t n_t z_tk (1 - z_tk), n_t the task's answers: sums over the answers
+    b_v = a_v * adj * (counts0.sum(axis=(0, 2)) - counts20.sum(axis=(0, 2))) / n_ans
+    b_v = jnp.maximum(b_v, 1e-6)
+
+    def step(st):
+        mean = st.psum / n_tasks
+        v = (a_v + n_w)[:, None] / (b_v[None] + jnp.maximum(st.sq - 2 * st.hit + n_wk, 0.0))
+        num = tables(p, lam * mean, v[:, None, :] * eye[None])
+        den = tables(p, jnp.full((K,), lam, jnp.float32),
+                     jnp.broadcast_to(v[:, :, None], (W, K, K)))
+        hit, sq, psum, psq, _, _ = stats(num, den)
+        S = jnp.maximum(sq - 2 * hit + n_wk, 0.0)
+        per_worker = ((a_v + n_w)[:, None] * jnp.log(v) - v * (b_v[None] + S)).sum(axis=1)
+        dev = (psq - 2 * mean * psum + n_tasks * mean ** 2).sum()
+        obj = (jnp.where(data.worker_mask > 0, per_worker, 0.0).sum() - lam * dev) / n_ans
+        return _BWACarry(hit, sq, psum, num, den, v), obj
+
+    start = _BWACarry(hit0, sq0, psum0, num0, den0, jnp.ones((W, K), jnp.float32))
+    st, loop = iterate(step, start, max_iter=max_iter, tol=tol)
+    z = ratio_values(rows, st.num, st.den, K)
+    return bwa.BWAResult(posteriors=normalize(jnp.maximum(z, 0.0)), truth=z,
+                         precision=st.precision, objective=loop.objective,
+                         history=loop.history, n_iter=loop.n_iter,
+                         converged=loop.converged)
+

@@ -266,7 +266,8 @@ def _iteration_fits() -> dict[str, tuple[Callable | None, Callable]]:
                                                 **mace_kw).posteriors[0]),
         "glad": (lambda d, n: _native.glad_fit(d, max_iter=n, tol=-1.0).posteriors,
                  lambda d, n: glad.fit(d, max_iter=n, tol=-1.0).posteriors),
-        "bwa": (None, lambda d, n: bwa.fit(d, max_iter=n, tol=-np.inf).posteriors),
+        "bwa": (lambda d, n: _native.bwa_fit(d, max_iter=n, tol=-np.inf).posteriors,
+                lambda d, n: bwa.fit(d, max_iter=n, tol=-np.inf).posteriors),
         "zbs": (None, lambda d, n: zero_based_skill.fit(d, jax.random.key(0), max_iter=n,
                                                         tol=-1.0).posteriors),
     }

@@ -47,6 +47,7 @@ struct Part {  // one thread's share of the sums
   std::vector<double> D;   // [NC, 8]: the chunks' sums, in double
   __m256d ll0, ll1;
   float* track = nullptr;  // [blocks, 8 classes, 8 rows]: each row's last posteriors (or none)
+  const float* tab2 = nullptr;  // RATIO: the denominators' table
   __m256 dz;               // the largest change of a posterior since the last pass
   void flush() {
     for (size_t j = 0; j < C.size(); ++j) D[j] += C[j];
@@ -57,7 +58,15 @@ struct Part {  // one thread's share of the sums
 //: rows summed in float lanes before the sums are carried into double
 constexpr int64_t CHUNK = 16384;
 
-enum Mode { SUMS = 0, POST = 1, VOTE = 2 };
+// bits: 1 = write posteriors (no sums), 2 = the table holds votes (posteriors: normalised votes),
+// 8 = the "posteriors" are the ratios of the table's sums to a second table's (BWA's truth:
+// precision-weighted answers over summed precisions), 4 = (with 8) sum their squares instead
+enum Mode { SUMS = 0, POST = 1, VOTE = 2, RATIO = 8, POST_RATIO = 9, RATIO_SQ = 12 };
+constexpr bool is_post(int m) { return m & 1; }
+constexpr bool is_vote(int m) { return m & 2; }
+constexpr bool is_sq(int m) { return m & 4; }
+constexpr bool is_ratio(int m) { return m & 8; }
+constexpr bool has_ll(int m) { return !(m & 10); }  // softmax posteriors: a log-likelihood
 
 // One block of 8 distinct rows: codes 8 x G, flags 8, weights 8 (SUMS, VOTE). SUMS: softmax
 // posteriors, weighted, added into part.C, weighted log-likelihood into part.ll. VOTE: the table
@@ -77,7 +86,18 @@ inline void block(const uint16_t* codes, int64_t G_, const int8_t* flags, const 
   transpose8(s);  // s[k]: lane i = row i's score (or votes) for class k
   __m256 p[8];
   __m256 ll = _mm256_setzero_ps();
-  if (MODE == VOTE) {
+  if (is_ratio(MODE)) {
+    __m256 d[8];
+    for (int i = 0; i < 8; ++i) {
+      const uint16_t* c = codes + i * G;
+      __m256 v = _mm256_loadu_ps(part.tab2 + 8 * (int64_t)c[0]);
+      for (int64_t g = 1; g < G; ++g)
+        v = _mm256_add_ps(v, _mm256_loadu_ps(part.tab2 + 8 * (int64_t)c[g]));
+      d[i] = v;
+    }
+    transpose8(d);
+    for (int k = 0; k < K; ++k) p[k] = _mm256_div_ps(s[k], d[k]);
+  } else if (is_vote(MODE)) {
     __m256 z = s[0];
     for (int k = 1; k < K; ++k) z = _mm256_add_ps(z, s[k]);
     __m256 any = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
@@ -105,10 +125,10 @@ inline void block(const uint16_t* codes, int64_t G_, const int8_t* flags, const 
     for (int k = 0; k < K; ++k) {
       __m256 eq = _mm256_castsi256_ps(_mm256_cmpeq_epi32(f, _mm256_set1_epi32(k)));
       p[k] = _mm256_blendv_ps(p[k], _mm256_and_ps(eq, _mm256_set1_ps(1.f)), gold);
-      if (MODE != VOTE) ll = _mm256_blendv_ps(ll, s[k], eq);
+      if (has_ll(MODE)) ll = _mm256_blendv_ps(ll, s[k], eq);
     }
   }
-  if (MODE != POST && q != nullptr) {  // track: compare with the last pass, keep these
+  if (!is_post(MODE) && q != nullptr) {  // track: compare with the last pass, keep these
     __m256 wt = _mm256_loadu_ps(wts);
     __m256 live = _mm256_cmp_ps(wt, _mm256_setzero_ps(), _CMP_GT_OQ);
     const __m256 sign = _mm256_set1_ps(-0.f);
@@ -118,17 +138,19 @@ inline void block(const uint16_t* codes, int64_t G_, const int8_t* flags, const 
       _mm256_storeu_ps(q + 8 * k, p[k]);
     }
   }
-  if (MODE != POST) {
+  if (is_sq(MODE))
+    for (int k = 0; k < K; ++k) p[k] = _mm256_mul_ps(p[k], p[k]);
+  if (!is_post(MODE)) {
     __m256 wt = _mm256_loadu_ps(wts);
     for (int k = 0; k < K; ++k) p[k] = _mm256_mul_ps(p[k], wt);
     ll = _mm256_mul_ps(ll, wt);
   }
-  if (MODE != VOTE) {
+  if (has_ll(MODE)) {
     part.ll0 = _mm256_add_pd(part.ll0, _mm256_cvtps_pd(_mm256_castps256_ps128(ll)));
     part.ll1 = _mm256_add_pd(part.ll1, _mm256_cvtps_pd(_mm256_extractf128_ps(ll, 1)));
   }
   transpose8(p);  // p[i]: row i's posteriors in lanes 0..K-1, zeros above
-  if (MODE == POST) {  // each row's 8-lane store spills into the next row, which overwrites it;
+  if (is_post(MODE)) {  // each row's 8-lane store spills into the next row, which overwrites it;
     // the block's last row is stored masked (the next block may belong to another thread)
     const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(K),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -152,9 +174,9 @@ void rows(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wt
   int64_t t = r0;
   for (; t + 8 <= r1; t += 8) {
     block<K, MODE, GT>(codes + t * G, G, flags + t, wts + t, tab, part,
-                   MODE == POST ? post + t * K : nullptr, 8,
+                   is_post(MODE) ? post + t * K : nullptr, 8,
                    part.track ? part.track + t * 8 : nullptr);
-    if (MODE != POST && (t - r0) % CHUNK == CHUNK - 8) part.flush();
+    if (!is_post(MODE) && (t - r0) % CHUNK == CHUNK - 8) part.flush();
   }
   if (t < r1) {  // the last rows, padded to a block with weightless copies of row r0
     int n = (int)(r1 - t);
@@ -164,8 +186,8 @@ void rows(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wt
     float w[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     std::fill(f, f + 8, int8_t(-1));
     std::memcpy(f, flags + t, n);
-    if (MODE != POST) std::memcpy(w, wts + t, n * sizeof(float));
-    block<K, MODE, GT>(c.data(), G, f, w, tab, part, MODE == POST ? post + t * K : nullptr, n,
+    if (!is_post(MODE)) std::memcpy(w, wts + t, n * sizeof(float));
+    block<K, MODE, GT>(c.data(), G, f, w, tab, part, is_post(MODE) ? post + t * K : nullptr, n,
                    part.track ? part.track + t * 8 : nullptr);
   }
 }
@@ -195,7 +217,7 @@ RowsFn<MODE> pick(int64_t K, int64_t G) {
 template <int MODE>
 ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags, const float* wts,
                 const float* tab, int64_t NC, int64_t K, int64_t threads, float* out, double* ll,
-                float* track = nullptr, float* dz = nullptr) {
+                float* track = nullptr, float* dz = nullptr, const float* tab2 = nullptr) {
   RowsFn<MODE> fn = pick<MODE>(K, G);
   if (fn == nullptr) return ffi::Error::InvalidArgument("ds_grouped: 1 <= K <= 8 classes");
   int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (U + 4095) / 4096));
@@ -204,14 +226,15 @@ ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags
     Part& part = parts[i];
     part.ll0 = part.ll1 = _mm256_setzero_pd();
     part.track = track;
+    part.tab2 = tab2;
     part.dz = _mm256_setzero_ps();
-    if (MODE != POST) {
+    if (!is_post(MODE)) {
       part.C.assign(NC * 8, 0.f);
       part.D.assign(NC * 8, 0.0);
     }
     int64_t a = U * i / n / 8 * 8, b = i + 1 == n ? U : U * (i + 1) / n / 8 * 8;
     if (b > a) fn(codes, G, flags, wts, tab, a, b, part, out);
-    if (MODE != POST) part.flush();
+    if (!is_post(MODE)) part.flush();
   };
   std::vector<std::thread> pool;
   for (int i = 1; i < n; ++i) pool.emplace_back(work, i);
@@ -234,7 +257,7 @@ ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags
     }
     *dz = m;
   }
-  if (MODE != POST) {
+  if (!is_post(MODE)) {
     for (int64_t j = 0; j < NC * 8; ++j) {
       double acc = 0;
       for (auto& part : parts) acc += part.D[j];
@@ -267,7 +290,7 @@ ffi::Error SumsPass(ffi::Buffer<ffi::U16>& codes, ffi::Buffer<ffi::S8>& flags,
   double tot = 0;
   auto args = std::make_tuple(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
                               weights.typed_data(), table.typed_data(), table.dimensions()[0], K,
-                              threads, sums, &tot, track, dz);
+                              threads, sums, &tot, track, dz, (const float*)nullptr);
   ffi::Error e = vote ? std::apply(Pass<VOTE>, args) : std::apply(Pass<SUMS>, args);
   ll[0] = (float)tot;
   return e;
@@ -298,24 +321,43 @@ ffi::Error TrackImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
                   dz->typed_data(), K, threads, vote);
 }
 
-// The E-step's posteriors of every task: the distinct rows' posteriors, spread by inverse
-// (inverse[t] = -1, a padding row: zeros).
-ffi::Error PostImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
-                    ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> table,
-                    ffi::Buffer<ffi::S32> inverse, ffi::ResultBuffer<ffi::F32> post,
-                    ffi::ResultBuffer<ffi::F32> ll, int64_t K, int64_t threads) {
+// The ratio pass (BWA): sums of the rows' ratios num / den (squares: of their squares), num and
+// den each the sum of the row's G entries of its table.
+ffi::Error RatioImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                     ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
+                     ffi::Buffer<ffi::F32> num, ffi::Buffer<ffi::F32> den,
+                     ffi::ResultBuffer<ffi::F32> sums, int64_t K, int64_t threads,
+                     int64_t squares) {
+  int64_t U;
+  if (auto e = Check(codes, flags, num, n, &U); e.failure()) return e;
+  if (den.element_count() != num.element_count())
+    return ffi::Error::InvalidArgument("ds_grouped: num and den tables of one shape");
+  double ll = 0;
+  auto args = std::make_tuple(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
+                              weights.typed_data(), num.typed_data(), num.dimensions()[0], K,
+                              threads, sums->typed_data(), &ll, nullptr, nullptr,
+                              den.typed_data());
+  return squares ? std::apply(Pass<RATIO_SQ>, args) : std::apply(Pass<RATIO>, args);
+}
+
+// The E-step's posteriors of every task (ratio: the rows' num / den): the distinct rows' values,
+// spread by inverse (inverse[t] = -1, a padding row: zeros).
+template <int MODE>
+ffi::Error PostPass(ffi::Buffer<ffi::U16>& codes, ffi::Buffer<ffi::S8>& flags,
+                    ffi::Buffer<ffi::S32>& n, ffi::Buffer<ffi::F32>& table, const float* tab2,
+                    ffi::Buffer<ffi::S32>& inverse, float* out, float* ll, int64_t K,
+                    int64_t threads) {
   int64_t U;
   if (auto e = Check(codes, flags, table, n, &U); e.failure()) return e;
   int64_t T = inverse.dimensions()[0];
   std::vector<float> pu(U * K + 8);
   double tot = 0;
-  ffi::Error e = Pass<POST>(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
+  ffi::Error e = Pass<MODE>(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
                             nullptr, table.typed_data(), table.dimensions()[0], K, threads,
-                            pu.data(), &tot);
+                            pu.data(), &tot, nullptr, nullptr, tab2);
   if (e.failure()) return e;
-  ll->typed_data()[0] = (float)tot;
+  *ll = (float)tot;
   const int32_t* inv = inverse.typed_data();
-  float* out = post->typed_data();
   int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, T / 65536));
   auto spread = [&](int i) {
     for (int64_t t = T * i / nt; t < T * (i + 1) / nt; ++t) {
@@ -328,6 +370,25 @@ ffi::Error PostImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
   spread(0);
   for (auto& th : pool) th.join();
   return ffi::Error::Success();
+}
+
+ffi::Error PostImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                    ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> table,
+                    ffi::Buffer<ffi::S32> inverse, ffi::ResultBuffer<ffi::F32> post,
+                    ffi::ResultBuffer<ffi::F32> ll, int64_t K, int64_t threads) {
+  return PostPass<POST>(codes, flags, n, table, nullptr, inverse, post->typed_data(),
+                        ll->typed_data(), K, threads);
+}
+
+ffi::Error RatioPostImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                         ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> num,
+                         ffi::Buffer<ffi::F32> den, ffi::Buffer<ffi::S32> inverse,
+                         ffi::ResultBuffer<ffi::F32> post, int64_t K, int64_t threads) {
+  if (den.element_count() != num.element_count())
+    return ffi::Error::InvalidArgument("ds_grouped: num and den tables of one shape");
+  float ll;
+  return PostPass<POST_RATIO>(codes, flags, n, num, den.typed_data(), inverse,
+                              post->typed_data(), &ll, K, threads);
 }
 
 inline uint64_t mix(uint64_t h) {
@@ -510,6 +571,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedPost, PostImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("K")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedRatio, RatioImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("K")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("squares"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedRatioPost, RatioPostImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("K")
                                   .Attr<int64_t>("threads"));
