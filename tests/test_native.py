@@ -32,6 +32,14 @@ WHY = _native.why_unavailable()
 needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"native kernel unavailable: {WHY}")
 
 
+def _hide(lab, truth, rng, missing, gold_frac):
+    """``(lab, gold, truth)``: a fraction of the answers removed, some tasks' truth as gold."""
+    T, W = lab.shape
+    lab[rng.random((T, W)) < missing] = -1
+    gold = np.where(rng.random(T) < gold_frac, truth, -1).astype(np.int32)
+    return lab, gold, truth
+
+
 def _draw(T, W, K, missing, gold_frac, seed):
     """Answers drawn from Dawid-Skene's generative story (a confusion matrix per annotator)."""
     rng = np.random.default_rng(seed)
@@ -41,9 +49,7 @@ def _draw(T, W, K, missing, gold_frac, seed):
     u = rng.random((T, W, 1))
     lab = (u > np.cumsum(conf[np.arange(W)[None, :], truth[:, None]], axis=-1)).sum(-1)
     lab = np.minimum(lab, K - 1).astype(np.int8)
-    lab[rng.random((T, W)) < missing] = -1
-    gold = np.where(rng.random(T) < gold_frac, truth, -1).astype(np.int32)
-    return lab, gold, truth
+    return _hide(lab, truth, rng, missing, gold_frac)
 
 
 def _step_inputs(T, W, K, missing, gold_frac, seed, pad=5):
@@ -184,9 +190,7 @@ def _draw_mace(T, W, K, missing, gold_frac, seed):
     xi = rng.dirichlet(np.ones(K) * 0.5, W)
     spam = np.stack([rng.choice(K, T, p=xi[w]) for w in range(W)], axis=1)
     lab = np.where(rng.random((T, W)) < theta, truth[:, None], spam).astype(np.int8)
-    lab[rng.random((T, W)) < missing] = -1
-    gold = np.where(rng.random(T) < gold_frac, truth, -1).astype(np.int32)
-    return lab, gold, truth
+    return _hide(lab, truth, rng, missing, gold_frac)
 
 
 @needs_kernel
@@ -240,9 +244,7 @@ def _draw_glad(T, W, K, missing, gold_frac, seed):
     right = rng.random((T, W)) < 1 / (1 + np.exp(-alpha[None] * beta[:, None]))
     other = (truth[:, None] + rng.integers(1, max(K, 2), (T, W))) % K
     lab = np.where(right, truth[:, None], other).astype(np.int8)
-    lab[rng.random((T, W)) < missing] = -1
-    gold = np.where(rng.random(T) < gold_frac, truth, -1).astype(np.int32)
-    return lab, gold, truth
+    return _hide(lab, truth, rng, missing, gold_frac)
 
 
 @needs_kernel
@@ -322,9 +324,7 @@ def _draw_bwa(T, W, K, missing, gold_frac, seed):
     acc = rng.uniform(0.35, 0.95, W)
     other = (truth[:, None] + rng.integers(1, max(K, 2), (T, W))) % K
     lab = np.where(rng.random((T, W)) < acc, truth[:, None], other).astype(np.int8)
-    lab[rng.random((T, W)) < missing] = -1
-    gold = np.where(rng.random(T) < gold_frac, truth, -1).astype(np.int32)
-    return lab, gold, truth
+    return _hide(lab, truth, rng, missing, gold_frac)
 
 
 @needs_kernel

@@ -303,8 +303,9 @@ def report(run_dir: str, gold: str, out: str, by: str | None, items: str | None,
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
 @click.option("--speed", is_flag=True,
               help="Instead, time the kernels on synthetic panels: DS on 1,000,000 x 12 x 5 vs "
-                   "crowd-kit and the memory floor, then the methods at 10^4 and 10^5 items "
-                   "(more sizes: benchmarks/speed.py).")
+                   "crowd-kit and the memory floor, every EM/VB kernel's iteration on that "
+                   "panel (native and XLA), then the methods at 10^4 and 10^5 items (more "
+                   "sizes: benchmarks/speed.py).")
 def bench(dataset_dirs: tuple[str, ...], methods: str | None, merge: tuple[str, ...],
           param: tuple[str, ...], seed: int, output: str | None, as_json: bool,
           quiet: bool, speed: bool) -> None:

@@ -497,10 +497,12 @@ def print_header() -> None:
 
 def run_speed(methods: str | None = None, output: str | None = None, n: int = 1_000_000,
               crowdkit_n: int = 100_000, sizes: tuple[int, ...] = (10_000, 100_000)) -> dict:
-    """``crowdllm bench --speed``: the DS check, then the dense method table."""
+    """``crowdllm bench --speed``: the DS check, every EM / VB kernel's iteration on the same
+    panel (native and XLA), then the dense method table."""
     from ..aggregation import METHODS
 
     res: dict[str, Any] = {"ds": ds_check(n=n, crowdkit_n=crowdkit_n)}
+    res["iters"] = iteration_table(n=n)
     names = [m for m in (methods or "").split(",") if m] or \
         [m for m in METHODS if m not in ("llm-judge", "ds-bayes")]
     print()
