@@ -454,6 +454,13 @@ def _vote_posteriors(data: Any) -> jax.Array:
     return clamp_gold(normalize(task_vote(data, data.worker_mask.astype(jnp.float32))), data.gold)
 
 
+def _gold_counts(p: Plan, rows: Rows, votes: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
+    """``(counts [W, K, L], class totals [K])`` of the gold tasks alone (a vote pass: their
+    posteriors are clamped to their gold class)."""
+    gold_rows = rows._replace(weights=rows.weights * (rows.flags >= 0))
+    return counts_from(p, sums(gold_rows, votes, K, vote=True)[0], K)
+
+
 class _State(NamedTuple):
     params: Any
     used: Any  # the parameters the last E-step used (its posteriors are the result)
@@ -478,9 +485,7 @@ def _em(data: Any, *, merge: bool, max_iter: int, tol: Any, log_params: Any, upd
     params0 = update(counts0, psum0)
     n_ans = _n_answers(counts0)
     if start_gold is not None:
-        gold_rows = rows._replace(weights=rows.weights * (rows.flags >= 0))
-        counts_g, psum_g = counts_from(p, sums(gold_rows, votes, K, vote=True)[0], K)
-        params0 = start_gold(params0, counts_g, psum_g)
+        params0 = start_gold(params0, *_gold_counts(p, rows, votes, K))
 
     def step(st):
         C, ll = sums(rows, tables(p, *log_params(st.params)), K)
@@ -632,8 +637,7 @@ def mace_fit_restarts(data: Any, keys: jax.Array, *, max_iter: int = 50, tol: fl
     n_given = counts0.sum(axis=(1, 2))
     gold_counts = None
     if init_from_gold:  # gold rows' vote posteriors are their gold class
-        gold_rows = rows._replace(weights=rows.weights * (rows.flags >= 0))
-        counts_g, _ = counts_from(p, sums(gold_rows, votes, K, vote=True)[0], K)
+        counts_g, _ = _gold_counts(p, rows, votes, K)
         gold_counts = (counts_g.sum(axis=(1, 2)), jnp.trace(counts_g, axis1=1, axis2=2))
     n_tasks = data.task_mask.sum()
 
@@ -726,9 +730,7 @@ def unblock(x: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("merge",))
 def _glad_rows(data: Any, merge: bool) -> Rows:
-    p = plan(int(data.labels.shape[1]), data.n_classes)
-    codes, flags = encode(data.labels, p), flags_of(data.task_mask, data.gold)
-    return unique(codes, flags) if merge else every_row(codes, flags)
+    return _setup(data, merge)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("n_workers", "n_classes", "size"))
@@ -798,7 +800,7 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
                    init_from_gold: bool):
     """GLAD on weighted rows (a GladResult per row: posteriors [T, K], betas [T])."""
     from . import glad
-    from ._core import TINY, iterate, normalize
+    from ._core import iterate
 
     K = n_classes
     lab = unblock(lab_b)  # [T, W] (setup only)
@@ -809,8 +811,7 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
     wm = worker_mask
 
     def prior_density(prm):
-        return (-0.5 * (((prm.alpha - mu_alpha) ** 2) * wm).sum()
-                - 0.5 * (((prm.log_beta - mu_beta) ** 2) * wts).sum())
+        return glad.gaussian_log_priors(prm, wm, wts, mu_alpha, mu_beta)
 
     alpha = jnp.full((W,), mu_alpha, jnp.float32)
     if init_from_gold:
@@ -843,7 +844,7 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
                                                 grad_fn, lr=lr, m_steps=m_steps)
         log_prior = st.log_prior
         if learn_prior:
-            log_prior = jnp.log(jnp.maximum(normalize(class_sum + 0.01), TINY))
+            log_prior = glad.learned_log_prior(class_sum)
         return glad.GladState(params=prm, opt_state=opt_state, log_prior=log_prior,
                               posteriors=p_right, lr_scale=scale), obj
 
@@ -858,8 +859,7 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
 
 # --------------------------------------------------------------------------- BWA
 class _BWACarry(NamedTuple):
-    hit: jax.Array  # [W, K]: sum of z_tk over w's answers l = k
-    sq: jax.Array  # [W, K]: sum of z_tk^2 over w's answers
+    S: jax.Array  # [W, K]: each annotator's squared errors under the current z
     psum: jax.Array  # [K]: sum_t z_tk
     num: jax.Array  # the tables the current z came from
     den: jax.Array
@@ -910,18 +910,18 @@ def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 1
 
     def step(st):
         mean = st.psum / n_tasks
-        v = (a_v + n_w)[:, None] / (b_v[None] + jnp.maximum(st.sq - 2 * st.hit + n_wk, 0.0))
+        v = bwa.precisions_from(st.S, a_v, b_v, n_w)
         num = tables(p, lam * mean, v[:, None, :] * eye[None])
         den = tables(p, jnp.full((K,), lam, jnp.float32),
                      jnp.broadcast_to(v[:, :, None], (W, K, K)))
         hit, sq, psum, psq, _, _ = stats(num, den)
-        S = jnp.maximum(sq - 2 * hit + n_wk, 0.0)
-        per_worker = ((a_v + n_w)[:, None] * jnp.log(v) - v * (b_v[None] + S)).sum(axis=1)
+        S = bwa.sq_error(hit, sq, n_wk)
         dev = (psq - 2 * mean * psum + n_tasks * mean ** 2).sum()
-        obj = (jnp.where(data.worker_mask > 0, per_worker, 0.0).sum() - lam * dev) / n_ans
-        return _BWACarry(hit, sq, psum, num, den, v), obj
+        obj = bwa.log_joint(data.worker_mask, v, S, dev, a_v, b_v, lam, n_w) / n_ans
+        return _BWACarry(S, psum, num, den, v), obj
 
-    start = _BWACarry(hit0, sq0, psum0, num0, den0, jnp.ones((W, K), jnp.float32))
+    start = _BWACarry(bwa.sq_error(hit0, sq0, n_wk), psum0, num0, den0,
+                      jnp.ones((W, K), jnp.float32))
     st, loop = iterate(step, start, max_iter=max_iter, tol=tol)
     z = ratio_values(rows, st.num, st.den, K)
     return bwa.BWAResult(posteriors=normalize(jnp.maximum(z, 0.0)), truth=z,

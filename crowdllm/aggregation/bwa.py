@@ -84,14 +84,30 @@ def _sq_error(data: CrowdData, z: jax.Array, n_wk: jax.Array) -> jax.Array:
     both = worker_confusion(data, jnp.concatenate([z, z * z], axis=1))  # [W, 2K, L]
     hit = jnp.diagonal(both[:, :K, :K], axis1=1, axis2=2)  # sum of z_tk over answers l = k
     sq = both[:, K:, :].sum(axis=2)
+    return sq_error(hit, sq, n_wk)
+
+
+def sq_error(hit: jax.Array, sq: jax.Array, n_wk: jax.Array) -> jax.Array:
+    """``S_wk`` from the sums over w's answers of ``z_tk [l = k]`` (hit) and ``z_tk^2`` (sq)."""
     return jnp.maximum(sq - 2 * hit + n_wk, 0.0)
 
 
-def _objective(data, state: BWAState, S: jax.Array, a_v, b_v, lam, n_w) -> jax.Array:
-    v = state.precision
+def precisions_from(S: jax.Array, a_v, b_v, n_w) -> jax.Array:
+    """The v update: ``v_wk = (a_v + N_w) / (b_vk + S_wk)``."""
+    return (a_v + n_w)[:, None] / (b_v[None] + S)
+
+
+def log_joint(worker_mask: jax.Array, v: jax.Array, S: jax.Array, dev: jax.Array, a_v, b_v,
+              lam, n_w) -> jax.Array:
+    """``J`` from the precisions, the squared errors and ``dev = sum_t |z_t - mu|^2``."""
     per_worker = ((a_v + n_w)[:, None] * jnp.log(v) - v * (b_v[None] + S)).sum(axis=1)
+    return jnp.where(worker_mask > 0, per_worker, 0.0).sum() - lam * dev
+
+
+def _objective(data, state: BWAState, S: jax.Array, a_v, b_v, lam, n_w) -> jax.Array:
     dev = ((state.truth - state.mean[None]) ** 2).sum(axis=1)
-    return jnp.where(data.worker_mask > 0, per_worker, 0.0).sum() - lam * (dev * data.task_mask).sum()
+    return log_joint(data.worker_mask, state.precision, S, (dev * data.task_mask).sum(), a_v,
+                     b_v, lam, n_w)
 
 
 def init(data: CrowdData, *, a_v: float, prior_correction: bool) -> tuple[BWAState, jax.Array, jax.Array, jax.Array]:
@@ -117,7 +133,7 @@ def step(data: CrowdData, state: BWAState, *, a_v, b_v, lam, n_wk, n_w) -> tuple
     K = data.n_classes
     z = state.truth
     mean = (z * data.task_mask[:, None]).sum(0) / jnp.maximum(data.task_mask.sum(), 1)
-    v = (a_v + n_w)[:, None] / (b_v[None] + _sq_error(data, z, n_wk))
+    v = precisions_from(_sq_error(data, z, n_wk), a_v, b_v, n_w)
     # [W, 2K, L] table: rows k give v_wk where l = k (weighted votes), rows K + k give v_wk always
     eye = jnp.eye(K, dtype=v.dtype)
     table = jnp.concatenate([v[:, :, None] * eye[None], jnp.broadcast_to(v[:, :, None], v.shape + (K,))],
@@ -154,10 +170,10 @@ class BWA(Aggregator):
         layout: ``auto``, ``coo`` or ``dense``.
         dtype: ``float32`` or ``float64``.
         native: ``auto`` (default), ``on`` or ``off``, as for
-            :class:`~crowdllm.aggregation.DawidSkene`: a task's truth is the normalised votes
-            of a table of the precisions (plus ``lam`` times the class means), so on dense
-            float32 panels on AVX2 CPUs each sweep is two vote passes of the native kernel over
-            the distinct answer rows.
+            :class:`~crowdllm.aggregation.DawidSkene`: a task's truth is, per class, a ratio of
+            two sums of table entries (precision-weighted answers plus ``lam`` times the class
+            mean, over summed precisions plus ``lam``), so on dense float32 panels on AVX2 CPUs
+            each sweep is two ratio passes of the native kernel over the distinct answer rows.
 
     Attributes (after fit):
         truth_: ``[tasks, K]`` the real-valued truth estimates ``z``.

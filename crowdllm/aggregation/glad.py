@@ -268,8 +268,20 @@ def e_step(data: CrowdData, params: GladParams, log_prior: jax.Array) -> tuple[j
 def log_prior_density(data: CrowdData, params: GladParams, mu_alpha: float,
                       mu_beta: float) -> jax.Array:
     """Gaussian log priors on alpha and log-beta (real annotators and tasks; constants dropped)."""
-    return (-0.5 * (((params.alpha - mu_alpha) ** 2) * data.worker_mask).sum()
-            - 0.5 * (((params.log_beta - mu_beta) ** 2) * data.task_mask).sum())
+    return gaussian_log_priors(params, data.worker_mask, data.task_mask, mu_alpha, mu_beta)
+
+
+def gaussian_log_priors(params: GladParams, worker_weight: jax.Array, task_weight: jax.Array,
+                        mu_alpha: float, mu_beta: float) -> jax.Array:
+    """:func:`log_prior_density` with each annotator's and task's term weighted (0: padding; a
+    merged row: the number of tasks it stands for)."""
+    return (-0.5 * (((params.alpha - mu_alpha) ** 2) * worker_weight).sum()
+            - 0.5 * (((params.log_beta - mu_beta) ** 2) * task_weight).sum())
+
+
+def learned_log_prior(class_sum: jax.Array) -> jax.Array:
+    """``learn_prior``: log rho with rho proportional to 0.01 + the summed class posteriors."""
+    return jnp.log(jnp.maximum(normalize(class_sum + 0.01), TINY))
 
 
 def q_value(data: CrowdData, params: GladParams, p_right: jax.Array, mu_alpha: float,
@@ -334,8 +346,7 @@ def m_step(data: CrowdData, state: GladState, post: jax.Array, *, lr: float, m_s
         max_tries=max_tries)
     log_prior = state.log_prior
     if learn_prior:
-        log_prior = jnp.log(jnp.maximum(normalize((post * data.task_mask[:, None]).sum(0) + 0.01),
-                                        TINY))
+        log_prior = learned_log_prior((post * data.task_mask[:, None]).sum(0))
     return GladState(params=params, opt_state=opt_state, log_prior=log_prior, posteriors=post,
                      lr_scale=scale)
 
