@@ -348,18 +348,19 @@ def test_native_bwa_equals_the_xla_fit_on_sampled_data(T, W, K, gold_frac, prior
 
 
 @needs_kernel
-def test_tracked_sums_report_the_largest_posterior_move():
-    labels, mask, gold, log_prior, log_conf = _step_inputs(1003, 12, 5, 0.2, 0.1, seed=5)
-    p = _native.plan(12, 5)
+@pytest.mark.parametrize("K", [2, 5, 8])
+def test_tracked_sums_report_the_largest_posterior_move(K):
+    labels, mask, gold, log_prior, log_conf = _step_inputs(1003, 12, K, 0.2, 0.1, seed=5)
+    p = _native.plan(12, K)
     rows = _native.unique(_native.encode(labels, p), _native.flags_of(mask, gold))
     tabs = [_native.tables(p, log_prior, log_conf), _native.tables(p, log_prior * 0.5, log_conf * 0.8)]
-    track = _native.track_buffer(rows)
+    track = _native.track_buffer(rows, K)
     posts, dzs = [], []
     for tab in tabs:
-        C, ll, track, dz = _native.sums_tracked(rows, tab, 5, track)
-        C2, ll2 = _native.sums(rows, tab, 5)
+        C, ll, track, dz = _native.sums_tracked(rows, tab, K, track)
+        C2, ll2 = _native.sums(rows, tab, K)
         np.testing.assert_array_equal(np.asarray(C), np.asarray(C2))
-        posts.append(np.asarray(_native.posteriors(rows, tab, 5)))
+        posts.append(np.asarray(_native.posteriors(rows, tab, K)))
         dzs.append(float(dz))
     real = np.asarray(mask) > 0
     assert dzs[0] == pytest.approx(np.abs(posts[0][real]).max(), abs=1e-6)  # from zeros

@@ -372,9 +372,10 @@ def sums(rows: Rows, tab: jax.Array, n_classes: int, vote: bool = False
     return C, ll[0]
 
 
-def track_buffer(rows: Rows) -> jax.Array:
-    """The buffer :func:`sums_tracked` keeps each distinct row's posteriors in."""
-    return jnp.zeros(((rows.codes.shape[0] + 7) // 8 * 64,), jnp.float32)
+def track_buffer(rows: Rows, n_classes: int) -> jax.Array:
+    """The buffer :func:`sums_tracked` keeps each distinct row's posteriors in (blocks of 8 rows,
+    class-major: ``[ceil(T / 8), K, 8]``)."""
+    return jnp.zeros(((rows.codes.shape[0] + 7) // 8 * 8 * n_classes,), jnp.float32)
 
 
 def sums_tracked(rows: Rows, tab: jax.Array, n_classes: int, track: jax.Array,
@@ -406,14 +407,16 @@ def posteriors(rows: Rows, tab: jax.Array, n_classes: int) -> jax.Array:
 
 
 def ratio_sums(rows: Rows, num: jax.Array, den: jax.Array, n_classes: int,
-               squares: bool = False) -> jax.Array:
+               squares: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``C [n_combos, 8]``: per combination, the summed ratios ``num / den`` of the rows (each
-    the sum of its table entries; gold rows: their class's indicator), or of their squares."""
+    the sum of its table entries; gold rows: their class's indicator). ``squares``: ``(C, C2)``,
+    C2 the summed squares of the ratios, from the same pass."""
     _require()
-    out = jax.ShapeDtypeStruct((num.shape[0], 8), jnp.float32)
-    return jax.ffi.ffi_call("crowdllm_ds_grouped_ratio", out)(
+    out = jax.ShapeDtypeStruct((num.shape[0], 16 if squares else 8), jnp.float32)
+    C = jax.ffi.ffi_call("crowdllm_ds_grouped_ratio", out)(
         rows.codes, rows.flags, rows.weights, rows.n, num, den, K=np.int64(n_classes),
         threads=np.int64(_threads()), squares=np.int64(squares))
+    return (C[:, :8], C[:, 8:]) if squares else C
 
 
 def ratio_values(rows: Rows, num: jax.Array, den: jax.Array, n_classes: int) -> jax.Array:
@@ -582,7 +585,7 @@ def ibcc_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, atol: float =
     beta = ibcc.confusion_prior(K, beta_diag, beta_off, jnp.float32)
     p, rows, votes = _setup(data, merge)
     # the start: majority-vote q(z) (kept in the track buffer), and the q(rho), q(pi) it implies
-    C0, _, track, _ = sums_tracked(rows, votes, K, track_buffer(rows), vote=True)
+    C0, _, track, _ = sums_tracked(rows, votes, K, track_buffer(rows, K), vote=True)
     counts0, psum0 = counts_from(p, C0, K)
     n_ans = _n_answers(counts0)
     nu0, mu0 = alpha_k + psum0, beta[None] + counts0
@@ -874,7 +877,7 @@ def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 1
     BWA's truth of a task, ``z_k = (lam mu_k + sum_w v_wk [y_w = k]) / (lam + sum_w v_wk)``
     (sums over the task's answers), is a ratio of two sums of table entries per class (the
     annotator groups' combinations, ``lam mu`` and ``lam`` folded into the first group), so it
-    depends on the row's answers only: rows are merged. Per sweep, two ratio passes give the
+    depends on the row's answers only: rows are merged. Per sweep, one ratio pass gives the
     precisions' statistics: the per-annotator sums of ``z`` and of ``z ** 2`` over their answers.
     The start (majority-vote fractions) is the same ratio with vote tables.
     """
@@ -888,8 +891,9 @@ def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 1
     wm = data.worker_mask.astype(jnp.float32)
 
     def stats(num, den):  # (hit, sq, psum, psq, counts, counts of squares) of the ratios z
-        counts, psum = counts_from(p, ratio_sums(rows, num, den, K), K)
-        counts2, psq = counts_from(p, ratio_sums(rows, num, den, K, squares=True), K)
+        C, C2 = ratio_sums(rows, num, den, K, squares=True)
+        counts, psum = counts_from(p, C, K)
+        counts2, psq = counts_from(p, C2, K)
         return (jnp.diagonal(counts, axis1=1, axis2=2), counts2.sum(axis=2), psum, psq, counts,
                 counts2)
 

@@ -46,7 +46,7 @@ struct Part {  // one thread's share of the sums
   std::vector<float> C;    // [NC, 8]: float sums over the current chunk of rows
   std::vector<double> D;   // [NC, 8]: the chunks' sums, in double
   __m256d ll0, ll1;
-  float* track = nullptr;  // [blocks, 8 classes, 8 rows]: each row's last posteriors (or none)
+  float* track = nullptr;  // [blocks, K classes, 8 rows]: each row's last posteriors (or none)
   const float* tab2 = nullptr;  // RATIO: the denominators' table
   __m256 dz;               // the largest change of a posterior since the last pass
   void flush() {
@@ -60,13 +60,15 @@ constexpr int64_t CHUNK = 16384;
 
 // bits: 1 = write posteriors (no sums), 2 = the table holds votes (posteriors: normalised votes),
 // 8 = the "posteriors" are the ratios of the table's sums to a second table's (BWA's truth:
-// precision-weighted answers over summed precisions), 4 = (with 8) sum their squares instead
+// precision-weighted answers over summed precisions), 4 = (with 8) sum their squares too: the
+// sums table is [NC, 16], the ratios' sums in lanes 0-7 and their squares' in 8-15 (one pass)
 enum Mode { SUMS = 0, POST = 1, VOTE = 2, RATIO = 8, POST_RATIO = 9, RATIO_SQ = 12 };
 constexpr bool is_post(int m) { return m & 1; }
 constexpr bool is_vote(int m) { return m & 2; }
 constexpr bool is_sq(int m) { return m & 4; }
 constexpr bool is_ratio(int m) { return m & 8; }
 constexpr bool has_ll(int m) { return !(m & 10); }  // softmax posteriors: a log-likelihood
+constexpr int64_t width(int m) { return is_sq(m) ? 16 : 8; }  // floats per combination in C
 
 // One block of 8 distinct rows: codes 8 x G, flags 8, weights 8 (SUMS, VOTE). SUMS: softmax
 // posteriors, weighted, added into part.C, weighted log-likelihood into part.ll. VOTE: the table
@@ -138,11 +140,13 @@ inline void block(const uint16_t* codes, int64_t G_, const int8_t* flags, const 
       _mm256_storeu_ps(q + 8 * k, p[k]);
     }
   }
-  if (is_sq(MODE))
-    for (int k = 0; k < K; ++k) p[k] = _mm256_mul_ps(p[k], p[k]);
+  __m256 p2[8];  // SQ: the squares, weighted
   if (!is_post(MODE)) {
     __m256 wt = _mm256_loadu_ps(wts);
-    for (int k = 0; k < K; ++k) p[k] = _mm256_mul_ps(p[k], wt);
+    for (int k = 0; k < K; ++k) {
+      if (is_sq(MODE)) p2[k] = _mm256_mul_ps(_mm256_mul_ps(p[k], p[k]), wt);
+      p[k] = _mm256_mul_ps(p[k], wt);
+    }
     ll = _mm256_mul_ps(ll, wt);
   }
   if (has_ll(MODE)) {
@@ -159,11 +163,16 @@ inline void block(const uint16_t* codes, int64_t G_, const int8_t* flags, const 
     return;
   }
   float* C = part.C.data();
+  if (is_sq(MODE)) {
+    for (int k = K; k < 8; ++k) p2[k] = _mm256_setzero_ps();
+    transpose8(p2);
+  }
   for (int i = 0; i < 8; ++i) {
     const uint16_t* c = codes + i * G;
     for (int64_t g = 0; g < G; ++g) {
-      float* d = C + 8 * (int64_t)c[g];
+      float* d = C + width(MODE) * (int64_t)c[g];
       _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), p[i]));
+      if (is_sq(MODE)) _mm256_storeu_ps(d + 8, _mm256_add_ps(_mm256_loadu_ps(d + 8), p2[i]));
     }
   }
 }
@@ -175,7 +184,7 @@ void rows(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wt
   for (; t + 8 <= r1; t += 8) {
     block<K, MODE, GT>(codes + t * G, G, flags + t, wts + t, tab, part,
                    is_post(MODE) ? post + t * K : nullptr, 8,
-                   part.track ? part.track + t * 8 : nullptr);
+                   part.track ? part.track + t * K : nullptr);
     if (!is_post(MODE) && (t - r0) % CHUNK == CHUNK - 8) part.flush();
   }
   if (t < r1) {  // the last rows, padded to a block with weightless copies of row r0
@@ -188,7 +197,7 @@ void rows(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wt
     std::memcpy(f, flags + t, n);
     if (!is_post(MODE)) std::memcpy(w, wts + t, n * sizeof(float));
     block<K, MODE, GT>(c.data(), G, f, w, tab, part, is_post(MODE) ? post + t * K : nullptr, n,
-                   part.track ? part.track + t * 8 : nullptr);
+                   part.track ? part.track + t * K : nullptr);
   }
 }
 
@@ -213,7 +222,8 @@ RowsFn<MODE> pick(int64_t K, int64_t G) {
 }
 
 // Rows [0, U) split over threads; returns the summed log-likelihood. SUMS, VOTE: C [NC, 8]
-// (float) gets the summed per-combination posteriors. POST: out gets posteriors [U, K].
+// (float) gets the summed per-combination posteriors (RATIO_SQ: [NC, 16], with the squares').
+// POST: out gets posteriors [U, K].
 template <int MODE>
 ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags, const float* wts,
                 const float* tab, int64_t NC, int64_t K, int64_t threads, float* out, double* ll,
@@ -229,8 +239,8 @@ ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags
     part.tab2 = tab2;
     part.dz = _mm256_setzero_ps();
     if (!is_post(MODE)) {
-      part.C.assign(NC * 8, 0.f);
-      part.D.assign(NC * 8, 0.0);
+      part.C.assign(NC * width(MODE), 0.f);
+      part.D.assign(NC * width(MODE), 0.0);
     }
     int64_t a = U * i / n / 8 * 8, b = i + 1 == n ? U : U * (i + 1) / n / 8 * 8;
     if (b > a) fn(codes, G, flags, wts, tab, a, b, part, out);
@@ -258,7 +268,7 @@ ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags
     *dz = m;
   }
   if (!is_post(MODE)) {
-    for (int64_t j = 0; j < NC * 8; ++j) {
+    for (int64_t j = 0; j < NC * width(MODE); ++j) {
       double acc = 0;
       for (auto& part : parts) acc += part.D[j];
       out[j] = (float)acc;
@@ -304,7 +314,7 @@ ffi::Error SumsImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
                   nullptr, K, threads, vote);
 }
 
-// SumsImpl that also keeps each distinct row's posteriors between passes (track, [blocks, 8, 8],
+// SumsImpl that also keeps each distinct row's posteriors between passes (track, [blocks, K, 8],
 // updated in place) and returns the largest change of any posterior (VB's stopping rule).
 ffi::Error TrackImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
                      ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
@@ -312,8 +322,8 @@ ffi::Error TrackImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
                      ffi::ResultBuffer<ffi::F32> sums, ffi::ResultBuffer<ffi::F32> ll,
                      ffi::ResultBuffer<ffi::F32> track, ffi::ResultBuffer<ffi::F32> dz,
                      int64_t K, int64_t threads, int64_t vote) {
-  if (track_in.element_count() < (codes.dimensions()[0] + 7) / 8 * 64)
-    return ffi::Error::InvalidArgument("ds_grouped: track must hold [ceil(T / 8), 8, 8] floats");
+  if (K < 1 || track_in.element_count() < (codes.dimensions()[0] + 7) / 8 * 8 * K)
+    return ffi::Error::InvalidArgument("ds_grouped: track must hold [ceil(T / 8), K, 8] floats");
   float* tr = track->typed_data();
   if (tr != track_in.typed_data())  // not aliased: start from the input's values
     std::memcpy(tr, track_in.typed_data(), track_in.element_count() * sizeof(float));
@@ -321,8 +331,8 @@ ffi::Error TrackImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
                   dz->typed_data(), K, threads, vote);
 }
 
-// The ratio pass (BWA): sums of the rows' ratios num / den (squares: of their squares), num and
-// den each the sum of the row's G entries of its table.
+// The ratio pass (BWA): sums of the rows' ratios num / den (squares: and of their squares, in
+// lanes 8-15 of a [NC, 16] table), num and den each the sum of the row's G entries of its table.
 ffi::Error RatioImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
                      ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
                      ffi::Buffer<ffi::F32> num, ffi::Buffer<ffi::F32> den,
