@@ -173,7 +173,8 @@ class BWA(Aggregator):
             :class:`~crowdllm.aggregation.DawidSkene`: a task's truth is, per class, a ratio of
             two sums of table entries (precision-weighted answers plus ``lam`` times the class
             mean, over summed precisions plus ``lam``), so on dense float32 panels on AVX2 CPUs
-            each sweep is two ratio passes of the native kernel over the distinct answer rows.
+            each sweep is one ratio pass of the native kernel over the distinct answer rows
+            (the ratios' sums and their squares' sums per combination).
 
     Attributes (after fit):
         truth_: ``[tasks, K]`` the real-valued truth estimates ``z``.
