@@ -74,30 +74,28 @@ constexpr int64_t width(int m) { return is_sq(m) ? 16 : 8; }  // floats per comb
 // posteriors, weighted, added into part.C, weighted log-likelihood into part.ll. VOTE: the table
 // holds vote weights; posteriors are the normalised votes (uniform when there are none). POST:
 // softmax posteriors written to post[8, K] (rows below n_out only).
-template <int K, int MODE, int GT>
-inline void block(const uint16_t* codes, int64_t G_, const int8_t* flags, const float* wts,
-                  const float* tab, Part& part, float* post, int n_out, float* q) {
-  const int64_t G = GT > 0 ? GT : G_;  // the common group count is a constant: loops unrolled
-  __m256 s[8];
+// s[k], lane i: the sum of row i's G entries of tab for class k (8 rows of codes, G per row)
+inline void gather8(const uint16_t* codes, int64_t G, const float* tab, __m256 s[8]) {
   for (int i = 0; i < 8; ++i) {
     const uint16_t* c = codes + i * G;
     __m256 v = _mm256_loadu_ps(tab + 8 * (int64_t)c[0]);
     for (int64_t g = 1; g < G; ++g) v = _mm256_add_ps(v, _mm256_loadu_ps(tab + 8 * (int64_t)c[g]));
     s[i] = v;
   }
-  transpose8(s);  // s[k]: lane i = row i's score (or votes) for class k
+  transpose8(s);
+}
+
+template <int K, int MODE, int GT>
+inline void block(const uint16_t* codes, int64_t G_, const int8_t* flags, const float* wts,
+                  const float* tab, Part& part, float* post, int n_out, float* q) {
+  const int64_t G = GT > 0 ? GT : G_;  // the common group count is a constant: loops unrolled
+  __m256 s[8];
+  gather8(codes, G, tab, s);  // s[k]: lane i = row i's score (or votes) for class k
   __m256 p[8];
   __m256 ll = _mm256_setzero_ps();
   if (is_ratio(MODE)) {
     __m256 d[8];
-    for (int i = 0; i < 8; ++i) {
-      const uint16_t* c = codes + i * G;
-      __m256 v = _mm256_loadu_ps(part.tab2 + 8 * (int64_t)c[0]);
-      for (int64_t g = 1; g < G; ++g)
-        v = _mm256_add_ps(v, _mm256_loadu_ps(part.tab2 + 8 * (int64_t)c[g]));
-      d[i] = v;
-    }
-    transpose8(d);
+    gather8(codes, G, part.tab2, d);
     for (int k = 0; k < K; ++k) p[k] = _mm256_div_ps(s[k], d[k]);
   } else if (is_vote(MODE)) {
     __m256 z = s[0];
