@@ -406,17 +406,17 @@ def posteriors(rows: Rows, tab: jax.Array, n_classes: int) -> jax.Array:
     return post
 
 
-def ratio_sums(rows: Rows, num: jax.Array, den: jax.Array, n_classes: int,
-               squares: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """``C [n_combos, 8]``: per combination, the summed ratios ``num / den`` of the rows (each
-    the sum of its table entries; gold rows: their class's indicator). ``squares``: ``(C, C2)``,
-    C2 the summed squares of the ratios, from the same pass."""
+def ratio_sums(rows: Rows, num: jax.Array, den: jax.Array, n_classes: int
+               ) -> tuple[jax.Array, jax.Array]:
+    """``(C, C2)``, each ``[n_combos, 8]``, from one pass: per combination, the summed ratios
+    ``num / den`` of the rows (each the sum of its table entries; gold rows: their class's
+    indicator), and the summed squares of those ratios."""
     _require()
-    out = jax.ShapeDtypeStruct((num.shape[0], 16 if squares else 8), jnp.float32)
+    out = jax.ShapeDtypeStruct((num.shape[0], 16), jnp.float32)
     C = jax.ffi.ffi_call("crowdllm_ds_grouped_ratio", out)(
         rows.codes, rows.flags, rows.weights, rows.n, num, den, K=np.int64(n_classes),
-        threads=np.int64(_threads()), squares=np.int64(squares))
-    return (C[:, :8], C[:, 8:]) if squares else C
+        threads=np.int64(_threads()))
+    return C[:, :8], C[:, 8:]
 
 
 def ratio_values(rows: Rows, num: jax.Array, den: jax.Array, n_classes: int) -> jax.Array:
@@ -890,12 +890,11 @@ def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 1
     n_tasks = jnp.maximum(data.task_mask.sum(), 1.0)
     wm = data.worker_mask.astype(jnp.float32)
 
-    def stats(num, den):  # (hit, sq, psum, psq, counts, counts of squares) of the ratios z
-        C, C2 = ratio_sums(rows, num, den, K, squares=True)
+    def stats(num, den):  # (hit, sq, psum, psq, counts) of the ratios z
+        C, C2 = ratio_sums(rows, num, den, K)
         counts, psum = counts_from(p, C, K)
         counts2, psq = counts_from(p, C2, K)
-        return (jnp.diagonal(counts, axis1=1, axis2=2), counts2.sum(axis=2), psum, psq, counts,
-                counts2)
+        return jnp.diagonal(counts, axis1=1, axis2=2), counts2.sum(axis=2), psum, psq, counts
 
     # the start: majority-vote fractions, votes_k / answers (a row without answers: uniform, as
     # 1e-30 / K over 1e-30; elsewhere the 1e-30 vanishes in float32)
@@ -903,13 +902,13 @@ def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 1
     W = wm.shape[0]
     num0 = tables(p, jnp.full((K,), tiny / K), wm[:, None, None] * eye[None])
     den0 = tables(p, jnp.full((K,), tiny), jnp.broadcast_to(wm[:, None, None], (W, K, K)))
-    hit0, sq0, psum0, _, counts0, counts20 = stats(num0, den0)
+    hit0, sq0, psum0, _, counts0 = stats(num0, den0)
     n_wk = counts0.sum(axis=1)  # [W, L]: answers with label l (each answered row's z sums to 1)
     n_w = n_wk.sum(axis=1)
     n_ans = jnp.maximum(jnp.round(n_w.sum()), 1.0)
     adj = 4.0 * (1.0 - 1.0 / K) if prior_correction else 1.0
     # sum_t n_t z_tk (1 - z_tk), n_t the task's answers: sums over the answers
-    b_v = a_v * adj * (counts0.sum(axis=(0, 2)) - counts20.sum(axis=(0, 2))) / n_ans
+    b_v = a_v * adj * (counts0.sum(axis=(0, 2)) - sq0.sum(axis=0)) / n_ans
     b_v = jnp.maximum(b_v, 1e-6)
 
     def step(st):
@@ -918,7 +917,7 @@ def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 1
         num = tables(p, lam * mean, v[:, None, :] * eye[None])
         den = tables(p, jnp.full((K,), lam, jnp.float32),
                      jnp.broadcast_to(v[:, :, None], (W, K, K)))
-        hit, sq, psum, psq, _, _ = stats(num, den)
+        hit, sq, psum, psq, _ = stats(num, den)
         S = bwa.sq_error(hit, sq, n_wk)
         dev = (psq - 2 * mean * psum + n_tasks * mean ** 2).sum()
         obj = bwa.log_joint(data.worker_mask, v, S, dev, a_v, b_v, lam, n_w) / n_ans

@@ -62,7 +62,7 @@ constexpr int64_t CHUNK = 16384;
 // 8 = the "posteriors" are the ratios of the table's sums to a second table's (BWA's truth:
 // precision-weighted answers over summed precisions), 4 = (with 8) sum their squares too: the
 // sums table is [NC, 16], the ratios' sums in lanes 0-7 and their squares' in 8-15 (one pass)
-enum Mode { SUMS = 0, POST = 1, VOTE = 2, RATIO = 8, POST_RATIO = 9, RATIO_SQ = 12 };
+enum Mode { SUMS = 0, POST = 1, VOTE = 2, POST_RATIO = 9, RATIO_SQ = 12 };
 constexpr bool is_post(int m) { return m & 1; }
 constexpr bool is_vote(int m) { return m & 2; }
 constexpr bool is_sq(int m) { return m & 4; }
@@ -329,23 +329,22 @@ ffi::Error TrackImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
                   dz->typed_data(), K, threads, vote);
 }
 
-// The ratio pass (BWA): sums of the rows' ratios num / den (squares: and of their squares, in
-// lanes 8-15 of a [NC, 16] table), num and den each the sum of the row's G entries of its table.
+// The ratio pass (BWA): sums of the rows' ratios num / den (lanes 0-7 of a [NC, 16] table) and
+// of their squares (lanes 8-15), num and den each the sum of the row's G entries of its table.
 ffi::Error RatioImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
                      ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
                      ffi::Buffer<ffi::F32> num, ffi::Buffer<ffi::F32> den,
-                     ffi::ResultBuffer<ffi::F32> sums, int64_t K, int64_t threads,
-                     int64_t squares) {
+                     ffi::ResultBuffer<ffi::F32> sums, int64_t K, int64_t threads) {
   int64_t U;
   if (auto e = Check(codes, flags, num, n, &U); e.failure()) return e;
   if (den.element_count() != num.element_count())
     return ffi::Error::InvalidArgument("ds_grouped: num and den tables of one shape");
+  if (sums->element_count() != num.dimensions()[0] * 16)
+    return ffi::Error::InvalidArgument("ds_grouped: ratio sums [NC, 16] expected");
   double ll = 0;
-  auto args = std::make_tuple(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
-                              weights.typed_data(), num.typed_data(), num.dimensions()[0], K,
-                              threads, sums->typed_data(), &ll, nullptr, nullptr,
-                              den.typed_data());
-  return squares ? std::apply(Pass<RATIO_SQ>, args) : std::apply(Pass<RATIO>, args);
+  return Pass<RATIO_SQ>(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
+                        weights.typed_data(), num.typed_data(), num.dimensions()[0], K, threads,
+                        sums->typed_data(), &ll, nullptr, nullptr, den.typed_data());
 }
 
 // The E-step's posteriors of every task (ratio: the rows' num / den): the distinct rows' values,
@@ -593,8 +592,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedRatio, RatioImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("K")
-                                  .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("squares"));
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedRatioPost, RatioPostImpl,
                               ffi::Ffi::Bind()
