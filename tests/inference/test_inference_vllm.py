@@ -68,14 +68,19 @@ def vllm_env() -> tuple[str, str]:
 
 @pytest.fixture(scope="session")
 def vllm_server(vllm_env, tmp_path_factory):
-    """A real vLLM OpenAI-compatible server on 127.0.0.1 (about 80 s to start on 2 cores)."""
+    """A real vLLM OpenAI-compatible server on 127.0.0.1 (about 50 s to start on 2 cores)."""
     py, model = vllm_env
     port = _free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
+    # float32: this CPU has no bfloat16 units (vLLM's bf16 default fell back to slow matmuls,
+    # 40-120 prompt tokens/s); the engine core in the server's own process: one process fewer
+    # to start (each imports torch and vLLM, ~20 s here). The file's three tests: 288 -> 136 s
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0")
     cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--served-model-name", "gemma", "--host", "127.0.0.1", "--port", str(port),
            "--enforce-eager", "--max-model-len", "1024", "--enable-prefix-caching",
+           "--dtype", "float32",
            "--chat-template", str(TEMPLATE)]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -203,14 +208,16 @@ def test_real_server_sigkill_and_resume(vllm_server, items_file, reference_run, 
         assert r["prompt_tokens"] == ref[record_key(r)]["prompt_tokens"]
 
 
-def test_offline_vllm_engine_backend(vllm_env, reference_run, items_file, tmp_path):
+def test_offline_vllm_engine_backend(vllm_env, reference_run, items_file, tmp_path, monkeypatch):
     py, model = vllm_env
     panel = tmp_path / "panel.toml"
     panel.write_text(
         f'[[annotator]]\nname = "gemma-a"\nbackend = "vllm"\nmodel = "{model}"\npython = "{py}"\n'
         'chat_template = "plain"\nseed = 1\nmax_batch = 16\n'
-        'engine_args = { max_model_len = 1024 }\n')
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        'engine_args = { max_model_len = 1024, dtype = "float32" }\n')
+    # as the server's: float32 and the engine in the worker's own process (see vllm_server)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     res = CliRunner().invoke(main, ["annotate", str(items_file), "--panel", str(panel),
                                     "--out", str(tmp_path / "run"), "--no-progress"])
     assert res.exit_code == 0, res.output
