@@ -96,9 +96,10 @@ def test_sums_equal_the_fused_xla_pass(T, W, K, missing, gold_frac):
 
 
 @needs_kernel
-@pytest.mark.parametrize("W,K", [(12, 5), (30, 5)])  # G = 3 (64-bit keys) and G = 8 (row compare)
-def test_merged_rows_are_the_distinct_rows(W, K):
-    labels, mask, gold, _, _ = _step_inputs(20_000, W, K, 0.6, 0.1, seed=W)
+@pytest.mark.parametrize("T,W,K", [  # G = 3 (64-bit keys) and G = 8 (row compare); 80,000 tasks:
+    (20_000, 12, 5), (80_000, 12, 5), (20_000, 30, 5)])  # the key table doubles twice on the way
+def test_merged_rows_are_the_distinct_rows(T, W, K):
+    labels, mask, gold, _, _ = _step_inputs(T, W, K, 0.6, 0.1, seed=W)
     lab = np.asarray(labels)
     if W == 30:  # many repeats on the general path too
         lab = lab[np.random.default_rng(0).integers(0, 500, lab.shape[0])]
@@ -121,6 +122,11 @@ def test_merged_rows_are_the_distinct_rows(W, K):
                                   np.bincount(inv[real], minlength=n).astype(np.float32))
     assert sorted(np.asarray(rows.weights)[:n].astype(int)) == sorted(counts.tolist())
     assert (np.asarray(rows.weights)[n:] == 0).all()
+    # the distinct rows come in the order of their first task
+    ids, first = np.unique(inv[real], return_index=True)
+    assert (ids == np.arange(n)).all() and (np.diff(first) > 0).all()
+    if T == 80_000:
+        assert n > 65_536  # enough distinct rows to grow the table from 65,536 slots twice
 
 
 def _tensor(lab, K):

@@ -446,12 +446,21 @@ ffi::Error UniqueImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
       int64_t idx;
     };
     // one 16-byte slot per probe, on huge pages where the kernel gives them (random probes into
-    // 32 MB of 4 KB pages spent most of their time on TLB misses)
-    size_t bytes = (size * sizeof(Slot) + (2u << 20) - 1) / (2u << 20) * (2u << 20);
-    Slot* tab = static_cast<Slot*>(std::aligned_alloc(2u << 20, bytes));
+    // 32 MB of 4 KB pages spent most of their time on TLB misses); the table starts small and
+    // doubles whenever it is half full, so its size follows the distinct rows, not the tasks
+    // (panels that agree keep it in cache)
+    auto alloc = [](uint64_t n) -> Slot* {
+      size_t bytes = (n * sizeof(Slot) + (2u << 20) - 1) / (2u << 20) * (2u << 20);
+      Slot* p = static_cast<Slot*>(std::aligned_alloc(2u << 20, bytes));
+      if (p != nullptr) {
+        madvise(p, bytes, MADV_HUGEPAGE);
+        std::memset(p, 0xff, n * sizeof(Slot));  // key ~0: empty (real keys: bits 56-63 clear)
+      }
+      return p;
+    };
+    size = std::min<uint64_t>(size, 1 << 16);
+    Slot* tab = alloc(size);
     if (tab == nullptr) return ffi::Error::Internal("ds_grouped: out of memory for the row table");
-    madvise(tab, bytes, MADV_HUGEPAGE);
-    std::memset(tab, 0xff, size * sizeof(Slot));  // key ~0: empty (a real key has bits 56-63 clear)
     auto key = [&](int64_t t) {
       uint64_t k = (uint64_t)(uint8_t)f[t] << 48;
       for (int64_t g = 0; g < G; ++g) k |= (uint64_t)c[t * G + g] << (16 * g);
@@ -486,6 +495,22 @@ ffi::Error UniqueImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
           inv[t] = U++;
           break;
         }
+      }
+      if (2 * (uint64_t)U > size) {  // half full: move the slots into a table twice the size
+        Slot* big = alloc(2 * size);
+        if (big == nullptr) {
+          std::free(tab);
+          return ffi::Error::Internal("ds_grouped: out of memory for the row table");
+        }
+        for (uint64_t j = 0; j < size; ++j) {
+          if (tab[j].key == ~0ULL) continue;
+          uint64_t i = mix(tab[j].key) & (2 * size - 1);
+          while (big[i].key != ~0ULL) i = (i + 1) & (2 * size - 1);
+          big[i] = tab[j];
+        }
+        std::free(tab);
+        tab = big;
+        size *= 2;
       }
     }
     count.assign(U, 0);
