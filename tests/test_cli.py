@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -165,3 +168,34 @@ def test_bench_param_with_a_wrong_name_is_refused(runner, answers):
     p, _ = answers
     res = runner.invoke(main, ["bench", str(p.parent), "-m", "ds", "-p", "ds.maxiter=3"])
     assert res.exit_code != 0 and "no parameter 'maxiter'" in res.output
+
+
+def test_the_command_keeps_compiled_programs_between_runs(tmp_path):
+    """The ``crowdllm`` executable (cli.entry) turns on JAX's persistent compilation cache in
+    ``$CROWDLLM_CACHE/jax``: a second run finds its programs there and gives the same output;
+    ``CROWDLLM_COMPILE_CACHE=0`` leaves it off."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    env.update(CROWDLLM_NATIVE="0")  # the example is sparse anyway: no kernel build here
+
+    def run(cache, out, **extra):
+        code = "import sys; from crowdllm.cli import entry; sys.argv[0] = 'crowdllm'; entry()"
+        res = subprocess.run([sys.executable, "-c", code, "aggregate", "example", "--method", "ds",
+                              "--output", str(out)], env={**env, "CROWDLLM_CACHE": str(cache),
+                                                          **extra},
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res.stderr
+
+    cache = tmp_path / "cache"
+    first = run(cache, tmp_path / "a.csv", JAX_LOG_COMPILES="1")  # JAX logs cache hits then
+    assert "Persistent compilation cache hit" not in first
+    entries = sorted(p.name for p in (cache / "jax").iterdir() if p.name.endswith("-cache"))
+    assert entries  # DawidSkene's fit compiles for longer than the 0.2 s threshold
+    assert "Persistent compilation cache hit" in run(cache, tmp_path / "b.csv",
+                                                     JAX_LOG_COMPILES="1")
+    assert sorted(p.name for p in (cache / "jax").iterdir() if p.name.endswith("-cache")) == entries
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    run(tmp_path / "off", tmp_path / "c.csv", CROWDLLM_COMPILE_CACHE="0")
+    assert not (tmp_path / "off" / "jax").exists()
+    assert (tmp_path / "c.csv").read_bytes() == (tmp_path / "a.csv").read_bytes()

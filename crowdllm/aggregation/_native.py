@@ -89,9 +89,9 @@ _registered: set[str] = set()
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("CROWDLLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "crowdllm")
-    return Path(root) / "native"
+    from .._cache import cache_root
+
+    return cache_root() / "native"
 
 
 def _cpu_ok() -> str | None:
