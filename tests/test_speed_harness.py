@@ -38,7 +38,7 @@ def test_method_table_times_crowdkit_beside_ours_and_bounds_a_timeout():
     assert "crowdkit_s" not in big and "crowdkit_s" not in bwa and bwa["accuracy"] > 0.5
 
 
-@pytest.mark.parametrize("script", ["classical_speed", "ebcc_speed"])
+@pytest.mark.parametrize("script", ["classical_speed", "ebcc_speed", "merge_speed"])
 def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
     """The benchmark scripts call kernels by their internal signatures, so a change of those
     can break a script silently (``classical_speed`` did, session 3); run each end to end on a
@@ -47,14 +47,20 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
     import sys
     from pathlib import Path
 
+    from crowdllm.aggregation import _native
+
+    if script == "merge_speed" and not _native.available():
+        pytest.skip(f"native kernels unavailable: {_native.why_unavailable()}")
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     mod = importlib.import_module(script)
     argv = {"classical_speed": ["--items", "600", "--ck-items", "0", "--repeats", "1"],
-            "ebcc_speed": ["--tasks", "300", "--restarts", "3", "--repeat", "1"]}[script]
+            "ebcc_speed": ["--tasks", "300", "--restarts", "3", "--repeat", "1"],
+            "merge_speed": ["--n", "3000", "--repeats", "1"]}[script]
     monkeypatch.setattr(sys, "argv", [script] + argv)
     mod.main()
     out = capsys.readouterr().out
-    names = {"classical_speed": ["glad", "mace", "mmsr", "kos"], "ebcc_speed": ["acc_ebcc"]}[script]
+    names = {"classical_speed": ["glad", "mace", "mmsr", "kos"], "ebcc_speed": ["acc_ebcc"],
+             "merge_speed": ["synthetic", "agreeing"]}[script]
     for name in names:
         assert name in out, out
 
