@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,11 +43,8 @@ def main() -> None:
     for name, d in (("synthetic", data), ("agreeing", agreeing)):
         codes, flags = encode(d)
         rows = jax.block_until_ready(merge(codes, flags))
-        ts = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(merge(codes, flags))
-            ts.append(time.perf_counter() - t)
+        ts = [speed._timed(lambda: jax.block_until_ready(merge(codes, flags)))
+              for _ in range(args.repeats)]
         print(f"{name:10s} {int(rows.n[0]):14,d} {np.median(ts) * 1e3:10.1f} {min(ts) * 1e3:8.1f}")
 
 

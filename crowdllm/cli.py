@@ -223,13 +223,12 @@ def compile_cache() -> Path | None:
     it) or ``$CROWDLLM_COMPILE_CACHE`` is 0 / off. Returns the folder used, or None."""
     import os
 
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return None
-    if os.environ.get("CROWDLLM_COMPILE_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
     import jax
 
-    from ._cache import cache_root
+    from ._cache import cache_root, switched_off
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or switched_off("CROWDLLM_COMPILE_CACHE"):
+        return None
 
     folder = cache_root() / "jax"
     jax.config.update("jax_compilation_cache_dir", str(folder))

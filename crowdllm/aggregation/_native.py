@@ -60,6 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._cache import cache_root, switched_off
+
 __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Plan", "plan",
            "encode", "flags_of",
            "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
@@ -89,8 +91,6 @@ _registered: set[str] = set()
 
 
 def _cache_dir() -> Path:
-    from .._cache import cache_root
-
     return cache_root() / "native"
 
 
@@ -150,7 +150,7 @@ def _load() -> str | None:
         if "why" in _state:
             return _state["why"]
         why = None
-        if os.environ.get("CROWDLLM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        if switched_off("CROWDLLM_NATIVE"):
             why = "turned off by CROWDLLM_NATIVE"
         else:
             why = _cpu_ok()
