@@ -220,7 +220,9 @@ def compile_cache() -> Path | None:
     so a command that fits the same method on the same shape of data as an earlier one skips
     XLA's compilation (``crowdllm aggregate example --method mace``: 6.3 -> 3.7 s on the 2-core
     machine). Not done where ``$JAX_COMPILATION_CACHE_DIR`` names a cache already (JAX reads
-    it) or ``$CROWDLLM_COMPILE_CACHE`` is 0 / off. Returns the folder used, or None."""
+    it) or ``$CROWDLLM_COMPILE_CACHE`` is 0 / off. The folder is kept under 512 MiB (oldest
+    entries go first) where the ``filelock`` package is installed, unbounded otherwise. Returns
+    the folder used, or None."""
     import os
 
     import jax
@@ -233,7 +235,14 @@ def compile_cache() -> Path | None:
     folder = cache_root() / "jax"
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECS)
-    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+    # JAX locks the folder with filelock to evict old entries; without it (a dependency, but an
+    # environment may lack it) every cache read fails with a warning, so the cache goes unbounded
+    try:
+        import filelock  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     return folder
 
 

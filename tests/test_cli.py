@@ -190,6 +190,7 @@ def test_the_command_keeps_compiled_programs_between_runs(tmp_path):
     cache = tmp_path / "cache"
     first = run(cache, tmp_path / "a.csv", JAX_LOG_COMPILES="1")  # JAX logs cache hits then
     assert "Persistent compilation cache hit" not in first
+    assert "Error reading persistent compilation cache" not in first
     entries = sorted(p.name for p in (cache / "jax").iterdir() if p.name.endswith("-cache"))
     assert entries  # DawidSkene's fit compiles for longer than the 0.2 s threshold
     assert "Persistent compilation cache hit" in run(cache, tmp_path / "b.csv",
@@ -199,3 +200,28 @@ def test_the_command_keeps_compiled_programs_between_runs(tmp_path):
     run(tmp_path / "off", tmp_path / "c.csv", CROWDLLM_COMPILE_CACHE="0")
     assert not (tmp_path / "off" / "jax").exists()
     assert (tmp_path / "c.csv").read_bytes() == (tmp_path / "a.csv").read_bytes()
+
+
+def test_the_compile_cache_works_without_filelock(tmp_path):
+    """JAX needs ``filelock`` to keep the cache under its size limit and, lacking it, fails every
+    cache read with a warning (a fresh install without it did so on every command): without the
+    package the cache is used unbounded, with no warning."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "filelock.py").write_text("raise ImportError('filelock hidden by the test')\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    env.update(CROWDLLM_NATIVE="0", CROWDLLM_CACHE=str(tmp_path / "cache"), JAX_LOG_COMPILES="1",
+               PYTHONPATH=os.pathsep.join([str(hide), env.get("PYTHONPATH", "")]))
+    code = ("import importlib.util, sys; assert importlib.util.find_spec('filelock') is not None; "
+            "from crowdllm.cli import entry; sys.argv[0] = 'crowdllm'; entry()")
+    errs = []
+    for out in ("a.csv", "b.csv"):
+        res = subprocess.run([sys.executable, "-c", code, "aggregate", "example", "--method",
+                              "ds", "--output", str(tmp_path / out)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        errs.append(res.stderr)
+    assert all("filelock" not in e and "Error reading" not in e for e in errs), errs[1][-2000:]
+    assert "Persistent compilation cache hit" in errs[1]
+
