@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import platform
 import time
 
 import jax
@@ -35,6 +33,7 @@ import numpy as np
 
 from crowdllm.aggregation import _native, glad, kos, mace, mmsr
 from crowdllm.aggregation._core import prepare
+from crowdllm.eval import speed
 from crowdllm.labels import LabelTensor
 
 N_WORKERS = 12
@@ -144,8 +143,7 @@ def main() -> None:
     except ImportError:
         have_ck = False
     why = _native.why_unavailable()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
-          f"({jax.devices()[0].platform}); panel: {N_WORKERS} annotators, 5 classes (KOS: 2); "
+    print(f"machine: {speed.machine()}; panel: {N_WORKERS} annotators, 5 classes (KOS: 2); "
           f"GLAD and MACE: {'native kernels' if why is None else 'XLA (' + why + ')'}")
     big = ours(args.items, args.repeats)
     small = ours(args.ck_items, args.repeats) if have_ck else {}

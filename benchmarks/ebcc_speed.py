@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
@@ -58,6 +57,7 @@ def main() -> None:
 
     from crowdllm.aggregation import EBCC, MajorityVote
     from crowdllm.aggregation.ebcc import merge_patterns
+    from crowdllm.eval import speed
     from crowdllm.labels import LabelTensor
 
     labels, truth = panel(args.tasks, args.workers, args.classes)
@@ -84,8 +84,7 @@ def main() -> None:
         rows.append((i + 1, dt, cpu, float((model.label_codes_ == truth).mean()), model.n_iter_,
                      int(np.sum(model.sweeps_)),
                      float(np.nanmax(model.elbos_)), float(np.nanmin(model.elbos_))))
-    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__} "
-          f"({jax.devices()[0].platform}); panel {args.tasks} x {args.workers} x {args.classes}, "
+    print(f"machine: {speed.machine()}; panel {args.tasks} x {args.workers} x {args.classes}, "
           f"{patterns.n_tasks} distinct answer rows (merged in {t_merge:.2f} s)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (CPU seconds = time on all cores of this process)")
     probe = EBCC(restarts=args.restarts, **screen)

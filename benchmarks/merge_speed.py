@@ -38,6 +38,7 @@ def main() -> None:
     p = _native.plan(int(lab.shape[1]), int(data.n_classes))
     encode = jax.jit(lambda d: (_native.encode(d.labels, p), _native.flags_of(d.task_mask, d.gold)))
     merge = jax.jit(_native.unique)
+    print(f"machine: {speed.machine()}")
     print(f"row merge, {args.n:,} x {lab.shape[1]} x {data.n_classes}, {args.repeats} runs")
     print(f"{'panel':10s} {'distinct rows':>14s} {'median ms':>10s} {'min ms':>8s}")
     for name, d in (("synthetic", data), ("agreeing", agreeing)):

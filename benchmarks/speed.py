@@ -22,22 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crowdllm.eval import speed  # noqa: E402
-
-
-def _machine() -> str:
-    import jax
-    import os
-    dev = jax.devices()[0]
-    return (f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
-            f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
-            f"load average {os.getloadavg()[0]:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="table: seconds per method and size")
     ap.add_argument("--out", help="write the figures as JSON here")
     a = ap.parse_args(argv)
-    print(f"machine: {_machine()}", flush=True)
-    res: dict = {"machine": _machine()}
+    res: dict = {"machine": speed.machine()}
+    print(f"machine: {res['machine']}", flush=True)
     if a.what in ("ds", "all"):
         res["ds"] = speed.ds_check(n=a.n, n_iter=a.iters, repeats=a.repeats,
                                    crowdkit_n=a.crowdkit_n or None, reference=a.reference)

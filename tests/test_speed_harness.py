@@ -63,6 +63,26 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
              "merge_speed": ["synthetic", "agreeing"]}[script]
     for name in names:
         assert name in out, out
+    assert "machine: " in out and speed._cpu_model() in out, out
+
+
+def test_the_machine_line_names_the_cpu_and_its_cache():
+    """Figures are only comparable on one host: the line printed above every table names the
+    CPU model and its last-level cache (the project's VM came on an AMD and an Intel host)."""
+    from pathlib import Path
+
+    line = speed.machine()
+    assert "CPUs, jax" in line and "load average" in line
+    info = Path("/proc/cpuinfo")
+    models = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
+              if ln.startswith("model name")] if info.exists() else []
+    if not models:
+        pytest.skip("no CPU model name in /proc/cpuinfo here")
+    assert models[0] in line
+    levels = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/level"))
+    if levels:
+        top = max(int(p.read_text()) for p in levels)
+        assert f"L{top} " in line
 
 
 def test_iteration_table_times_native_and_xla_side_by_side(capsys):

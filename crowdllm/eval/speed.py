@@ -30,11 +30,51 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["copy_bandwidth", "dense_panel", "sparse_crowd", "ds_check", "iteration_table",
-           "method_table", "peak_rss_gib", "run_method"]
+           "method_table", "peak_rss_gib", "run_method", "machine"]
 
 
 def _progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and last-level cache (Linux; '' where unknown): the project's VM
+    has come on different hosts (an AMD EPYC at 27-36 GB/s copy bandwidth, an Intel Xeon at
+    10.5 GB/s), and the floors and the kernels' ratios to them move with it."""
+    import glob
+    import pathlib
+
+    name = ""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    caches = sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/level"))
+    for lvl in reversed(caches):
+        try:
+            size = pathlib.Path(lvl).with_name("size").read_text().strip()
+            level = pathlib.Path(lvl).read_text().strip()
+        except OSError:
+            continue
+        return f"{name}, L{level} {size}" if name else f"L{level} {size}"
+    return name
+
+
+def machine() -> str:
+    """One line naming the machine a figure is measured on: host, CPU model and last-level
+    cache, CPUs, JAX and its device, load average."""
+    import platform
+
+    import jax
+
+    dev = jax.devices()[0]
+    cpu = _cpu_model()
+    return (f"{platform.node()} {platform.machine()}{' (' + cpu + ')' if cpu else ''}, "
+            f"{os.cpu_count()} CPUs, jax {jax.__version__} on {dev.platform} "
+            f"({dev.device_kind}), load average {os.getloadavg()[0]:.1f}")
 
 
 def peak_rss_gib() -> float:
@@ -501,7 +541,9 @@ def run_speed(methods: str | None = None, output: str | None = None, n: int = 1_
     panel (native and XLA), then the dense method table."""
     from ..aggregation import METHODS
 
-    res: dict[str, Any] = {"ds": ds_check(n=n, crowdkit_n=crowdkit_n)}
+    res: dict[str, Any] = {"machine": machine()}
+    print(f"machine: {res['machine']}", flush=True)
+    res["ds"] = ds_check(n=n, crowdkit_n=crowdkit_n)
     res["iters"] = iteration_table(n=n)
     names = [m for m in (methods or "").split(",") if m] or \
         [m for m in METHODS if m not in ("llm-judge", "ds-bayes")]
