@@ -32,5 +32,6 @@ if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
 fi
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.3}"
 # two pytest workers (pytest-xdist), one test file per worker at a time: most tests are
-# single-threaded XLA compiles, so the 2-core CI machine runs the suite in ~15 min instead of ~19
-python -m pytest -q -n "${CROWDLLM_TEST_WORKERS:-2}" --dist loadfile "$@"
+# single-threaded XLA compiles, so the 2-core CI machine runs the suite in ~15 min instead of ~19;
+# files start heaviest first (tests/conftest.py: HEAVY_FILES), not in xdist's order by test count
+python -m pytest -q -n "${CROWDLLM_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
