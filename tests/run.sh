@@ -24,14 +24,17 @@ export CROWDLLM_TEST_MODEL="$(sed -n 's/^CROWDLLM_TEST_MODEL=//p' <<<"$VLLM_SETU
 # one XLA compilation cache for the run (JAX's persistent cache, read from these variables by
 # every process): the workers and the processes tests start compile a function for a shape
 # once between them, not once each (18:18 -> 17:23 for the suite on the 2-core machine, one
-# run each); a fresh folder per run, removed at exit, unless the caller names one
+# run each; session 11's compile log: few hits inside the workers, 7 of 4,380 compiles, since
+# each real dataset has its own shapes); a fresh folder per run, removed at exit, unless the
+# caller names one
 if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
     JAX_COMPILATION_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/crowdllm-jax-cache.XXXXXX")"
     export JAX_COMPILATION_CACHE_DIR
     trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
 fi
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.3}"
-# two pytest workers (pytest-xdist), one test file per worker at a time: most tests are
-# single-threaded XLA compiles, so the 2-core CI machine runs the suite in ~15 min instead of ~19;
-# files start heaviest first (tests/conftest.py: HEAVY_FILES), not in xdist's order by test count
+# two pytest workers (pytest-xdist), one test file per worker at a time, files heaviest first
+# (tests/conftest.py: HEAVY_FILES), not in xdist's order by test count. The suite is
+# compile-bound: on session 11's 2-core Intel host ~25 min, 2,964 worker-seconds, two thirds of
+# them XLA compiling one program per (method, dataset shape)
 python -m pytest -q -n "${CROWDLLM_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
