@@ -256,24 +256,44 @@ def use(native: str, data: Any) -> bool:
     return why_not is None
 
 
+def runs(p: Plan) -> tuple[tuple[int, int, int, int], ...]:
+    """The groups as runs of equal size: ``(first annotator, groups, size, first row)`` each (the
+    full groups, then a shorter last group). The passes below work on a run at once, so a
+    program's size does not grow with the number of annotators (compile time)."""
+    out: list[tuple[int, int, int, int]] = []
+    for g, off in zip(p.groups, p.offsets):
+        if out and out[-1][2] == len(g):
+            a, n, s, o = out[-1]
+            out[-1] = (a, n + 1, s, o)
+        else:
+            out.append((g[0], 1, len(g), off))
+    return tuple(out)
+
+
 def encode(labels: jax.Array, p: Plan) -> jax.Array:
     """``[T, G]`` uint16 combination codes of each row (once per fit)."""
     lab = labels.astype(jnp.int32) + 1  # missing (-1) -> digit 0
+    T = labels.shape[0]
     cols = []
-    for g, off in zip(p.groups, p.offsets):
-        code = jnp.full(labels.shape[:1], off, jnp.int32)
-        for j, w in enumerate(g):
-            code = code + lab[:, w] * (p.base ** j)
-        cols.append(code)
-    return jnp.stack(cols, axis=1).astype(jnp.uint16)
+    for a, n, s, off in runs(p):
+        digits = lab[:, a: a + n * s].reshape(T, n, s)
+        place = jnp.asarray(p.base ** np.arange(s), jnp.int32)
+        first = off + p.base ** s * jnp.arange(n, dtype=jnp.int32)
+        cols.append((digits * place).sum(axis=2) + first)
+    return jnp.concatenate(cols, axis=1).astype(jnp.uint16)
 
 
-def _spread(x: jax.Array, j: int, s: int) -> jax.Array:
-    """``x [B, K]`` placed on digit ``j`` of an ``s``-digit combination: ``[B] * s + [K]``
-    broadcastable (digit j is axis ``s - 1 - j``: combination codes are little-endian)."""
-    shape = [1] * s + [x.shape[1]]
-    shape[s - 1 - j] = x.shape[0]
-    return x.reshape(shape)
+def _digit_sum(x: jax.Array, s: int) -> jax.Array:
+    """``x [n, s, B, K]`` (digit j of group i: ``x[i, j]``) -> ``[n, B, ..., B, K]`` (``s`` digit
+    axes, little-endian: digit j is axis ``s - j``): each combination's sum over its digits."""
+    n, _, B, K = x.shape
+    t = None
+    for j in range(s):
+        shape = [n] + [1] * s + [K]
+        shape[s - j] = B
+        part = x[:, j].reshape(shape)
+        t = part if t is None else t + part
+    return jnp.broadcast_to(t, (n,) + (B,) * s + (K,))
 
 
 def tables(p: Plan, log_prior: jax.Array, log_conf: jax.Array) -> jax.Array:
@@ -283,12 +303,11 @@ def tables(p: Plan, log_prior: jax.Array, log_conf: jax.Array) -> jax.Array:
     ext = jnp.concatenate([jnp.zeros((W, 1, K), log_conf.dtype),
                            jnp.transpose(log_conf, (0, 2, 1))], axis=1)  # [W, B, K]; 0 = no answer
     parts = []
-    for gi, g in enumerate(p.groups):
-        s = len(g)
-        t = sum(_spread(ext[w], j, s) for j, w in enumerate(g))
-        if gi == 0:
-            t = t + log_prior
-        parts.append(jnp.broadcast_to(t, (p.base,) * s + (K,)).reshape(-1, K))
+    for ri, (a, n, s, _) in enumerate(runs(p)):
+        t = _digit_sum(ext[a: a + n * s].reshape(n, s, p.base, K), s)
+        if ri == 0:
+            t = t.at[0].add(log_prior)
+        parts.append(t.reshape(-1, K))
     tab = jnp.concatenate(parts, axis=0)
     return jnp.pad(tab, ((0, 0), (0, 8 - K))).astype(jnp.float32)
 
@@ -297,11 +316,9 @@ def vote_table(p: Plan, worker_weight: jax.Array, n_classes: int) -> jax.Array:
     """``[n_combos, 8]``: each combination's votes per class (annotators weighted)."""
     K = n_classes
     onehot = jnp.concatenate([jnp.zeros((1, K), jnp.float32), jnp.eye(K, dtype=jnp.float32)])
-    parts = []
-    for g in p.groups:
-        s = len(g)
-        t = sum(_spread(onehot * worker_weight[w], j, s) for j, w in enumerate(g))
-        parts.append(jnp.broadcast_to(t, (p.base,) * s + (K,)).reshape(-1, K))
+    ext = onehot[None] * worker_weight[:, None, None]  # [W, B, K]
+    parts = [_digit_sum(ext[a: a + n * s].reshape(n, s, p.base, K), s).reshape(-1, K)
+             for a, n, s, _ in runs(p)]
     return jnp.pad(jnp.concatenate(parts, axis=0), ((0, 0), (0, 8 - K)))
 
 
@@ -309,14 +326,16 @@ def counts_from(p: Plan, C: jax.Array, n_classes: int) -> tuple[jax.Array, jax.A
     """``(counts [W, K, L], class totals [K])`` from the per-combination sums ``C``."""
     K = n_classes
     per_w = []
-    for g, off in zip(p.groups, p.offsets):
-        s = len(g)
-        Cg = C[off: off + p.base ** s, :K].reshape((p.base,) * s + (K,))
+    for _, n, s, off in runs(p):
+        Cg = C[off: off + n * p.base ** s, :K].reshape((n,) + (p.base,) * s + (K,))
+        per_j = []
         for j in range(s):
-            axes = tuple(a for a in range(s) if a != s - 1 - j)
-            per_w.append(Cg.sum(axis=axes)[1:].T)  # [K, L], "no answer" dropped
+            axes = tuple(1 + a for a in range(s) if a != s - 1 - j)
+            # [n, K, L], "no answer" dropped
+            per_j.append(Cg.sum(axis=axes)[:, 1:].transpose(0, 2, 1))
+        per_w.append(jnp.stack(per_j, axis=1).reshape(n * s, K, p.base - 1))
     psum = C[: p.base ** len(p.groups[0]), :K].sum(axis=0)
-    return jnp.stack(per_w), psum
+    return jnp.concatenate(per_w, axis=0), psum
 
 
 def _threads() -> int:
@@ -678,12 +697,16 @@ def mace_fit_restarts(data: Any, keys: jax.Array, *, max_iter: int = 50, tol: fl
 def decode(codes: jax.Array, p: Plan, n_workers: int) -> jax.Array:
     """The answers ``[T, W]`` (int8, -1 = none) of combination codes ``[T, G]`` (codes out of
     range, as in the inert rows past a merge's count, decode to some answers: mask them)."""
-    parts = []
-    for gi, (g, off) in enumerate(zip(p.groups, p.offsets)):
-        combos = np.arange(p.base ** len(g))
-        digits = np.stack([(combos // p.base ** j) % p.base - 1 for j in range(len(g))], axis=1)
-        c = jnp.clip(codes[:, gi].astype(jnp.int32) - off, 0, len(combos) - 1)
-        parts.append(jnp.asarray(digits.astype(np.int8))[c])  # a gather of short table rows
+    parts, gi = [], 0
+    for _, n, s, off in runs(p):
+        combos = np.arange(p.base ** s)
+        digits = np.stack([(combos // p.base ** j) % p.base - 1 for j in range(s)], axis=1)
+        first = off + p.base ** s * np.arange(n)
+        c = jnp.clip(codes[:, gi: gi + n].astype(jnp.int32) - jnp.asarray(first, jnp.int32),
+                     0, len(combos) - 1)
+        # a gather of short table rows
+        parts.append(jnp.asarray(digits.astype(np.int8))[c].reshape(-1, n * s))
+        gi += n
     return jnp.concatenate(parts, axis=1)[:, :n_workers]
 
 
