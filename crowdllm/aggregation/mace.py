@@ -414,8 +414,11 @@ class MACE(Aggregator):
                          smoothing=smoothing, a=self.alpha, b=self.beta, gamma=self.gamma,
                          default_noise=self.default_noise, init_from_gold=self.init == "gold",
                          learn_prior=self.prior == "learned")
-            res = jax.tree_util.tree_map(np.asarray, best_restart(allres))
-            objectives = np.asarray(allres.objective)
+            # picked on the host: indexing each device array would compile a slice per field
+            allres = jax.tree_util.tree_map(np.asarray, allres)
+            objectives = allres.objective
+            best = int(np.argmax(objectives))
+            res = jax.tree_util.tree_map(lambda x: x[best], allres)
         W = tensor.n_workers
         theta = res.knowing[:W]
         return {"probas": res.posteriors[: tensor.n_tasks], "skills": theta,
