@@ -1,4 +1,4 @@
-r"""MACE: who is spamming, and how; fitted by EM or variational Bayes, with restarts under vmap.
+r"""MACE: who is spamming, and how; fitted by EM or variational Bayes, with random restarts.
 
 The generative story (Hovy et al., 2013). Each task's true class is uniform,
 :math:`z_t \sim \mathrm{Cat}(1/K)`. On each answer, annotator :math:`w` knows the answer with
@@ -42,8 +42,9 @@ is .8230 (crowd-kit: .8099). ``prior="uniform"`` is the paper's model.
 
 Restarts: ``n_restarts`` random starts (each annotator's first :math:`\theta_w` and
 :math:`\xi_w` drawn as crowd-kit does, from normalised Uniform(1, 1 + ``default_noise``) weights)
-run together under ``jax.vmap`` over PRNG keys split from ``seed``; the run with the highest final
-objective is kept. The starts are the expected counts those parameters imply, so the first
+run one after another (``lax.map``, each stopping on its own) from PRNG keys split from ``seed``;
+the run with the highest final objective is kept. Under ``vmap`` they ran 2.8 times slower on a
+sparse crowd of 100,000 tasks (the batched scatters) and compiled a third longer. The starts are the expected counts those parameters imply, so the first
 M-step gives back (nearly) the drawn parameters.
 
 Gold labels: clamped in every E-step; with ``init="gold"`` the known-counts of annotators who
@@ -300,7 +301,7 @@ def _prior_summary(state: MaceState, *, method: str, smoothing: float, learn_pri
 def fit_one(data: CrowdData, key: jax.Array, *, max_iter: int, tol: float, method: str,
             smoothing: float, a: float, b: float, gamma: float, default_noise: float,
             init_from_gold: bool, learn_prior: bool = False, delta: float = 1.0) -> MaceResult:
-    """One restart (not jitted on its own: :func:`fit` vmaps it over keys)."""
+    """One restart (not jitted on its own: :func:`fit_restarts` maps it over keys)."""
     kw = dict(method=method, smoothing=smoothing, a=a, b=b, gamma=gamma,
               learn_prior=learn_prior, delta=delta)
     state = init(data, key, default_noise=default_noise, init_from_gold=init_from_gold)
@@ -322,14 +323,14 @@ def fit_restarts(data: CrowdData, keys: jax.Array, *, max_iter: int = 50, tol: f
                  gamma: float = 10.0, default_noise: float = 0.5,
                  init_from_gold: bool = False, learn_prior: bool = False,
                  delta: float = 1.0) -> MaceResult:
-    """Every restart (one per key, under ``vmap``); results have a leading restart axis."""
+    """Every restart (one per key, one after another); results have a leading restart axis."""
     if method not in ("em", "vb"):
         raise ValueError(f"method must be 'em' or 'vb', got {method!r}")
     one = functools.partial(fit_one, data, max_iter=max_iter, tol=tol, method=method,
                             smoothing=smoothing, a=a, b=b, gamma=gamma,
                             default_noise=default_noise, init_from_gold=init_from_gold,
                             learn_prior=learn_prior, delta=delta)
-    return jax.vmap(one)(keys)
+    return jax.lax.map(one, keys)
 
 
 def best_restart(res: MaceResult) -> MaceResult:
@@ -348,7 +349,7 @@ class MACE(Aggregator):
 
     Args:
         method: ``vb`` (variational Bayes, default) or ``em``.
-        n_restarts: random restarts, run together under ``vmap``; the best objective is kept.
+        n_restarts: random restarts, run one after another; the best objective is kept.
         max_iter: the most iterations per restart.
         tol: stop a restart when its objective (per answer) gains less than this.
         smoothing: EM pseudo-count; None = 0.01 / number of classes (crowd-kit's choice).
