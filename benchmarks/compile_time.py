@@ -26,7 +26,7 @@ from crowdllm.aggregation import get_method  # noqa: E402
 from crowdllm.eval import speed  # noqa: E402
 from crowdllm.labels import LabelTensor  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("CROWDLLM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -51,7 +51,7 @@ def main() -> None:
         p.name for p in root.iterdir() if (p / "answers.csv").exists())
     tensors = {n: LabelTensor.coerce(root / n / "answers.csv") for n in names}
     import crowdllm
-    print(speed.machine())
+    print(f"machine: {speed.machine()}")
     print(f"code: {Path(crowdllm.__file__).resolve().parent}")
     print("| method | dataset | tasks x annotators | compile s | programs | fit s (with compile) |")
     print("| --- | --- | --- | ---: | ---: | ---: |")

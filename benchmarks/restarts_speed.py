@@ -44,7 +44,7 @@ def main() -> None:
     # the data are arguments, not constants of the program (XLA would fold their scatters)
     runs = {"lax.map": jax.jit(lambda d, ks: jax.lax.map(lambda k: one(d, k), ks)),
             "vmap": jax.jit(lambda d, ks: jax.vmap(lambda k: one(d, k))(ks))}
-    print(speed.machine())
+    print(f"machine: {speed.machine()}")
     print(f"MACE ({args.method}), {args.restarts} restarts, sparse crowd {args.n:,} tasks x 3")
     print("| restarts run | compile s | fit s (min of %d) | best objective | iterations |"
           % args.repeats)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import DATA
 from crowdllm.eval import speed
 
 
@@ -38,7 +39,8 @@ def test_method_table_times_crowdkit_beside_ours_and_bounds_a_timeout():
     assert "crowdkit_s" not in big and "crowdkit_s" not in bwa and bwa["accuracy"] > 0.5
 
 
-@pytest.mark.parametrize("script", ["classical_speed", "ebcc_speed", "merge_speed"])
+@pytest.mark.parametrize("script", ["classical_speed", "ebcc_speed", "merge_speed",
+                                    "restarts_speed", "compile_time"])
 def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
     """The benchmark scripts call kernels by their internal signatures, so a change of those
     can break a script silently (``classical_speed`` did, session 3); run each end to end on a
@@ -55,12 +57,16 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
     mod = importlib.import_module(script)
     argv = {"classical_speed": ["--items", "600", "--ck-items", "0", "--repeats", "1"],
             "ebcc_speed": ["--tasks", "300", "--restarts", "3", "--repeat", "1"],
-            "merge_speed": ["--n", "3000", "--repeats", "1"]}[script]
+            "merge_speed": ["--n", "3000", "--repeats", "1"],
+            "restarts_speed": ["--n", "300", "--restarts", "2", "--repeats", "1"],
+            "compile_time": ["--methods", "ds", "--datasets", "li_quiz_itmanage",
+                             "--data", str(DATA)]}[script]
     monkeypatch.setattr(sys, "argv", [script] + argv)
     mod.main()
     out = capsys.readouterr().out
     names = {"classical_speed": ["glad", "mace", "mmsr", "kos"], "ebcc_speed": ["acc_ebcc"],
-             "merge_speed": ["synthetic", "agreeing"]}[script]
+             "merge_speed": ["synthetic", "agreeing"], "restarts_speed": ["| lax.map |", "| vmap |"],
+             "compile_time": ["| ds | li_quiz_itmanage | 25 x 36 |"]}[script]
     for name in names:
         assert name in out, out
     assert "machine: " in out and speed._cpu_model() in out, out
