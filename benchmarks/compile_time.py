@@ -22,6 +22,8 @@ if not os.environ.get("PYTHONPATH"):
 
 import jax  # noqa: E402
 
+import crowdllm  # noqa: E402
+
 from crowdllm.aggregation import get_method  # noqa: E402
 from crowdllm.eval import speed  # noqa: E402
 from crowdllm.labels import LabelTensor  # noqa: E402
@@ -50,7 +52,6 @@ def main() -> None:
     names = args.datasets.split(",") if args.datasets else sorted(
         p.name for p in root.iterdir() if (p / "answers.csv").exists())
     tensors = {n: LabelTensor.coerce(root / n / "answers.csv") for n in names}
-    import crowdllm
     print(f"machine: {speed.machine()}")
     print(f"code: {Path(crowdllm.__file__).resolve().parent}")
     print("| method | dataset | tasks x annotators | compile s | programs | fit s (with compile) |")

@@ -43,8 +43,9 @@ is .8230 (crowd-kit: .8099). ``prior="uniform"`` is the paper's model.
 Restarts: ``n_restarts`` random starts (each annotator's first :math:`\theta_w` and
 :math:`\xi_w` drawn as crowd-kit does, from normalised Uniform(1, 1 + ``default_noise``) weights)
 run one after another (``lax.map``, each stopping on its own) from PRNG keys split from ``seed``;
-the run with the highest final objective is kept. Under ``vmap`` they ran 2.8 times slower on a
-sparse crowd of 100,000 tasks (the batched scatters) and compiled a third longer. The starts are the expected counts those parameters imply, so the first
+the run with the highest final objective is kept. Under ``vmap`` they ran 3.3 times slower on a
+sparse crowd of 100,000 tasks (the batched scatters; ``benchmarks/restarts_speed.py``) and
+compiled a third longer. The starts are the expected counts those parameters imply, so the first
 M-step gives back (nearly) the drawn parameters.
 
 Gold labels: clamped in every E-step; with ``init="gold"`` the known-counts of annotators who
@@ -334,8 +335,8 @@ def fit_restarts(data: CrowdData, keys: jax.Array, *, max_iter: int = 50, tol: f
 
 
 def best_restart(res: MaceResult) -> MaceResult:
-    """The restart with the highest final objective."""
-    best = jnp.argmax(res.objective)
+    """The restart with the highest final objective (on host arrays, no program is compiled)."""
+    best = int(np.argmax(np.asarray(res.objective)))
     return jax.tree_util.tree_map(lambda x: x[best], res)
 
 
@@ -415,11 +416,9 @@ class MACE(Aggregator):
                          smoothing=smoothing, a=self.alpha, b=self.beta, gamma=self.gamma,
                          default_noise=self.default_noise, init_from_gold=self.init == "gold",
                          learn_prior=self.prior == "learned")
-            # picked on the host: indexing each device array would compile a slice per field
+            # on the host: indexing each device array would compile a slice per field
             allres = jax.tree_util.tree_map(np.asarray, allres)
-            objectives = allres.objective
-            best = int(np.argmax(objectives))
-            res = jax.tree_util.tree_map(lambda x: x[best], allres)
+            res, objectives = best_restart(allres), allres.objective
         W = tensor.n_workers
         theta = res.knowing[:W]
         return {"probas": res.posteriors[: tensor.n_tasks], "skills": theta,
