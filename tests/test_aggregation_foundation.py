@@ -274,3 +274,75 @@ def test_registry_and_get_method():
     assert isinstance(m, DawidSkene) and m.max_iter == 7
     with pytest.raises(ValueError, match="unknown method"):
         get_method("nope")
+
+
+def test_shared_shapes_compile_once_for_a_collection_with_the_same_results():
+    """Inside shared_shapes, crowds with one class count are padded to one shape: Dawid-Skene
+    (COO, XLA) compiles once for three binary datasets of different sizes, and every fit equals
+    the fit outside the block (labels exactly, posteriors to float rounding); MACE's random
+    starts give the same labels too."""
+    from conftest import DATA
+    from crowdllm.aggregation import MACE, shared_shapes
+    from crowdllm.aggregation import dawid_skene as ds_kernel
+    from crowdllm.labels import read_answers
+
+    names = ["zencrowd_in", "sentiment_polarity_sp_amt", "snow_rte"]
+    tensors = [read_answers(DATA / n / "answers.csv") for n in names]
+    assert len({(t.n_tasks, t.n_workers, t.n_answers) for t in tensors}) == 3
+    assert {t.n_classes for t in tensors} == {2}
+
+    def fits():
+        ds = [DawidSkene(layout="coo", native="off", tol=-1.0, max_iter=7).fit(t) for t in tensors]
+        mace = [MACE(n_restarts=2, max_iter=10).fit(t) for t in tensors]
+        return ds, mace
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        plain_ds, plain_mace = fits()
+        with shared_shapes(tensors) as floors:
+            shapes = {prepare(t, layout="coo").task.shape + prepare(t, layout="coo").task_mask.shape
+                      for t in tensors}
+            before = ds_kernel.fit._cache_size()
+            shared_ds, shared_mace = fits()
+            compiled = ds_kernel.fit._cache_size() - before
+    assert len(shapes) == 1 and floors[(2, "coo")] == [(
+        max(bucket(t.n_tasks) for t in tensors), max(bucket(t.n_workers) for t in tensors),
+        max(bucket(t.n_answers) for t in tensors))]
+    assert compiled <= 1  # one program for the three (none if an earlier test compiled it)
+    for a, b in zip(plain_ds, shared_ds):
+        np.testing.assert_array_equal(a.label_codes_, b.label_codes_)
+        np.testing.assert_allclose(a.probas_, b.probas_, atol=1e-5)
+        np.testing.assert_allclose(a.errors_, b.errors_, atol=1e-5)
+    for a, b in zip(plain_mace, shared_mace):
+        np.testing.assert_array_equal(a.label_codes_, b.label_codes_)
+    # outside the block, prepare pads to the crowd's own bucket again
+    t = tensors[0]
+    assert prepare(t, layout="coo").task.shape == (bucket(t.n_answers),)
+
+
+def test_shared_shapes_pads_dense_tasks_only_within_the_limit_and_never_shrinks():
+    """Dense panels share the task axis (the worker axis stays exact); a crowd larger than the
+    collection's shapes keeps its own bucket; other class counts are untouched; no crowd is
+    padded past max_pad times its own size (sizes 30x apart make two groups by default)."""
+    from crowdllm.aggregation import shared_shapes
+
+    small = sample_ds(n_tasks=100, n_workers=4, n_classes=3, seed=1)[0]
+    big = sample_ds(n_tasks=3000, n_workers=6, n_classes=3, seed=2)[0]
+    other = sample_ds(n_tasks=50, n_workers=4, n_classes=4, seed=3)[0]
+    with shared_shapes([small]):
+        assert prepare(big, layout="dense").labels.shape == (bucket(3000), 6)
+    with shared_shapes([small, big]) as floors:  # 3072 / 104 tasks: over the default 4x
+        assert len(floors[(3, "dense")]) == 2
+        assert prepare(small, layout="dense").labels.shape == (bucket(100), 4)
+    with shared_shapes([small, big], max_pad=64):
+        d = prepare(small, layout="dense")
+        assert d.labels.shape == (bucket(3000), 4)
+        assert float(d.task_mask.sum()) == 100
+        c = prepare(small, layout="coo")
+        assert c.task.shape == (bucket(big.n_answers),) and float(c.weight.sum()) == small.n_answers
+        assert c.worker_mask.shape == (bucket(6),) and float(c.worker_mask.sum()) == 4
+        assert prepare(other, layout="coo").task.shape == (bucket(other.n_answers),)
+        assert prepare(small, layout="coo", pad=False).task.shape == (small.n_answers,)
+    with pytest.raises(ValueError, match="max_pad"):
+        with shared_shapes([small], max_pad=0.5):
+            pass

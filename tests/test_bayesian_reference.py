@@ -29,6 +29,10 @@ from conftest import DATA, datasets_with_answers  # noqa: E402
 from crowdllm.aggregation import get_method  # noqa: E402
 from crowdllm.labels import LabelTensor  # noqa: E402
 
+# every real dataset padded to one shape per class count: a method compiles once per class
+# count, not once per dataset (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_shape_per_class_count")
+
 METHODS = ("bwa", "ibcc", "ebcc")
 # EBCC (best of 40 restarts) on every dataset takes many minutes on 2 cores (trec2011 alone takes
 # minutes); by default the test checks it on the datasets of at most 12,000 answers and 200

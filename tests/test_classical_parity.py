@@ -26,6 +26,10 @@ from conftest import DATA, datasets_with_answers
 from crowdllm.aggregation import GLAD, KOS, MACE, MMSR
 from crowdllm.labels import LabelTensor
 
+# every real dataset padded to one shape per class count: a method compiles once per class
+# count, not once per dataset (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_shape_per_class_count")
+
 REFERENCE = json.loads((Path(__file__).parent / "reference" / "crowdkit_classical.json").read_text())
 CLASSES = {"glad": GLAD, "mace": MACE, "mmsr": MMSR, "kos": KOS}
 

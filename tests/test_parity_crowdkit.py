@@ -25,6 +25,10 @@ from crowdllm import DawidSkene, MajorityVote, OneCoinDawidSkene, Wawa, ZeroBase
 
 from conftest import DATA, datasets_with_answers
 
+# every real dataset padded to one shape per class count: a method compiles once per class
+# count, not once per dataset (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_shape_per_class_count")
+
 REFERENCE = json.loads((Path(__file__).parent / "reference" / "crowdkit_foundation.json").read_text())
 DATASETS = datasets_with_answers()
 

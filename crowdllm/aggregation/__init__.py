@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._core import shared_shapes
 from .base import Aggregator, ConvergenceWarning
 from .dawid_skene import DawidSkene
 from .majority_vote import MajorityVote
@@ -77,6 +78,6 @@ def check_params(name: str, params: Any) -> None:
                          f"its parameters: {', '.join(cls.parameters())}")
 
 
-__all__ = ["Aggregator", "ConvergenceWarning", "METHODS", "get_method", "check_params", "register",
+__all__ = ["Aggregator", "ConvergenceWarning", "shared_shapes", "METHODS", "get_method", "check_params", "register",
            "MajorityVote", "Wawa", "ZeroBasedSkill", "DawidSkene", "OneCoinDawidSkene",
            "GLAD", "MACE", "MMSR", "KOS"]

@@ -15,16 +15,19 @@ stay here as ``_reference_*`` (switch with :func:`use_fast`).
 
 Shapes are padded to size buckets (at most 1/8 larger than needed) so that a second call with a
 similar-sized input reuses the compiled kernel instead of compiling again; padded answers have
-weight 0, padded tasks and workers are masked out of every statistic.
+weight 0, padded tasks and workers are masked out of every statistic. Inside
+:func:`shared_shapes`, the crowds of a collection with one class count, layout and similar size
+are padded to one shape, so a method compiles once for them all (many datasets, one method).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +39,7 @@ from . import _fast
 Layout = Literal["auto", "coo", "dense"]
 
 __all__ = [
-    "Coo", "Dense", "CrowdData", "prepare", "bucket", "task_class_sum", "worker_confusion",
+    "Coo", "Dense", "CrowdData", "prepare", "bucket", "shared_shapes", "task_class_sum", "worker_confusion",
     "task_vote", "worker_agreement", "worker_count", "clamp_gold", "iterate", "Loop",
     "answers_of", "normalize", "safe_log", "argmax_ties", "tie_flag", "use_fast", "fast_enabled",
 ]
@@ -119,6 +122,83 @@ def choose_layout(tensor: LabelTensor, layout: Layout = "auto") -> str:
     return "dense" if tensor.density >= 0.5 else "coo"
 
 
+Shape = tuple[int, int, int]  # (tasks, workers, answers) a crowd is padded to
+
+# (n_classes, layout) -> the shapes prepare may pad to, smallest first, and the padding limit;
+# set by shared_shapes
+_FLOORS: contextvars.ContextVar[tuple[dict[tuple[int, str], list[Shape]], float]] = \
+    contextvars.ContextVar("crowdllm_shared_shapes", default=({}, 1.0))
+
+
+def _own_shape(tensor: LabelTensor, layout: str) -> Shape:
+    """The bucketed shape ``prepare`` gives a crowd (the dense worker axis is exact: 0 here)."""
+    if layout == "dense":
+        return (bucket(tensor.n_tasks), 0, 0)
+    return (bucket(tensor.n_tasks), bucket(tensor.n_workers), bucket(tensor.n_answers))
+
+
+def _size(shape: Shape, layout: str) -> int:
+    return shape[0] if layout == "dense" else shape[2]
+
+
+@contextlib.contextmanager
+def shared_shapes(tensors: Iterable[LabelTensor], *, max_pad: float = 4.0
+                  ) -> Iterator[dict[tuple[int, str], list[Shape]]]:
+    """Pad the crowds of a collection to a few shared shapes, inside the block.
+
+    Each (method, shape) pair compiles once; crowds of different sizes get different size
+    buckets, so running a method over many datasets compiles it once per dataset, which on
+    small data takes longer than the fit. Here the crowds with one class count and layout are
+    sorted by size (answers in the COO layout, tasks in the dense one, whose worker axis stays
+    exact) and cut into groups whose largest is at most ``max_pad`` times the smallest; inside
+    the block, :func:`prepare` pads a crowd to its group's shape (the largest bucket of each
+    axis in the group), so a method compiles once per group. Padding is inert (zero-weight
+    answers, masked tasks and workers): results equal the unpadded fit's, to float rounding.
+    It costs run time in proportion (at most ``max_pad`` times), which is small beside a
+    compile on small crowds. Any crowd prepared inside the block, in the collection or not, is
+    padded to the smallest shared shape that holds it, if that is at most ``max_pad`` times its
+    own size. Yields ``{(n_classes, layout): [shape, ...]}``.
+
+        >>> with shared_shapes(tensors):                       # doctest: +SKIP
+        ...     labels = {name: MACE().fit(t).labels_ for name, t in zip(names, tensors)}
+    """
+    if max_pad < 1:
+        raise ValueError(f"max_pad must be >= 1, got {max_pad}")
+    known, _ = _FLOORS.get()
+    own: dict[tuple[int, str], list[Shape]] = {}
+    for t in tensors:
+        for layout in ("coo", "dense"):
+            own.setdefault((max(t.n_classes, 1), layout), []).append(_own_shape(t, layout))
+    floors = {key: list(v) for key, v in known.items()}
+    for (k, layout), shapes in own.items():
+        shapes.sort(key=lambda s: _size(s, layout), reverse=True)
+        groups: list[list[Shape]] = []
+        for shape in shapes:
+            if groups and _size(shape, layout) * max_pad >= _size(groups[-1][0], layout):
+                groups[-1].append(shape)
+            else:
+                groups.append([shape])
+        merged = floors.setdefault((k, layout), [])
+        merged += [tuple(max(s[i] for s in g) for i in range(3)) for g in groups]
+        merged.sort(key=lambda s: _size(s, layout))
+    token = _FLOORS.set((floors, max_pad))
+    try:
+        yield floors
+    finally:
+        _FLOORS.reset(token)
+
+
+def _shared_shape(tensor: LabelTensor, layout: str) -> Shape:
+    """The shape ``prepare`` pads a crowd to: its own buckets, or inside :func:`shared_shapes`
+    the smallest shared shape that holds it (within the padding limit)."""
+    own = _own_shape(tensor, layout)
+    floors, max_pad = _FLOORS.get()
+    for f in floors.get((max(tensor.n_classes, 1), layout), ()):
+        if all(a >= b for a, b in zip(f, own)) and _size(f, layout) <= max_pad * _size(own, layout):
+            return f
+    return own
+
+
 def prepare(
     tensor: LabelTensor,
     *,
@@ -138,8 +218,9 @@ def prepare(
     """
     layout = choose_layout(tensor, layout)
     n_t, n_w, n_a = tensor.n_tasks, tensor.n_workers, tensor.n_answers
-    T = bucket(n_t) if pad else max(n_t, 1)
-    W = bucket(n_w) if pad else max(n_w, 1)
+    fT, fW, fA = _shared_shape(tensor, layout)  # the buckets, or a shared shape (shared_shapes)
+    T = fT if pad else max(n_t, 1)
+    W = fW if pad else max(n_w, 1)
     task_mask = np.zeros(T, dtype=dtype)
     task_mask[:n_t] = 1
     g = np.full(T, -1, dtype=np.int32)
@@ -155,7 +236,7 @@ def prepare(
                      n_classes=max(tensor.n_classes, 1))
     worker_mask = np.zeros(W, dtype=dtype)
     worker_mask[:n_w] = 1
-    A = bucket(n_a) if pad else max(n_a, 1)
+    A = fA if pad else max(n_a, 1)
     # Sorting by task keeps each task's answers together: segment sums then read and write
     # memory in order.
     order = np.argsort(tensor.task, kind="stable")

@@ -123,13 +123,22 @@ def _dataset_files(folder: Path) -> tuple[Path, Path] | str:
 
 def run_bench(folders: Sequence[str | Path], *, methods: Sequence[str] | None = None,
               params: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0,
-              progress: Callable[[str], None] | None = None) -> BenchResult:
+              progress: Callable[[str], None] | None = None,
+              share_shapes: bool = True) -> BenchResult:
     """Run every method (default: all registered) on every dataset folder.
 
     Folders without ``answers`` or ``gold`` are skipped (listed in ``skipped`` with the reason),
     as are folders whose files cannot be read (the error is kept).
+
+    ``share_shapes`` (default): the datasets are read first and fitted inside
+    :func:`~crowdllm.aggregation.shared_shapes`, so those with one class count and similar
+    sizes (at most 4x apart) are padded to one shape and each method compiles once per such
+    group instead of once per dataset. ``CROWDLLM_COMPILE_CACHE=off crowdllm bench
+    ../shared/data/*/ -m mace,mmsr``: 101 s against 144 s with ``--own-shapes`` (MACE 59.5 s
+    against 85.4 s), the same accuracy on all 21 datasets (2-core Intel host, session 13). A
+    dataset's time then includes the padding, and a group's compile falls on its first dataset.
     """
-    from ..aggregation import METHODS
+    from ..aggregation import METHODS, shared_shapes
 
     names = list(methods) if methods else list(METHODS)
     unknown = [m for m in names if m not in METHODS]
@@ -140,6 +149,7 @@ def run_bench(folders: Sequence[str | Path], *, methods: Sequence[str] | None = 
     if stray:
         raise ValueError(f"--param names method(s) not being run: {stray}")
     datasets: list[str] = []
+    tensors: list[Any] = []
     acc: dict[str, dict[str, float | None]] = {}
     errors: dict[str, dict[str, str]] = {}
     secs: dict[str, dict[str, float]] = {}
@@ -167,21 +177,24 @@ def run_bench(folders: Sequence[str | Path], *, methods: Sequence[str] | None = 
             continue
         seen.add(name)
         datasets.append(name)
-        mask = tensor.gold >= 0
+        tensors.append(tensor)
         info[name] = {"tasks": tensor.n_tasks, "workers": tensor.n_workers,
                       "answers": tensor.n_answers, "classes": tensor.n_classes,
-                      "gold_tasks": int(mask.sum())}
-        acc[name], errors[name], secs[name] = {}, {}, {}
-        for m in names:
-            if progress:
-                progress(f"{name}: {m}")
-            out = run_method(tensor, m, merged[m], seed=seed)
-            secs[name][m] = round(out.seconds, 3)
-            if out.codes is None:
-                acc[name][m] = None
-                errors[name][m] = out.error or "failed"
-            else:
-                acc[name][m] = float((out.codes[mask] == tensor.gold[mask]).mean())
+                      "gold_tasks": int((tensor.gold >= 0).sum())}
+    with shared_shapes(tensors if share_shapes else []):
+        for name, tensor in zip(datasets, tensors):
+            mask = tensor.gold >= 0
+            acc[name], errors[name], secs[name] = {}, {}, {}
+            for m in names:
+                if progress:
+                    progress(f"{name}: {m}")
+                out = run_method(tensor, m, merged[m], seed=seed)
+                secs[name][m] = round(out.seconds, 3)
+                if out.codes is None:
+                    acc[name][m] = None
+                    errors[name][m] = out.error or "failed"
+                else:
+                    acc[name][m] = float((out.codes[mask] == tensor.gold[mask]).mean())
     if not datasets:
         raise ValueError("no dataset folder with answers and gold among the arguments"
                          + (f" (skipped: {skipped})" if skipped else ""))

@@ -301,6 +301,10 @@ def report(run_dir: str, gold: str, out: str, by: str | None, items: str | None,
               help="Write the table here (.csv, .md, or .json for everything).")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+@click.option("--share-shapes/--own-shapes", "share_shapes", default=True, show_default=True,
+              help="Pad datasets with one class count and similar sizes (at most 4x apart) to "
+                   "one shape, so that each method compiles once per such group, not once per "
+                   "dataset (same accuracies; a dataset's time then includes the padding).")
 @click.option("--speed", is_flag=True,
               help="Instead, time the kernels on synthetic panels: DS on 1,000,000 x 12 x 5 vs "
                    "crowd-kit and the memory floor, every EM/VB kernel's iteration on that "
@@ -308,7 +312,7 @@ def report(run_dir: str, gold: str, out: str, by: str | None, items: str | None,
                    "sizes: benchmarks/speed.py).")
 def bench(dataset_dirs: tuple[str, ...], methods: str | None, merge: tuple[str, ...],
           param: tuple[str, ...], seed: int, output: str | None, as_json: bool,
-          quiet: bool, speed: bool) -> None:
+          quiet: bool, share_shapes: bool, speed: bool) -> None:
     """Run every aggregation method on every dataset folder (answers.csv + gold.csv).
 
     Prints accuracy per dataset and method, each method's mean accuracy, the datasets it
@@ -343,7 +347,8 @@ def bench(dataset_dirs: tuple[str, ...], methods: str | None, merge: tuple[str, 
                 raise ValueError(f"{f}: not valid JSON ({exc.msg})") from None
         if not dataset_dirs:
             return merge_results(earlier)
-        res = run_bench(dataset_dirs, methods=meths, params=params, seed=seed, progress=progress)
+        res = run_bench(dataset_dirs, methods=meths, params=params, seed=seed, progress=progress,
+                        share_shapes=share_shapes)
         return merge_results([*earlier, res]) if earlier else res
 
     res = _guard(go)

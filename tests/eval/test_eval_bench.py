@@ -108,3 +108,33 @@ def test_merge_results_recomputes_the_summary(tmp_path):
                                     "--merge", str(tmp_path / "b.json"), "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["suggested"] == "ds"
+
+
+def test_bench_shares_shapes_and_scores_as_with_own_shapes(data_dir, monkeypatch):
+    """Shared shapes (the default) pad the binary datasets to one shape: the prepared shapes
+    the methods see are one per class count, and the accuracies equal those of --own-shapes."""
+    from crowdllm.aggregation import _core
+
+    names = ["zencrowd_in", "snow_rte", "dog"]  # two binary datasets and a 4-class one
+    folders = [data_dir / n for n in names]
+    seen: dict[bool, set] = {True: set(), False: set()}
+    prepare = _core.prepare
+
+    def spy(tensor, **kw):
+        data = prepare(tensor, **kw)
+        seen[share].add((tensor.n_classes, data.task_mask.shape, data.worker_mask.shape))
+        return data
+
+    for mod in ("dawid_skene", "mace"):
+        monkeypatch.setattr(f"crowdllm.aggregation.{mod}.prepare", spy)
+    res = {}
+    for share in (True, False):
+        res[share] = run_bench(folders, methods=["ds", "mace"], share_shapes=share)
+    assert res[True].accuracy == res[False].accuracy
+    assert len({s for s in seen[True] if s[0] == 2}) == 1  # one shape for both binary crowds
+    assert len({s for s in seen[False] if s[0] == 2}) == 2
+    out = CliRunner().invoke(main, ["bench", *map(str, folders[:2]), "-m", "ds", "-q",
+                                    "--own-shapes", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["accuracy"] == {n: {"ds": res[False].accuracy[n]["ds"]}
+                                                 for n in names[:2]}
