@@ -47,6 +47,7 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_CO
 # (tests/conftest.py: HEAVY_FILES), not in xdist's order by test count. The suite is
 # compile-bound: on session 11's 2-core Intel host ~25 min, 2,964 worker-seconds, two thirds of
 # them XLA compiling one program per (method, dataset shape); session 12 cut six methods' compile
-# time over the real datasets by 41 % (benchmarks/compile_time.py), and a fresh clone's run still
-# took 1,502 s of pytest there (runs of the same code differ by about 100 s on that host)
+# time over the real datasets by 41 % (benchmarks/compile_time.py); session 13's parity modules
+# share one shape per class count and size group (conftest.py: one_shape_per_class_count), and
+# a fresh clone with an empty vLLM cache took 1,300 s of pytest, 1,408 s for .ci/run in all
 python -m pytest -q -n "${CROWDLLM_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
