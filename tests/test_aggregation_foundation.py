@@ -300,8 +300,8 @@ def test_shared_shapes_compile_once_for_a_collection_with_the_same_results():
         warnings.simplefilter("ignore", ConvergenceWarning)
         plain_ds, plain_mace = fits()
         with shared_shapes(tensors) as floors:
-            shapes = {prepare(t, layout="coo").task.shape + prepare(t, layout="coo").task_mask.shape
-                      for t in tensors}
+            shapes = {(d.task.shape, d.task_mask.shape, d.worker_mask.shape)
+                      for d in (prepare(t, layout="coo") for t in tensors)}
             before = ds_kernel.fit._cache_size()
             shared_ds, shared_mace = fits()
             compiled = ds_kernel.fit._cache_size() - before
