@@ -3,7 +3,15 @@
 # README's second set-up command and .ci/run both call exactly this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e '.[dev]'
+# the package and what the tests need: with uv where it installs (the same versions as pip;
+# 18 s against pip's 105 s for this list with cold caches on the 2-core host, session 14), else
+# with pip
+if python -m pip install -q uv >/dev/null 2>&1 && python -m uv --version >/dev/null 2>&1; then
+    python -m uv pip install -q --python "$(python -c 'import sys; print(sys.executable)')" -e '.[dev]' ||
+        python -m pip install -q -e '.[dev]'
+else
+    python -m pip install -q -e '.[dev]'
+fi
 # --- test-only services and tools (each block installs what one group of tests needs) ---
 # eval (tests/eval/test_eval_report.py): Debian's chromium opens the report's index.html headless
 if [ ! -x /usr/bin/chromium ]; then
