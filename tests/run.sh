@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # the package and what the tests need: with uv where it installs (the same versions as pip;
-# 18 s against pip's 105 s for this list with cold caches on the 2-core host, session 14), else
-# with pip
+# 66 s against pip's 105 s for this list with cold caches on the 2-core host, session 14), else
+# with pip. --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set (this host)
+# every process would otherwise compile every module it imports again (+150 s for the suite)
 if python -m pip install -q uv >/dev/null 2>&1 && python -m uv --version >/dev/null 2>&1; then
-    python -m uv pip install -q --python "$(python -c 'import sys; print(sys.executable)')" -e '.[dev]' ||
+    python -m uv pip install -q --compile-bytecode --python "$(python -c 'import sys; print(sys.executable)')" -e '.[dev]' ||
         python -m pip install -q -e '.[dev]'
 else
     python -m pip install -q -e '.[dev]'
