@@ -108,16 +108,32 @@ def ibcc(task, worker, label, *, n_tasks: int, n_workers: int, n_classes: int, a
 
 def run_nuts(model: Callable, args: tuple, kwargs: dict, *, num_warmup: int, num_samples: int,
              seed: int, progress_bar: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """NUTS draws of the model's continuous sites, plus diagnostics (split R-hat, divergences)."""
-    from numpyro.diagnostics import split_gelman_rubin
-    from numpyro.infer import MCMC, NUTS
+    """NUTS draws of the model's continuous sites, plus diagnostics (split R-hat, divergences).
 
-    mcmc = MCMC(NUTS(model), num_warmup=num_warmup, num_samples=num_samples,
-                progress_bar=progress_bar)
-    mcmc.run(jax.random.key(seed), *args, extra_fields=("diverging",), **kwargs)
-    samples = {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
+    NUTS (NumPyro's, with its defaults: step size and diagonal mass matrix adapted during the
+    warm-up, target acceptance 0.8) on the potential energy of the model's unconstrained sites,
+    driven through NumPyro's functional ``hmc`` API rather than ``MCMC``: ``MCMC`` finds the
+    initial point and the initial state by running the model op by op, each op compiled on its
+    own; here each is one jitted program (IBCC's NUTS test fit, 80 tasks x 6 annotators: 24.5
+    -> 10.2 s on the 2-core host, session 15).
+    """
+    from numpyro.diagnostics import split_gelman_rubin
+    from numpyro.infer.hmc import hmc
+    from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
+    from numpyro.util import fori_collect
+
+    k_init, k_run = jax.random.split(jax.random.key(seed))
+    start = jax.jit(lambda k: initialize_model(k, model, model_args=args,
+                                               model_kwargs=kwargs).param_info)(k_init)
+    init_kernel, sample_kernel = hmc(
+        potential_fn=lambda z: potential_energy(model, args, kwargs, z), algo="NUTS")
+    state = jax.jit(lambda p, k: init_kernel(p, num_warmup=num_warmup, rng_key=k))(start, k_run)
+    draws, diverging = fori_collect(num_warmup, num_warmup + num_samples, sample_kernel, state,
+                                    transform=lambda s: (s.z, s.diverging), progbar=progress_bar)
+    samples = jax.jit(jax.vmap(lambda z: constrain_fn(model, args, kwargs, z)))(draws)
+    samples = {k: np.asarray(v) for k, v in samples.items()}
     rhat = max(float(np.nanmax(split_gelman_rubin(v[None]))) for v in samples.values())
-    info = {"r_hat": rhat, "divergences": int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum()),
+    info = {"r_hat": rhat, "divergences": int(np.asarray(diverging).sum()),
             "n_iter": num_warmup + num_samples, "history": None}
     return samples, info
 
@@ -133,7 +149,11 @@ def run_svi(model: Callable, args: tuple, kwargs: dict, *, num_steps: int, num_s
     guide = AutoNormal(model)
     svi = SVI(model, guide, optax.adam(learning_rate), Trace_ELBO())
     k1, k2 = jax.random.split(jax.random.key(seed))
-    res = svi.run(k1, num_steps, *args, progress_bar=progress_bar, **kwargs)
+    # svi.init traces the model and the guide op by op, each op compiled on its own: one jitted
+    # program instead (the same state to rounding; 14.2 -> 2.5 s for 400 tasks x 5 annotators,
+    # 2-core host, session 15)
+    state = jax.jit(lambda key, *a: svi.init(key, *a, **kwargs))(k1, *args)
+    res = svi.run(k1, num_steps, *args, progress_bar=progress_bar, init_state=state, **kwargs)
     samples = guide.sample_posterior(k2, res.params, sample_shape=(num_samples,))
     samples = {k: np.asarray(v) for k, v in samples.items() if k in ("rho", "pi")}
     losses = np.asarray(res.losses)
