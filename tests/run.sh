@@ -61,6 +61,7 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_CO
 # compile-bound: on session 11's 2-core Intel host ~25 min, 2,964 worker-seconds, two thirds of
 # them XLA compiling one program per (method, dataset shape); session 12 cut six methods' compile
 # time over the real datasets by 41 % (benchmarks/compile_time.py); session 13's parity modules
-# share one shape per class count (conftest.py: one_shape_per_class_count); session 14's fresh
-# clone with every cache empty took 1,288 s of pytest, 1,358 s for .ci/run in all
+# share one shape per class count (conftest.py: one_shape_per_class_count); session 15's fresh
+# clone with every cache empty took 1,280 s of pytest, 1,302 s for .ci/run in all (vmstat: both CPUs
+# under 1 % idle while it ran, so only less CPU work shortens it, not more workers)
 python -m pytest -q -n "${CROWDLLM_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
