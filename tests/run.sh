@@ -62,6 +62,6 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_CO
 # them XLA compiling one program per (method, dataset shape); session 12 cut six methods' compile
 # time over the real datasets by 41 % (benchmarks/compile_time.py); session 13's parity modules
 # share one shape per class count (conftest.py: one_shape_per_class_count); session 15's fresh
-# clone with every cache empty took 1,280 s of pytest, 1,302 s for .ci/run in all (vmstat: both CPUs
-# under 1 % idle while it ran, so only less CPU work shortens it, not more workers)
+# clone with every cache empty took 1,170-1,280 s of pytest, 1,200-1,302 s for .ci/run in all
+# (two runs; vmstat: both CPUs under 1 % idle, so only less CPU work shortens it, not more workers)
 python -m pytest -q -n "${CROWDLLM_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
