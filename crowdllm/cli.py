@@ -6,11 +6,12 @@ added to the same group, so ``crowdllm --help`` lists everything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 import numpy as np
@@ -83,6 +84,22 @@ def methods(as_json: bool) -> None:
         click.echo(format_table(rows))
 
 
+@contextlib.contextmanager
+def _devices(shard: bool) -> Iterator[int]:
+    """``aggregate --shard``: fit inside ``sharding.sharded()``; yields the number of devices."""
+    if not shard:
+        yield 1
+        return
+    from .aggregation import sharding
+
+    with sharding.sharded() as mesh:
+        n = int(mesh.devices.size)
+        if n == 1:
+            click.echo("note: --shard: one device here, nothing to split (on CPU, set XLA_FLAGS="
+                       "--xla_force_host_platform_device_count=N)", err=True)
+        yield n
+
+
 @main.command()
 @click.argument("answers")
 @click.option("--method", "-m", default="ds", show_default=True,
@@ -114,11 +131,15 @@ def methods(as_json: bool) -> None:
               help="Any other parameter of the method (repeatable), e.g. -m ebcc -p restarts=10 "
                    "-p accelerate=true; values are read as JSON when they parse (numbers, "
                    "true/false, null), else as text. See the method's docstring.")
+@click.option("--shard", is_flag=True,
+              help="Split the answers over every local device (several GPUs; on CPU, after "
+                   "XLA_FLAGS=--xla_force_host_platform_device_count=N): the single-device "
+                   "results, to float rounding. Not for ds-bayes, NUTS/SVI or llm-judge.")
 def aggregate(answers: str, method: str, gold: str | None, use_gold: str, output: str | None,
               skills: str | None, seed: int, max_iter: int | None, tol: float | None,
               duplicates: str, task_col: str, worker_col: str, label_col: str,
               as_json: bool, inference: str | None = None, judge: str | None = None,
-              param_specs: tuple[str, ...] = ()) -> None:
+              param_specs: tuple[str, ...] = (), shard: bool = False) -> None:
     """Aggregate crowd answers (a task,worker,label file, a run folder, or 'example')."""
     from .aggregation import get_method
     from .eval.bench import parse_value
@@ -141,13 +162,17 @@ def aggregate(answers: str, method: str, gold: str | None, use_gold: str, output
             fail("--use-gold needs --gold")
         if use_gold != "none" and not model.supports_gold:
             fail(f"method {method!r} does not use gold labels in fitting; drop --use-gold")
+        if shard and not model.shardable:
+            fail(f"--shard: method {method!r} runs on one device (ds-bayes, NUTS / SVI and "
+                 f"llm-judge do); drop --shard")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             tensor = load_answers(answers, task_col=task_col, worker_col=worker_col,
                                   label_col=label_col, duplicates=duplicates)
             if gold_path is not None:
                 tensor = tensor.with_gold(gold_path)
-            model.fit(tensor, gold=gold_path if use_gold != "none" else None)
+            with _devices(shard) as devices:
+                model.fit(tensor, gold=gold_path if use_gold != "none" else None)
     except CrowdDataError as exc:
         fail(str(exc))
     except ValueError as exc:
@@ -159,6 +184,7 @@ def aggregate(answers: str, method: str, gold: str | None, use_gold: str, output
         "method": method, "tasks": tensor.n_tasks, "workers": tensor.n_workers,
         "classes": [str(c) for c in tensor.classes.tolist()], "answers": tensor.n_answers,
         "duplicates": tensor.n_duplicates, "n_iter": model.n_iter_, "converged": model.converged_,
+        "devices": devices,
     }
     if tensor.n_duplicates:
         click.echo(f"note: {tensor.n_duplicates} repeated (task, worker) answers kept "
@@ -190,7 +216,8 @@ def aggregate(answers: str, method: str, gold: str | None, use_gold: str, output
             click.echo(f"... {len(rows) - len(shown)} more rows (use --output to write them all)")
     msg = (f"{method}: {tensor.n_tasks} tasks, {tensor.n_workers} annotators, "
            f"{tensor.n_answers} answers, {model.n_iter_} iteration(s)"
-           + ("" if model.converged_ else " (not converged)"))
+           + ("" if model.converged_ else " (not converged)")
+           + (f", on {devices} devices" if devices > 1 else ""))
     click.echo(msg, err=True)
     if "accuracy" in summary:
         click.echo(f"accuracy on {summary['gold_tasks']} gold tasks: {summary['accuracy']:.4f}"

@@ -81,6 +81,17 @@ def test_aggregate_json_and_stdout_table(runner, answers):
     assert table.exit_code == 0 and table.output.splitlines()[0].split() == ["task", "label", "p_neg", "p_pos"]
 
 
+def test_shard_on_one_device_says_so_and_changes_nothing(runner, answers):
+    # (on several devices: tests/test_sharding.py)
+    p, _ = answers
+    one = runner.invoke(main, ["aggregate", str(p), "-m", "ds", "--json"])
+    res = runner.invoke(main, ["aggregate", str(p), "-m", "ds", "--json", "--shard"])
+    assert one.exit_code == 0 and res.exit_code == 0, res.output
+    assert "note: --shard: one device here, nothing to split" in res.stderr
+    a, b = json.loads(one.stdout), json.loads(res.stdout)
+    assert a["devices"] == b["devices"] == 1 and a["rows"] == b["rows"]
+
+
 def test_seed_max_iter_tol_are_passed(runner, answers):
     p, _ = answers
     res = runner.invoke(main, ["aggregate", str(p), "-m", "ds", "--max-iter", "2", "--tol", "1e-12", "--json"])

@@ -57,6 +57,14 @@ SCRIPT = textwrap.dedent(r'''
             if name == "ds":
                 close(one.confusion, multihost_utils.process_allgather(many.confusion, tiled=True),
                       "ds confusion")
+    # the classes gather their results on one process: sharded() refuses a mesh over both
+    try:
+        with sharding.sharded(mesh):
+            pass
+    except ValueError as exc:
+        assert "spans processes" in str(exc) and "shard(prepare" in str(exc), exc
+    else:
+        raise AssertionError("sharded() took a mesh over two processes")
     print("MULTIHOST OK", pid, flush=True)
 ''')
 

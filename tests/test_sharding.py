@@ -75,6 +75,12 @@ SCRIPT = textwrap.dedent(r'''
     sdata = sharding.shard(_core.prepare(sparse, layout="coo"), mesh)
     hlo = dawid_skene.fit.lower(sdata, max_iter=5).compile().as_text()
     assert "all-reduce" in hlo
+    # a dense panel's rows are divided too: each device's program holds a quarter of them, and
+    # the label matrix is never gathered whole
+    dense = sharding.shard(_core.prepare(panel, layout="dense"), mesh)
+    T, W = dense.labels.shape
+    hlo = dawid_skene.fit.lower(dense, max_iter=5).compile().as_text()
+    assert f"s8[{T // 4},{W}]" in hlo and f"s8[{T},{W}]" not in hlo and "all-gather" not in hlo
     # padding the answers axis to the mesh size changes nothing
     odd = _core.prepare(sparse, layout="coo", pad=False)
     assert odd.task.shape[0] % 4 != 0
@@ -83,11 +89,99 @@ SCRIPT = textwrap.dedent(r'''
     print("SHARDING OK", checked)
 ''')
 
+# Every aggregator's class inside sharding.sharded() against the same class on one device; the
+# command's --shard against no --shard. One crowd per method (COO or a dense panel, alternating,
+# so each layout is covered by half of them), float64 where the method offers it (float32 for
+# the votes, whose sums are exact).
+CLASSES_SCRIPT = textwrap.dedent(r'''
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import json
+    import jax, numpy as np
+    from click.testing import CliRunner
+    from crowdllm.aggregation import METHODS, _core, get_method, sharding
+    from crowdllm.cli import main
+    from crowdllm.labels import LabelTensor
 
-def test_sharded_equals_single_device():
+    assert jax.device_count() == 4, jax.devices()
+
+    def crowd(n_tasks, n_workers, per_task, n_classes, seed):
+        rng = np.random.default_rng(seed)
+        truth = rng.integers(0, n_classes, n_tasks)
+        acc = rng.uniform(0.35, 0.95, n_workers)
+        t, w, l = [], [], []
+        for i in range(n_tasks):
+            for j in rng.choice(n_workers, per_task, replace=False):
+                lab = truth[i] if rng.random() < acc[j] else rng.integers(0, n_classes)
+                t.append(i); w.append(int(j)); l.append(int(lab))
+        return LabelTensor.from_arrays(t, w, l)
+
+    crowds = {"coo": crowd(301, 40, 3, 3, 0), "dense": crowd(203, 6, 6, 3, 1)}
+    binary = {"coo": crowd(301, 40, 3, 2, 2), "dense": crowd(203, 6, 6, 2, 3)}
+
+    placed = []  # the device count of every crowd prepare puts on the mesh
+    _shard = sharding.shard
+    def spy(data, mesh=None):
+        out = _shard(data, mesh)
+        placed.append(len(jax.tree_util.tree_leaves(out)[0].sharding.device_set))
+        return out
+    sharding.shard = spy
+
+    one_device = sorted(n for n in METHODS if not get_method(n).shardable)
+    assert one_device == ["ds-bayes", "llm-judge"], one_device
+    names = [n for n in METHODS if n not in one_device]
+    for i, name in enumerate(names):
+        layout = ("coo", "dense")[i % 2]
+        tensor = (binary if name == "kos" else crowds)[layout]
+        # fewer restarts than the defaults (10, 40): a restart runs the same kernel
+        params = {"layout": layout, **{"mace": {"n_restarts": 3}, "ebcc": {"restarts": 3}}.get(name, {})}
+        if "dtype" in get_method(name).__dict__:
+            params["dtype"] = "float64"
+        one = get_method(name, **params).fit(tensor)
+        del placed[:]
+        with sharding.sharded() as mesh:
+            assert mesh.devices.size == 4
+            many = get_method(name, **params).fit(tensor)
+        assert placed and set(placed) == {4}, (name, placed)  # the data really was split
+        np.testing.assert_allclose(many.probas_, one.probas_, rtol=0, atol=1e-5, err_msg=name)
+        np.testing.assert_array_equal(many.label_codes_, one.label_codes_, err_msg=name)
+        assert many.n_iter_ == one.n_iter_ or "dtype" not in params, (name, many.n_iter_, one.n_iter_)
+        print("OK", name, layout, params.get("dtype", "float32"), flush=True)
+    # outside the block nothing is split, and one device changes nothing
+    del placed[:]
+    get_method("ds").fit(crowds["coo"])
+    with sharding.sharded(sharding.local_mesh(jax.devices()[:1])):
+        assert not isinstance(_core.prepare(crowds["coo"]).task.sharding, jax.sharding.NamedSharding)
+    assert not placed
+
+    runner = CliRunner()
+    base = runner.invoke(main, ["aggregate", "example", "--json"])
+    split = runner.invoke(main, ["aggregate", "example", "--json", "--shard"])
+    assert base.exit_code == 0 and split.exit_code == 0, base.output + split.output
+    a, b = json.loads(base.stdout), json.loads(split.stdout)
+    assert (a["devices"], b["devices"]) == (1, 4)
+    assert [r["label"] for r in a["rows"]] == [r["label"] for r in b["rows"]]
+    np.testing.assert_allclose([r["p_0"] for r in b["rows"]], [r["p_0"] for r in a["rows"]],
+                               atol=1e-4)
+    bad = runner.invoke(main, ["aggregate", "example", "-m", "ds-bayes", "--shard"])
+    assert bad.exit_code == 1 and "--shard: method 'ds-bayes' runs on one device" in bad.output
+    print("CLASSES OK", len(names))
+''')
+
+
+def _run(script: str) -> str:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "SHARDING OK 3" in proc.stdout
+    return proc.stdout
+
+
+def test_every_aggregator_class_runs_sharded_with_the_same_results():
+    out = _run(CLASSES_SCRIPT)
+    assert "CLASSES OK 12" in out, out
+
+
+def test_sharded_equals_single_device():
+    assert "SHARDING OK 3" in _run(SCRIPT)

@@ -111,6 +111,20 @@ class Dense:
 CrowdData = Coo | Dense
 
 
+# set by sharding.sharded: the mesh prepare places its data on (None: the default device)
+_MESH: contextvars.ContextVar[Any] = contextvars.ContextVar("crowdllm_mesh", default=None)
+
+
+def _placed(data: "CrowdData") -> "CrowdData":
+    """``data`` as prepared, or inside :func:`.sharding.sharded` split over its mesh."""
+    mesh = _MESH.get()
+    if mesh is None:
+        return data
+    from .sharding import shard  # sharding imports this module
+
+    return shard(data, mesh)
+
+
 def choose_layout(tensor: LabelTensor, layout: Layout = "auto") -> str:
     """``dense`` for panels (no repeats, at least half the cells answered), else ``coo``."""
     if layout not in ("auto", "coo", "dense"):
@@ -215,8 +229,14 @@ def prepare(
         gold: ``int32[tasks]`` gold codes to clamp (``-1`` = none); None for no clamping.
         dtype: float dtype of weights and masks (float32, or float64 with x64 enabled).
         pad: pad shapes to buckets (turn off to see the exact shapes, e.g. in tests).
+
+    Inside :func:`.sharding.sharded`, the data is split over the block's mesh (the answers
+    axis; :func:`.sharding.shard`), so any aggregator's fit runs on all its devices.
     """
     layout = choose_layout(tensor, layout)
+    # inside sharding.sharded the host arrays go to the mesh's devices directly (_placed), not
+    # to the default device first
+    put = jnp.asarray if _MESH.get() is None else np.asarray
     n_t, n_w, n_a = tensor.n_tasks, tensor.n_workers, tensor.n_answers
     fT, fW, fA = _shared_shape(tensor, layout)  # the buckets, or a shared shape (shared_shapes)
     T = fT if pad else max(n_t, 1)
@@ -231,9 +251,9 @@ def prepare(
         worker_mask = np.ones(W, dtype=dtype)
         dense = np.full((T, W), -1, dtype=np.int8 if tensor.n_classes <= 127 else np.int16)
         dense[tensor.task, tensor.worker] = tensor.label
-        return Dense(labels=jnp.asarray(dense), task_mask=jnp.asarray(task_mask),
-                     worker_mask=jnp.asarray(worker_mask), gold=jnp.asarray(g),
-                     n_classes=max(tensor.n_classes, 1))
+        return _placed(Dense(labels=put(dense), task_mask=put(task_mask),
+                             worker_mask=put(worker_mask), gold=put(g),
+                             n_classes=max(tensor.n_classes, 1)))
     worker_mask = np.zeros(W, dtype=dtype)
     worker_mask[:n_w] = 1
     A = fA if pad else max(n_a, 1)
@@ -249,10 +269,9 @@ def prepare(
     label[:n_a] = tensor.label[order]
     weight[:n_a] = 1
     task[n_a:] = max(n_t - 1, 0)  # keep the task index sorted through the padding
-    return Coo(task=jnp.asarray(task), worker=jnp.asarray(worker), label=jnp.asarray(label),
-               weight=jnp.asarray(weight), task_mask=jnp.asarray(task_mask),
-               worker_mask=jnp.asarray(worker_mask), gold=jnp.asarray(g),
-               n_classes=max(tensor.n_classes, 1))
+    return _placed(Coo(task=put(task), worker=put(worker), label=put(label), weight=put(weight),
+                       task_mask=put(task_mask), worker_mask=put(worker_mask), gold=put(g),
+                       n_classes=max(tensor.n_classes, 1)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,6 +48,12 @@ class Aggregator:
     #: whether the fit is random (takes ``seed``)
     iterative: ClassVar[bool] = False
 
+    @property
+    def shardable(self) -> bool:
+        """Whether ``fit`` splits its answers over the mesh inside ``sharding.sharded()`` (every
+        method whose kernels take ``prepare``'d data; not NumPyro's NUTS / SVI nor llm-judge)."""
+        return True
+
     probas_: np.ndarray
     labels_: np.ndarray
     label_codes_: np.ndarray

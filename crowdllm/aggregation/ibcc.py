@@ -285,6 +285,10 @@ class IBCC(Aggregator):
         self.layout, self.dtype = layout, dtype
         self.native = _native.check_option(native)
 
+    @property
+    def shardable(self) -> bool:
+        return self.inference == "vb"
+
     def _fit(self, tensor: LabelTensor, gold: np.ndarray | None) -> dict[str, Any]:
         if self.inference != "vb":
             from . import numpyro_models

@@ -226,6 +226,7 @@ class BayesianDawidSkene(Aggregator):
     description = "Dawid-Skene with flat priors: full posterior by NUTS or SVI (small data)"
     supports_gold = True
     iterative = False
+    shardable = False  # NumPyro's NUTS / SVI on one device
 
     def __init__(self, inference: str = "nuts", num_samples: int = 500, num_warmup: int = 500,
                  num_steps: int = 2000, seed: int = 0, progress_bar: bool = True) -> None:

@@ -16,32 +16,41 @@ default). Gather per-task results with ``jax.experimental.multihost_utils.proces
 Tested with two processes of 2 CPU devices each on localhost (``tests/test_multihost.py``):
 DS and one-coin DS equal the single-device fit to 1e-5.
 
+The aggregator classes (one process): inside :func:`sharded`, every method's ``fit`` splits its
+answers over the local devices (``crowdllm aggregate --shard`` on the command line); every
+method but ``ds-bayes`` (and IBCC's NUTS / SVI) and ``llm-judge`` gives its single-device
+results to 1e-5 (tested on 4 CPU devices, float64 where the method offers it).
+
 Example:
     >>> from crowdllm.aggregation import _core, dawid_skene, sharding
-    >>> mesh = sharding.local_mesh()                      # all local devices  # doctest: +SKIP
+    >>> with sharding.sharded():                          # all local devices  # doctest: +SKIP
+    ...     labels = crowdllm.MACE().fit(tensor).labels_
+    >>> mesh = sharding.local_mesh()                      # the kernels  # doctest: +SKIP
     >>> data = sharding.shard(_core.prepare(tensor, layout="coo"), mesh)    # doctest: +SKIP
     >>> res = dawid_skene.fit(data, max_iter=50)          # runs on every device  # doctest: +SKIP
 
-Known limit: on the dense layout, the chunked fast sums (``_fast``) walk the task axis with
-``lax.scan``; when that axis is sharded the compiler gathers the label rows onto each device,
-which is correct but does not divide the work. For dense panels beyond one device use the COO
-layout (``prepare(..., layout="coo")``), whose sums partition cleanly. The native CPU kernel
-(:mod:`._native`, DawidSkene / OneCoinDawidSkene / IBCC on one device) is not used for data
-sharded over several devices: their classes take the XLA path there.
+The work divides in both layouts: with the dense layout each device's program holds its
+block of task rows (the compiled DS kernel on 4 devices has ``[T/4, W]`` labels and no
+all-gather; tested); GLAD and KOS gather one per-task float vector (``T`` values) per
+iteration onto every device, as their per-answer formulas index it by task. The native CPU
+kernels (:mod:`._native`, used by DS, one-coin DS, GLAD, MACE, BWA and IBCC on one device) need
+the whole panel on one device, so sharded data takes the XLA path.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from . import _core
 from ._core import Coo, CrowdData, Dense
 
-__all__ = ["AXIS", "local_mesh", "global_mesh", "initialize", "shard", "pad_for"]
+__all__ = ["AXIS", "local_mesh", "global_mesh", "initialize", "shard", "sharded", "pad_for"]
 
 AXIS = "answers"
 
@@ -76,13 +85,14 @@ def pad_for(data: CrowdData, n: int) -> CrowdData:
     COO: answers of weight 0 (on the last task, keeping the task index sorted). Dense: task
     rows with no answers, masked out (``task_mask`` 0, no gold).
     """
+    xp = np if isinstance(data.task_mask, np.ndarray) else jnp  # host arrays stay on the host
     if isinstance(data, Coo):
         A = data.task.shape[0]
         extra = (-A) % n
         if not extra:
             return data
         last = data.task[-1]
-        pad = lambda x, v: jnp.concatenate([x, jnp.full((extra,), v, x.dtype)])  # noqa: E731
+        pad = lambda x, v: xp.concatenate([x, xp.full((extra,), v, x.dtype)])  # noqa: E731
         return Coo(task=pad(data.task, last), worker=pad(data.worker, 0),
                    label=pad(data.label, 0), weight=pad(data.weight, 0),
                    task_mask=data.task_mask, worker_mask=data.worker_mask, gold=data.gold,
@@ -91,10 +101,10 @@ def pad_for(data: CrowdData, n: int) -> CrowdData:
     extra = (-T) % n
     if not extra:
         return data
-    return Dense(labels=jnp.pad(data.labels, ((0, extra), (0, 0)), constant_values=-1),
-                 task_mask=jnp.pad(data.task_mask, (0, extra)),
+    return Dense(labels=xp.pad(data.labels, ((0, extra), (0, 0)), constant_values=-1),
+                 task_mask=xp.pad(data.task_mask, (0, extra)),
                  worker_mask=data.worker_mask,
-                 gold=jnp.pad(data.gold, (0, extra), constant_values=-1),
+                 gold=xp.pad(data.gold, (0, extra), constant_values=-1),
                  n_classes=data.n_classes)
 
 
@@ -126,3 +136,32 @@ def shard(data: CrowdData, mesh: Mesh | None = None) -> CrowdData:
     return Dense(labels=_put(data.labels, rows), task_mask=_put(data.task_mask, split),
                  worker_mask=_put(data.worker_mask, rep), gold=_put(data.gold, split),
                  n_classes=data.n_classes)
+
+
+@contextlib.contextmanager
+def sharded(mesh: Mesh | None = None) -> Iterator[Mesh]:
+    """Inside the block, every aggregator's ``fit`` splits its answers over ``mesh``.
+
+    ``prepare`` (which every aggregator but ``ds-bayes`` and ``llm-judge`` calls) places the
+    data it builds with :func:`shard`, so the classes run sharded with no other change and give
+    the single-device results to float rounding (tested for every method on 4 CPU devices).
+    ``mesh`` defaults to every local device; on one device the block changes nothing (the
+    native CPU kernels, which need the whole panel on one device, stay in use). The classes
+    gather their results on this process, so the mesh must hold this process's devices only;
+    for a multi-host run use the kernels with :func:`initialize` and :func:`shard`.
+
+        >>> with sharding.sharded():                          # all local GPUs  # doctest: +SKIP
+        ...     labels = crowdllm.DawidSkene().fit(tensor).labels_
+    """
+    mesh = local_mesh() if mesh is None else mesh
+    others = {d.process_index for d in mesh.devices.flat} - {jax.process_index()}
+    if others:
+        raise ValueError(
+            f"sharding.sharded: the mesh spans processes {sorted(others)} besides this one "
+            f"({jax.process_index()}); the aggregator classes gather their results on one "
+            f"process: for a multi-host run call a kernel's fit on shard(prepare(...)) instead")
+    token = _core._MESH.set(mesh if mesh.devices.size > 1 else None)
+    try:
+        yield mesh
+    finally:
+        _core._MESH.reset(token)

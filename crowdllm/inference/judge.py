@@ -74,6 +74,7 @@ class LLMJudge(Aggregator):
                                   f"answers (judge: ${JUDGE_ENV}; needs a run folder)")
     supports_gold: ClassVar[bool] = False
     iterative: ClassVar[bool] = False
+    shardable = False  # an LLM's requests, no kernel
 
     def __init__(self, judge: str | None = None, run_dir: str | None = None, seed: int = 0):
         self.judge = judge
