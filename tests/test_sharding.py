@@ -11,16 +11,14 @@ import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent(r'''
+# what both scripts start with: 4 CPU devices, and a crowd drawn from a one-coin story
+PREAMBLE = textwrap.dedent(r'''
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    import jax, jax.numpy as jnp, numpy as np
-    from crowdllm.aggregation import _core, dawid_skene, one_coin, majority_vote, sharding
+    import jax, numpy as np
     from crowdllm.labels import LabelTensor
 
     assert jax.device_count() == 4, jax.devices()
-    mesh = sharding.local_mesh()
-    assert mesh.devices.size == 4
 
     def crowd(n_tasks, n_workers, per_task, n_classes, seed):
         rng = np.random.default_rng(seed)
@@ -32,6 +30,15 @@ SCRIPT = textwrap.dedent(r'''
                 lab = truth[i] if rng.random() < acc[j] else rng.integers(0, n_classes)
                 t.append(i); w.append(int(j)); l.append(int(lab))
         return LabelTensor.from_arrays(t, w, l)
+
+''')
+
+SCRIPT = PREAMBLE + textwrap.dedent(r'''
+    import jax.numpy as jnp
+    from crowdllm.aggregation import _core, dawid_skene, one_coin, majority_vote, sharding
+
+    mesh = sharding.local_mesh()
+    assert mesh.devices.size == 4
 
     sparse = crowd(301, 40, 3, 4, 0)     # human-crowd shape: COO
     panel = crowd(203, 6, 6, 3, 1)       # LLM-panel shape: every worker answers (dense)
@@ -93,28 +100,11 @@ SCRIPT = textwrap.dedent(r'''
 # command's --shard against no --shard. One crowd per method (COO or a dense panel, alternating,
 # so each layout is covered by half of them), float64 where the method offers it (float32 for
 # the votes, whose sums are exact).
-CLASSES_SCRIPT = textwrap.dedent(r'''
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+CLASSES_SCRIPT = PREAMBLE + textwrap.dedent(r'''
     import json
-    import jax, numpy as np
     from click.testing import CliRunner
     from crowdllm.aggregation import METHODS, _core, get_method, sharding
     from crowdllm.cli import main
-    from crowdllm.labels import LabelTensor
-
-    assert jax.device_count() == 4, jax.devices()
-
-    def crowd(n_tasks, n_workers, per_task, n_classes, seed):
-        rng = np.random.default_rng(seed)
-        truth = rng.integers(0, n_classes, n_tasks)
-        acc = rng.uniform(0.35, 0.95, n_workers)
-        t, w, l = [], [], []
-        for i in range(n_tasks):
-            for j in rng.choice(n_workers, per_task, replace=False):
-                lab = truth[i] if rng.random() < acc[j] else rng.integers(0, n_classes)
-                t.append(i); w.append(int(j)); l.append(int(lab))
-        return LabelTensor.from_arrays(t, w, l)
 
     crowds = {"coo": crowd(301, 40, 3, 3, 0), "dense": crowd(203, 6, 6, 3, 1)}
     binary = {"coo": crowd(301, 40, 3, 2, 2), "dense": crowd(203, 6, 6, 2, 3)}
