@@ -103,8 +103,11 @@ def vllm_server(vllm_env, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     # float32: this CPU has no bfloat16 units (vLLM's bf16 default fell back to slow matmuls,
-    # 40-120 prompt tokens/s); the engine core in the server's own process: one process fewer
-    # to start (each imports torch and vLLM, ~20 s here). The file's three tests: 288 -> 136 s
+    # 40-120 prompt tokens/s). VLLM_ENABLE_V1_MULTIPROCESSING=0 kept the engine core in the
+    # server's own process in earlier vLLM (with float32: the file's three tests 288 -> 136 s);
+    # vLLM 0.32's API server spawns its engine core anyway (py-spy, session 16: ~80 CPU-s a
+    # start, ~25 s of it tokenizer loads and copies, ~18 s the spawned engine re-importing the
+    # server module); the offline engine (test_offline_vllm_engine_backend) still keeps it in
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
                VLLM_ENABLE_V1_MULTIPROCESSING="0")
     cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
