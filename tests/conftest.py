@@ -67,8 +67,8 @@ HEAVY_FILES = {
     "tests/test_aggregation_foundation.py": 99,
     "tests/test_speed_harness.py": 95,
     "tests/test_mace.py": 88,
-    "tests/test_sharding.py": 85,  # session 16: every aggregator class sharded as well
     "tests/test_fast_paths.py": 86,
+    "tests/test_sharding.py": 85,  # session 16: every aggregator class sharded as well
     "tests/test_numpyro_models.py": 60,  # session 15: NUTS and SVI start from jitted programs
     "tests/test_mmsr.py": 46,
     "tests/test_cli.py": 34,

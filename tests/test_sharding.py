@@ -97,9 +97,9 @@ SCRIPT = PREAMBLE + textwrap.dedent(r'''
 ''')
 
 # Every aggregator's class inside sharding.sharded() against the same class on one device (with
-# gold in fitting where the method takes it); the command's --shard against no --shard. One crowd per method (COO or a dense panel, alternating,
-# so each layout is covered by half of them), float64 where the method offers it (float32 for
-# the votes, whose sums are exact).
+# gold in fitting where the method takes it); the command's --shard against no --shard. One crowd
+# per method (COO or a dense panel, alternating, so each layout is covered by half of them),
+# float64 where the method offers it (float32 for the votes, whose sums are exact).
 CLASSES_SCRIPT = PREAMBLE + textwrap.dedent(r'''
     import json
     from click.testing import CliRunner

@@ -142,8 +142,9 @@ def shard(data: CrowdData, mesh: Mesh | None = None) -> CrowdData:
 def sharded(mesh: Mesh | None = None) -> Iterator[Mesh]:
     """Inside the block, every aggregator's ``fit`` splits its answers over ``mesh``.
 
-    ``prepare`` (which every aggregator but ``ds-bayes`` and ``llm-judge`` calls) places the
-    data it builds with :func:`shard`, so the classes run sharded with no other change and give
+    ``prepare`` (which every aggregator calls but ``ds-bayes``, IBCC's NUTS / SVI and
+    ``llm-judge``; ``Aggregator.shardable`` says which) places the data it builds with
+    :func:`shard`, so the classes run sharded with no other change and give
     the single-device results to float rounding (tested for every method on 4 CPU devices).
     ``mesh`` defaults to every local device; on one device the block changes nothing (the
     native CPU kernels, which need the whole panel on one device, stay in use). The classes
