@@ -79,14 +79,18 @@ def test_sums_equal_the_fused_xla_pass(T, W, K, missing, gold_frac):
     labels, mask, gold, log_prior, log_conf = _step_inputs(T, W, K, missing, gold_frac, seed=T)
     post, ll, counts, psum = _fast.ds_em_step(labels, K, mask, gold, log_prior, log_conf)
     p = _native.plan(W, K)
-    rows = _native.unique(_native.encode(labels, p), _native.flags_of(mask, gold))
-    tab = _native.tables(p, log_prior, log_conf)
-    C, ll2 = _native.sums(rows, tab, K)
-    counts2, psum2 = _native.counts_from(p, C, K)
+
+    @jax.jit  # one program, as in a fit (op by op, each op compiles on its own: ~90 per case)
+    def native(labels, mask, gold, log_prior, log_conf):
+        rows = _native.unique(_native.encode(labels, p), _native.flags_of(mask, gold))
+        tab = _native.tables(p, log_prior, log_conf)
+        C, ll2 = _native.sums(rows, tab, K)
+        return (*_native.counts_from(p, C, K), ll2, _native.posteriors(rows, tab, K))
+
+    counts2, psum2, ll2, post2 = native(labels, mask, gold, log_prior, log_conf)
     np.testing.assert_allclose(np.asarray(counts2), np.asarray(counts), rtol=2e-5, atol=2e-4)
     np.testing.assert_allclose(np.asarray(psum2), np.asarray(psum), rtol=2e-5, atol=2e-4)
     np.testing.assert_allclose(float(ll2), float(ll), rtol=2e-6)
-    post2 = _native.posteriors(rows, tab, K)
     real = np.asarray(mask) > 0
     np.testing.assert_allclose(np.asarray(post2)[real], np.asarray(post)[real], atol=1e-5)
     assert (np.asarray(post2)[~real] == 0).all()
@@ -266,33 +270,47 @@ def test_glad_passes_equal_the_xla_e_step_gradient_and_q(T, W, K):
     prm = glad.GladParams(jnp.asarray(rng.normal(1, 2, W), jnp.float32),
                           jnp.asarray(rng.normal(0.5, 1, n_rows), jnp.float32))
     log_prior = jnp.log(jnp.asarray(rng.dirichlet(np.ones(K) * 3), jnp.float32))
-    post, ll, x, log_right = glad._e_parts(data, prm, log_prior)
-    view = glad.answer_view(data)
-    p_right = glad.gather_posterior(data, post, view)
-    real = np.asarray(data.task_mask) > 0
-    lab_b, flags, wts, n, _ = _native.glad_rows(data, merge=False)
+
+    # each side as one jitted program, as the fits run them (op by op, each op would compile on
+    # its own: ~110 small compiles per case)
+    @jax.jit
+    def xla(data, prm, log_prior):
+        post, ll, x, log_right = glad._e_parts(data, prm, log_prior)
+        view = glad.answer_view(data)
+        p_right = glad.gather_posterior(data, post, view)
+        q = glad._q_answers(x, log_right, p_right, view)
+        return post, ll, p_right, q, glad.q_grad(data, prm, p_right, 0.0, 0.0)
+
+    lab_b, flags, wts, n, _ = _native.glad_rows(data, merge=False)  # counts rows on the host
     assert int(n[0]) == n_rows and flags.shape[0] % 8 == 0 and flags.shape[0] >= n_rows
     pad = flags.shape[0] - n_rows  # the kernels' rows: a multiple of 8
-    log_beta = jnp.pad(prm.log_beta, (0, pad))
-    post_n, p_n, ll_n, q_n, class_n = _native.glad_e(lab_b, flags, wts, n, prm.alpha, log_beta,
-                                                     log_prior, jnp.zeros(lab_b.shape), True)
+
+    @jax.jit
+    def native(prm, log_prior, p_right):
+        log_beta = jnp.pad(prm.log_beta, (0, pad))
+        post_n, p_n, ll_n, q_n, class_n = _native.glad_e(
+            lab_b, flags, wts, n, prm.alpha, log_beta, log_prior, jnp.zeros(lab_b.shape), True)
+        p_in = _native.block(jnp.pad(p_right, ((0, pad), (0, 0))))
+        da, db, q2 = _native.glad_grad(lab_b, wts, n, p_in, prm.alpha, log_beta, q=True)
+        return post_n, _native.unblock(p_n), ll_n, q_n, class_n, da, db, q2
+
+    post, ll, p_right, q_xla, g = xla(data, prm, log_prior)
+    post_n, p_rows, ll_n, q_n, class_n, da, db, q2 = native(prm, log_prior, p_right)
+    real = np.asarray(data.task_mask) > 0
     np.testing.assert_allclose(np.asarray(post_n)[:n_rows][real], np.asarray(post)[real],
                                atol=2e-6)
-    p_rows = np.asarray(_native.unblock(p_n))[:n_rows]
+    p_rows = np.asarray(p_rows)[:n_rows]
     np.testing.assert_allclose(p_rows[real], np.asarray(p_right)[real], atol=2e-6)
     assert float(ll_n) == pytest.approx(float(ll), rel=1e-5)
-    q_xla = float(glad._q_answers(x, log_right, p_right, view))
-    assert float(q_n) == pytest.approx(q_xla, rel=1e-5)
+    assert float(q_n) == pytest.approx(float(q_xla), rel=1e-5)
     np.testing.assert_allclose(np.asarray(class_n), np.asarray(post)[real].sum(0), rtol=1e-5)
-    p_in = _native.block(jnp.pad(p_right, ((0, pad), (0, 0))))
-    da, db, q2 = _native.glad_grad(lab_b, wts, n, p_in, prm.alpha, log_beta, q=True)
     db = np.asarray(db)[:n_rows]
-    g = glad.q_grad(data, prm, p_right, 0.0, 0.0)  # priors' terms: d = -(theta - 0)
+    # priors' terms in the gradient: d = -(theta - 0)
     np.testing.assert_allclose(np.asarray(da) - np.asarray(prm.alpha), np.asarray(g.alpha),
                                rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose((np.asarray(db) - np.asarray(prm.log_beta))[real],
                                np.asarray(g.log_beta)[real], rtol=1e-4, atol=1e-4)
-    assert float(q2) == pytest.approx(q_xla, rel=1e-5)
+    assert float(q2) == pytest.approx(float(q_xla), rel=1e-5)
 
 
 @needs_kernel

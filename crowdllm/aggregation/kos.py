@@ -48,7 +48,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -86,9 +85,11 @@ def _decide(data: CrowdData, score: jax.Array) -> jax.Array:
     return clamp_gold(jnp.stack([p0, 1 - p0], axis=1), data.gold)
 
 
-@functools.partial(jax.jit, static_argnames=("n_iter",))
-def fit(data: CrowdData, key: jax.Array, *, n_iter: int = 100) -> KosResult:
-    """Run ``n_iter`` rounds of KOS message passing on node sums; see the module docstring."""
+@jax.jit
+def fit(data: CrowdData, key: jax.Array, *, n_iter: int | jax.Array = 100) -> KosResult:
+    """Run ``n_iter`` rounds of KOS message passing on node sums; see the module docstring.
+
+    ``n_iter`` is traced: another round count runs the same compiled program."""
     view, sign, shape, y = _first_messages(data, key)
     S, Y = task_sum(data, sign * y), worker_sum(data, y)
     n_t = task_sum(data, jnp.broadcast_to(view.weight, shape))
@@ -108,8 +109,8 @@ def fit(data: CrowdData, key: jax.Array, *, n_iter: int = 100) -> KosResult:
     return KosResult(posteriors=post, scores=score, reliability=Y / jnp.maximum(n_w, 1.0))
 
 
-@functools.partial(jax.jit, static_argnames=("n_iter",))
-def fit_edges(data: CrowdData, key: jax.Array, *, n_iter: int = 100) -> KosResult:
+@jax.jit
+def fit_edges(data: CrowdData, key: jax.Array, *, n_iter: int | jax.Array = 100) -> KosResult:
     """The edge form of :func:`fit` (one message per answer): the reference it is tested on."""
     view, sign, _, y = _first_messages(data, key)
 
