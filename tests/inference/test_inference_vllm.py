@@ -108,6 +108,7 @@ def vllm_server(vllm_env, tmp_path_factory):
     # vLLM 0.32's API server spawns its engine core anyway (py-spy, session 16: ~80 CPU-s a
     # start, ~25 s of it tokenizer loads and copies, ~18 s the spawned engine re-importing the
     # server module); the offline engine (test_offline_vllm_engine_backend) still keeps it in
+    # the worker's own process with it; here the server ignores the variable, left set as before
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
                VLLM_ENABLE_V1_MULTIPROCESSING="0")
     cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -248,7 +249,8 @@ def test_offline_vllm_engine_backend(vllm_env, reference_run, items_file, tmp_pa
         f'[[annotator]]\nname = "gemma-a"\nbackend = "vllm"\nmodel = "{model}"\npython = "{py}"\n'
         'chat_template = "plain"\nseed = 1\nmax_batch = 16\n'
         'engine_args = { max_model_len = 1024, dtype = "float32" }\n')
-    # as the server's: float32 and the engine in the worker's own process (see vllm_server)
+    # float32 as the server; the engine core in the worker's own process (the offline engine
+    # still honours the variable, the server no longer does: see vllm_server)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     res = CliRunner().invoke(main, ["annotate", str(items_file), "--panel", str(panel),
