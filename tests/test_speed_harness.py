@@ -22,6 +22,49 @@ def test_workload_is_deterministic_and_sparse_crowd_shaped():
     assert k.n_classes == 2 and k.n_answers == 50 * 12
 
 
+@pytest.mark.parametrize("kind", ["dense", "coo"])
+def test_workload_drawn_once_is_read_back_equal_from_the_shared_folder(kind, tmp_path,
+                                                                       monkeypatch):
+    """The table's subprocesses share one draw per size and class count (10,000,000 x 12 takes
+    ~15 s to draw): what is read back is what a fresh draw gives, and nothing half-written
+    stays behind."""
+    fresh, truth = speed.workload("ds", 400, kind)
+    first, _ = speed.workload("ds", 400, kind, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{kind}-400-5.npz"]
+    monkeypatch.setattr(speed, "dense_panel", None)  # a second draw would fail: it is read back
+    monkeypatch.setattr(speed, "sparse_crowd", None)
+    again, truth_again = speed.workload("ds", 400, kind, str(tmp_path))
+    for t in (first, again):
+        for field in ("task", "worker", "label"):
+            np.testing.assert_array_equal(np.asarray(getattr(t, field)),
+                                          np.asarray(getattr(fresh, field)))
+        assert t.n_workers == fresh.n_workers and t.n_classes == fresh.n_classes
+    np.testing.assert_array_equal(truth_again, truth)
+    with pytest.raises(TypeError):  # KOS's binary panel is another draw, not the 5-class one
+        speed.workload("kos", 400, kind, str(tmp_path))
+
+
+def test_method_table_rows_name_the_device_peak_and_leave_no_shared_folder(capsys):
+    import glob
+    import tempfile
+
+    import jax
+
+    before = set(glob.glob(f"{tempfile.gettempdir()}/crowdllm-speed-*"))
+    rows = speed.method_table(["mv", "ds"], [300], "dense", repeats=0)
+    assert set(glob.glob(f"{tempfile.gettempdir()}/crowdllm-speed-*")) == before
+    for r in rows:
+        assert "error" not in r and r["accuracy"] > 0.9 and r["peak_rss_GiB"] > 0
+        if jax.default_backend() == "cpu":  # the arrays are in the RSS; no device column
+            assert r["device_peak_GiB"] is None
+        else:
+            assert r["device_peak_GiB"] > 0
+    speed.print_header()
+    speed._print_row(rows[0])
+    header, row = capsys.readouterr().out.splitlines()[-2:]
+    assert "dev GiB" in header and row.split()[:3] == ["mv", "dense", "300"]
+
+
 def test_method_table_times_crowdkit_beside_ours_and_bounds_a_timeout():
     pytest.importorskip("crowdkit")
     rows = speed.method_table(["mv"], [200], "coo", repeats=0, crowdkit_max=200)
@@ -40,7 +83,8 @@ def test_method_table_times_crowdkit_beside_ours_and_bounds_a_timeout():
 
 
 @pytest.mark.parametrize("script", ["classical_speed", "ebcc_speed", "merge_speed",
-                                    "restarts_speed", "compile_time"])
+                                    "restarts_speed", "compile_time", "gpu_parity",
+                                    "ds_step_variants"])
 def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
     """The benchmark scripts call kernels by their internal signatures, so a change of those
     can break a script silently (``classical_speed`` did, session 3); run each end to end on a
@@ -60,15 +104,20 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
             "merge_speed": ["--n", "3000", "--repeats", "1"],
             "restarts_speed": ["--n", "300", "--restarts", "2", "--repeats", "1"],
             "compile_time": ["--methods", "ds", "--datasets", "li_quiz_itmanage",
-                             "--data", str(DATA)]}[script]
+                             "--data", str(DATA)],
+            "gpu_parity": ["--n", "300", "--methods", "ds,mv", "--layouts", "dense,coo"],
+            "ds_step_variants": ["--n", "2000", "--iters", "3", "--repeats", "1"]}[script]
     monkeypatch.setattr(sys, "argv", [script] + argv)
     mod.main()
     out = capsys.readouterr().out
     names = {"classical_speed": ["glad", "mace", "mmsr", "kos"], "ebcc_speed": ["acc_ebcc"],
              "merge_speed": ["synthetic", "agreeing"], "restarts_speed": ["| lax.map |", "| vmap |"],
-             "compile_time": ["| ds | li_quiz_itmanage | 25 x 36 |"]}[script]
+             "compile_time": ["| ds | li_quiz_itmanage | 25 x 36 |"],
+             "gpu_parity": ["ds           coo", "mv           dense", "all agree"],
+             "ds_step_variants": ["onehot-matmul", "gather-reduce", "gather-scatter"]}[script]
     for name in names:
         assert name in out, out
+    assert "FAILED" not in out, out
     assert "machine: " in out and speed._cpu_model() in out, out
 
 

@@ -82,17 +82,30 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def device_peak_gib() -> float | None:
+    """The first device's peak memory in use so far, GiB, where JAX reports it (GPUs); None on
+    CPU, whose arrays are in this process's resident memory (:func:`peak_rss_gib`)."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None
+    stats = dev.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
 def copy_bandwidth(nbytes: int = 400 * 2**20, repeats: int = 7) -> float:
     """Bytes moved per second (read + written) by a copy of a large array: the best run.
 
     On CPU a numpy copy; on an accelerator a jitted copy in the device's memory (the memory the
-    kernels read there).
+    kernels read there), of at least 2 GiB so that the launch's fixed cost stays small beside it.
     """
     import jax
 
     if jax.default_backend() != "cpu":
         import jax.numpy as jnp
-        x = jnp.ones(nbytes // 4, jnp.float32)
+        x = jnp.ones(max(nbytes, 2**31) // 4, jnp.float32)
         cp = jax.jit(lambda v: v + 0.0)
         jax.block_until_ready(cp(x))
         best = min(_timed(lambda: jax.block_until_ready(cp(x))) for _ in range(repeats * 3))
@@ -217,7 +230,7 @@ def ds_check(n: int = 1_000_000, n_workers: int = 12, n_classes: int = 5, n_iter
 
     from ..aggregation import _core, _fast, _native, dawid_skene
 
-    _progress("copy bandwidth (a copy of 400 MiB) ...")
+    _progress("copy bandwidth ...")
     bw = copy_bandwidth()
     _progress(f"drawing a dense panel {n:,} x {n_workers} x {n_classes} ...")
     labels, truth = dense_panel(n, n_workers, n_classes)
@@ -327,7 +340,7 @@ def iteration_table(n: int = 1_000_000, n_iter: int = 50, repeats: int = 3,
 
     from ..aggregation import _native
 
-    _progress("copy bandwidth (a copy of 400 MiB) ...")
+    _progress("copy bandwidth ...")
     bw = copy_bandwidth()
     labels, truth = dense_panel(n)
     data = dense_data(labels)
@@ -429,29 +442,54 @@ def crowdkit_seconds(method: str, tensor: Any) -> float | None:
     return _timed(lambda: getattr(ck, name)(**kw).fit(df))
 
 
-def workload(method: str, n: int, kind: str = "dense") -> tuple[Any, np.ndarray]:
+def _drawn(kind: str, n: int, L: int, data_dir: str | None) -> dict[str, np.ndarray]:
+    """The arrays of :func:`dense_panel` / :func:`sparse_crowd` (seed 0), read from
+    ``data_dir`` when an earlier call saved them there (drawing 10,000,000 x 12 takes ~15 s,
+    reading it back well under one), else drawn and, with ``data_dir``, saved for the next."""
+    path = os.path.join(data_dir, f"{kind}-{n}-{L}.npz") if data_dir else None
+    if path and os.path.exists(path):
+        with np.load(path) as z:
+            return dict(z)
+    if kind == "dense":
+        labels, truth = dense_panel(n, n_classes=L)
+        arrays = {"labels": labels, "truth": truth}
+    else:
+        task, worker, label, truth = sparse_crowd(n, n_classes=L)
+        arrays = {"task": task, "worker": worker, "label": label, "truth": truth}
+    if path:
+        tmp = f"{path}.{os.getpid()}.tmp.npz"  # written whole, then renamed: never half a file
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    return arrays
+
+
+def workload(method: str, n: int, kind: str = "dense", data_dir: str | None = None
+             ) -> tuple[Any, np.ndarray]:
     """The synthetic answers of the table, as a label tensor, and the true labels: 5 classes
-    (2 for KOS, which is binary only), dense panel or sparse crowd (deterministic seeds)."""
+    (2 for KOS, which is binary only), dense panel or sparse crowd (deterministic seeds).
+    ``data_dir``: where the drawn arrays are shared between the table's subprocesses."""
     from ..labels import LabelTensor
 
     L = 2 if method == "kos" else 5
+    a = _drawn(kind, n, L, data_dir)
     if kind == "dense":
-        labels, truth = dense_panel(n, n_classes=L)
-        return tensor_from_dense(labels), truth
-    task, worker, label, truth = sparse_crowd(n, n_classes=L)
-    return LabelTensor(task=task, worker=worker, label=label, task_ids=np.arange(n),
-                       worker_ids=np.arange(10_000), classes=np.arange(L)), truth
+        return tensor_from_dense(a["labels"]), a["truth"]
+    return LabelTensor(task=a["task"], worker=a["worker"], label=a["label"],
+                       task_ids=np.arange(n), worker_ids=np.arange(10_000),
+                       classes=np.arange(L)), a["truth"]
 
 
-def run_method(method: str, n: int, kind: str = "dense", repeats: int = 2) -> dict[str, Any]:
+def run_method(method: str, n: int, kind: str = "dense", repeats: int = 2,
+               data_dir: str | None = None) -> dict[str, Any]:
     """Time one aggregator's ``fit`` (prepare + kernel + results) on :func:`workload`.
 
     ``first_s`` includes compilation, ``run_s`` is the median of ``repeats`` further fits (the
-    compiled kernels are cached).
+    compiled kernels are cached). ``device_peak_GiB``: the accelerator's peak memory in use
+    (None on CPU, where ``peak_rss_GiB`` holds it all).
     """
     from ..aggregation import METHODS
 
-    tensor, truth = workload(method, n, kind)
+    tensor, truth = workload(method, n, kind, data_dir)
     cls = METHODS[method]
     kw = {k: v for k, v in PARAMS.get(method, {}).items() if k in cls.parameters()}
     if "layout" in cls.parameters():
@@ -462,13 +500,14 @@ def run_method(method: str, n: int, kind: str = "dense", repeats: int = 2) -> di
     run = statistics.median(runs) if runs else first
     acc = float((np.asarray(model.label_codes_) == truth).mean())
     return {"method": method, "n": n, "kind": kind, "first_s": first, "run_s": run,
-            "accuracy": acc, "peak_rss_GiB": peak_rss_gib()}
+            "accuracy": acc, "peak_rss_GiB": peak_rss_gib(), "device_peak_GiB": device_peak_gib()}
 
 
-def run_crowdkit(method: str, n: int, kind: str = "dense") -> dict[str, Any]:
+def run_crowdkit(method: str, n: int, kind: str = "dense", data_dir: str | None = None
+                 ) -> dict[str, Any]:
     """crowd-kit's same method, one fit on the same :func:`workload` (``crowdkit_s`` None when
     crowd-kit lacks the method or is not installed)."""
-    tensor, _ = workload(method, n, kind)
+    tensor, _ = workload(method, n, kind, data_dir)
     return {"crowdkit_s": crowdkit_seconds(method, tensor),
             "crowdkit_peak_rss_GiB": peak_rss_gib()}
 
@@ -491,16 +530,30 @@ def method_table(methods: list[str], sizes: list[int], kind: str = "dense", repe
                  crowdkit_timeout: float = 600) -> list[dict[str, Any]]:
     """Each (method, size) in a fresh subprocess (so its peak RSS is its own); up to
     ``crowdkit_max`` items, crowd-kit's same method in another one, stopped after
-    ``crowdkit_timeout`` seconds (``crowdkit_s`` then records the limit as a lower bound)."""
+    ``crowdkit_timeout`` seconds (``crowdkit_s`` then records the limit as a lower bound).
+    The synthetic answers are drawn once per size and class count and shared through a
+    temporary folder, removed at the end."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="crowdllm-speed-") as data_dir:
+        return _method_rows(methods, sizes, kind, repeats, timeout, crowdkit_max,
+                            crowdkit_timeout, data_dir)
+
+
+def _method_rows(methods: list[str], sizes: list[int], kind: str, repeats: int, timeout: float,
+                 crowdkit_max: int, crowdkit_timeout: float, data_dir: str
+                 ) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
         for m in methods:
             _progress(f"{m} on {kind} {n:,} ...")
             row = {"method": m, "n": n, "kind": kind,
-                   **_subprocess(f"run_method({m!r}, {n}, {kind!r}, {repeats})", timeout)}
+                   **_subprocess(f"run_method({m!r}, {n}, {kind!r}, {repeats}, {data_dir!r})",
+                                 timeout)}
             if n <= crowdkit_max and m in CROWDKIT and "error" not in row:
                 _progress(f"crowd-kit's {m} on {kind} {n:,} ...")
-                ck = _subprocess(f"run_crowdkit({m!r}, {n}, {kind!r})", crowdkit_timeout)
+                ck = _subprocess(f"run_crowdkit({m!r}, {n}, {kind!r}, {data_dir!r})",
+                                 crowdkit_timeout)
                 if "error" in ck and ck["error"].startswith("timeout"):
                     row.update(crowdkit_s=crowdkit_timeout, crowdkit_timed_out=True)
                 elif ck.get("crowdkit_s") is not None:
@@ -526,13 +579,17 @@ def _print_row(r: dict[str, Any]) -> None:
         ck = f"{more}{r['crowdkit_s']:11.2f} {more}{r['speedup']:7.0f}x"
     elif "crowdkit_error" in r:
         ck = f"  crowd-kit failed: {r['crowdkit_error']}"
+    dev = "-" if r.get("device_peak_GiB") is None else f"{r['device_peak_GiB']:.2f}"
     print(f"{r['method']:12s} {r['kind']:6s} {r['n']:>12,} {r['first_s']:10.2f} {r['run_s']:10.2f} "
-          f"{r['peak_rss_GiB']:9.2f} {acc:>8s} {ck}", flush=True)
+          f"{r['peak_rss_GiB']:9.2f} {dev:>8s} {acc:>8s} {ck}", flush=True)
 
 
 def print_header() -> None:
+    """The table's column names (``peak GiB``: the process's peak RSS; ``dev GiB``: the
+    accelerator's peak memory in use, ``-`` on CPU)."""
     print(f"{'method':12s} {'kind':6s} {'items':>12s} {'first s':>10s} {'run s':>10s} "
-          f"{'peak GiB':>9s} {'accuracy':>8s} {'crowd-kit s':>12s} {'speed-up':>9s}", flush=True)
+          f"{'peak GiB':>9s} {'dev GiB':>8s} {'accuracy':>8s} {'crowd-kit s':>12s} "
+          f"{'speed-up':>9s}", flush=True)
 
 
 def run_speed(methods: str | None = None, output: str | None = None, n: int = 1_000_000,
