@@ -303,23 +303,26 @@ def answers_of(data: CrowdData) -> tuple[jax.Array, jax.Array, jax.Array, jax.Ar
 
 # The unoptimised dense sums: a float one-hot [tasks, workers, classes] contracted with einsum.
 # Kept as the reference the fast versions (``_fast``) are tested against, and used when
-# ``use_fast(False)`` is on.
+# ``use_fast(False)`` is on. At HIGHEST precision, as the fast sums: a float32 contraction on
+# a GPU otherwise runs in TF32 (10-bit mantissa; seen on an H200: table sums off by 1.6e-3).
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _reference_task_class_sum(data: Dense, table: jax.Array) -> jax.Array:
-    return jnp.einsum("twl,wkl->tk", _onehot(data, table.dtype), table)
+    return jnp.einsum("twl,wkl->tk", _onehot(data, table.dtype), table, precision=_HIGHEST)
 
 
 def _reference_worker_confusion(data: Dense, post: jax.Array) -> jax.Array:
-    return jnp.einsum("tk,twl->wkl", post, _onehot(data, post.dtype))
+    return jnp.einsum("tk,twl->wkl", post, _onehot(data, post.dtype), precision=_HIGHEST)
 
 
 def _reference_task_vote(data: Dense, worker_weight: jax.Array) -> jax.Array:
-    return jnp.einsum("twl,w->tl", _onehot(data, worker_weight.dtype), worker_weight)
+    return jnp.einsum("twl,w->tl", _onehot(data, worker_weight.dtype), worker_weight,
+                      precision=_HIGHEST)
 
 
 def _reference_worker_agreement(data: Dense, post: jax.Array) -> jax.Array:
-    return jnp.einsum("twl,tl->w", _onehot(data, post.dtype), post)
+    return jnp.einsum("twl,tl->w", _onehot(data, post.dtype), post, precision=_HIGHEST)
 
 
 _FAST = True

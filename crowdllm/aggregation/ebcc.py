@@ -468,7 +468,8 @@ def _result(data: CrowdData, priors: _Priors, state: EBCCState, loop: _Loop, loo
     e_pi = eta / eta.sum(axis=1, keepdims=True)
     e_v = mu / mu.sum(axis=-1, keepdims=True)
     return EBCCResult(posteriors=zg.sum(axis=2), subtypes=zg, class_prior=nu / nu.sum(),
-                      subtype_prior=e_pi, confusion=jnp.einsum("km,wkml->wkl", e_pi, e_v),
+                      subtype_prior=e_pi, confusion=jnp.einsum("km,wkml->wkl", e_pi, e_v,
+                                                             precision=jax.lax.Precision.HIGHEST),
                       objective=loop.objective, elbos=loops.objective, best=best, history=loop.history,
                       n_iter=loop.n_iter, converged=loop.converged, sweeps=loops.n_iter)
 

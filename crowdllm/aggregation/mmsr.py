@@ -235,7 +235,10 @@ def _rank_one_change(u: jax.Array, v: jax.Array, u2: jax.Array, v2: jax.Array) -
     """``||u2 v2^T - u v^T||_F`` without the ``[W, W]`` matrix, free of cancellation:
     ``u2 v2^T - u v^T = du v2^T + u dv^T`` with ``du = u2 - u``, ``dv = v2 - v``."""
     du, dv = u2 - u, v2 - v
-    sq = (du @ du) * (v2 @ v2) + 2 * (du @ u) * (v2 @ dv) + (u @ u) * (dv @ dv)
+    def dot(a, b):  # full float32 on GPUs too (no TF32 passes)
+        return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
+
+    sq = dot(du, du) * dot(v2, v2) + 2 * dot(du, u) * dot(v2, dv) + dot(u, u) * dot(dv, dv)
     return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
@@ -406,7 +409,9 @@ def fit(data: Any, agree: jax.Array, common: jax.Array, key: jax.Array, *, n_tas
     # Signs: the leading eigenvector of C completed with |s|^2 on the diagonal (C ~ s s^T).
     _, vecs = jnp.linalg.eigh(Cm + jnp.diag(s_abs ** 2))
     def project(signed, b):
-        return (Cm if signed else obs.astype(dtype)).T @ b
+        # HIGHEST: a float32 product on a GPU otherwise runs in TF32 (10-bit mantissa)
+        return jnp.matmul((Cm if signed else obs.astype(dtype)).T, b,
+                          precision=jax.lax.Precision.HIGHEST)
 
     s, n_ref, d_ref, hist = _refine(s_abs, vecs[:, -1], connected, project, change, F,
                                     refine=refine, max_iter=max_iter, tol=tol, hist=hist,
