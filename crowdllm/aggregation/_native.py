@@ -173,12 +173,16 @@ def _load() -> str | None:
 
 
 def why_unavailable() -> str | None:
-    """None when the kernel can run here, else the reason (builds it on first call)."""
+    """None when the kernel can run here, else the reason (builds it on first call). The
+    kernels are CPU custom calls: with a GPU as JAX's default backend the arrays live there,
+    and they do not run."""
+    if jax.default_backend() != "cpu":
+        return f"the backend is {jax.default_backend()}, not cpu"
     return _load()
 
 
 def available() -> bool:
-    return _load() is None
+    return why_unavailable() is None
 
 
 def _reset() -> None:
