@@ -42,7 +42,12 @@ def test_restarts_are_independent_and_best_is_kept():
     np.testing.assert_allclose(together.elbos, alone, rtol=1e-5)
     starts = [np.asarray(kernel.start(data, k, 3)) for k in keys[:2]]
     assert np.abs(starts[0] - starts[1]).max() > 0.1  # the starts differ
-    assert int(together.best) == int(np.argmax(alone))
+    # the kernel keeps the restart of highest ELBO, which is (up to float rounding) the best
+    # restart run alone: here three restarts reach the same optimum, their ELBOs tie to 1e-7,
+    # and which of them wins a tie differs between devices (seen on an H200)
+    best = int(together.best)
+    assert best == int(np.argmax(np.asarray(together.elbos)))
+    assert alone[best] == pytest.approx(max(alone), rel=1e-5)
     assert float(together.objective) == pytest.approx(max(alone), rel=1e-5)
 
 
