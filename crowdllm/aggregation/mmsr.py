@@ -235,6 +235,7 @@ def _rank_one_change(u: jax.Array, v: jax.Array, u2: jax.Array, v2: jax.Array) -
     """``||u2 v2^T - u v^T||_F`` without the ``[W, W]`` matrix, free of cancellation:
     ``u2 v2^T - u v^T = du v2^T + u dv^T`` with ``du = u2 - u``, ``dv = v2 - v``."""
     du, dv = u2 - u, v2 - v
+
     def dot(a, b):  # full float32 on GPUs too (no TF32 passes)
         return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
 
