@@ -84,7 +84,7 @@ def test_method_table_times_crowdkit_beside_ours_and_bounds_a_timeout():
 
 @pytest.mark.parametrize("script", ["classical_speed", "ebcc_speed", "merge_speed",
                                     "restarts_speed", "compile_time", "gpu_parity",
-                                    "ds_step_variants"])
+                                    "ds_step_variants", "ebcc_sweep_native"])
 def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
     """The benchmark scripts call kernels by their internal signatures, so a change of those
     can break a script silently (``classical_speed`` did, session 3); run each end to end on a
@@ -95,7 +95,7 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
 
     from crowdllm.aggregation import _native
 
-    if script == "merge_speed" and not _native.available():
+    if script in ("merge_speed", "ebcc_sweep_native") and not _native.available():
         pytest.skip(f"native kernels unavailable: {_native.why_unavailable()}")
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     mod = importlib.import_module(script)
@@ -106,7 +106,8 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
             "compile_time": ["--methods", "ds", "--datasets", "li_quiz_itmanage",
                              "--data", str(DATA)],
             "gpu_parity": ["--n", "300", "--methods", "ds,mv", "--layouts", "dense,coo"],
-            "ds_step_variants": ["--n", "2000", "--iters", "3", "--repeats", "1"]}[script]
+            "ds_step_variants": ["--n", "2000", "--iters", "3", "--repeats", "1"],
+            "ebcc_sweep_native": ["--tasks", "3000", "--repeats", "1"]}[script]
     monkeypatch.setattr(sys, "argv", [script] + argv)
     mod.main()
     out = capsys.readouterr().out
@@ -114,7 +115,9 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
              "merge_speed": ["synthetic", "agreeing"], "restarts_speed": ["| lax.map |", "| vmap |"],
              "compile_time": ["| ds | li_quiz_itmanage | 25 x 36 |"],
              "gpu_parity": ["ds           coo", "mv           dense", "all agree"],
-             "ds_step_variants": ["onehot-matmul", "gather-reduce", "gather-scatter"]}[script]
+             "ds_step_variants": ["onehot-matmul", "gather-reduce", "gather-scatter"],
+             "ebcc_sweep_native": ["every answer, 1 thread", "grouped by 4, 1 thread",
+                                   "same sweep"]}[script]
     for name in names:
         assert name in out, out
     assert "FAILED" not in out, out

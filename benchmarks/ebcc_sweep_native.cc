@@ -1,0 +1,286 @@
+// Prototype (not in the package): one EBCC sweep over merged answer rows with AVX2 gathers
+// instead of the one-hot matrix products of _fast.subtype_sweep. Built and timed against that
+// XLA sweep by benchmarks/ebcc_sweep_native.py, to measure what a native EBCC kernel would gain.
+//
+// Row t (weight w_t, gold g_t or -1), columns c = k * M + m padded to KMp (a multiple of 8):
+//   s_c = bias_c + sum_w table[w, y_tw, c]   (gold rows: columns of other classes ruled out)
+//   p = softmax(s), log Z_t; z_t(k) = sum_m p_{kM+m}; dz = max |z_t - z_prev_t| over w_t > 0
+//   ll += w_t log Z_t; counts[w, y_tw, c] += w_t p_c; csum_c += w_t p_c
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "../crowdllm/aggregation/native/simd.h"
+
+using crowdllm_simd::exp256;
+
+namespace {
+constexpr int MAXV = 16;  // up to 128 columns
+
+constexpr int64_t CHUNK = 4096;  // rows summed in float lanes before the sums go to double
+
+struct Part {
+  std::vector<float> counts, csum;     // this chunk's sums
+  std::vector<double> dcounts, dcsum;  // the thread's
+  double ll = 0;
+  float dz = 0;
+  void flush_csum() {  // every row adds to every column sum: flushed more often
+    for (size_t i = 0; i < csum.size(); ++i) dcsum[i] += csum[i], csum[i] = 0.f;
+  }
+  void flush() {
+    for (size_t i = 0; i < counts.size(); ++i) dcounts[i] += counts[i], counts[i] = 0.f;
+    flush_csum();
+  }
+};
+
+void rows(const int8_t* labels, int64_t W, int64_t L, const float* weight, const int32_t* gold,
+          const float* bias, const float* table, int64_t K, int64_t M, int64_t KMp,
+          const float* zprev, float* z, int64_t r0, int64_t r1, Part* part) {
+  const int NV = (int)(KMp / 8);
+  const __m256 ruled = _mm256_set1_ps(-1e30f);
+  alignas(32) float p[8 * MAXV];
+  for (int64_t t = r0; t < r1; ++t) {
+    if ((t - r0) % CHUNK == 0 && t > r0) part->flush();
+    const int8_t* y = labels + t * W;
+    __m256 s[MAXV];
+    for (int v = 0; v < NV; ++v) s[v] = _mm256_loadu_ps(bias + 8 * v);
+    for (int64_t w = 0; w < W; ++w) {
+      if (y[w] < 0) continue;
+      const float* row = table + (w * L + y[w]) * KMp;
+      for (int v = 0; v < NV; ++v) s[v] = _mm256_add_ps(s[v], _mm256_loadu_ps(row + 8 * v));
+    }
+    const int32_t g = gold[t];
+    if (g >= 0) {  // keep columns [g M, (g + 1) M)
+      for (int v = 0; v < NV; ++v) {
+        __m256i c = _mm256_add_epi32(_mm256_set1_epi32(8 * v),
+                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256i lo = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(g * M)), c);
+        __m256i hi = _mm256_cmpgt_epi32(c, _mm256_set1_epi32((int)((g + 1) * M - 1)));
+        s[v] = _mm256_blendv_ps(s[v], ruled, _mm256_castsi256_ps(_mm256_or_si256(lo, hi)));
+      }
+    }
+    __m256 mx = s[0];
+    for (int v = 1; v < NV; ++v) mx = _mm256_max_ps(mx, s[v]);
+    mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
+    mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, _MM_SHUFFLE(1, 0, 3, 2)));
+    mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, _MM_SHUFFLE(2, 3, 0, 1)));
+    __m256 sum = _mm256_setzero_ps();
+    for (int v = 0; v < NV; ++v) {
+      s[v] = exp256(_mm256_sub_ps(s[v], mx));
+      sum = _mm256_add_ps(sum, s[v]);
+    }
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(sum, sum, 1));
+    sum = _mm256_add_ps(sum, _mm256_shuffle_ps(sum, sum, _MM_SHUFFLE(1, 0, 3, 2)));
+    sum = _mm256_add_ps(sum, _mm256_shuffle_ps(sum, sum, _MM_SHUFFLE(2, 3, 0, 1)));
+    const float tot = _mm256_cvtss_f32(sum);
+    const __m256 inv = _mm256_set1_ps(1.f / tot);
+    const float wt = weight[t];
+    const __m256 wv = _mm256_set1_ps(wt * (1.f / tot));
+    for (int v = 0; v < NV; ++v) _mm256_store_ps(p + 8 * v, _mm256_mul_ps(s[v], inv));
+    for (int64_t k = 0; k < K; ++k) {
+      float zk = 0;
+      for (int64_t m = 0; m < M; ++m) zk += p[k * M + m];
+      z[t * K + k] = zk;
+      if (wt > 0) part->dz = std::max(part->dz, std::fabs(zk - zprev[t * K + k]));
+    }
+    part->ll += (double)wt * ((double)_mm256_cvtss_f32(mx) + std::log((double)tot));
+    if (wt == 0) continue;
+    if (((t - r0) & 511) == 511) part->flush_csum();
+    float* cs = part->csum.data();
+    for (int v = 0; v < NV; ++v) {
+      s[v] = _mm256_mul_ps(s[v], wv);  // w_t p
+      _mm256_storeu_ps(cs + 8 * v, _mm256_add_ps(_mm256_loadu_ps(cs + 8 * v), s[v]));
+    }
+    for (int64_t w = 0; w < W; ++w) {
+      if (y[w] < 0) continue;
+      float* acc = part->counts.data() + (w * L + y[w]) * KMp;
+      for (int v = 0; v < NV; ++v)
+        _mm256_storeu_ps(acc + 8 * v, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * v), s[v]));
+    }
+  }
+  part->flush();
+}
+}  // namespace
+
+extern "C" int ebcc_sweep(const int8_t* labels, int64_t T, int64_t W, int64_t L,
+                          const float* weight, const int32_t* gold, const float* bias,
+                          const float* table, int64_t K, int64_t M, int64_t KMp,
+                          const float* zprev, float* z, double* ll, float* dz, float* counts,
+                          float* csum, int64_t threads) {
+  if (KMp % 8 || KMp / 8 > MAXV || K * M > KMp) return 1;
+  int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (T + 1023) / 1024));
+  std::vector<Part> parts(n);
+  std::vector<std::thread> pool;
+  for (int i = 0; i < n; ++i) {
+    parts[i].counts.assign(W * L * KMp, 0.f);
+    parts[i].csum.assign(KMp, 0.f);
+    parts[i].dcounts.assign(W * L * KMp, 0.0);
+    parts[i].dcsum.assign(KMp, 0.0);
+    int64_t r0 = T * i / n, r1 = T * (i + 1) / n;
+    pool.emplace_back(rows, labels, W, L, weight, gold, bias, table, K, M, KMp, zprev, z, r0, r1,
+                      &parts[i]);
+  }
+  for (auto& th : pool) th.join();
+  *ll = 0;
+  *dz = 0;
+  for (int64_t i = 0; i < W * L * KMp; ++i) {
+    double a = 0;
+    for (auto& pt : parts) a += pt.dcounts[i];
+    counts[i] = (float)a;
+  }
+  for (int64_t i = 0; i < KMp; ++i) {
+    double a = 0;
+    for (auto& pt : parts) a += pt.dcsum[i];
+    csum[i] = (float)a;
+  }
+  for (auto& pt : parts) {
+    *ll += pt.ll;
+    *dz = std::max(*dz, pt.dz);
+  }
+  return 0;
+}
+
+// The same sweep with annotators grouped four at a time (as the DS kernel does): each row's
+// answers of a group are one combination code (base L + 1 digits, 0 = no answer), the E-step
+// adds G table rows per row instead of W, and the M-step adds into G combination rows, which are
+// spread back to [W, L, KMp] once at the end.
+namespace {
+constexpr int64_t GCHUNK = 16384;
+
+void grouped_rows(const uint16_t* codes, int64_t G, int64_t NC, const float* weight,
+                  const int32_t* gold, const float* bias, const float* gtab, int64_t K, int64_t M,
+                  int64_t KMp, const float* zprev, float* z, int64_t r0, int64_t r1, Part* part) {
+  const int NV = (int)(KMp / 8);
+  const __m256 ruled = _mm256_set1_ps(-1e30f);
+  alignas(32) float p[8 * MAXV];
+  for (int64_t t = r0; t < r1; ++t) {
+    if ((t - r0) % GCHUNK == 0 && t > r0) part->flush();
+    const uint16_t* c = codes + t * G;
+    __m256 s[MAXV];
+    for (int v = 0; v < NV; ++v) s[v] = _mm256_loadu_ps(bias + 8 * v);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* row = gtab + (g * NC + c[g]) * KMp;
+      for (int v = 0; v < NV; ++v) s[v] = _mm256_add_ps(s[v], _mm256_loadu_ps(row + 8 * v));
+    }
+    const int32_t gd = gold[t];
+    if (gd >= 0) {
+      for (int v = 0; v < NV; ++v) {
+        __m256i cc = _mm256_add_epi32(_mm256_set1_epi32(8 * v),
+                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256i lo = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(gd * M)), cc);
+        __m256i hi = _mm256_cmpgt_epi32(cc, _mm256_set1_epi32((int)((gd + 1) * M - 1)));
+        s[v] = _mm256_blendv_ps(s[v], ruled, _mm256_castsi256_ps(_mm256_or_si256(lo, hi)));
+      }
+    }
+    __m256 mx = s[0];
+    for (int v = 1; v < NV; ++v) mx = _mm256_max_ps(mx, s[v]);
+    mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
+    mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, _MM_SHUFFLE(1, 0, 3, 2)));
+    mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, _MM_SHUFFLE(2, 3, 0, 1)));
+    __m256 sum = _mm256_setzero_ps();
+    for (int v = 0; v < NV; ++v) {
+      s[v] = exp256(_mm256_sub_ps(s[v], mx));
+      sum = _mm256_add_ps(sum, s[v]);
+    }
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(sum, sum, 1));
+    sum = _mm256_add_ps(sum, _mm256_shuffle_ps(sum, sum, _MM_SHUFFLE(1, 0, 3, 2)));
+    sum = _mm256_add_ps(sum, _mm256_shuffle_ps(sum, sum, _MM_SHUFFLE(2, 3, 0, 1)));
+    const float tot = _mm256_cvtss_f32(sum);
+    const __m256 inv = _mm256_set1_ps(1.f / tot);
+    const float wt = weight[t];
+    const __m256 wv = _mm256_set1_ps(wt * (1.f / tot));
+    for (int v = 0; v < NV; ++v) _mm256_store_ps(p + 8 * v, _mm256_mul_ps(s[v], inv));
+    for (int64_t k = 0; k < K; ++k) {
+      float zk = 0;
+      for (int64_t m = 0; m < M; ++m) zk += p[k * M + m];
+      z[t * K + k] = zk;
+      if (wt > 0) part->dz = std::max(part->dz, std::fabs(zk - zprev[t * K + k]));
+    }
+    part->ll += (double)wt * ((double)_mm256_cvtss_f32(mx) + std::log((double)tot));
+    if (wt == 0) continue;
+    if (((t - r0) & 511) == 511) part->flush_csum();
+    float* cs = part->csum.data();
+    for (int v = 0; v < NV; ++v) {
+      s[v] = _mm256_mul_ps(s[v], wv);
+      _mm256_storeu_ps(cs + 8 * v, _mm256_add_ps(_mm256_loadu_ps(cs + 8 * v), s[v]));
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* acc = part->counts.data() + (g * NC + c[g]) * KMp;
+      for (int v = 0; v < NV; ++v)
+        _mm256_storeu_ps(acc + 8 * v, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * v), s[v]));
+    }
+  }
+  part->flush();
+}
+}  // namespace
+
+// codes [T, G]: group g holds annotators [4 g, min(4 g + 4, W)); digit j of a code is the answer
+// of annotator 4 g + j plus one (0: none). table [W, L, KMp] as in ebcc_sweep.
+extern "C" int ebcc_sweep_grouped(const uint16_t* codes, int64_t T, int64_t W, int64_t L,
+                                  const float* weight, const int32_t* gold, const float* bias,
+                                  const float* table, int64_t K, int64_t M, int64_t KMp,
+                                  const float* zprev, float* z, double* ll, float* dz,
+                                  float* counts, float* csum, int64_t threads) {
+  if (KMp % 8 || KMp / 8 > MAXV || K * M > KMp) return 1;
+  const int64_t G = (W + 3) / 4, B = L + 1;
+  int64_t NC = 1;
+  for (int j = 0; j < 4; ++j) NC *= B;
+  // the group tables: row (g, code) = the sum of its members' table rows
+  std::vector<float> gtab(G * NC * KMp, 0.f);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t code = 0; code < NC; ++code) {
+      float* row = gtab.data() + (g * NC + code) * KMp;
+      int64_t rest = code;
+      for (int64_t j = 0; j < 4; ++j, rest /= B) {
+        int64_t d = rest % B, w = 4 * g + j;
+        if (d == 0 || w >= W) continue;
+        const float* src = table + (w * L + d - 1) * KMp;
+        for (int64_t i = 0; i < KMp; ++i) row[i] += src[i];
+      }
+    }
+  int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (T + 1023) / 1024));
+  std::vector<Part> parts(n);
+  std::vector<std::thread> pool;
+  for (int i = 0; i < n; ++i) {
+    parts[i].counts.assign(G * NC * KMp, 0.f);
+    parts[i].csum.assign(KMp, 0.f);
+    parts[i].dcounts.assign(G * NC * KMp, 0.0);
+    parts[i].dcsum.assign(KMp, 0.0);
+    int64_t r0 = T * i / n, r1 = T * (i + 1) / n;
+    pool.emplace_back(grouped_rows, codes, G, NC, weight, gold, bias, gtab.data(), K, M, KMp,
+                      zprev, z, r0, r1, &parts[i]);
+  }
+  for (auto& th : pool) th.join();
+  std::vector<double> acc(W * L * KMp, 0.0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t code = 0; code < NC; ++code) {
+      int64_t rest = code;
+      for (int64_t j = 0; j < 4; ++j, rest /= B) {
+        int64_t d = rest % B, w = 4 * g + j;
+        if (d == 0 || w >= W) continue;
+        double* dst = acc.data() + (w * L + d - 1) * KMp;
+        for (auto& pt : parts) {
+          const double* src = pt.dcounts.data() + (g * NC + code) * KMp;
+          for (int64_t i = 0; i < KMp; ++i) dst[i] += src[i];
+        }
+      }
+    }
+  for (int64_t i = 0; i < W * L * KMp; ++i) counts[i] = (float)acc[i];
+  *ll = 0;
+  *dz = 0;
+  for (int64_t i = 0; i < KMp; ++i) {
+    double a = 0;
+    for (auto& pt : parts) a += pt.dcsum[i];
+    csum[i] = (float)a;
+  }
+  for (auto& pt : parts) {
+    *ll += pt.ll;
+    *dz = std::max(*dz, pt.dz);
+  }
+  return 0;
+}
