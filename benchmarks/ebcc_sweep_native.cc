@@ -7,6 +7,7 @@
 //   p = softmax(s), log Z_t; z_t(k) = sum_m p_{kM+m}; dz = max |z_t - z_prev_t| over w_t > 0
 //   ll += w_t log Z_t; counts[w, y_tw, c] += w_t p_c; csum_c += w_t p_c
 #include <immintrin.h>
+#include <pmmintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -43,6 +44,12 @@ template <class Offsets>
 void sweep_rows(Offsets offsets, const float* weight, const int32_t* gold, const float* bias,
                 const float* tab, int64_t K, int64_t M, int64_t KMp, int64_t flush_every,
                 const float* zprev, float* z, int64_t r0, int64_t r1, Part* part) {
+#ifndef KEEP_DENORMALS
+  // tiny posteriors (ruled-out and padding columns: exp(-87) / Z) are denormal floats, and each
+  // operation on one costs ~100 cycles: flush them to zero in this thread
+  _MM_SET_FLUSH_ZERO_MODE(_MM_FLUSH_ZERO_ON);
+  _MM_SET_DENORMALS_ZERO_MODE(_MM_DENORMALS_ZERO_ON);
+#endif
   const int NV = (int)(KMp / 8);
   const __m256 ruled = _mm256_set1_ps(-1e30f);
   alignas(32) float p[8 * MAXV];
@@ -73,7 +80,11 @@ void sweep_rows(Offsets offsets, const float* weight, const int32_t* gold, const
     mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, _MM_SHUFFLE(2, 3, 0, 1)));
     __m256 sum = _mm256_setzero_ps();
     for (int v = 0; v < NV; ++v) {
+#ifndef ABLATE_EXP
       s[v] = exp256(_mm256_sub_ps(s[v], mx));
+#else
+      s[v] = _mm256_sub_ps(s[v], mx);
+#endif
       sum = _mm256_add_ps(sum, s[v]);
     }
     sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(sum, sum, 1));
@@ -84,12 +95,14 @@ void sweep_rows(Offsets offsets, const float* weight, const int32_t* gold, const
     const float wt = weight[t];
     const __m256 wv = _mm256_set1_ps(wt * (1.f / tot));
     for (int v = 0; v < NV; ++v) _mm256_store_ps(p + 8 * v, _mm256_mul_ps(s[v], inv));
+#ifndef ABLATE_Z
     for (int64_t k = 0; k < K; ++k) {
       float zk = 0;
       for (int64_t m = 0; m < M; ++m) zk += p[k * M + m];
       z[t * K + k] = zk;
       if (wt > 0) part->dz = std::max(part->dz, std::fabs(zk - zprev[t * K + k]));
     }
+#endif
     part->ll += (double)wt * ((double)_mm256_cvtss_f32(mx) + std::log((double)tot));
     if (wt == 0) continue;
     if (((t - r0) & 511) == 511) part->flush_csum();
@@ -98,11 +111,13 @@ void sweep_rows(Offsets offsets, const float* weight, const int32_t* gold, const
       s[v] = _mm256_mul_ps(s[v], wv);  // w_t p
       _mm256_storeu_ps(cs + 8 * v, _mm256_add_ps(_mm256_loadu_ps(cs + 8 * v), s[v]));
     }
+#ifndef ABLATE_M
     for (int i = 0; i < n; ++i) {
       float* acc = part->counts.data() + off[i];
       for (int v = 0; v < NV; ++v)
         _mm256_storeu_ps(acc + 8 * v, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * v), s[v]));
     }
+#endif
   }
   part->flush();
 }
