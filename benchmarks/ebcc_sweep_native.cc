@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -184,54 +183,54 @@ extern "C" int ebcc_sweep(const int8_t* labels, int64_t T, int64_t W, int64_t L,
   return 0;
 }
 
-// The same sweep with annotators grouped four at a time (as the DS kernel does): each row's
-// answers of a group are one combination code (base L + 1 digits, 0 = no answer), the E-step
-// adds G table rows per row instead of W, and the M-step adds into G combination rows, which are
-// spread back to [W, L, KMp] once at the end.
-// codes [T, G]: group g holds annotators [4 g, min(4 g + 4, W)); digit j of a code is the answer
-// of annotator 4 g + j plus one (0: none). table [W, L, KMp] as in ebcc_sweep.
+// The same sweep with annotators grouped as the DS kernel groups them (`_native.plan`): each
+// row's answers of a group are one combination code, the E-step adds G table rows per row
+// instead of W, and the M-step adds into G combination rows, which are spread back to
+// [W, L, KMp] once at the end.
+// codes [T, G]: `_native.encode`'s combination rows (the group's offset plus the code); group g
+// holds annotators [S g, min(S g + S, W)), and digit j of its code (base L + 1) is the answer of
+// annotator S g + j plus one (0: none). table [W, L, KMp] as in ebcc_sweep.
 extern "C" int ebcc_sweep_grouped(const uint16_t* codes, int64_t T, int64_t W, int64_t L,
-                                  const float* weight, const int32_t* gold, const float* bias,
-                                  const float* table, int64_t K, int64_t M, int64_t KMp,
-                                  const float* zprev, float* z, double* ll, float* dz,
-                                  float* counts, float* csum, int64_t threads) {
-  if (KMp % 8 || KMp / 8 > MAXV || K * M > KMp || W > 4 * 64) return 1;
-  const int64_t G = (W + 3) / 4, B = L + 1;
-  int64_t NC = 1;
-  for (int j = 0; j < 4; ++j) NC *= B;
-  // the group tables: row (g, code) = the sum of its members' table rows
-  std::vector<float> gtab(G * NC * KMp, 0.f);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t code = 0; code < NC; ++code) {
-      float* row = gtab.data() + (g * NC + code) * KMp;
-      int64_t rest = code;
-      for (int64_t j = 0; j < 4; ++j, rest /= B) {
-        int64_t d = rest % B, w = 4 * g + j;
-        if (d == 0 || w >= W) continue;
-        const float* src = table + (w * L + d - 1) * KMp;
-        for (int64_t i = 0; i < KMp; ++i) row[i] += src[i];
+                                  int64_t S, const float* weight, const int32_t* gold,
+                                  const float* bias, const float* table, int64_t K, int64_t M,
+                                  int64_t KMp, const float* zprev, float* z, double* ll,
+                                  float* dz, float* counts, float* csum, int64_t threads) {
+  if (KMp % 8 || KMp / 8 > MAXV || K * M > KMp || S < 1 || (W + S - 1) / S > 64) return 1;
+  const int64_t G = (W + S - 1) / S, B = L + 1;
+  // calls fn(combination row, table row of one member's answer) for every member answer of
+  // every combination of every group: the rows _native.plan lays out
+  auto each_answer = [&](auto fn) {
+    int64_t first = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t n = std::min(S, W - S * g);
+      int64_t NC = 1;
+      for (int64_t j = 0; j < n; ++j) NC *= B;
+      for (int64_t code = 0; code < NC; ++code) {
+        int64_t rest = code;
+        for (int64_t j = 0; j < n; ++j, rest /= B)
+          if (rest % B) fn(first + code, (S * g + j) * L + rest % B - 1);
       }
+      first += NC;
     }
+    return first;
+  };
+  const int64_t rows = each_answer([](int64_t, int64_t) {});
+  // the group tables: combination row = the sum of its members' table rows
+  std::vector<float> gtab(rows * KMp, 0.f);
+  each_answer([&](int64_t r, int64_t src) {
+    for (int64_t i = 0; i < KMp; ++i) gtab[r * KMp + i] += table[src * KMp + i];
+  });
   auto offsets = [=](int64_t t, int64_t* off) {
-    for (int64_t g = 0; g < G; ++g) off[g] = (g * NC + codes[t * G + g]) * KMp;
+    for (int64_t g = 0; g < G; ++g) off[g] = codes[t * G + g] * KMp;
     return (int)G;
   };
-  auto parts = run(offsets, T, G * NC, weight, gold, bias, gtab.data(), K, M, KMp, 16384, zprev,
+  auto parts = run(offsets, T, rows, weight, gold, bias, gtab.data(), K, M, KMp, 16384, zprev,
                    z, threads);
   std::vector<double> acc(W * L * KMp, 0.0);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t code = 0; code < NC; ++code) {
-      int64_t rest = code;
-      for (int64_t j = 0; j < 4; ++j, rest /= B) {
-        int64_t d = rest % B, w = 4 * g + j;
-        if (d == 0 || w >= W) continue;
-        double* dst = acc.data() + (w * L + d - 1) * KMp;
-        for (auto& pt : parts) {
-          const double* src = pt.dcounts.data() + (g * NC + code) * KMp;
-          for (int64_t i = 0; i < KMp; ++i) dst[i] += src[i];
-        }
-      }
-    }
+  each_answer([&](int64_t r, int64_t dst) {
+    for (auto& pt : parts)
+      for (int64_t i = 0; i < KMp; ++i) acc[dst * KMp + i] += pt.dcounts[r * KMp + i];
+  });
   for (int64_t i = 0; i < W * L * KMp; ++i) counts[i] = (float)acc[i];
   reduce(parts, KMp, ll, dz, csum);
   return 0;

@@ -49,16 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from crowdllm.aggregation import _fast
+    from crowdllm.aggregation import _fast, _native
     from crowdllm.eval import speed
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=1_000_000)
+    ap.add_argument("--classes", type=int, default=5)
     ap.add_argument("--subtypes", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args(argv)
     print(f"machine: {speed.machine()}")
-    labels, _ = speed.dense_panel(a.tasks)
+    labels, _ = speed.dense_panel(a.tasks, n_classes=a.classes)
     rows, counts = np.unique(labels, axis=0, return_counts=True)
     U, W = rows.shape
     K = L = int(labels.max()) + 1
@@ -117,23 +118,23 @@ def main(argv: list[str] | None = None) -> int:
                 "csum vs float64 (rel)": rel(csum[:KM], csum64),
                 "dz vs XLA": float(abs(dz[0] - dz_r))}
 
-    G, B = -(-W // 4), L + 1
-    codes = np.zeros((U, G), np.uint16)
-    for w in range(W):
-        codes[:, w // 4] += ((rows[:, w].astype(np.int64) + 1) * B ** (w % 4)).astype(np.uint16)
+    plan = _native.plan(W, L)  # the DS kernel's annotator groups and combination codes
+    codes = np.asarray(_native.encode(jnp.asarray(rows), plan))
+    group = len(plan.groups[0])
     with tempfile.TemporaryDirectory() as d:
         lib = build(d)
 
         def native(fn, first, threads: int) -> None:
-            rc = fn(_ptr(first), ctypes.c_int64(U), ctypes.c_int64(W), ctypes.c_int64(L),
-                    _ptr(weight), _ptr(gold), _ptr(bias_p), _ptr(tab), ctypes.c_int64(K),
+            sizes = (ctypes.c_int64(U), ctypes.c_int64(W), ctypes.c_int64(L)) + \
+                ((ctypes.c_int64(group),) if fn is lib.ebcc_sweep_grouped else ())
+            rc = fn(_ptr(first), *sizes, _ptr(weight), _ptr(gold), _ptr(bias_p), _ptr(tab), ctypes.c_int64(K),
                     ctypes.c_int64(M), ctypes.c_int64(KMp), _ptr(z_prev), _ptr(z), _ptr(ll),
                     _ptr(dz), _ptr(cnt), _ptr(csum), ctypes.c_int64(threads))
             assert rc == 0
 
         timings, checks = {}, {}
         for name, fn, first in (("every answer", lib.ebcc_sweep, rows_c),
-                                ("grouped by 4", lib.ebcc_sweep_grouped, codes)):
+                                (f"grouped by {group}", lib.ebcc_sweep_grouped, codes)):
             for threads in (1, os.cpu_count() or 1):
                 for v in (z, cnt, csum):
                     v.fill(np.nan)  # every output must be written
