@@ -53,15 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return log_prior + g.sum(axis=1)
 
     def e_common(lab, mask, g, log_prior, log_conf):
-        s = gather_e(lab, log_prior, log_conf)
-        p, log_z = _fast._softmax(s)
-        K = s.shape[1]
-        is_gold = g >= 0
-        g0 = jnp.maximum(g, 0)
-        p = jnp.where(is_gold[:, None], jax.nn.one_hot(g0, K, dtype=s.dtype), p)
-        gold_s = jnp.take_along_axis(s, g0[:, None], axis=1)[:, 0]
-        ll = (jnp.where(is_gold, gold_s, log_z) * mask).sum()
-        return p, ll, p * mask[:, None]
+        return _fast.ds_posteriors(gather_e(lab, log_prior, log_conf), mask, g)
 
     def step_reduce(lab, mask, g, log_prior, log_conf):
         p, ll, pm = e_common(lab, mask, g, log_prior, log_conf)

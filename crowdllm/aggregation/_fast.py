@@ -160,6 +160,21 @@ def _softmax(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     return e * (1.0 / tot), (top + jnp.log(tot))[..., 0]
 
 
+def ds_posteriors(s: jax.Array, mask: jax.Array, gold: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Dawid-Skene's E-step from the scores ``s [T, K]`` of some tasks: ``(posteriors, the
+    masked log-likelihood, posteriors * mask)``; gold tasks (``gold >= 0``) are clamped to their
+    class and scored at it."""
+    K = s.shape[1]
+    p, log_z = _softmax(s)
+    is_gold = gold >= 0
+    g0 = jnp.maximum(gold, 0)
+    p = jnp.where(is_gold[:, None], jax.nn.one_hot(g0, K, dtype=s.dtype), p)
+    gold_s = jnp.take_along_axis(s, g0[:, None], axis=1)[:, 0]
+    ll = (jnp.where(is_gold, gold_s, log_z) * mask).sum()
+    return p, ll, p * mask[:, None]
+
+
 def ds_em_step(labels: jax.Array, n_classes: int, task_mask: jax.Array, gold: jax.Array,
                log_prior: jax.Array, log_conf: jax.Array
                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -183,16 +198,10 @@ def ds_em_step(labels: jax.Array, n_classes: int, task_mask: jax.Array, gold: ja
     def body(carry, lab, mask, g):
         counts, psum, ll = carry
         oh = _onehot_flat(lab, L, dtype)
-        s = log_prior + jnp.matmul(oh, tab, precision=_HIGHEST)
-        p, log_z = _softmax(s)
-        is_gold = g >= 0
-        g0 = jnp.maximum(g, 0)
-        p = jnp.where(is_gold[:, None], jax.nn.one_hot(g0, K, dtype=dtype), p)
-        gold_s = jnp.take_along_axis(s, g0[:, None], axis=1)[:, 0]
-        ll = ll + (jnp.where(is_gold, gold_s, log_z) * mask).sum()
-        pm = p * mask[:, None]
+        p, ll_chunk, pm = ds_posteriors(log_prior + jnp.matmul(oh, tab, precision=_HIGHEST),
+                                        mask, g)
         counts = counts + jnp.matmul(oh.T, pm, precision=_HIGHEST)
-        return (counts, psum + pm.sum(axis=0), ll), p
+        return (counts, psum + pm.sum(axis=0), ll + ll_chunk), p
 
     init = (jnp.zeros((W * L, K), dtype), jnp.zeros((K,), dtype), jnp.zeros((), dtype))
     (counts, psum, ll), post = chunked(labels, (task_mask, gold), body, init)
