@@ -12,6 +12,7 @@ does not depend on what else runs.
 Usage:
     nice python benchmarks/ebcc_speed.py [--tasks 1000000] [--workers 12] [--classes 5] [--restarts 40]
         [--screen-iter N|none] [--keep N] [--screen-tasks N|none] [--accelerate auto|on|off]
+        [--native auto|on|off]
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="calls to time (the first compiles)")
     ap.add_argument("--accelerate", choices=["auto", "on", "off"], default="auto",
                     help="over-relaxed sweeps (auto: past 1,000,000 answers)")
+    ap.add_argument("--native", choices=["auto", "on", "off"], default="auto",
+                    help="the sweeps on the native kernel (auto: where it applies)")
     args = ap.parse_args()
 
     import jax
@@ -77,7 +80,8 @@ def main() -> None:
         screen["screen_tasks"] = None if args.screen_tasks == "none" else int(args.screen_tasks)
     rows = []
     for i in range(args.repeat):
-        model = EBCC(restarts=args.restarts, restart_batch=args.restart_batch, seed=i, **screen)
+        model = EBCC(restarts=args.restarts, restart_batch=args.restart_batch, seed=i,
+                     native=args.native, **screen)
         t0, c0 = time.perf_counter(), time.process_time()
         model.fit(tensor)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -89,7 +93,7 @@ def main() -> None:
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (CPU seconds = time on all cores of this process)")
     probe = EBCC(restarts=args.restarts, **screen)
     print(f"screening: screen_iter={probe.screen_iter}, keep={probe.keep}, screen_tasks={probe.screen_tasks}, "
-          f"accelerate={probe.accelerate}")
+          f"accelerate={probe.accelerate}, native={args.native} (used: {model.native_used_})")
     print(f"{'call':>4} {'restarts':>8} {'seconds':>8} {'cpu_s':>8} {'acc_ebcc':>8} {'acc_mv':>7} {'iters(best)':>11} "
           f"{'sweeps(all)':>11} {'best_elbo':>10} {'worst_elbo':>10}")
     acc_mv = float((mv.label_codes_ == truth).mean())

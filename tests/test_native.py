@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crowdllm.aggregation import (BWA, GLAD, IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core, _fast,
+from crowdllm.aggregation import (BWA, EBCC, GLAD, IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core,
+                                  _fast,
                                   _native, bwa, dawid_skene, glad, ibcc, mace, one_coin)
 from crowdllm.labels import LabelTensor
 
@@ -447,6 +448,110 @@ def test_dawid_skene_class_native_equals_xla_on_real_data(name):
 
 @needs_kernel
 @pytest.mark.filterwarnings("ignore:DawidSkene did not converge")
+def _draw_ebcc(T, W, K, M, missing, gold_frac, seed):
+    """Answers drawn from EBCC's story: a true class and a subtype per task, and a confusion row
+    per (annotator, class, subtype), so annotators err together on a subtype."""
+    rng = np.random.default_rng(seed)
+    truth = rng.choice(K, T, p=rng.dirichlet(np.ones(K) * 3))
+    sub = rng.integers(0, M, T)
+    acc = rng.uniform(0.3, 0.95, (W, K, M))
+    conf = rng.dirichlet(np.ones(K) * 0.5, (W, K, M)) * (1 - acc)[..., None] \
+        + np.eye(K)[None, :, None, :] * acc[..., None]  # [W, K, M, L]
+    p = conf[np.arange(W)[None], truth[:, None], sub[:, None]]  # [T, W, L]
+    lab = (rng.random((T, W, 1)) > np.cumsum(p, axis=-1)).sum(-1)
+    return _hide(np.minimum(lab, K - 1).astype(np.int8), truth, rng, missing, gold_frac)
+
+
+@needs_kernel
+@pytest.mark.parametrize("T,W,K,M,missing,gold_frac", [
+    (1003, 12, 5, 10, 0.2, 0.1),    # 3 groups of 4, 50 columns (padded to 56)
+    (777, 13, 3, 3, 0.5, 0.1),      # groups of 6, 6 and 1; 9 columns
+    (64, 1, 2, 1, 0.0, 0.0),        # one annotator, one subtype
+    (300, 3, 12, 2, 0.1, 0.2),      # 12 classes (more than the DS kernel takes)
+    (200, 2, 16, 16, 0.0, 0.1),     # 256 columns, the most the kernel takes
+    (20_000, 30, 5, 4, 0.3, 0.05),  # 8 groups, 2 threads
+])
+def test_ebcc_sweep_equals_the_xla_sweep(T, W, K, M, missing, gold_frac):
+    """One EBCC sweep on the native kernel equals the fused XLA sweep (``_fast.subtype_sweep``):
+    class posteriors of every row, weighted log-likelihood, per-annotator counts, column sums
+    and the largest move of a weighted row's posteriors; rows weigh their counts, padding rows
+    weigh 0 (and move nothing), gold rows keep their class's columns."""
+    rng = np.random.default_rng(T + K)
+    lab, gold, _ = _draw_ebcc(T, W, K, M, missing, gold_frac, seed=T)
+    lab[0] = -1  # a row nobody answered
+    weight = rng.integers(1, 6, T).astype(np.float32)
+    weight[-5:], lab[-5:], gold[-5:] = 0, -1, -1  # padding rows
+    KM = K * M
+    log_table = np.log(rng.dirichlet(np.ones(K), (W, KM))).astype(np.float32)
+    bias = np.log(rng.dirichlet(np.ones(KM))).astype(np.float32)
+    z_prev = rng.dirichlet(np.ones(K), T).astype(np.float32)
+    args = [jnp.asarray(x) for x in (weight, gold, bias, log_table, z_prev)]
+    z, ll, counts, csum, dz = jax.jit(lambda lab, *x: _fast.subtype_sweep(lab, K, M, *x))(
+        jnp.asarray(lab), *args)
+    data = _core.Dense(labels=jnp.asarray(lab), task_mask=jnp.asarray((weight > 0) * 1.0),
+                       worker_mask=jnp.ones(W), gold=jnp.asarray(gold), n_classes=K)
+
+    @jax.jit
+    def native(data, weight, gold, bias, log_table, z_prev):
+        return _native.ebcc_sweep(_native.ebcc_rows(data), weight, bias, log_table, z_prev, M)
+
+    z2, ll2, counts2, csum2, dz2 = native(data, *args)
+    np.testing.assert_allclose(np.asarray(z2), np.asarray(z), atol=1e-5)
+    np.testing.assert_allclose(float(ll2), float(ll), rtol=2e-6)
+    np.testing.assert_allclose(np.asarray(counts2), np.asarray(counts), rtol=2e-5, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(csum2), np.asarray(csum), rtol=2e-5, atol=2e-4)
+    np.testing.assert_allclose(float(dz2), float(dz), atol=1e-5)
+    g = gold >= 0  # gold rows: their class only
+    assert (np.asarray(z2)[g, gold[g]] > 1 - 1e-6).all()
+    # every weighted answer is counted once: the counts sum to them
+    n_ans = float(((lab >= 0) * weight[:, None]).sum())
+    assert abs(float(counts2.sum()) - n_ans) <= 1e-5 * n_ans
+
+
+@needs_kernel
+@pytest.mark.parametrize("kw", [{}, {"accelerate": True, "screen_iter": 3, "keep": 2,
+                                     "screen_tasks": 700}])
+def test_native_ebcc_equals_the_xla_fit_on_sampled_data(kw):
+    """EBCC with its sweeps on the native kernel equals EBCC on the XLA sweeps: a fixed number
+    of sweeps from the same restarts (gold clamped), plainly or over-relaxed and screened on a
+    sample: every restart's ELBO, the kept restart, its posteriors and ELBO history."""
+    T, W, K, M = 2000, 8, 4, 3
+    lab, gold, truth = _draw_ebcc(T, W, K, M, 0.3, 0.05, seed=len(kw))
+    tensor = _tensor(lab, K)
+    gold = {tensor.task_ids[t]: tensor.classes[g] for t, g in enumerate(gold) if g >= 0}
+    opts = dict(n_subtypes=M, restarts=3, max_iter=25, tol=None, atol=0.0, seed=2, **kw)
+    a = EBCC(native="off", **opts).fit(tensor, gold=gold)
+    b = EBCC(native="on", **opts).fit(tensor, gold=gold)
+    assert b.native_used_ and not a.native_used_
+    np.testing.assert_array_equal(b.sweeps_, a.sweeps_)
+    np.testing.assert_allclose(b.elbos_, a.elbos_, rtol=1e-5)  # NaN: dropped by screening
+    assert b.best_restart_ == a.best_restart_
+    np.testing.assert_allclose(b.probas_, a.probas_, atol=1e-4)
+    np.testing.assert_allclose(b.loss_history_, a.loss_history_, rtol=1e-5)
+    mv = np.stack([(lab == k).sum(1) for k in range(K)], 1).argmax(1)
+    assert (b.label_codes_ == truth).mean() > (mv == truth).mean()
+
+
+@pytest.mark.filterwarnings("ignore::crowdllm.aggregation.base.ConvergenceWarning")
+def test_ebcc_native_option():
+    """EBCC runs on the kernel where it applies and says so; ``native='on'`` where it cannot
+    refuses with the reason; with more than 256 classes x subtypes it falls back."""
+    lab, _, _ = _draw_ebcc(100, 4, 3, 2, 0.1, 0.0, seed=5)
+    tensor = _tensor(lab, 3)
+    opts = dict(restarts=1, max_iter=3)
+    assert EBCC(n_subtypes=2, **opts).fit(tensor).native_used_ == (WHY is None)
+    assert not EBCC(n_subtypes=2, native="off", **opts).fit(tensor).native_used_
+    assert not EBCC(n_subtypes=2, layout="coo", **opts).fit(tensor).native_used_
+    assert not EBCC(n_subtypes=2, dtype="float64", **opts).fit(tensor).native_used_
+    with pytest.raises(ValueError, match="native='on'.*float64"):
+        EBCC(n_subtypes=2, dtype="float64", native="on", **opts).fit(tensor)
+    data = _core.prepare(tensor, layout="dense")
+    assert "258 latent columns" in _native.applies(data, jnp.float32, columns=258)
+    assert not _native.use("auto", data, columns=258)  # EBCC(n_subtypes=86) on 3 classes
+    with pytest.raises(ValueError, match="native must be"):
+        EBCC(native="yes")
+
+
 def test_gold_in_fitting_and_zero_iterations():
     tensor = LabelTensor.coerce(DATA / "zencrowd_in" / "answers.csv")
     gold = DATA / "zencrowd_in" / "gold.csv"

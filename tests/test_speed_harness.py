@@ -117,8 +117,8 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
              "compile_time": ["| ds | li_quiz_itmanage | 25 x 36 |"],
              "gpu_parity": ["ds           coo", "mv           dense", "all agree"],
              "ds_step_variants": ["onehot-matmul", "gather-reduce", "gather-scatter"],
-             "ebcc_sweep_native": ["every answer, 1 thread", "grouped by 5, 1 thread",
-                                   "same sweep"]}[script]
+             "ebcc_sweep_native": ["XLA (subtype_sweep)", "native (ebcc_sweep)",
+                                   "groups [5, 5, 2]", "same sweep"]}[script]
     for name in names:
         assert name in out, out
     assert "FAILED" not in out, out

@@ -37,9 +37,11 @@ Making 40 restarts cheap:
 * with the dense layout, tasks with the same answers (and gold) are merged into one weighted row
   before fitting - the model is exchangeable over tasks, so the fixed points are the same (each
   merged row starts from one subtype draw instead of one per task): 1,000,000 synthetic tasks of
-  12 annotators become 398,225 rows - and a sweep is one fused pass over the rows
-  (:func:`._fast.subtype_sweep`: the E-step and both sums as products with the in-cache answer
-  indicator), 0.124 s per sweep there on the 2-core VM;
+  12 annotators become 398,225 rows - and a sweep is one fused pass over the rows: on the
+  native kernel where it applies (:func:`._native.ebcc_sweep`: table rows gathered by groups of
+  annotators' answers, ``native``), else in XLA (:func:`._fast.subtype_sweep`: the E-step and
+  both sums as products with the in-cache answer indicator); 44 and 147 ms per sweep there on
+  the 2-core AMD VM (``benchmarks/ebcc_sweep_native.py``);
 * the random starts come from a counter hash (threefry spent 0.74 s per restart at that size);
 * screening (``screen_iter``, ``keep``): every restart runs ``screen_iter`` sweeps, and only the
   ``keep`` best by ELBO run on to convergence. Off by default up to 1,000,000 answers (the
@@ -84,7 +86,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import LabelTensor
-from . import _fast
+from . import _fast, _native
 from ._core import (CrowdData, Dense, choose_layout, fast_enabled, normalize, prepare, task_class_sum,
                     task_vote, worker_confusion)
 from .base import Aggregator
@@ -227,17 +229,21 @@ def e_step(data: CrowdData, bias: jax.Array, log_table: jax.Array, n_subtypes: i
     return zg, log_z
 
 
-def step(data: CrowdData, state: EBCCState, *, weight: jax.Array,
-         priors: _Priors) -> tuple[EBCCState, jax.Array, jax.Array]:
+def step(data: CrowdData, state: EBCCState, *, weight: jax.Array, priors: _Priors,
+         rows: _native.EbccRows | None = None) -> tuple[EBCCState, jax.Array, jax.Array]:
     """One VB sweep: q(tau), q(pi), q(V) from the counts of q(z, g); then q(z, g) and its counts.
 
     Returns ``(state, ELBO per answer, dz)``, ``dz`` the largest move of a (weighted) task's
-    class posterior. On a dense panel the E-step and the sums are one fused pass
-    (:func:`._fast.subtype_sweep`); elsewhere they are the reference sums.
+    class posterior. With ``rows`` (:func:`._native.ebcc_rows` of ``data``), the sweep runs on
+    the native kernel (:func:`._native.ebcc_sweep`); else on a dense panel the E-step and the sums
+    are one fused XLA pass (:func:`._fast.subtype_sweep`); elsewhere they are the reference sums.
     """
     K, M = state.n_km.shape
     bias, table, (kl, per_worker) = _expectations(priors, state.n_km, state.n_wkml)
-    if isinstance(data, Dense) and fast_enabled():
+    if rows is not None:
+        z, ll, counts, csum, dz = _native.ebcc_sweep(rows, weight, bias, table, state.z, M)
+        n_km, n_wkml = csum.reshape(K, M), counts.reshape(-1, K, M, data.n_classes)
+    elif isinstance(data, Dense) and fast_enabled():
         z, ll, counts, csum, dz = _fast.subtype_sweep(data.labels, data.n_classes, M, weight,
                                                       data.gold, bias, table, state.z)
         n_km, n_wkml = csum.reshape(K, M), counts.reshape(-1, K, M, data.n_classes)
@@ -272,8 +278,10 @@ ETA_MAX = 16.0
 
 
 def _run(data: CrowdData, weight: jax.Array, priors: _Priors, state: EBCCState, loop: _Loop, *,
-         until: int, tol: float, atol: float, accelerate: bool = False) -> tuple[EBCCState, _Loop]:
-    """Sweep until ``until`` sweeps in all, or the stopping rule (see :func:`fit_one`).
+         until: int, tol: float, atol: float, accelerate: bool = False,
+         rows: _native.EbccRows | None = None) -> tuple[EBCCState, _Loop]:
+    """Sweep until ``until`` sweeps in all, or the stopping rule (see :func:`fit_one`); ``rows``:
+    the sweeps run on the native kernel (see :func:`step`).
 
     ``accelerate``: adaptive over-relaxation (Salakhutdinov & Roweis, ICML 2003) of the counts
     the ELBO is a function of. A sweep starts from ``used + eta * (n - used)`` (``used`` the
@@ -300,7 +308,7 @@ def _run(data: CrowdData, weight: jax.Array, priors: _Priors, state: EBCCState, 
 
             point = st._replace(n_km=extrapolate(st.used_km, st.n_km),
                                 n_wkml=extrapolate(st.used_wkml, st.n_wkml))
-        new, obj, dz = step(data, point, weight=weight, priors=priors)
+        new, obj, dz = step(data, point, weight=weight, priors=priors, rows=rows)
         gain = obj - lp.objective
         eta = lp.eta
         if accelerate:
@@ -324,7 +332,8 @@ def _new_loop(max_iter: int, dtype: Any) -> _Loop:
 
 def fit_one(data: CrowdData, key: jax.Array, weight: jax.Array, priors: _Priors, *,
             n_subtypes: int, max_iter: int, tol: float, atol: float,
-            accelerate: bool = False) -> tuple[EBCCState, _Loop]:
+            accelerate: bool = False, rows: _native.EbccRows | None = None
+            ) -> tuple[EBCCState, _Loop]:
     """One restart from ``key``, run to the end.
 
     Stops after the first sweep whose ELBO (per answer) gains less than ``tol``, or whose class
@@ -332,7 +341,7 @@ def fit_one(data: CrowdData, key: jax.Array, weight: jax.Array, priors: _Priors,
     """
     state = init(data, key, weight, n_subtypes)
     return _run(data, weight, priors, state, _new_loop(max_iter, state.z.dtype), until=max_iter,
-                tol=tol, atol=atol, accelerate=accelerate)
+                tol=tol, atol=atol, accelerate=accelerate, rows=rows)
 
 
 def _in_chunks(fn, xs: Any, n: int, batch: int) -> Any:
@@ -370,13 +379,14 @@ def _resume(data: CrowdData, priors: _Priors, state: EBCCState) -> EBCCState:
 
 
 @functools.partial(jax.jit, static_argnames=("n_subtypes", "max_iter", "restarts", "restart_batch",
-                                             "empirical_prior", "screen_iter", "keep", "accelerate"))
+                                             "empirical_prior", "screen_iter", "keep", "accelerate",
+                                             "native"))
 def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_subtypes: int = 10,
         restarts: int = 1, restart_batch: int = 8, max_iter: int = 500, tol: float = 1e-6,
         atol: float = 1e-3, alpha: float = 1.0, a_pi: float = 0.1, beta_diag: float = 4.0,
         beta_off: float = 1.0, empirical_prior: bool = True, screen_iter: int | None = None,
         keep: int = 1, screen_on: tuple[CrowdData, jax.Array, jax.Array] | None = None,
-        accelerate: bool = False) -> EBCCResult:
+        accelerate: bool = False, native: bool = False) -> EBCCResult:
     """Fit EBCC from ``restarts`` independent keys and keep the best final ELBO.
 
     Restart ``r`` starts from ``jax.random.split(key, restarts)[r]``; restarts run ``vmap``-ed in
@@ -402,28 +412,33 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
         key: PRNG key.
         weight: ``[tasks]`` how many tasks each row stands for (merged patterns); default the
             task mask.
+        native: run the sweeps on the native kernel (:func:`._native.ebcc_sweep`; dense
+            float32 data, where :func:`._native.use` says it applies).
     """
     dtype = data.task_mask.dtype
     weight = data.task_mask if weight is None else weight.astype(dtype) * data.task_mask
     priors = _priors(data, weight, n_subtypes, alpha, a_pi, beta_diag, beta_off, empirical_prior)
+    rows = _native.ebcc_rows(data) if native else None
     opts = dict(tol=tol, atol=atol, accelerate=accelerate)
     screening = screen_iter is not None and screen_iter < max_iter and keep < restarts
 
     keys = jax.random.split(key, restarts)
     if screening and screen_on is not None:
-        sample, sample_weight, rows = screen_on
+        sample, sample_weight, rows_in_whole = screen_on
         sample_weight = sample_weight.astype(dtype) * sample.task_mask
+        sample_rows = _native.ebcc_rows(sample) if native else None
 
         def on_sample(k):
-            state = init(sample, k, sample_weight, n_subtypes, rows)
+            state = init(sample, k, sample_weight, n_subtypes, rows_in_whole)
             return _run(sample, sample_weight, priors, state, _new_loop(max_iter, dtype),
-                        until=screen_iter, **opts)[1]
+                        until=screen_iter, rows=sample_rows, **opts)[1]
 
         loops = _in_chunks(on_sample, keys, restarts, restart_batch)
         top = jnp.argsort(-_or_lowest(loops.objective))[:keep]
 
         def whole(k):
-            state, loop = fit_one(data, k, weight, priors, n_subtypes=n_subtypes, max_iter=max_iter, **opts)
+            state, loop = fit_one(data, k, weight, priors, n_subtypes=n_subtypes, max_iter=max_iter,
+                                  rows=rows, **opts)
             return _light(state), loop
 
         s2, l2 = _in_chunks(whole, keys[top], keep, restart_batch)
@@ -437,7 +452,8 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
     def first(k):
         state = init(data, k, weight, n_subtypes)
         until = screen_iter if screening else max_iter
-        state, loop = _run(data, weight, priors, state, _new_loop(max_iter, dtype), until=until, **opts)
+        state, loop = _run(data, weight, priors, state, _new_loop(max_iter, dtype), until=until,
+                           rows=rows, **opts)
         return _light(state), loop
 
     states, loops = _in_chunks(first, keys, restarts, restart_batch)
@@ -447,7 +463,7 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
         def more(x):
             state, loop = x
             state, loop = _run(data, weight, priors, _resume(data, priors, state), loop,
-                               until=max_iter, **opts)
+                               until=max_iter, rows=rows, **opts)
             return _light(state), loop
 
         picked = jax.tree_util.tree_map(lambda x: x[top], (states, loops))
@@ -546,7 +562,8 @@ class EBCC(Aggregator):
         n_subtypes: latent subtypes per class, ``M`` (reference: 10).
         restarts: independent random starts; the best final ELBO is kept (reference: 40).
         restart_batch: restarts run together (``vmap``) per chunk; bounds memory. Default: 8 for
-            the dense layout (matrix products batch well), 1 for COO (scatter-adds do not).
+            the dense layout on the XLA sweep (matrix products batch well), 1 for COO
+            (scatter-adds do not) and for the native kernel.
         seed: PRNG seed of the restarts.
         alpha: Dirichlet concentration of the class proportions (unless ``empirical_prior``).
         a_pi: total Dirichlet concentration of each class's subtype proportions (reference: 0.1).
@@ -575,6 +592,12 @@ class EBCC(Aggregator):
         merge: merge identical answer rows of a dense panel (``auto``: when the panel is dense).
         layout: ``auto``, ``coo`` or ``dense``.
         dtype: ``float32`` or ``float64``.
+        native: ``auto`` (default), ``on`` or ``off``: as for
+            :class:`~crowdllm.aggregation.DawidSkene`. On dense float32 panels on AVX2 CPUs
+            (at most 256 classes x subtypes) the sweeps run on the native kernel
+            (:func:`._native.ebcc_sweep`), restarts one after another (``restart_batch``
+            default 1 there: the kernel uses every core, and a batch of restarts sweeps until
+            its slowest stops).
 
     Attributes (after fit):
         errors_: ``[workers, K, L]`` expected confusion matrices (subtypes averaged).
@@ -583,6 +606,7 @@ class EBCC(Aggregator):
         elbos_: ``[restarts]`` final ELBO (per answer) of every restart (NaN: dropped by screening
             on a sample, or a restart whose ELBO was not finite); ``best_restart_``.
         subtypes_: ``[tasks, K, M]`` posterior over (class, subtype).
+        native_used_: whether the native kernel ran the sweeps.
     """
 
     name = "ebcc"
@@ -596,7 +620,8 @@ class EBCC(Aggregator):
                  tol: float | None = None, atol: float = 1e-3, screen_iter: int | str | None = "auto",
                  keep: int | None = None, screen_tasks: int | str | None = "auto",
                  accelerate: bool | str = "auto", merge: str = "auto", layout: str = "auto",
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", native: str = "auto") -> None:
+        self.native = _native.check_option(native)
         if n_subtypes < 1 or restarts < 1 or (restart_batch is not None and restart_batch < 1):
             raise ValueError("n_subtypes, restarts and restart_batch must be >= 1")
         if (keep is not None and keep < 1) or not (
@@ -630,6 +655,8 @@ class EBCC(Aggregator):
             dtype = jnp.float64 if f64 else jnp.float32
             data = prepare(rows, layout=layout, gold=rgold, dtype=dtype)
             weight = _padded(counts, data.n_tasks, dtype)
+            self.native_used_ = _native.use(self.native, data,
+                                            columns=data.n_classes * self.n_subtypes)
             screen_iter, keep = self._screening(rows.n_answers)
             screen_on = None
             n_draw = self._screen_draws(tensor.n_tasks)
@@ -639,13 +666,14 @@ class EBCC(Aggregator):
                                 dtype=dtype)
                 screen_on = (sdata, _padded(sample_weight, sdata.n_tasks, dtype),
                              _padded(sample_rows, sdata.n_tasks, jnp.int32))
+            batch = self.restart_batch or (8 if layout == "dense" and not self.native_used_ else 1)
             res = fit(data, jax.random.key(self.seed), weight,
                       n_subtypes=self.n_subtypes, restarts=self.restarts,
-                      restart_batch=self.restart_batch or (8 if layout == "dense" else 1), max_iter=self.max_iter,
+                      restart_batch=batch, max_iter=self.max_iter,
                       tol=-np.inf if self.tol is None else self.tol, atol=self.atol, alpha=self.alpha, a_pi=self.a_pi, beta_diag=self.beta_diag,
                       beta_off=self.beta_off, empirical_prior=self.empirical_prior,
                       screen_iter=screen_iter, keep=keep, screen_on=screen_on,
-                      accelerate=self._accelerate(rows.n_answers))
+                      accelerate=self._accelerate(rows.n_answers), native=self.native_used_)
             res = jax.tree_util.tree_map(np.asarray, res)
         post, sub = res.posteriors[: rows.n_tasks], res.subtypes[: rows.n_tasks]
         if inverse is not None:
