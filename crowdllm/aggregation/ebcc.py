@@ -40,7 +40,7 @@ Making 40 restarts cheap:
   12 annotators become 398,225 rows - and a sweep is one fused pass over the rows: on the
   native kernel where it applies (:func:`._native.ebcc_sweep`: table rows gathered by groups of
   annotators' answers, ``native``), else in XLA (:func:`._fast.subtype_sweep`: the E-step and
-  both sums as products with the in-cache answer indicator); 44 and 147 ms per sweep there on
+  both sums as products with the in-cache answer indicator); 24 and 102 ms per sweep there on
   the 2-core AMD VM (``benchmarks/ebcc_sweep_native.py``);
 * the random starts come from a counter hash (threefry spent 0.74 s per restart at that size);
 * screening (``screen_iter``, ``keep``): every restart runs ``screen_iter`` sweeps, and only the

@@ -24,6 +24,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -35,6 +38,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 using crowdllm_simd::exp256;
+using crowdllm_simd::log256;
+using crowdllm_simd::transpose8;
 
 constexpr int MAXV = 32;         // at most 256 columns (K M)
 constexpr int64_t CHUNK = 16384;  // rows summed in float lanes before the sums go to double
@@ -50,95 +55,149 @@ struct Inputs {
   float* z;            // [T, K]
 };
 
+// 64-byte aligned (a std::vector's large buffer starts 16 bytes into a page, so half of the
+// M-step's 32-byte read-add-writes would straddle two cache lines)
+template <class T>
+struct AlignedAlloc {
+  using value_type = T;
+  AlignedAlloc() = default;
+  template <class U>
+  AlignedAlloc(const AlignedAlloc<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <class U>
+  bool operator==(const AlignedAlloc<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const AlignedAlloc<U>&) const { return false; }
+};
+
 struct Part {  // one thread's share
-  std::vector<float> C;   // [NC, KMp]: the current chunk's sums
-  std::vector<double> D;  // [NC, KMp]: the chunks' sums
-  double ll = 0;
-  float dz = 0;
+  std::vector<float, AlignedAlloc<float>> C;   // [NC, KMp]: the current chunk's sums
+  std::vector<double, AlignedAlloc<double>> D;  // [NC, KMp]: the chunks' sums
+  __m256d ll = _mm256_setzero_pd();
+  __m256 dz = _mm256_setzero_ps();
   void flush() {
     for (size_t j = 0; j < C.size(); ++j) D[j] += C[j];
     std::fill(C.begin(), C.end(), 0.f);
   }
 };
 
-inline float hmax(__m256 v) {
-  v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
-  v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
-  v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm256_cvtss_f32(v);
-}
-
-inline float hsum(__m256 v) {
-  v = _mm256_add_ps(v, _mm256_permute2f128_ps(v, v, 1));
-  v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
-  v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm256_cvtss_f32(v);
-}
-
-// lanes of vector v whose column lies in [lo, hi)
-inline __m256 live_mask(int v, int64_t lo, int64_t hi) {
-  __m256i c = _mm256_add_epi32(_mm256_set1_epi32(8 * v), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i ge = _mm256_cmpgt_epi32(c, _mm256_set1_epi32((int)lo - 1));
-  __m256i lt = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)hi), c);
-  return _mm256_castsi256_ps(_mm256_and_si256(ge, lt));
+// One block of 8 rows: codes [8, G], flags [8], weights [8], zprev and z [8, K] (z: the first
+// n_out rows written). The scores are gathered row by row (G table rows of KMp floats each) and
+// transposed 8 x 8 at a time into S[c] = column c of the 8 rows (one row per lane), so the
+// softmax, the class sums over subtypes and the log-likelihood are lane-wise vector operations
+// over the columns (no horizontal reductions, no scalar sums); the weighted posteriors are
+// transposed back to rows for the M-step's read-add-writes.
+template <int GT>
+inline void block(const Inputs& a, const uint16_t* codes, const int8_t* flags, const float* wts,
+                  const float* zprev, float* z, int n_out, Part& part) {
+  const int64_t G = GT > 0 ? GT : a.G;  // 3 groups (12 annotators, 4-8 classes): unrolled
+  const int NV = (int)(a.KMp / 8), K = (int)a.K, M = (int)a.M, KM = K * M;
+  alignas(32) float S[8 * MAXV * 8];  // [KMp columns][8 lanes]
+  __m256 r[8];
+  for (int v = 0; v < NV; ++v) {
+    for (int i = 0; i < 8; ++i) {
+      const uint16_t* c = codes + i * G;
+      __m256 x = _mm256_loadu_ps(a.tab + (int64_t)c[0] * a.KMp + 8 * v);
+      for (int64_t g = 1; g < G; ++g)
+        x = _mm256_add_ps(x, _mm256_loadu_ps(a.tab + (int64_t)c[g] * a.KMp + 8 * v));
+      r[i] = x;
+    }
+    transpose8(r);
+    for (int j = 0; j < 8; ++j) _mm256_store_ps(S + (8 * v + j) * 8, r[j]);
+  }
+  int64_t fl8;
+  std::memcpy(&fl8, flags, 8);
+  const bool any_gold = fl8 != -1;
+  const __m256i f = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(fl8));
+  const __m256 gold = _mm256_castsi256_ps(_mm256_cmpgt_epi32(f, _mm256_set1_epi32(-1)));
+  const __m256 ruled = _mm256_set1_ps(-1e30f);
+  __m256 mx = ruled;
+  for (int k = 0; k < K; ++k) {
+    // lanes where class k is allowed: rows without gold, and rows whose gold is k
+    const __m256 live = any_gold ? _mm256_or_ps(_mm256_xor_ps(gold, _mm256_castsi256_ps(
+                                                     _mm256_set1_epi32(-1))),
+                                                 _mm256_castsi256_ps(_mm256_cmpeq_epi32(
+                                                     f, _mm256_set1_epi32(k))))
+                                 : _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int m = 0; m < M; ++m) {
+      float* col = S + (k * M + m) * 8;
+      __m256 x = _mm256_load_ps(col);
+      if (any_gold) {
+        x = _mm256_blendv_ps(ruled, x, live);
+        _mm256_store_ps(col, x);
+      }
+      mx = _mm256_max_ps(mx, x);
+    }
+  }
+  __m256 sum = _mm256_setzero_ps();
+  for (int c = 0; c < KM; ++c) {
+    // ruled-out columns: exp256 clamps at exp(-87), so they are zeroed by their score's mask
+    __m256 x = _mm256_load_ps(S + c * 8);
+    __m256 e = exp256(_mm256_sub_ps(x, mx));
+    if (any_gold) e = _mm256_and_ps(e, _mm256_cmp_ps(x, ruled, _CMP_GT_OQ));
+    _mm256_store_ps(S + c * 8, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), sum);
+  const __m256 wt = _mm256_loadu_ps(wts);
+  // log Z of each row, weighted (padding rows weigh 0), carried in double
+  const __m256 ll = _mm256_mul_ps(_mm256_add_ps(mx, log256(sum)), wt);
+  part.ll += _mm256_cvtps_pd(_mm256_castps256_ps128(ll));
+  part.ll += _mm256_cvtps_pd(_mm256_extractf128_ps(ll, 1));
+  alignas(32) float zt[8];
+  const __m256 live_row = _mm256_cmp_ps(wt, _mm256_setzero_ps(), _CMP_GT_OQ);
+  for (int k = 0; k < K; ++k) {
+    __m256 zk = _mm256_load_ps(S + k * M * 8);
+    for (int m = 1; m < M; ++m) zk = _mm256_add_ps(zk, _mm256_load_ps(S + (k * M + m) * 8));
+    zk = _mm256_mul_ps(zk, inv);
+    __m256 zp = _mm256_i32gather_ps(zprev + k, _mm256_mullo_epi32(
+        _mm256_set1_epi32(K), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), 4);
+    __m256 d = _mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_sub_ps(zk, zp));
+    part.dz = _mm256_max_ps(part.dz, _mm256_and_ps(d, live_row));
+    _mm256_store_ps(zt, zk);
+    for (int i = 0; i < n_out; ++i) z[i * K + k] = zt[i];
+  }
+  const __m256 scale = _mm256_mul_ps(inv, wt);  // w_t / Z_t
+  for (int v = 0; v < NV; ++v) {
+    for (int j = 0; j < 8; ++j)
+      r[j] = 8 * v + j < KM ? _mm256_mul_ps(_mm256_load_ps(S + (8 * v + j) * 8), scale)
+                            : _mm256_setzero_ps();
+    transpose8(r);  // r[i]: row i's weighted posteriors of columns 8v .. 8v + 7
+    for (int i = 0; i < 8; ++i) {
+      const uint16_t* c = codes + i * G;
+      for (int64_t g = 0; g < G; ++g) {
+        float* acc = part.C.data() + (int64_t)c[g] * a.KMp + 8 * v;
+        _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), r[i]));
+      }
+    }
+  }
 }
 
 template <int GT>
 void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
-  const int64_t G = GT > 0 ? GT : a.G;  // 3 groups (12 annotators, 4-8 classes): unrolled
-  const int NV = (int)(a.KMp / 8), K = (int)a.K, M = (int)a.M;
-  const __m256 ruled = _mm256_set1_ps(-1e30f);
-  __m256 all[MAXV];  // the live columns of a row without gold
-  for (int v = 0; v < NV; ++v) all[v] = live_mask(v, 0, a.K * a.M);
-  alignas(32) float p[8 * MAXV];
-  for (int64_t t = r0; t < r1; ++t) {
+  const int64_t G = a.G, K = a.K;
+  int64_t t = r0;
+  for (; t + 8 <= r1; t += 8) {
     if (t > r0 && (t - r0) % CHUNK == 0) part.flush();
-    const uint16_t* c = a.codes + t * G;
-    __m256 s[MAXV], live[MAXV];
-    {
-      const float* row = a.tab + (int64_t)c[0] * a.KMp;
-      for (int v = 0; v < NV; ++v) s[v] = _mm256_loadu_ps(row + 8 * v);
-    }
-    for (int64_t g = 1; g < G; ++g) {
-      const float* row = a.tab + (int64_t)c[g] * a.KMp;
-      for (int v = 0; v < NV; ++v) s[v] = _mm256_add_ps(s[v], _mm256_loadu_ps(row + 8 * v));
-    }
-    const int gold = a.flags[t];
-    for (int v = 0; v < NV; ++v)
-      live[v] = gold >= 0 ? live_mask(v, (int64_t)gold * M, (int64_t)(gold + 1) * M) : all[v];
-    __m256 mx = ruled;
-    for (int v = 0; v < NV; ++v) {
-      s[v] = _mm256_blendv_ps(ruled, s[v], live[v]);
-      mx = _mm256_max_ps(mx, s[v]);
-    }
-    const float m = hmax(mx);
-    const __m256 mv = _mm256_set1_ps(m);
-    __m256 sum = _mm256_setzero_ps();
-    for (int v = 0; v < NV; ++v) {
-      s[v] = _mm256_and_ps(exp256(_mm256_sub_ps(s[v], mv)), live[v]);  // ruled out: exactly 0
-      sum = _mm256_add_ps(sum, s[v]);
-    }
-    const float tot = hsum(sum);
-    const __m256 inv = _mm256_set1_ps(1.f / tot);
-    for (int v = 0; v < NV; ++v) _mm256_store_ps(p + 8 * v, _mm256_mul_ps(s[v], inv));
-    const float wt = a.wts[t];
-    const float* zp = a.zprev + t * K;
-    float* zt = a.z + t * K;
-    for (int k = 0; k < K; ++k) {
-      float zk = 0;
-      for (int j = 0; j < M; ++j) zk += p[k * M + j];
-      zt[k] = zk;
-      if (wt > 0) part.dz = std::max(part.dz, std::fabs(zk - zp[k]));
-    }
-    if (wt == 0) continue;  // padding: no sums
-    part.ll += (double)wt * ((double)m + std::log((double)tot));
-    const __m256 wv = _mm256_set1_ps(wt / tot);
-    for (int v = 0; v < NV; ++v) s[v] = _mm256_mul_ps(s[v], wv);  // w_t p
-    for (int64_t g = 0; g < G; ++g) {
-      float* acc = part.C.data() + (int64_t)c[g] * a.KMp;
-      for (int v = 0; v < NV; ++v)
-        _mm256_storeu_ps(acc + 8 * v, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * v), s[v]));
-    }
+    block<GT>(a, a.codes + t * G, a.flags + t, a.wts + t, a.zprev + t * K, a.z + t * K, 8, part);
+  }
+  if (t < r1) {  // the last rows, padded to a block with weightless copies of row r0
+    const int n = (int)(r1 - t);
+    std::vector<uint16_t> c(8 * G);
+    std::vector<float> zp(8 * K, 0.f), zo(8 * K);
+    int8_t f[8];
+    float w[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::fill(f, f + 8, int8_t(-1));
+    for (int i = 0; i < 8; ++i) std::memcpy(&c[i * G], a.codes + (i < n ? t + i : r0) * G, G * 2);
+    std::memcpy(f, a.flags + t, n);
+    std::memcpy(w, a.wts + t, n * sizeof(float));
+    std::memcpy(zp.data(), a.zprev + t * K, n * K * sizeof(float));
+    block<GT>(a, c.data(), f, w, zp.data(), a.z + t * K, n, part);
   }
   part.flush();
 }
@@ -161,7 +220,7 @@ ffi::Error SweepImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
     return ffi::Error::InvalidArgument("ebcc: flags, weights [T], zprev, z [T, K], sums like table");
   Inputs a{codes.typed_data(), cd[1], flags.typed_data(), weights.typed_data(),
            table.typed_data(), td[0], K, M, KMp, zprev.typed_data(), z->typed_data()};
-  auto fn = cd[1] == 3 ? rows<3> : rows<0>;
+  auto fn = cd[1] == 3 ? rows<3> : cd[1] == 4 ? rows<4> : rows<0>;
   const int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (T + 4095) / 4096));
   std::vector<Part> parts(n);
   auto work = [&](int i) {
@@ -185,7 +244,14 @@ ffi::Error SweepImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
   }
   double ll = 0;
   float dz = 0;
-  for (auto& part : parts) ll += part.ll, dz = std::max(dz, part.dz);
+  for (auto& part : parts) {
+    alignas(32) double l[4];
+    alignas(32) float d[8];
+    _mm256_store_pd(l, part.ll);
+    _mm256_store_ps(d, part.dz);
+    for (double x : l) ll += x;
+    for (float x : d) dz = std::max(dz, x);
+  }
   stats->typed_data()[0] = (float)ll;
   stats->typed_data()[1] = dz;
   return ffi::Error::Success();

@@ -21,7 +21,7 @@ inline __m256 exp256(__m256 x) {  // Cephes expf, |rel err| < 2e-7 on [-87, 0]
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-inline __m256 log256(__m256 x) {  // Cephes logf for x in [1, 8] (a softmax normaliser)
+inline __m256 log256(__m256 x) {  // Cephes logf, positive normal x (a softmax normaliser)
   __m256i bits = _mm256_castps_si256(x);
   __m256 e = _mm256_cvtepi32_ps(
       _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
