@@ -24,9 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <new>
 #include <thread>
 #include <vector>
 
@@ -37,6 +35,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using crowdllm_simd::AlignedVector;
 using crowdllm_simd::exp256;
 using crowdllm_simd::log256;
 using crowdllm_simd::transpose8;
@@ -55,29 +54,9 @@ struct Inputs {
   float* z;            // [T, K]
 };
 
-// 64-byte aligned (a std::vector's large buffer starts 16 bytes into a page, so half of the
-// M-step's 32-byte read-add-writes would straddle two cache lines)
-template <class T>
-struct AlignedAlloc {
-  using value_type = T;
-  AlignedAlloc() = default;
-  template <class U>
-  AlignedAlloc(const AlignedAlloc<U>&) {}
-  T* allocate(size_t n) {
-    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
-    if (p == nullptr) throw std::bad_alloc();
-    return static_cast<T*>(p);
-  }
-  void deallocate(T* p, size_t) { std::free(p); }
-  template <class U>
-  bool operator==(const AlignedAlloc<U>&) const { return true; }
-  template <class U>
-  bool operator!=(const AlignedAlloc<U>&) const { return false; }
-};
-
 struct Part {  // one thread's share
-  std::vector<float, AlignedAlloc<float>> C;   // [NC, KMp]: the current chunk's sums
-  std::vector<double, AlignedAlloc<double>> D;  // [NC, KMp]: the chunks' sums
+  AlignedVector<float> C;    // [NC, KMp]: the current chunk's sums
+  AlignedVector<double> D;  // [NC, KMp]: the chunks' sums
   __m256d ll = _mm256_setzero_pd();
   __m256 dz = _mm256_setzero_ps();
   void flush() {

@@ -2,6 +2,10 @@
 #pragma once
 #include <immintrin.h>
 
+#include <cstdlib>
+#include <new>
+#include <vector>
+
 namespace crowdllm_simd {
 
 inline __m256 exp256(__m256 x) {  // Cephes expf, |rel err| < 2e-7 on [-87, 0]
@@ -70,5 +74,28 @@ inline void transpose8(__m256 r[8]) {
   r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
+
+// 64-byte aligned buffers for the kernels' sums (a std::vector's large buffer starts 16 bytes
+// into a page, so half of the 32-byte read-add-writes into it would straddle two cache lines)
+template <class T>
+struct AlignedAlloc {
+  using value_type = T;
+  AlignedAlloc() = default;
+  template <class U>
+  AlignedAlloc(const AlignedAlloc<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <class U>
+  bool operator==(const AlignedAlloc<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const AlignedAlloc<U>&) const { return false; }
+};
+
+template <class T>
+using AlignedVector = std::vector<T, AlignedAlloc<T>>;
 
 }  // namespace crowdllm_simd
