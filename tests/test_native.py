@@ -24,7 +24,7 @@ import pytest
 
 from crowdllm.aggregation import (BWA, EBCC, GLAD, IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core,
                                   _fast,
-                                  _native, bwa, dawid_skene, glad, ibcc, mace, one_coin)
+                                  _native, bwa, dawid_skene, ebcc, glad, ibcc, mace, one_coin)
 from crowdllm.labels import LabelTensor
 
 from conftest import DATA
@@ -506,6 +506,20 @@ def test_ebcc_sweep_equals_the_xla_sweep(T, W, K, M, missing, gold_frac):
     # every weighted answer is counted once: the counts sum to them
     n_ans = float(((lab >= 0) * weight[:, None]).sum())
     assert abs(float(counts2.sum()) - n_ans) <= 1e-5 * n_ans
+    # the E-step's posteriors q(z, g) (EBCC's result), and the sums of given posteriors (its
+    # random start), against ebcc.e_step and ebcc._counts
+    q_ref = ebcc.e_step(data, jnp.asarray(bias), jnp.asarray(log_table), M)[0]
+    q_nat = jax.jit(lambda d, b, t: _native.ebcc_posteriors(_native.ebcc_rows(d), b, t, M))(
+        data, jnp.asarray(bias), jnp.asarray(log_table))
+    np.testing.assert_allclose(np.asarray(q_nat), np.asarray(q_ref), atol=1e-5)
+    given = jnp.asarray(rng.dirichlet(np.ones(KM), T).astype(np.float32).reshape(T, K, M))
+    n_km, n_wkml = ebcc._counts(data, given, jnp.asarray(weight))
+    cnt3, csum3 = jax.jit(lambda d, w, q: _native.ebcc_counts(_native.ebcc_rows(d), w, q, K))(
+        data, jnp.asarray(weight), given)
+    np.testing.assert_allclose(np.asarray(cnt3), np.asarray(n_wkml).reshape(W, KM, K),
+                               rtol=2e-5, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(csum3), np.asarray(n_km).reshape(KM), rtol=2e-5,
+                               atol=2e-4)
 
 
 @needs_kernel

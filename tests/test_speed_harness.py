@@ -147,10 +147,11 @@ def test_the_machine_line_names_the_cpu_and_its_cache():
 def test_iteration_table_times_native_and_xla_side_by_side(capsys):
     from crowdllm.aggregation import _native
 
-    out = speed.iteration_table(n=2000, n_iter=4, repeats=1, methods=("mace", "glad", "bwa"))
+    methods = ("mace", "glad", "bwa", "ebcc")
+    out = speed.iteration_table(n=2000, n_iter=4, repeats=1, methods=methods)
     paths = [(r["method"], r["path"]) for r in out["rows"]]
     native = _native.why_unavailable() is None
-    expect = [(m, path) for m in ("mace", "glad", "bwa")
+    expect = [(m, path) for m in methods
               for path in (("native", "xla") if native else ("xla",))]
     assert paths == expect
     for r in out["rows"]:
@@ -162,8 +163,15 @@ def test_iteration_table_times_native_and_xla_side_by_side(capsys):
         assert acc["mace", "native"] == pytest.approx(acc["mace", "xla"], abs=1e-3)
         assert acc["glad", "native"] == pytest.approx(acc["glad", "xla"], abs=1e-3)
         assert acc["bwa", "native"] == pytest.approx(acc["bwa", "xla"], abs=1e-3)
+        assert acc["ebcc", "native"] == pytest.approx(acc["ebcc", "xla"], abs=1e-3)
+    # EBCC on the distinct rows: fewer than the tasks, and its own floor is theirs
+    e = out["ebcc"]
+    assert 0 < e["rows"] <= 2000
+    assert e["floor_ms_per_iter"] == pytest.approx(
+        e["rows"] * 50 * 4 * 2 / (out["copy_GBps"] * 1e9) * 1e3)
     printed = capsys.readouterr().out
     assert "EM / VB kernels, exactly 4 iterations" in printed and "x floor" in printed
+    assert f"ebcc: one restart on the {e['rows']:,} distinct rows" in printed
 
 
 def test_ds_check_rows_name_the_native_kernel_and_crowdkit_ratio(capsys):

@@ -77,7 +77,8 @@ __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Pl
            "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
            "posteriors", "ds_fit", "onecoin_fit", "ibcc_fit", "mace_fit_restarts", "decode",
            "glad_e", "glad_grad", "glad_rows", "glad_fit", "block", "unblock", "bwa_fit",
-           "ratio_sums", "ratio_values", "ebcc_rows", "ebcc_sweep",
+           "ratio_sums", "ratio_values", "ebcc_rows", "ebcc_sweep", "ebcc_posteriors",
+           "ebcc_counts",
            "track_buffer", "sums_tracked"]
 
 NATIVE_DIR = Path(__file__).with_name("native")
@@ -94,7 +95,8 @@ _TARGETS = {"crowdllm_ds_grouped_sums": "CrowdllmDsGroupedSums",
             "crowdllm_ds_grouped_ratio": "CrowdllmDsGroupedRatio",
             "crowdllm_ds_grouped_ratio_post": "CrowdllmDsGroupedRatioPost",
             "crowdllm_glad_e": "CrowdllmGladE", "crowdllm_glad_grad": "CrowdllmGladGrad",
-            "crowdllm_ebcc_sweep": "CrowdllmEbccSweep"}
+            "crowdllm_ebcc_sweep": "CrowdllmEbccSweep", "crowdllm_ebcc_post": "CrowdllmEbccPost",
+            "crowdllm_ebcc_given": "CrowdllmEbccGiven"}
 #: most latent columns (classes x subtypes) the EBCC sweep takes
 MAX_COLUMNS = 256
 
@@ -1016,7 +1018,7 @@ def ebcc_sweep(rows: EbccRows, weight: jax.Array, bias: jax.Array, log_table: ja
     p = rows.plan
     KM, L = log_table.shape[1], log_table.shape[2]
     K = KM // n_subtypes
-    tab = tables(p, bias, log_table, width=-(-KM // 8) * 8)
+    tab = tables(p, bias, log_table, width=_width(KM))
     T = rows.codes.shape[0]
     out = (jax.ShapeDtypeStruct((T, K), jnp.float32), jax.ShapeDtypeStruct(tab.shape, jnp.float32),
            jax.ShapeDtypeStruct((2,), jnp.float32))
@@ -1025,3 +1027,36 @@ def ebcc_sweep(rows: EbccRows, weight: jax.Array, bias: jax.Array, log_table: ja
         K=np.int64(K), M=np.int64(n_subtypes), threads=np.int64(_threads()))
     counts, csum = counts_from(p, C, L, columns=KM)
     return z, stats[0], counts, csum, stats[1]
+
+
+def _width(KM: int) -> int:
+    return -(-KM // 8) * 8
+
+
+def ebcc_posteriors(rows: EbccRows, bias: jax.Array, log_table: jax.Array, n_subtypes: int
+                    ) -> jax.Array:
+    """EBCC's E-step posteriors ``q(z, g)`` of every row, ``[T, K, M]`` (as ``ebcc.e_step``)."""
+    _require()
+    KM = log_table.shape[1]
+    K = KM // n_subtypes
+    tab = tables(rows.plan, bias, log_table, width=_width(KM))
+    T = rows.codes.shape[0]
+    out = jax.ShapeDtypeStruct((T, KM), jnp.float32)
+    q = jax.ffi.ffi_call("crowdllm_ebcc_post", out, vmap_method="sequential")(
+        rows.codes, rows.flags, tab, K=np.int64(K), M=np.int64(n_subtypes),
+        threads=np.int64(_threads()))
+    return q.reshape(T, K, n_subtypes)
+
+
+def ebcc_counts(rows: EbccRows, weight: jax.Array, q: jax.Array, n_classes: int
+                ) -> tuple[jax.Array, jax.Array]:
+    """``(counts [W, K * M, L], column sums [K * M])`` of given posteriors ``q [T, K, M]``, each
+    row weighted: ``sum_t w_t [y_tw = l] q_t(c)`` and ``sum_t w_t q_t(c)`` (EBCC's start)."""
+    _require()
+    T, K, M = q.shape
+    KM = K * M
+    out = jax.ShapeDtypeStruct((rows.plan.n_combos, _width(KM)), jnp.float32)
+    C = jax.ffi.ffi_call("crowdllm_ebcc_given", out, vmap_method="sequential")(
+        rows.codes, weight.astype(jnp.float32), q.reshape(T, KM).astype(jnp.float32),
+        K=np.int64(K), M=np.int64(M), threads=np.int64(_threads()))
+    return counts_from(rows.plan, C, n_classes, columns=KM)

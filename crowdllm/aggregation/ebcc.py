@@ -191,10 +191,16 @@ def _hash_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any,
 
 
 def init(data: CrowdData, key: jax.Array, weight: jax.Array, n_subtypes: int,
-         rows: jax.Array | None = None) -> EBCCState:
-    """The state after the random start (:func:`start`)."""
+         rows: jax.Array | None = None, native: _native.EbccRows | None = None) -> EBCCState:
+    """The state after the random start (:func:`start`); ``native``: its counts summed by the
+    native kernel (:func:`._native.ebcc_counts`)."""
     zg = start(data, key, n_subtypes, rows)
-    n_km, n_wkml = _counts(data, zg, weight)
+    if native is not None:
+        counts, csum = _native.ebcc_counts(native, weight, zg, data.n_classes)
+        K = data.n_classes
+        n_km, n_wkml = csum.reshape(K, n_subtypes), counts.reshape(-1, K, n_subtypes, K)
+    else:
+        n_km, n_wkml = _counts(data, zg, weight)
     return EBCCState(zg.sum(axis=2), n_km, n_wkml, n_km, n_wkml)
 
 
@@ -339,7 +345,7 @@ def fit_one(data: CrowdData, key: jax.Array, weight: jax.Array, priors: _Priors,
     Stops after the first sweep whose ELBO (per answer) gains less than ``tol``, or whose class
     posteriors move by at most ``atol`` anywhere (the reference code's rule), or at ``max_iter``.
     """
-    state = init(data, key, weight, n_subtypes)
+    state = init(data, key, weight, n_subtypes, native=rows)
     return _run(data, weight, priors, state, _new_loop(max_iter, state.z.dtype), until=max_iter,
                 tol=tol, atol=atol, accelerate=accelerate, rows=rows)
 
@@ -368,14 +374,19 @@ def _light(state: EBCCState) -> EBCCState:
     return state._replace(z=jnp.zeros((0,), state.z.dtype))
 
 
-def _last_q(data: CrowdData, priors: _Priors, state: EBCCState) -> jax.Array:
-    """The ``q(z, g)`` of the state's last sweep, rebuilt from the counts that sweep used."""
+def _last_q(data: CrowdData, priors: _Priors, state: EBCCState,
+            rows: _native.EbccRows | None = None) -> jax.Array:
+    """The ``q(z, g)`` of the state's last sweep, rebuilt from the counts that sweep used (on
+    the native kernel with ``rows``)."""
     bias, table, _ = _expectations(priors, state.used_km, state.used_wkml)
+    if rows is not None:
+        return _native.ebcc_posteriors(rows, bias, table, state.n_km.shape[1])
     return e_step(data, bias, table, state.n_km.shape[1])[0]
 
 
-def _resume(data: CrowdData, priors: _Priors, state: EBCCState) -> EBCCState:
-    return state._replace(z=_last_q(data, priors, state).sum(axis=2))
+def _resume(data: CrowdData, priors: _Priors, state: EBCCState,
+            rows: _native.EbccRows | None = None) -> EBCCState:
+    return state._replace(z=_last_q(data, priors, state, rows).sum(axis=2))
 
 
 @functools.partial(jax.jit, static_argnames=("n_subtypes", "max_iter", "restarts", "restart_batch",
@@ -429,7 +440,7 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
         sample_rows = _native.ebcc_rows(sample) if native else None
 
         def on_sample(k):
-            state = init(sample, k, sample_weight, n_subtypes, rows_in_whole)
+            state = init(sample, k, sample_weight, n_subtypes, rows_in_whole, sample_rows)
             return _run(sample, sample_weight, priors, state, _new_loop(max_iter, dtype),
                         until=screen_iter, rows=sample_rows, **opts)[1]
 
@@ -447,10 +458,10 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
         loops = jax.tree_util.tree_map(lambda a, b: a.at[top].set(b), loops, l2)
         i = jnp.argmax(_or_lowest(l2.objective))
         state, loop = jax.tree_util.tree_map(lambda x: x[i], (s2, l2))
-        return _result(data, priors, state, loop, loops, top[i].astype(jnp.int32))
+        return _result(data, priors, state, loop, loops, top[i].astype(jnp.int32), rows)
 
     def first(k):
-        state = init(data, k, weight, n_subtypes)
+        state = init(data, k, weight, n_subtypes, native=rows)
         until = screen_iter if screening else max_iter
         state, loop = _run(data, weight, priors, state, _new_loop(max_iter, dtype), until=until,
                            rows=rows, **opts)
@@ -462,7 +473,7 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
 
         def more(x):
             state, loop = x
-            state, loop = _run(data, weight, priors, _resume(data, priors, state), loop,
+            state, loop = _run(data, weight, priors, _resume(data, priors, state, rows), loop,
                                until=max_iter, rows=rows, **opts)
             return _light(state), loop
 
@@ -471,13 +482,14 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
         states, loops = jax.tree_util.tree_map(lambda a, b: a.at[top].set(b), (states, loops), (s2, l2))
     best = jnp.argmax(_or_lowest(loops.objective)).astype(jnp.int32)
     state, loop = jax.tree_util.tree_map(lambda x: x[best], (states, loops))
-    return _result(data, priors, state, loop, loops, best)
+    return _result(data, priors, state, loop, loops, best, rows)
 
 
 def _result(data: CrowdData, priors: _Priors, state: EBCCState, loop: _Loop, loops: _Loop,
-            best: jax.Array) -> EBCCResult:
-    """The kept restart's result (``state``, ``loop``), with every restart's ``loops``."""
-    zg = _last_q(data, priors, state)
+            best: jax.Array, rows: _native.EbccRows | None = None) -> EBCCResult:
+    """The kept restart's result (``state``, ``loop``), with every restart's ``loops``
+    (its posteriors rebuilt on the native kernel with ``rows``)."""
+    zg = _last_q(data, priors, state, rows)
     nu = priors.alpha + state.n_km.sum(axis=1)
     eta = priors.eta0 + state.n_km
     mu = priors.beta[None, :, None, :] + state.n_wkml

@@ -301,7 +301,7 @@ def ds_check(n: int = 1_000_000, n_workers: int = 12, n_classes: int = 5, n_iter
 def _iteration_fits() -> dict[str, tuple[Callable | None, Callable]]:
     import jax
 
-    from ..aggregation import (_native, bwa, dawid_skene, glad, ibcc, mace, one_coin,
+    from ..aggregation import (_native, bwa, dawid_skene, ebcc, glad, ibcc, mace, one_coin,
                                zero_based_skill)
 
     key1 = jax.random.split(jax.random.key(0), 1)
@@ -323,10 +323,30 @@ def _iteration_fits() -> dict[str, tuple[Callable | None, Callable]]:
                 lambda d, n: bwa.fit(d, max_iter=n, tol=-np.inf).posteriors),
         "zbs": (None, lambda d, n: zero_based_skill.fit(d, jax.random.key(0), max_iter=n,
                                                         tol=-1.0).posteriors),
+        # on the merged rows (see _merged): one restart of 10 subtypes, every sweep run
+        "ebcc": tuple((lambda m, n, nat=nat: ebcc.fit(
+            m[0], jax.random.key(0), m[1], n_subtypes=EBCC_SUBTYPES, restarts=1, restart_batch=1,
+            max_iter=n, tol=-np.inf, atol=-1.0, native=nat).posteriors[m[2]])
+            for nat in (True, False)),
     }
 
 
-ITERATION_METHODS = ("ds", "onecoin-ds", "ibcc", "mace", "glad", "bwa", "zbs")
+ITERATION_METHODS = ("ds", "onecoin-ds", "ibcc", "mace", "glad", "bwa", "zbs", "ebcc")
+#: EBCC's subtypes in :func:`iteration_table` (its default)
+EBCC_SUBTYPES = 10
+
+
+def _merged(labels: np.ndarray) -> tuple[Any, Any, Any]:
+    """``(data, weight, inverse)``: the panel's distinct rows as EBCC fits them (merged on the
+    host, ``ebcc.merge_patterns``), each weighted by its count, and each task's row."""
+    import jax.numpy as jnp
+
+    from ..aggregation import _core, ebcc
+    from ..labels import LabelTensor
+
+    rows, counts, inverse, _ = ebcc.merge_patterns(LabelTensor.from_dense(labels), None)
+    data = _core.prepare(rows, layout="dense")
+    return data, ebcc._padded(counts, data.n_tasks, jnp.float32), jnp.asarray(inverse)
 
 
 def iteration_table(n: int = 1_000_000, n_iter: int = 50, repeats: int = 3,
@@ -335,7 +355,12 @@ def iteration_table(n: int = 1_000_000, n_iter: int = 50, repeats: int = 3,
     from the prepared panel to the posteriors (setup included), the native kernel (where the
     method has one and it runs here) and the XLA path side by side, ms per iteration and its
     ratio to the one-pass floor of :func:`ds_check` (int8 labels read, float32 posteriors read
-    and written, at the copy bandwidth measured in the same run)."""
+    and written, at the copy bandwidth measured in the same run).
+
+    EBCC (one restart, 10 subtypes) runs on the panel's distinct rows, as the ``EBCC`` class
+    does: they are merged once before its timing (the time is printed), and its own floor is
+    printed too: its posteriors are 50 floats (5 classes x 10 subtypes) per distinct row, read
+    and written once a sweep."""
     import jax.numpy as jnp
 
     from ..aggregation import _native
@@ -353,12 +378,22 @@ def iteration_table(n: int = 1_000_000, n_iter: int = 50, repeats: int = 3,
                            "rows": []}
     for m in methods:
         native_fn, xla_fn = fits[m]
+        arg, skip_native = data, why_not is not None
+        if m == "ebcc":
+            _progress("ebcc: merging the identical rows ...")
+            t0 = time.perf_counter()
+            arg = _merged(labels)
+            U = int(arg[1].astype(bool).sum())
+            out["ebcc"] = {"merge_s": time.perf_counter() - t0, "rows": U,
+                           "floor_ms_per_iter": U * 5 * EBCC_SUBTYPES * 4 * 2 / bw * 1e3}
+            skip_native = _native.applies(arg[0], jnp.float32, columns=5 * EBCC_SUBTYPES) \
+                is not None
         for path, fn in (("native", native_fn), ("xla", xla_fn)):
-            if fn is None or (path == "native" and why_not is not None):
+            if fn is None or (path == "native" and skip_native):
                 continue
             _progress(f"{m}, {path}: compile + {repeats} runs of {n_iter} iterations ...")
-            first, run = _median_run(lambda: fn(data, n_iter), repeats)
-            post = np.asarray(fn(data, n_iter))[:n]
+            first, run = _median_run(lambda: fn(arg, n_iter), repeats)
+            post = np.asarray(fn(arg, n_iter))[:n]
             out["rows"].append({"method": m, "path": path, "compile_s": first - run,
                                 "run_s": run, "ms_per_iter": run / n_iter * 1e3,
                                 "x_floor": run / n_iter / floor,
@@ -379,6 +414,13 @@ def _print_iterations(o: dict[str, Any]) -> None:
         ratio = f"{xla[r['method']] / r['run_s']:6.1f}" if r["method"] in xla else f"{'-':>6s}"
         print(f"{r['method']:12s} {r['path']:7s} {r['compile_s']:10.2f} {r['run_s']:8.3f} "
               f"{r['ms_per_iter']:9.2f} {r['x_floor']:8.1f} {ratio} {r['accuracy']:9.4f}")
+    if "ebcc" in o:
+        e = o["ebcc"]
+        own = ", ".join(f"{r['path']} {r['ms_per_iter'] / e['floor_ms_per_iter']:.1f}x"
+                        for r in o["rows"] if r["method"] == "ebcc")
+        print(f"ebcc: one restart on the {e['rows']:,} distinct rows (merged in {e['merge_s']:.2f}"
+              f" s, not timed); its own floor (50 floats of posteriors per row read and written) "
+              f"{e['floor_ms_per_iter']:.2f} ms/sweep: {own}")
     print(f"peak RSS of this process: {o['peak_rss_GiB']:.2f} GiB")
 
 

@@ -52,6 +52,8 @@ struct Inputs {
   int64_t NC, K, M, KMp;
   const float* zprev;  // [T, K]
   float* z;            // [T, K]
+  const float* q;      // GIVEN: [T, K M] the posteriors to sum
+  float* post;         // POST: [T, K M] the posteriors out
 };
 
 struct Part {  // one thread's share
@@ -65,15 +67,53 @@ struct Part {  // one thread's share
   }
 };
 
+// SWEEP: the E-step and its sums (z, dz, log-likelihood, C); POST: the E-step's posteriors
+// written out (nothing summed); GIVEN: the sums C of given posteriors (EBCC's random start)
+enum Mode { SWEEP = 0, POST = 1, GIVEN = 2 };
+
+// the lanes of a row's columns [8 v, 8 v + 8) that are below KM (its last vector's tail is not)
+inline __m256i tail_mask(int v, int KM) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(KM - 8 * v),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// The M-step's read-add-writes: row i's weighted posteriors of columns [8 v, 8 v + 8) (r[i])
+// added to its G combinations' sums.
+inline void add_rows(const Inputs& a, const uint16_t* codes, int64_t G, int v, const __m256 r[8],
+                     Part& part) {
+  for (int i = 0; i < 8; ++i) {
+    const uint16_t* c = codes + i * G;
+    for (int64_t g = 0; g < G; ++g) {
+      float* acc = part.C.data() + (int64_t)c[g] * a.KMp + 8 * v;
+      _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), r[i]));
+    }
+  }
+}
+
+// GIVEN: 8 rows' posteriors q [8, K M], weighted, added to their combinations' sums.
+template <int GT>
+inline void given_block(const Inputs& a, const uint16_t* codes, const float* wts, const float* q,
+                        Part& part) {
+  const int64_t G = GT > 0 ? GT : a.G;
+  const int NV = (int)(a.KMp / 8), KM = (int)(a.K * a.M);
+  __m256 r[8];
+  for (int v = 0; v < NV; ++v) {
+    const __m256i tail = tail_mask(v, KM);
+    for (int i = 0; i < 8; ++i)
+      r[i] = _mm256_mul_ps(_mm256_maskload_ps(q + i * KM + 8 * v, tail), _mm256_set1_ps(wts[i]));
+    add_rows(a, codes, G, v, r, part);
+  }
+}
+
 // One block of 8 rows: codes [8, G], flags [8], weights [8], zprev and z [8, K] (z: the first
 // n_out rows written). The scores are gathered row by row (G table rows of KMp floats each) and
 // transposed 8 x 8 at a time into S[c] = column c of the 8 rows (one row per lane), so the
 // softmax, the class sums over subtypes and the log-likelihood are lane-wise vector operations
 // over the columns (no horizontal reductions, no scalar sums); the weighted posteriors are
 // transposed back to rows for the M-step's read-add-writes.
-template <int GT>
+template <int GT, int MODE>
 inline void block(const Inputs& a, const uint16_t* codes, const int8_t* flags, const float* wts,
-                  const float* zprev, float* z, int n_out, Part& part) {
+                  const float* zprev, float* z, float* post, int n_out, Part& part) {
   const int64_t G = GT > 0 ? GT : a.G;  // 3 groups (12 annotators, 4-8 classes): unrolled
   const int NV = (int)(a.KMp / 8), K = (int)a.K, M = (int)a.M, KM = K * M;
   alignas(32) float S[8 * MAXV * 8];  // [KMp columns][8 lanes]
@@ -123,6 +163,17 @@ inline void block(const Inputs& a, const uint16_t* codes, const int8_t* flags, c
     sum = _mm256_add_ps(sum, e);
   }
   const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), sum);
+  if (MODE == POST) {  // the rows' posteriors, transposed back to rows, stored (n_out rows)
+    for (int v = 0; v < NV; ++v) {
+      for (int j = 0; j < 8; ++j)
+        r[j] = 8 * v + j < KM ? _mm256_mul_ps(_mm256_load_ps(S + (8 * v + j) * 8), inv)
+                              : _mm256_setzero_ps();
+      transpose8(r);
+      const __m256i tail = tail_mask(v, KM);
+      for (int i = 0; i < n_out; ++i) _mm256_maskstore_ps(post + i * KM + 8 * v, tail, r[i]);
+    }
+    return;
+  }
   const __m256 wt = _mm256_loadu_ps(wts);
   // log Z of each row, weighted (padding rows weigh 0), carried in double
   const __m256 ll = _mm256_mul_ps(_mm256_add_ps(mx, log256(sum)), wt);
@@ -147,67 +198,61 @@ inline void block(const Inputs& a, const uint16_t* codes, const int8_t* flags, c
       r[j] = 8 * v + j < KM ? _mm256_mul_ps(_mm256_load_ps(S + (8 * v + j) * 8), scale)
                             : _mm256_setzero_ps();
     transpose8(r);  // r[i]: row i's weighted posteriors of columns 8v .. 8v + 7
-    for (int i = 0; i < 8; ++i) {
-      const uint16_t* c = codes + i * G;
-      for (int64_t g = 0; g < G; ++g) {
-        float* acc = part.C.data() + (int64_t)c[g] * a.KMp + 8 * v;
-        _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), r[i]));
-      }
-    }
+    add_rows(a, codes, G, v, r, part);
   }
 }
 
-template <int GT>
+template <int GT, int MODE>
 void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
-  const int64_t G = a.G, K = a.K;
+  const int64_t G = a.G, K = a.K, KM = a.K * a.M;
+  const bool sums = MODE != POST;
   int64_t t = r0;
   for (; t + 8 <= r1; t += 8) {
-    if (t > r0 && (t - r0) % CHUNK == 0) part.flush();
-    block<GT>(a, a.codes + t * G, a.flags + t, a.wts + t, a.zprev + t * K, a.z + t * K, 8, part);
+    if (sums && t > r0 && (t - r0) % CHUNK == 0) part.flush();
+    if (MODE == GIVEN)
+      given_block<GT>(a, a.codes + t * G, a.wts + t, a.q + t * KM, part);
+    else
+      block<GT, MODE>(a, a.codes + t * G, a.flags + t, a.wts + t,
+                      MODE == SWEEP ? a.zprev + t * K : nullptr, MODE == SWEEP ? a.z + t * K : nullptr,
+                      MODE == POST ? a.post + t * KM : nullptr, 8, part);
   }
   if (t < r1) {  // the last rows, padded to a block with weightless copies of row r0
     const int n = (int)(r1 - t);
     std::vector<uint16_t> c(8 * G);
-    std::vector<float> zp(8 * K, 0.f), zo(8 * K);
+    std::vector<float> zp(8 * K, 0.f), qp(8 * KM, 0.f);
     int8_t f[8];
     float w[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     std::fill(f, f + 8, int8_t(-1));
     for (int i = 0; i < 8; ++i) std::memcpy(&c[i * G], a.codes + (i < n ? t + i : r0) * G, G * 2);
-    std::memcpy(f, a.flags + t, n);
-    std::memcpy(w, a.wts + t, n * sizeof(float));
-    std::memcpy(zp.data(), a.zprev + t * K, n * K * sizeof(float));
-    block<GT>(a, c.data(), f, w, zp.data(), a.z + t * K, n, part);
+    if (a.flags != nullptr) std::memcpy(f, a.flags + t, n);
+    if (a.wts != nullptr) std::memcpy(w, a.wts + t, n * sizeof(float));
+    if (MODE == SWEEP) std::memcpy(zp.data(), a.zprev + t * K, n * K * sizeof(float));
+    if (MODE == GIVEN) {
+      std::memcpy(qp.data(), a.q + t * KM, n * KM * sizeof(float));
+      given_block<GT>(a, c.data(), w, qp.data(), part);
+    } else {
+      block<GT, MODE>(a, c.data(), f, w, zp.data(), MODE == SWEEP ? a.z + t * K : nullptr,
+                      MODE == POST ? a.post + t * KM : nullptr, n, part);
+    }
   }
-  part.flush();
+  if (sums) part.flush();
 }
 
-ffi::Error SweepImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
-                     ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::F32> table,
-                     ffi::Buffer<ffi::F32> zprev, ffi::ResultBuffer<ffi::F32> z,
-                     ffi::ResultBuffer<ffi::F32> sums, ffi::ResultBuffer<ffi::F32> stats,
-                     int64_t K, int64_t M, int64_t threads) {
-  auto cd = codes.dimensions();
-  auto td = table.dimensions();
-  if (cd.size() != 2 || td.size() != 2 || cd[1] < 1)
-    return ffi::Error::InvalidArgument("ebcc: codes [T, G >= 1] and table [NC, KMp] expected");
-  const int64_t T = cd[0], KMp = td[1];
-  if (K < 1 || M < 1 || KMp % 8 || KMp / 8 > MAXV || K * M > KMp)
-    return ffi::Error::InvalidArgument("ebcc: K M <= KMp <= 256 columns, KMp a multiple of 8");
-  if (flags.dimensions()[0] != T || weights.dimensions()[0] != T ||
-      zprev.element_count() != T * K || z->element_count() != T * K ||
-      sums->element_count() != td[0] * KMp)
-    return ffi::Error::InvalidArgument("ebcc: flags, weights [T], zprev, z [T, K], sums like table");
-  Inputs a{codes.typed_data(), cd[1], flags.typed_data(), weights.typed_data(),
-           table.typed_data(), td[0], K, M, KMp, zprev.typed_data(), z->typed_data()};
-  auto fn = cd[1] == 3 ? rows<3> : cd[1] == 4 ? rows<4> : rows<0>;
+// Rows [0, T) split over threads. SWEEP, GIVEN: the sums C into `sums` (and SWEEP: the summed
+// log-likelihood and the largest move into stats[0], stats[1]).
+template <int MODE>
+void Run(const Inputs& a, int64_t T, int64_t threads, float* sums, float* stats) {
+  auto fn = a.G == 3 ? rows<3, MODE> : a.G == 4 ? rows<4, MODE> : rows<0, MODE>;
   const int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (T + 4095) / 4096));
   std::vector<Part> parts(n);
   auto work = [&](int i) {
     const unsigned csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040);  // flush-to-zero and denormals-are-zero
     Part& part = parts[i];
-    part.C.assign(a.NC * KMp, 0.f);
-    part.D.assign(a.NC * KMp, 0.0);
+    if (MODE != POST) {
+      part.C.assign(a.NC * a.KMp, 0.f);
+      part.D.assign(a.NC * a.KMp, 0.0);
+    }
     fn(a, T * i / n, T * (i + 1) / n, part);
     _mm_setcsr(csr);
   };
@@ -215,12 +260,13 @@ ffi::Error SweepImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
   for (int i = 1; i < n; ++i) pool.emplace_back(work, i);
   work(0);
   for (auto& th : pool) th.join();
-  float* out = sums->typed_data();
-  for (int64_t j = 0; j < a.NC * KMp; ++j) {
+  if (MODE == POST) return;
+  for (int64_t j = 0; j < a.NC * a.KMp; ++j) {
     double acc = 0;
     for (auto& part : parts) acc += part.D[j];
-    out[j] = (float)acc;
+    sums[j] = (float)acc;
   }
+  if (MODE != SWEEP) return;
   double ll = 0;
   float dz = 0;
   for (auto& part : parts) {
@@ -231,8 +277,73 @@ ffi::Error SweepImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
     for (double x : l) ll += x;
     for (float x : d) dz = std::max(dz, x);
   }
-  stats->typed_data()[0] = (float)ll;
-  stats->typed_data()[1] = dz;
+  stats[0] = (float)ll;
+  stats[1] = dz;
+}
+
+// The checks every mode shares: codes [T, G], table (or sums) [NC, KMp], the column count.
+ffi::Error Check(ffi::Buffer<ffi::U16>& codes, ffi::Span<const int64_t> td, int64_t K, int64_t M,
+                 Inputs* a) {
+  auto cd = codes.dimensions();
+  if (cd.size() != 2 || td.size() != 2 || cd[1] < 1)
+    return ffi::Error::InvalidArgument("ebcc: codes [T, G >= 1] and table [NC, KMp] expected");
+  const int64_t KMp = td[1];
+  if (K < 1 || M < 1 || KMp % 8 || KMp / 8 > MAXV || K * M > KMp)
+    return ffi::Error::InvalidArgument("ebcc: K M <= KMp <= 256 columns, KMp a multiple of 8");
+  *a = Inputs{codes.typed_data(), cd[1], nullptr, nullptr, nullptr, td[0], K, M, KMp,
+              nullptr, nullptr, nullptr, nullptr};
+  return ffi::Error::Success();
+}
+
+ffi::Error SweepImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                     ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::F32> table,
+                     ffi::Buffer<ffi::F32> zprev, ffi::ResultBuffer<ffi::F32> z,
+                     ffi::ResultBuffer<ffi::F32> sums, ffi::ResultBuffer<ffi::F32> stats,
+                     int64_t K, int64_t M, int64_t threads) {
+  Inputs a;
+  if (auto e = Check(codes, table.dimensions(), K, M, &a); e.failure()) return e;
+  const int64_t T = codes.dimensions()[0];
+  if (flags.dimensions()[0] != T || weights.dimensions()[0] != T ||
+      zprev.element_count() != T * K || z->element_count() != T * K ||
+      sums->element_count() != table.element_count())
+    return ffi::Error::InvalidArgument("ebcc: flags, weights [T], zprev, z [T, K], sums like table");
+  a.flags = flags.typed_data();
+  a.wts = weights.typed_data();
+  a.tab = table.typed_data();
+  a.zprev = zprev.typed_data();
+  a.z = z->typed_data();
+  Run<SWEEP>(a, T, threads, sums->typed_data(), stats->typed_data());
+  return ffi::Error::Success();
+}
+
+// The E-step's posteriors q(z, g) of every row, [T, K M] (gold rows: their class's columns).
+ffi::Error PostImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                    ffi::Buffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> post, int64_t K,
+                    int64_t M, int64_t threads) {
+  Inputs a;
+  if (auto e = Check(codes, table.dimensions(), K, M, &a); e.failure()) return e;
+  const int64_t T = codes.dimensions()[0];
+  if (flags.dimensions()[0] != T || post->element_count() != T * K * M)
+    return ffi::Error::InvalidArgument("ebcc: flags [T] and posteriors [T, K M] expected");
+  a.flags = flags.typed_data();
+  a.tab = table.typed_data();
+  a.post = post->typed_data();
+  Run<POST>(a, T, threads, nullptr, nullptr);
+  return ffi::Error::Success();
+}
+
+// The per-combination sums of given posteriors q [T, K M], each row weighted (EBCC's start).
+ffi::Error GivenImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::F32> weights,
+                     ffi::Buffer<ffi::F32> q, ffi::ResultBuffer<ffi::F32> sums, int64_t K,
+                     int64_t M, int64_t threads) {
+  Inputs a;
+  if (auto e = Check(codes, sums->dimensions(), K, M, &a); e.failure()) return e;
+  const int64_t T = codes.dimensions()[0];
+  if (weights.dimensions()[0] != T || q.element_count() != T * K * M)
+    return ffi::Error::InvalidArgument("ebcc: weights [T] and posteriors [T, K M] expected");
+  a.wts = weights.typed_data();
+  a.q = q.typed_data();
+  Run<GIVEN>(a, T, threads, sums->typed_data(), nullptr);
   return ffi::Error::Success();
 }
 
@@ -247,6 +358,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmEbccSweep, SweepImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("K")
+                                  .Attr<int64_t>("M")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmEbccPost, PostImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("K")
+                                  .Attr<int64_t>("M")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmEbccGiven, GivenImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("K")
                                   .Attr<int64_t>("M")
