@@ -60,7 +60,8 @@ Making 40 restarts cheap:
   drift of the subtypes kept plain sweeps going for 240 to more than 500 sweeps at 1,000,000
   tasks; over-relaxed, 90-192 (the ELBO still never decreases; it stops at a fixed point of the
   same sweeps). With both, 40 restarts at 1,000,000 x 12 x 5 take 18.7-34.5 s on the 2-core VM
-  (26.6 s with compilation; the protocol before them: 74-89 s), ``benchmarks/ebcc_speed.py``.
+  with the XLA sweeps (26.6 s with compilation; the protocol before them: 74-89 s), and 5.5-8.2 s
+  on the native kernel (session 19), ``benchmarks/ebcc_speed.py --native on|off``.
 
 References:
     Y. Li, B. Rubinstein, T. Cohn. Exploiting worker correlation for label aggregation in
