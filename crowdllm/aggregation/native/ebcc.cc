@@ -79,13 +79,22 @@ inline __m256i tail_mask(int v, int KM) {
 
 // The M-step's read-add-writes: row i's weighted posteriors of columns [8 v, 8 v + 8) (r[i])
 // added to its G combinations' sums.
+// Adjacent rows with the same combination in a group are summed in a register first, and their
+// combination's sums read and written once (rows sorted by their answers, as EBCC's merge
+// leaves them, share the last group's combination over long runs).
 inline void add_rows(const Inputs& a, const uint16_t* codes, int64_t G, int v, const __m256 r[8],
                      Part& part) {
-  for (int i = 0; i < 8; ++i) {
-    const uint16_t* c = codes + i * G;
-    for (int64_t g = 0; g < G; ++g) {
-      float* acc = part.C.data() + (int64_t)c[g] * a.KMp + 8 * v;
-      _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), r[i]));
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 run = r[0];
+    for (int i = 1; i <= 8; ++i) {
+      const uint16_t prev = codes[(i - 1) * G + g];
+      if (i < 8 && codes[i * G + g] == prev) {
+        run = _mm256_add_ps(run, r[i]);
+        continue;
+      }
+      float* acc = part.C.data() + (int64_t)prev * a.KMp + 8 * v;
+      _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), run));
+      if (i < 8) run = r[i];
     }
   }
 }
