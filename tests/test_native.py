@@ -562,6 +562,9 @@ def test_ebcc_native_option():
     data = _core.prepare(tensor, layout="dense")
     assert "258 latent columns" in _native.applies(data, jnp.float32, columns=258)
     assert not _native.use("auto", data, columns=258)  # EBCC(n_subtypes=86) on 3 classes
+    many = _core.Dense(labels=data.labels, task_mask=data.task_mask,
+                       worker_mask=data.worker_mask, gold=data.gold, n_classes=128)
+    assert "128 classes" in _native.applies(many, jnp.float32, columns=128)
     with pytest.raises(ValueError, match="native must be"):
         EBCC(native="yes")
 

@@ -252,6 +252,8 @@ def applies(data: Any, dtype: Any, columns: int | None = None) -> str | None:
         return f"{data.n_classes} classes (the kernel takes at most 8)"
     if columns is not None and columns > MAX_COLUMNS:
         return f"{columns} latent columns (the kernel takes at most {MAX_COLUMNS})"
+    if data.n_classes > 127:
+        return f"{data.n_classes} classes (gold classes are int8 flags: at most 127)"
     if plan(int(data.labels.shape[1]), int(data.n_classes)) is None:
         return "too many annotators for uint16 combination codes"
     sharding = getattr(data.labels, "sharding", None)
