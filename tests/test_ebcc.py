@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from crowdllm.aggregation import EBCC
+from crowdllm.labels import LabelTensor
 from crowdllm.aggregation import ebcc as kernel
 from crowdllm.aggregation._core import prepare
 from test_ibcc import panel
@@ -93,6 +94,38 @@ def test_merge_patterns_round_trip():
     assert counts.sum() == tensor.n_tasks
     np.testing.assert_array_equal(rows.dense()[inverse], tensor.dense())
     np.testing.assert_array_equal(pgold[inverse], gold)
+
+
+@pytest.mark.parametrize("T,W,K,gold_frac", [(5000, 6, 3, 0.1), (3000, 12, 5, 0.0),
+                                          (2000, 1, 2, 0.3), (400, 14, 13, 0.1)])
+def test_merge_patterns_by_hash_equals_the_sort(T, W, K, gold_frac, monkeypatch):
+    """Where the codes fit 53 bits, the patterns come from a float64 bincount and a hash pass:
+    distinct, in ascending code order, the tasks' rows exactly, and the same patterns and counts
+    as numpy's sort of the dense rows (the path for wider codes, forced here)."""
+    rng = np.random.default_rng(T)
+    lab = rng.integers(-1, K, (T, W)).astype(np.int8)
+    lab[0] = -1  # a task nobody answered
+    tensor = LabelTensor.from_dense(lab, classes=[f"c{k}" for k in range(K)])
+    gold = np.where(rng.random(T) < gold_frac, rng.integers(0, K, T), -1).astype(np.int32) \
+        if gold_frac else None
+    rows, counts, inverse, pgold = kernel.merge_patterns(tensor, gold)
+    np.testing.assert_array_equal(rows.dense()[inverse], tensor.dense())
+    if gold is not None:
+        np.testing.assert_array_equal(pgold[inverse], gold)
+    np.testing.assert_array_equal(counts, np.bincount(inverse))
+    full = rows.dense().astype(np.int64) + 1
+    if gold is not None:
+        full = np.concatenate([full, pgold[:, None].astype(np.int64) + 1], axis=1)
+    code = full @ ((K + 1) ** np.arange(full.shape[1], dtype=np.int64))
+    assert (np.diff(code) > 0).all()  # distinct, ascending
+    monkeypatch.setattr(kernel, "_merge_by_hash", None)  # would fail if called
+    monkeypatch.setattr(kernel.np, "log2", lambda x: 1e9)  # the codes "do not fit": the sort
+    rows2, counts2, inverse2, pgold2 = kernel.merge_patterns(tensor, gold)
+    monkeypatch.undo()
+    key = lambda r, g: [tuple(x) for x in (r if g is None else np.c_[r, g])]  # noqa: E731
+    a = dict(zip(key(rows.dense(), pgold), counts))
+    b = dict(zip(key(rows2.dense(), pgold2), counts2))
+    assert a == b
 
 
 def test_merged_panel_matches_unmerged_fixed_point():

@@ -508,8 +508,19 @@ def merge_patterns(tensor: LabelTensor, gold: np.ndarray | None) -> tuple[LabelT
 
     Returns ``(patterns, counts, inverse, pattern_gold)``: ``patterns`` a label tensor with one
     task per distinct answer row, ``counts[p]`` how many tasks it stands for, ``inverse[t]`` the
-    pattern of task ``t``.
+    pattern of task ``t``. Patterns come in ascending order of their code (each task's answers
+    plus one, and its gold plus one, as digits in base ``K + 1``, the first annotator lowest).
+
+    Where the codes stay below 2 ** 53 (12 annotators with up to 14 classes, gold included),
+    they are one float64 ``bincount`` over the answers, exact, and a hash pass (pyarrow's
+    ``dictionary_encode``) finds the distinct ones; else numpy's sort-based ``unique`` on the
+    dense rows. 10,000,000 x 12 x 5 (2,258,887 patterns) on the 2-core AMD VM: 4.1-5.3 s against
+    7.2-8.0 s for numpy's unique of the int64 codes; 1,000,000: 0.52-0.99 s against 0.66-0.76.
     """
+    base = max(tensor.n_classes + 1, 2)
+    n_cols = tensor.n_workers + (gold is not None)
+    if n_cols * np.log2(base) < 53 and not tensor.has_repeats:
+        return _merge_by_hash(tensor, gold, base, n_cols)
     dense = tensor.dense(np.int16).astype(np.int64)
     cols = [dense] if gold is None else [dense, np.asarray(gold, np.int64)[:, None]]
     rows = np.concatenate(cols, axis=1) + 1  # 0 = no answer / no gold
@@ -526,6 +537,31 @@ def merge_patterns(tensor: LabelTensor, gold: np.ndarray | None) -> tuple[LabelT
                                       worker_ids=list(tensor.worker_ids))
     pgold = None if gold is None else np.asarray(gold, np.int32)[first]
     return patterns, counts.astype(np.float64), inverse.reshape(-1), pgold
+
+
+def _merge_by_hash(tensor: LabelTensor, gold: np.ndarray | None, base: int, n_cols: int
+                   ) -> tuple[LabelTensor, np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`merge_patterns` where every code is below 2 ** 53 (the same result)."""
+    W = tensor.n_workers
+    place = base ** np.arange(n_cols, dtype=np.int64)
+    digit = (tensor.label.astype(np.int64) + 1) * place[tensor.worker]
+    code = np.bincount(tensor.task, weights=digit.astype(np.float64),
+                       minlength=tensor.n_tasks).astype(np.int64)
+    if gold is not None:
+        code += (np.asarray(gold, np.int64) + 1) * place[W]
+    enc = pa.array(code).dictionary_encode()
+    uniq = enc.dictionary.to_numpy(zero_copy_only=False)
+    order = np.argsort(uniq)  # ascending codes, as numpy's unique gives them
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    inverse = rank[enc.indices.to_numpy(zero_copy_only=False)]
+    uniq = uniq[order]
+    counts = np.bincount(inverse, minlength=len(uniq))
+    digits = uniq[:, None] // place[None] % base - 1
+    patterns = LabelTensor.from_dense(digits[:, :W], classes=list(tensor.classes),
+                                      worker_ids=list(tensor.worker_ids))
+    pgold = None if gold is None else digits[:, W].astype(np.int32)
+    return patterns, counts.astype(np.float64), inverse, pgold
 
 
 def screening_sample(tensor: LabelTensor, counts: np.ndarray, n_draw: int, seed: int
