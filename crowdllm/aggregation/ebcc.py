@@ -544,9 +544,9 @@ def _merge_by_hash(tensor: LabelTensor, gold: np.ndarray | None, base: int, n_co
     """:func:`merge_patterns` where every code is below 2 ** 53 (the same result)."""
     W = tensor.n_workers
     place = base ** np.arange(n_cols, dtype=np.int64)
-    digit = (tensor.label.astype(np.int64) + 1) * place[tensor.worker]
-    code = np.bincount(tensor.task, weights=digit.astype(np.float64),
-                       minlength=tensor.n_tasks).astype(np.int64)
+    digit = place.astype(np.float64)[tensor.worker]  # one float64 per answer, no int64 copy
+    digit *= tensor.label + 1
+    code = np.bincount(tensor.task, weights=digit, minlength=tensor.n_tasks).astype(np.int64)
     if gold is not None:
         code += (np.asarray(gold, np.int64) + 1) * place[W]
     enc = pa.array(code).dictionary_encode()
