@@ -984,7 +984,6 @@ def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 1
                          converged=loop.converged)
 
 
-
 # --------------------------------------------------------------------------- EBCC
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "flags"],
                    meta_fields=["plan"])
@@ -1004,6 +1003,15 @@ def ebcc_rows(data: Any) -> EbccRows:
     return EbccRows(p, encode(data.labels, p), flags)
 
 
+def _ebcc_table(rows: EbccRows, bias: jax.Array, log_table: jax.Array) -> jax.Array:
+    """The group tables ``[n_combos, K * M padded to 8]`` of EBCC's E-step (bias in group 0)."""
+    return tables(rows.plan, bias, log_table, width=_width(log_table.shape[1]))
+
+
+def _width(KM: int) -> int:
+    return -(-KM // 8) * 8
+
+
 def ebcc_sweep(rows: EbccRows, weight: jax.Array, bias: jax.Array, log_table: jax.Array,
                z_prev: jax.Array, n_subtypes: int):
     """One EBCC sweep (``native/ebcc.cc``): the same as :func:`._fast.subtype_sweep`.
@@ -1017,22 +1025,17 @@ def ebcc_sweep(rows: EbccRows, weight: jax.Array, bias: jax.Array, log_table: ja
         Under ``vmap`` (restarts), the kernel runs once per restart.
     """
     _require()
-    p = rows.plan
     KM, L = log_table.shape[1], log_table.shape[2]
     K = KM // n_subtypes
-    tab = tables(p, bias, log_table, width=_width(KM))
+    tab = _ebcc_table(rows, bias, log_table)
     T = rows.codes.shape[0]
     out = (jax.ShapeDtypeStruct((T, K), jnp.float32), jax.ShapeDtypeStruct(tab.shape, jnp.float32),
            jax.ShapeDtypeStruct((2,), jnp.float32))
     z, C, stats = jax.ffi.ffi_call("crowdllm_ebcc_sweep", out, vmap_method="sequential")(
         rows.codes, rows.flags, weight.astype(jnp.float32), tab, z_prev.astype(jnp.float32),
         K=np.int64(K), M=np.int64(n_subtypes), threads=np.int64(_threads()))
-    counts, csum = counts_from(p, C, L, columns=KM)
+    counts, csum = counts_from(rows.plan, C, L, columns=KM)
     return z, stats[0], counts, csum, stats[1]
-
-
-def _width(KM: int) -> int:
-    return -(-KM // 8) * 8
 
 
 def ebcc_posteriors(rows: EbccRows, bias: jax.Array, log_table: jax.Array, n_subtypes: int
@@ -1041,7 +1044,7 @@ def ebcc_posteriors(rows: EbccRows, bias: jax.Array, log_table: jax.Array, n_sub
     _require()
     KM = log_table.shape[1]
     K = KM // n_subtypes
-    tab = tables(rows.plan, bias, log_table, width=_width(KM))
+    tab = _ebcc_table(rows, bias, log_table)
     T = rows.codes.shape[0]
     out = jax.ShapeDtypeStruct((T, KM), jnp.float32)
     q = jax.ffi.ffi_call("crowdllm_ebcc_post", out, vmap_method="sequential")(

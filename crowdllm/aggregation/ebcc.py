@@ -135,6 +135,13 @@ class _Loop(NamedTuple):
     eta: jax.Array  # the next sweep's extrapolation factor (1: a plain sweep), with ``accelerate``
 
 
+def _state_counts(col_sum: jax.Array, counts: jax.Array, K: int, M: int
+                  ) -> tuple[jax.Array, jax.Array]:
+    """``(n_km [K, M], n_wkml [W, K, M, L])`` from a fused pass's column sums ``[K * M]`` and
+    counts ``[W, K * M, L]``."""
+    return col_sum.reshape(K, M), counts.reshape(counts.shape[0], K, M, counts.shape[2])
+
+
 def _counts(data: CrowdData, zg: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
     T, K, M = zg.shape
     wz = zg * weight[:, None, None]
@@ -198,8 +205,7 @@ def init(data: CrowdData, key: jax.Array, weight: jax.Array, n_subtypes: int,
     zg = start(data, key, n_subtypes, rows)
     if native is not None:
         counts, csum = _native.ebcc_counts(native, weight, zg, data.n_classes)
-        K = data.n_classes
-        n_km, n_wkml = csum.reshape(K, n_subtypes), counts.reshape(-1, K, n_subtypes, K)
+        n_km, n_wkml = _state_counts(csum, counts, data.n_classes, n_subtypes)
     else:
         n_km, n_wkml = _counts(data, zg, weight)
     return EBCCState(zg.sum(axis=2), n_km, n_wkml, n_km, n_wkml)
@@ -249,11 +255,11 @@ def step(data: CrowdData, state: EBCCState, *, weight: jax.Array, priors: _Prior
     bias, table, (kl, per_worker) = _expectations(priors, state.n_km, state.n_wkml)
     if rows is not None:
         z, ll, counts, csum, dz = _native.ebcc_sweep(rows, weight, bias, table, state.z, M)
-        n_km, n_wkml = csum.reshape(K, M), counts.reshape(-1, K, M, data.n_classes)
+        n_km, n_wkml = _state_counts(csum, counts, K, M)
     elif isinstance(data, Dense) and fast_enabled():
         z, ll, counts, csum, dz = _fast.subtype_sweep(data.labels, data.n_classes, M, weight,
                                                       data.gold, bias, table, state.z)
-        n_km, n_wkml = csum.reshape(K, M), counts.reshape(-1, K, M, data.n_classes)
+        n_km, n_wkml = _state_counts(csum, counts, K, M)
     else:
         zg, log_z = e_step(data, bias, table, M)
         n_km, n_wkml = _counts(data, zg, weight)

@@ -1,7 +1,7 @@
 // EBCC's VB sweep over a dense panel's rows, by groups of annotators (AVX2, CPU).
 //
-// Built with ds_grouped.cc by crowdllm/aggregation/_native.py and called from JAX as an XLA FFI
-// custom call (crowdllm_ebcc_sweep). EBCC's latent state of a task is a (class k, subtype m) pair,
+// Built with ds_grouped.cc by crowdllm/aggregation/_native.py and called from JAX as XLA FFI
+// custom calls (crowdllm_ebcc_sweep; _post and _given for the other modes, see Mode). EBCC's latent state of a task is a (class k, subtype m) pair,
 // column c = k M + m (K M columns, padded to KMp, a multiple of 8). The annotators are grouped and
 // each row encoded as ds_grouped.cc does (one uint16 combination code per group); `table[code, c]`
 // is the sum of the group's members' E log V entries for their answers (E log tau + E log pi
@@ -78,10 +78,10 @@ inline __m256i tail_mask(int v, int KM) {
 }
 
 // The M-step's read-add-writes: row i's weighted posteriors of columns [8 v, 8 v + 8) (r[i])
-// added to its G combinations' sums.
-// Adjacent rows with the same combination in a group are summed in a register first, and their
-// combination's sums read and written once (rows sorted by their answers, as EBCC's merge
-// leaves them, share the last group's combination over long runs).
+// added to its G combinations' sums. Adjacent rows with the same combination in a group are
+// summed in a register first, and their combination's sums read and written once (rows sorted
+// by their answers, as EBCC's merge leaves them, share the last group's combination over long
+// runs).
 inline void add_rows(const Inputs& a, const uint16_t* codes, int64_t G, int v, const __m256 r[8],
                      Part& part) {
   for (int64_t g = 0; g < G; ++g) {
@@ -112,6 +112,14 @@ inline void given_block(const Inputs& a, const uint16_t* codes, const float* wts
       r[i] = _mm256_mul_ps(_mm256_maskload_ps(q + i * KM + 8 * v, tail), _mm256_set1_ps(wts[i]));
     add_rows(a, codes, G, v, r, part);
   }
+}
+
+// r[i] = row i's columns [8 v, 8 v + 8) of the lane-major S times `factor` (zeros past KM).
+inline void to_rows(const float* S, int v, int KM, __m256 factor, __m256 r[8]) {
+  for (int j = 0; j < 8; ++j)
+    r[j] = 8 * v + j < KM ? _mm256_mul_ps(_mm256_load_ps(S + (8 * v + j) * 8), factor)
+                          : _mm256_setzero_ps();
+  transpose8(r);
 }
 
 // One block of 8 rows: codes [8, G], flags [8], weights [8], zprev and z [8, K] (z: the first
@@ -174,10 +182,7 @@ inline void block(const Inputs& a, const uint16_t* codes, const int8_t* flags, c
   const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), sum);
   if (MODE == POST) {  // the rows' posteriors, transposed back to rows, stored (n_out rows)
     for (int v = 0; v < NV; ++v) {
-      for (int j = 0; j < 8; ++j)
-        r[j] = 8 * v + j < KM ? _mm256_mul_ps(_mm256_load_ps(S + (8 * v + j) * 8), inv)
-                              : _mm256_setzero_ps();
-      transpose8(r);
+      to_rows(S, v, KM, inv, r);
       const __m256i tail = tail_mask(v, KM);
       for (int i = 0; i < n_out; ++i) _mm256_maskstore_ps(post + i * KM + 8 * v, tail, r[i]);
     }
@@ -203,10 +208,7 @@ inline void block(const Inputs& a, const uint16_t* codes, const int8_t* flags, c
   }
   const __m256 scale = _mm256_mul_ps(inv, wt);  // w_t / Z_t
   for (int v = 0; v < NV; ++v) {
-    for (int j = 0; j < 8; ++j)
-      r[j] = 8 * v + j < KM ? _mm256_mul_ps(_mm256_load_ps(S + (8 * v + j) * 8), scale)
-                            : _mm256_setzero_ps();
-    transpose8(r);  // r[i]: row i's weighted posteriors of columns 8v .. 8v + 7
+    to_rows(S, v, KM, scale, r);  // r[i]: row i's weighted posteriors of columns 8v .. 8v + 7
     add_rows(a, codes, G, v, r, part);
   }
 }
