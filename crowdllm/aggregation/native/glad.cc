@@ -171,44 +171,22 @@ ffi::Error CheckRows(ffi::Buffer<ffi::S8>& lab, ffi::Buffer<ffi::F32>& weights,
   return ffi::Error::Success();
 }
 
-// p_in: the last pass's p (aliased to pright, so the buffer is reused, not page-faulted anew);
-// post: [T, K] posteriors written when it has T rows (else a [1, K] placeholder); stats: the
-// weighted log-likelihood, Q's answer term and the K weighted class sums.
-ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
-                 ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
-                 ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> log_beta,
-                 ffi::Buffer<ffi::F32> log_prior, ffi::Buffer<ffi::F32> p_in,
-                 ffi::ResultBuffer<ffi::F32> post, ffi::ResultBuffer<ffi::F32> pright,
-                 ffi::ResultBuffer<ffi::F32> stats, int64_t threads) {
-  int64_t W, T, U;
-  if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
-  const int64_t K = log_prior.element_count();
-  if (K < 1 || K > 8) return ffi::Error::InvalidArgument("glad: 1 <= K <= 8 classes");
-  const int8_t* L = lab.typed_data();
-  const int8_t* fl = flags.typed_data();
-  const float* wt = weights.typed_data();
-  const float* al = alpha.typed_data();
-  const float* lb = log_beta.typed_data();
-  const float* lp = log_prior.typed_data();
-  if (p_in.element_count() != W * T || pright->element_count() != W * T)
-    return ffi::Error::InvalidArgument("glad: p [T/8, W, 8] expected");
-  const bool want_post = post->dimensions()[0] == T;
-  float* out = want_post ? post->typed_data() : nullptr;
-  float* P = pright->typed_data();
-  const float lkm1 = std::log((float)std::max<int64_t>(K - 1, 1));
-  if (want_post) std::memset(out + U * K, 0, sizeof(float) * (T - U) * K);  // rows past n: zeros
-  const int64_t full = (U + 7) / 8 * 8;  // blocks past n: zeros (a partial block: masked below)
-  std::memset(P + full * W, 0, sizeof(float) * (T - full) * W);
-  std::vector<Acc> parts;
+// E pass over rows [0, U) with K known at compile time (the class loops unrolled, the scores
+// kept in registers)
+template <int K>
+void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t* fl,
+            const float* wt, const float* al, const float* lb, const float* lp, float lkm1,
+            float* out, float* P, std::vector<Acc>& parts) {
+  const bool want_post = out != nullptr;
   parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
     thread_local std::vector<__m256> xbuf;
-    xbuf.resize(W);
+    if ((int64_t)xbuf.size() < W) xbuf.resize(W);
     LogProd lp1;
     __m256 valid = valid_lanes(r, U);
     __m256 beta = exp256(_mm256_loadu_ps(lb + r));
     __m256 base = _mm256_setzero_ps();
-    __m256 sc[8];
-    for (int k = 0; k < 8; ++k) sc[k] = _mm256_setzero_ps();
+    __m256 sc[K];
+    for (int k = 0; k < K; ++k) sc[k] = _mm256_setzero_ps();
     for (int64_t w = 0; w < W; ++w) {
       __m256i y = load_s8(L + r * W + w * 8);
       __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
@@ -235,7 +213,7 @@ ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
       m = _mm256_max_ps(m, sc[k]);
     }
     __m256 s = _mm256_setzero_ps();
-    __m256 pk[8];
+    __m256 pk[K];
     for (int k = 0; k < K; ++k) {
       pk[k] = exp_le0(_mm256_sub_ps(sc[k], m));
       s = _mm256_add_ps(s, pk[k]);
@@ -276,12 +254,49 @@ ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
     acc.fq = _mm256_fmadd_ps(wv, _mm256_sub_ps(q, log1pe), acc.fq);
     for (int k = 0; k < K; ++k) acc.fc[k] = _mm256_fmadd_ps(wv, pk[k], acc.fc[k]);
     if (want_post) {
-      alignas(32) float pv[8][8];
+      alignas(32) float pv[K][8];
       for (int k = 0; k < K; ++k) _mm256_store_ps(pv[k], pk[k]);
       for (int i = 0; i < 8 && r + i < U; ++i)
         for (int k = 0; k < K; ++k) out[(r + i) * K + k] = pv[k][i];
     }
   });
+}
+
+// p_in: the last pass's p (aliased to pright, so the buffer is reused, not page-faulted anew);
+// post: [T, K] posteriors written when it has T rows (else a [1, K] placeholder); stats: the
+// weighted log-likelihood, Q's answer term and the K weighted class sums.
+ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
+                 ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
+                 ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> log_beta,
+                 ffi::Buffer<ffi::F32> log_prior, ffi::Buffer<ffi::F32> p_in,
+                 ffi::ResultBuffer<ffi::F32> post, ffi::ResultBuffer<ffi::F32> pright,
+                 ffi::ResultBuffer<ffi::F32> stats, int64_t threads) {
+  int64_t W, T, U;
+  if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
+  const int64_t K = log_prior.element_count();
+  if (K < 1 || K > 8) return ffi::Error::InvalidArgument("glad: 1 <= K <= 8 classes");
+  const int8_t* L = lab.typed_data();
+  const int8_t* fl = flags.typed_data();
+  const float* wt = weights.typed_data();
+  const float* al = alpha.typed_data();
+  const float* lb = log_beta.typed_data();
+  const float* lp = log_prior.typed_data();
+  if (p_in.element_count() != W * T || pright->element_count() != W * T)
+    return ffi::Error::InvalidArgument("glad: p [T/8, W, 8] expected");
+  const bool want_post = post->dimensions()[0] == T;
+  float* out = want_post ? post->typed_data() : nullptr;
+  float* P = pright->typed_data();
+  const float lkm1 = std::log((float)std::max<int64_t>(K - 1, 1));
+  if (want_post) std::memset(out + U * K, 0, sizeof(float) * (T - U) * K);  // rows past n: zeros
+  const int64_t full = (U + 7) / 8 * 8;  // blocks past n: zeros (a partial block: masked below)
+  std::memset(P + full * W, 0, sizeof(float) * (T - full) * W);
+  std::vector<Acc> parts;
+  using Fn = void (*)(int64_t, int64_t, int64_t, const int8_t*, const int8_t*, const float*,
+                     const float*, const float*, const float*, float, float*, float*,
+                     std::vector<Acc>&);
+  static constexpr Fn table[8] = {e_rows<1>, e_rows<2>, e_rows<3>, e_rows<4>,
+                                  e_rows<5>, e_rows<6>, e_rows<7>, e_rows<8>};
+  table[K - 1](U, W, threads, L, fl, wt, al, lb, lp, lkm1, out, P, parts);
   double ll = 0, qq = 0, cs[8] = {0};
   for (auto& a : parts) {
     ll += hsum(a.ll0, a.ll1);
@@ -296,24 +311,12 @@ ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
   return ffi::Error::Success();
 }
 
-// mode 1: gradients; 2: Q's answer term only; 3: both
-ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
-                    ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> pright,
-                    ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> log_beta,
-                    ffi::ResultBuffer<ffi::F32> d_alpha, ffi::ResultBuffer<ffi::F32> d_b,
-                    ffi::ResultBuffer<ffi::F32> qout, int64_t threads, int64_t mode) {
-  int64_t W, T, U;
-  if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
-  if (pright.element_count() != W * T) return ffi::Error::InvalidArgument("glad: p [T/8, W, 8]");
-  const bool grad = mode & 1, want_q = mode & 2;
-  const int8_t* L = lab.typed_data();
-  const float* wt = weights.typed_data();
-  const float* P = pright.typed_data();
-  const float* al = alpha.typed_data();
-  const float* lb = log_beta.typed_data();
-  float* db = d_b->typed_data();
-  std::memset(db + U, 0, sizeof(float) * (T - U));
-  std::vector<Acc> parts;
+// gradient / Q pass over rows [0, U), what it computes fixed at compile time (no per-answer
+// branches; the accumulators stay in registers)
+template <bool GRAD, bool WANT_Q>
+void grad_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const float* wt,
+               const float* P, const float* al, const float* lb, float* db,
+               std::vector<Acc>& parts) {
   parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
     __m256 valid = valid_lanes(r, U);
     __m256 beta = exp256(_mm256_loadu_ps(lb + r));
@@ -328,21 +331,44 @@ ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
       __m256 x = _mm256_mul_ps(_mm256_set1_ps(al[w]), beta);
       __m256 e = exp_neg_abs(x);
       __m256 p = _mm256_loadu_ps(P + r * W + w * 8);
-      if (grad) {
+      if constexpr (GRAD) {
         __m256 g = _mm256_and_ps(ans, _mm256_sub_ps(p, sigmoid_from(x, e)));
         acc.fa[w] = _mm256_fmadd_ps(g, wb, acc.fa[w]);
         dbv = _mm256_fmadd_ps(g, x, dbv);
       }
-      if (want_q) {
+      if constexpr (WANT_Q) {
         __m256 term = _mm256_fnmadd_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), p), x,
                                        _mm256_min_ps(x, _mm256_setzero_ps()));
         q = _mm256_add_ps(q, _mm256_and_ps(ans, term));
         lp1.add(ans, e);
       }
     }
-    if (grad) _mm256_storeu_ps(db + r, dbv);  // lanes past n: 0 (masked)
-    if (want_q) acc.fq = _mm256_fmadd_ps(wv, _mm256_sub_ps(q, lp1.total()), acc.fq);
+    if constexpr (GRAD) _mm256_storeu_ps(db + r, dbv);  // lanes past n: 0 (masked)
+    if constexpr (WANT_Q) acc.fq = _mm256_fmadd_ps(wv, _mm256_sub_ps(q, lp1.total()), acc.fq);
   });
+}
+
+// mode 1: gradients; 2: Q's answer term only; 3: both
+ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
+                    ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> pright,
+                    ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> log_beta,
+                    ffi::ResultBuffer<ffi::F32> d_alpha, ffi::ResultBuffer<ffi::F32> d_b,
+                    ffi::ResultBuffer<ffi::F32> qout, int64_t threads, int64_t mode) {
+  int64_t W, T, U;
+  if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
+  if (pright.element_count() != W * T) return ffi::Error::InvalidArgument("glad: p [T/8, W, 8]");
+  if (mode < 1 || mode > 3) return ffi::Error::InvalidArgument("glad: mode 1, 2 or 3");
+  const int8_t* L = lab.typed_data();
+  const float* wt = weights.typed_data();
+  const float* P = pright.typed_data();
+  const float* al = alpha.typed_data();
+  const float* lb = log_beta.typed_data();
+  float* db = d_b->typed_data();
+  std::memset(db + U, 0, sizeof(float) * (T - U));
+  std::vector<Acc> parts;
+  if (mode == 1) grad_rows<true, false>(U, W, threads, L, wt, P, al, lb, db, parts);
+  else if (mode == 2) grad_rows<false, true>(U, W, threads, L, wt, P, al, lb, db, parts);
+  else grad_rows<true, true>(U, W, threads, L, wt, P, al, lb, db, parts);
   float* da = d_alpha->typed_data();
   double qq = 0;
   for (int64_t w = 0; w < W; ++w) {
