@@ -550,6 +550,124 @@ def test_native_ebcc_equals_the_xla_fit_on_sampled_data(kw):
         np.testing.assert_allclose(c.probas_, b.probas_, atol=1e-6)
 
 
+def _draw_ebcc_sparse(T, W, K, M, most, gold_frac, seed):
+    """A sparse crowd drawn from EBCC's story: task t gets 1 to ``most`` distinct annotators
+    (``(task, worker, label)`` arrays, gold codes per task, truth)."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, K, T)
+    sub = rng.integers(0, M, T)
+    acc = rng.uniform(0.3, 0.95, (W, K, M))
+    conf = rng.dirichlet(np.ones(K) * 0.5, (W, K, M)) * (1 - acc)[..., None] \
+        + np.eye(K)[None, :, None, :] * acc[..., None]  # [W, K, M, L]
+    n = rng.integers(1, most + 1, T)
+    task = np.repeat(np.arange(T, dtype=np.int32), n)
+    slot = np.arange(task.size) - np.repeat(np.cumsum(n) - n, n)
+    worker = ((rng.integers(0, W, T)[task] + slot * 7919) % W).astype(np.int32)  # distinct
+    p = conf[worker, truth[task], sub[task]]
+    label = np.minimum((rng.random((task.size, 1)) > np.cumsum(p, axis=-1)).sum(-1), K - 1)
+    gold = np.where(rng.random(T) < gold_frac, truth, -1).astype(np.int32)
+    return task, worker, label.astype(np.int32), gold, truth
+
+
+def _sparse_tensor(task, worker, label, T, W, K):
+    return LabelTensor(task=task, worker=worker, label=label, task_ids=np.arange(T),
+                       worker_ids=np.arange(W), classes=np.arange(K))
+
+
+@needs_kernel
+@pytest.mark.parametrize("T,W,K,M,most", [
+    (3001, 300, 4, 3, 9),     # 1-9 answers a task, rows of 10 slots
+    (150_000, 2000, 3, 2, 3),  # codes past the chunk: some sums carried over less often, 2 threads
+])
+def test_ebcc_coo_sweep_equals_the_float64_reference(T, W, K, M, most):
+    """EBCC's sweep on a sparse crowd's rows (one code per answer, ``ebcc_coo_rows``) equals the
+    reference sums (``ebcc.e_step``, ``ebcc._counts`` on the COO layout) computed in float64:
+    class posteriors, weighted log-likelihood, per-annotator counts, column sums, largest move;
+    also the posteriors q(z, g) and the sums of given posteriors (the random start). Rows weigh
+    2-5 tasks, padding rows 0; gold rows keep their class."""
+    task, worker, label, gold, _ = _draw_ebcc_sparse(T, W, K, M, most, 0.05, seed=T)
+    tensor = _sparse_tensor(task, worker, label, T, W, K)
+    rng = np.random.default_rng(W)
+    KM = K * M
+    with jax.enable_x64(True):
+        d64 = _core.prepare(tensor, layout="coo", gold=gold, dtype=jnp.float64)
+    Tp, Wp = d64.n_tasks, d64.n_workers
+    weight = np.zeros(Tp, np.float32)
+    weight[:T] = rng.integers(2, 6, T)
+    log_table = np.log(rng.dirichlet(np.ones(K), (Wp, KM))).astype(np.float32)
+    bias = np.log(rng.dirichlet(np.ones(KM))).astype(np.float32)
+    z_prev = rng.dirichlet(np.ones(K), Tp).astype(np.float32)
+    given = rng.dirichlet(np.ones(KM), Tp).astype(np.float32).reshape(Tp, K, M)
+    with jax.enable_x64(True):
+        w64 = jnp.asarray(weight, jnp.float64)
+        q, log_z = ebcc.e_step(d64, jnp.asarray(bias, jnp.float64),
+                               jnp.asarray(log_table, jnp.float64), M)
+        n_km, n_wkml = ebcc._counts(d64, q, w64)
+        g_km, g_wkml = ebcc._counts(d64, jnp.asarray(given, jnp.float64), w64)
+        q, z, ll = np.asarray(q), np.asarray(q.sum(axis=2)), float((w64 * log_z).sum())
+        dz = float(np.where(weight[:, None] > 0, np.abs(z - z_prev), 0).max())
+        n_km, n_wkml, g_km, g_wkml = (np.asarray(x) for x in (n_km, n_wkml, g_km, g_wkml))
+    data = _core.prepare(tensor, layout="coo", gold=gold)
+    width = _native.coo_row_width(task, T)
+    assert width == 1 + most and _native.applies(data, jnp.float32, columns=KM) is None
+    args = [jnp.asarray(x) for x in (weight, bias, log_table, z_prev)]
+
+    @jax.jit
+    def sweep(data, weight, bias, log_table, z_prev):
+        return _native.ebcc_sweep(_native.ebcc_rows(data, width), weight, bias, log_table,
+                                  z_prev, M)
+
+    z2, ll2, counts2, csum2, dz2 = sweep(data, *args)
+    np.testing.assert_allclose(np.asarray(z2), z, atol=2e-6)
+    np.testing.assert_allclose(float(ll2), ll, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(counts2), n_wkml.reshape(Wp, KM, K), rtol=1e-5,
+                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(csum2), n_km.reshape(KM), rtol=1e-5)
+    np.testing.assert_allclose(float(dz2), dz, atol=2e-6)
+    q2 = jax.jit(lambda d, b, t: _native.ebcc_posteriors(_native.ebcc_rows(d, width), b, t, M))(
+        data, args[1], args[2])
+    np.testing.assert_allclose(np.asarray(q2), q, atol=2e-6)
+    cnt3, csum3 = jax.jit(lambda d, w, g: _native.ebcc_counts(_native.ebcc_rows(d, width), w, g,
+                                                              K))(data, args[0], jnp.asarray(given))
+    np.testing.assert_allclose(np.asarray(cnt3), g_wkml.reshape(Wp, KM, K), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(csum3), g_km.reshape(KM), rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore:EBCC did not converge")
+@pytest.mark.parametrize("screen", [False, True])
+def test_native_ebcc_on_a_sparse_crowd_equals_the_xla_fit(screen):
+    """On the COO layout (a sparse crowd of 400 annotators, 1-7 answers a task, gold), EBCC on the
+    native kernel equals EBCC on the reference sums: the same sweeps from the same restarts,
+    every restart's ELBO, the kept restart, its posteriors and ELBO history (plainly, or
+    over-relaxed and screened on a sample of the tasks). The kernel runs on the tasks sorted by
+    their first annotator; the fit is the one of the tasks' own order (tested by the XLA fit,
+    which keeps it)."""
+    T, W, K, M = 3000, 400, 3, 4
+    task, worker, label, gold, truth = _draw_ebcc_sparse(T, W, K, M, 7, 0.05, seed=11)
+    tensor = _sparse_tensor(task, worker, label, T, W, K)
+    gold = {t: g for t, g in enumerate(gold) if g >= 0}
+    kw = {"accelerate": True, "screen_iter": 3, "keep": 2, "screen_tasks": 900} if screen else {}
+    opts = dict(n_subtypes=M, restarts=3, max_iter=20, tol=None, atol=0.0, seed=4, layout="coo",
+                **kw)
+    a = EBCC(native="off", **opts).fit(tensor, gold=gold)
+    b = EBCC(native="on", **opts).fit(tensor, gold=gold)
+    assert b.native_used_ and not a.native_used_
+    np.testing.assert_array_equal(b.sweeps_, a.sweeps_)
+    np.testing.assert_allclose(b.elbos_, a.elbos_, rtol=1e-5)
+    assert b.best_restart_ == a.best_restart_
+    np.testing.assert_allclose(b.loss_history_, a.loss_history_, rtol=1e-5)
+    # the kernel sums in another order (its rows sorted by first annotator): the posteriors are
+    # held to the float64 fit. Over-relaxed sweeps amplify float32 rounding: after 20 sweeps
+    # the XLA float32 fit's posteriors are 6e-5 from it and the native's 1.6e-4, their
+    # confusion matrices 7e-6 and 1.7e-5 (plain sweeps: 1.4e-5 and 1.9e-5, 1.7e-6 and 3.1e-6)
+    c = EBCC(native="off", dtype="float64", **opts).fit(tensor, gold=gold)
+    assert c.best_restart_ == b.best_restart_
+    np.testing.assert_allclose(b.probas_, c.probas_, atol=5e-4 if screen else 1e-4)
+    np.testing.assert_allclose(b.errors_, c.errors_, atol=5e-5 if screen else 1e-5)
+    assert (b.label_codes_ == truth).mean() > 0.6
+
+
 @pytest.mark.filterwarnings("ignore::crowdllm.aggregation.base.ConvergenceWarning")
 def test_ebcc_native_option():
     """EBCC runs on the kernel where it applies and says so; ``native='on'`` where it cannot
@@ -559,7 +677,7 @@ def test_ebcc_native_option():
     opts = dict(restarts=1, max_iter=3)
     assert EBCC(n_subtypes=2, **opts).fit(tensor).native_used_ == (WHY is None)
     assert not EBCC(n_subtypes=2, native="off", **opts).fit(tensor).native_used_
-    assert not EBCC(n_subtypes=2, layout="coo", **opts).fit(tensor).native_used_
+    assert EBCC(n_subtypes=2, layout="coo", **opts).fit(tensor).native_used_ == (WHY is None)
     assert not EBCC(n_subtypes=2, dtype="float64", **opts).fit(tensor).native_used_
     with pytest.raises(ValueError, match="native='on'.*float64"):
         EBCC(n_subtypes=2, dtype="float64", native="on", **opts).fit(tensor)
@@ -571,6 +689,21 @@ def test_ebcc_native_option():
     assert "128 classes" in _native.applies(many, jnp.float32, columns=128)
     with pytest.raises(ValueError, match="native must be"):
         EBCC(native="yes")
+    # COO: one task with 60 answers (the rest 1-2) would make every row 61 slots wide
+    task, worker, label, _, _ = _draw_ebcc_sparse(200, 100, 3, 2, 2, 0.0, seed=1)
+    busy = np.arange(60, dtype=np.int32)
+    sparse = _sparse_tensor(np.concatenate([task, np.full(60, 200, np.int32)]),
+                            np.concatenate([worker, busy]),
+                            np.concatenate([label, busy % 3]).astype(np.int32), 201, 100, 3)
+    assert not EBCC(n_subtypes=2, layout="coo", **opts).fit(sparse).native_used_
+    with pytest.raises(ValueError, match="a task has 60 answers.*mostly empty"):
+        EBCC(n_subtypes=2, layout="coo", native="on", **opts).fit(sparse)
+    # COO codes are uint16: at most 65,534 annotators x labels
+    big = _core.Coo(task=jnp.zeros(4, jnp.int32), worker=jnp.zeros(4, jnp.int32),
+                    label=jnp.zeros(4, jnp.int32), weight=jnp.ones(4), task_mask=jnp.ones(8),
+                    worker_mask=jnp.ones(16384), gold=jnp.full(8, -1), n_classes=4)
+    assert "16384 annotators x 4 labels" in _native.applies(big, jnp.float32, columns=8)
+    assert "dense layout" in _native.applies(big, jnp.float32)  # not for the class-only kernels
 
 
 def test_gold_in_fitting_and_zero_iterations():

@@ -46,7 +46,12 @@ over those columns per row, the class posteriors summed over subtypes and their 
 and the per-combination sums of the weighted posteriors; rows go 8 at a time, transposed so that
 the softmax and the sums over subtypes are lane-wise. 385k distinct rows of 1,000,000 x 12 x 5
 with 10 subtypes: 24 ms per sweep against the XLA sweep's 102 in the same run on the 2-core AMD
-VM (``python benchmarks/ebcc_sweep_native.py``).
+VM (``python benchmarks/ebcc_sweep_native.py``). A sparse crowd's (COO) tasks go through the same
+kernel as rows of one code per answer (:func:`ebcc_coo_rows`: a table row per annotator and
+label instead of per group combination).
+
+The VB methods' Dirichlet statistics need digamma and log-gamma of every parameter each sweep;
+:func:`digamma_gammaln` (``native/special.cc``) computes both in one pass.
 """
 
 from __future__ import annotations
@@ -77,13 +82,15 @@ __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Pl
            "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
            "posteriors", "ds_fit", "onecoin_fit", "ibcc_fit", "mace_fit_restarts", "decode",
            "glad_e", "glad_grad", "glad_rows", "glad_fit", "block", "unblock", "bwa_fit",
-           "ratio_sums", "ratio_values", "ebcc_rows", "ebcc_sweep", "ebcc_posteriors",
-           "ebcc_counts",
+           "ratio_sums", "ratio_values", "ebcc_rows", "ebcc_coo_rows", "coo_row_width",
+           "coo_task_order", "digamma_gammaln",
+           "ebcc_sweep", "ebcc_posteriors", "ebcc_counts",
            "track_buffer", "sums_tracked"]
 
 NATIVE_DIR = Path(__file__).with_name("native")
 #: compiled together into one library; the header is part of the cache key
-SOURCES = (NATIVE_DIR / "ds_grouped.cc", NATIVE_DIR / "glad.cc", NATIVE_DIR / "ebcc.cc")
+SOURCES = (NATIVE_DIR / "ds_grouped.cc", NATIVE_DIR / "glad.cc", NATIVE_DIR / "ebcc.cc",
+           NATIVE_DIR / "special.cc")
 HEADERS = (NATIVE_DIR / "simd.h",)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 #: most combinations per annotator group (the group's two tables stay in cache)
@@ -96,7 +103,8 @@ _TARGETS = {"crowdllm_ds_grouped_sums": "CrowdllmDsGroupedSums",
             "crowdllm_ds_grouped_ratio_post": "CrowdllmDsGroupedRatioPost",
             "crowdllm_glad_e": "CrowdllmGladE", "crowdllm_glad_grad": "CrowdllmGladGrad",
             "crowdllm_ebcc_sweep": "CrowdllmEbccSweep", "crowdllm_ebcc_post": "CrowdllmEbccPost",
-            "crowdllm_ebcc_given": "CrowdllmEbccGiven"}
+            "crowdllm_ebcc_given": "CrowdllmEbccGiven",
+            "crowdllm_digamma_gammaln": "CrowdllmDigammaGammaln"}
 #: most latent columns (classes x subtypes) the EBCC sweep takes
 MAX_COLUMNS = 256
 
@@ -237,11 +245,16 @@ def plan(n_workers: int, n_classes: int) -> Plan | None:
 def applies(data: Any, dtype: Any, columns: int | None = None) -> str | None:
     """None when the native kernel can fit ``data`` (a Dense panel), else why not. ``columns``:
     the latent columns of a model whose latent state is not just the class (EBCC's classes x
-    subtypes, at most :data:`MAX_COLUMNS`); the class count is then not limited to 8."""
-    from ._core import Dense, fast_enabled
+    subtypes, at most :data:`MAX_COLUMNS`); the class count is then not limited to 8, and a Coo
+    crowd qualifies too (:func:`ebcc_coo_rows`: at most 65,534 annotators x labels)."""
+    from ._core import Coo, Dense, fast_enabled
 
-    if not isinstance(data, Dense):
+    coo = columns is not None and isinstance(data, Coo)
+    if not (isinstance(data, Dense) or coo):
         return "the data are not on the dense layout"
+    if coo and 2 + data.n_workers * data.n_classes > 65536:
+        return (f"{data.n_workers} annotators x {data.n_classes} labels (uint16 codes: at most "
+                f"{65536 - 2} on the COO layout)")
     if not fast_enabled():
         return "the reference path was asked for (_core.use_fast(False))"
     if jnp.dtype(dtype) != jnp.float32:
@@ -254,9 +267,9 @@ def applies(data: Any, dtype: Any, columns: int | None = None) -> str | None:
         return f"{columns} latent columns (the kernel takes at most {MAX_COLUMNS})"
     if data.n_classes > 127:
         return f"{data.n_classes} classes (gold classes are int8 flags: at most 127)"
-    if plan(int(data.labels.shape[1]), int(data.n_classes)) is None:
+    if not coo and plan(int(data.labels.shape[1]), int(data.n_classes)) is None:
         return "too many annotators for uint16 combination codes"
-    sharding = getattr(data.labels, "sharding", None)
+    sharding = getattr(data.task if coo else data.labels, "sharding", None)
     if sharding is not None and len(getattr(sharding, "device_set", ())) > 1:
         return "the data are sharded over several devices"
     return _load()
@@ -271,11 +284,22 @@ def check_option(native: str) -> str:
     return native
 
 
-def use(native: str, data: Any, columns: int | None = None) -> bool:
+#: COO rows (:func:`ebcc_coo_rows`) are as wide as the task with the most answers: the kernel
+#: takes them while their slots are at most this many times the answers (and biases) they hold
+MAX_SLOTS_PER_ANSWER = 4
+
+
+def use(native: str, data: Any, columns: int | None = None,
+        row_slots: tuple[int, int, int] | None = None) -> bool:
     """Whether an aggregator with option ``native`` runs ``data`` on the kernel (``on`` where it
-    cannot: a ValueError saying why)."""
+    cannot: a ValueError saying why). ``row_slots``: ``(width, tasks, answers)`` of COO rows."""
     why_not = "turned off (native='off')" if check_option(native) == "off" else \
         applies(data, data.task_mask.dtype, columns)
+    if why_not is None and row_slots is not None:
+        width, n_tasks, n_answers = row_slots
+        if width * n_tasks > MAX_SLOTS_PER_ANSWER * (n_answers + n_tasks):
+            why_not = (f"a task has {width - 1} answers, the mean {n_answers / max(n_tasks, 1):.1f}"
+                       f": rows of {width} slots would be mostly empty (COO layout)")
     if why_not is not None and native == "on":
         raise ValueError(f"native='on', but the native kernel cannot run: {why_not}")
     return why_not is None
@@ -985,27 +1009,96 @@ def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 1
 
 
 # --------------------------------------------------------------------------- EBCC
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "flags"],
-                   meta_fields=["plan"])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["codes", "flags"],
+                   meta_fields=["plan", "answer_codes"])
 @dataclasses.dataclass(frozen=True)
 class EbccRows:
-    """A dense panel's rows as the EBCC sweep reads them (once per fit; the plan is static)."""
-    plan: Plan
+    """The rows as the EBCC sweep reads them (once per fit; the plan is static).
+
+    A dense panel's row has one combination code per group of annotators (``plan``); a sparse
+    crowd's (COO, ``answer_codes`` = the number of annotators x labels) has one code per answer
+    instead, after the bias (:func:`ebcc_coo_rows`)."""
+    plan: Plan | None
     codes: jax.Array  # [T, G] uint16
     flags: jax.Array  # [T] int8: gold class or -1
+    answer_codes: int = 0
 
 
-def ebcc_rows(data: Any) -> EbccRows:
+def ebcc_rows(data: Any, width: int | None = None) -> EbccRows:
     """The combination codes and gold flags of a Dense panel's rows (EBCC merges identical rows
-    itself, on the host, before preparing the data: no merging here)."""
+    itself, on the host, before preparing the data: no merging here), or of a Coo crowd's tasks
+    (:func:`ebcc_coo_rows`, ``width`` slots a row)."""
+    from ._core import Coo
+
+    if isinstance(data, Coo):
+        if width is None:
+            raise ValueError("COO rows need their width: 1 + the most answers a task has")
+        return ebcc_coo_rows(data, width)
     p = plan(int(data.labels.shape[1]), int(data.n_classes))
     flags = jnp.where(data.task_mask > 0, data.gold, -1).astype(jnp.int8)
     return EbccRows(p, encode(data.labels, p), flags)
 
 
+def coo_row_width(task: np.ndarray, n_tasks: int) -> int:
+    """The slots a COO row needs: the bias, then the most answers any task has."""
+    return 1 + int(np.bincount(np.asarray(task), minlength=max(n_tasks, 1)).max(initial=0))
+
+
+def ebcc_coo_rows(data: Any, width: int) -> EbccRows:
+    """A Coo crowd's tasks as rows of ``width`` codes: the bias (code 0), the task's answers
+    (``1 + w L + l``) in ascending order, then empty slots (``1 + W L``, a row of zeros).
+    ``width`` must be at least 1 + the most answers a task has (:func:`coo_row_width`).
+
+    The kernel is fastest when tasks with the same annotators are adjacent (their table rows are
+    then in cache, and equal codes in a slot are summed in a register): ``EBCC`` sorts a sparse
+    crowd's tasks so (:func:`coo_task_order`) before it prepares them."""
+    T, W, L = data.n_tasks, data.n_workers, data.n_classes
+    A = data.task.shape[0]
+    first = jnp.searchsorted(data.task, jnp.arange(T, dtype=data.task.dtype))
+    slot = 1 + jnp.arange(A, dtype=jnp.int32) - first[data.task]
+    empty = 1 + W * L
+    code = jnp.where(data.weight > 0, 1 + data.worker * L + data.label, empty)
+    # padding answers (weight 0, after the last task's) may run past the row: dropped
+    codes = jnp.full((T, width), empty, jnp.int32).at[:, 0].set(0)
+    codes = jnp.sort(codes.at[data.task, slot].set(code, mode="drop"), axis=1)
+    flags = jnp.where(data.task_mask > 0, data.gold, -1).astype(jnp.int8)
+    return EbccRows(None, codes.astype(jnp.uint16), flags, answer_codes=W * L)
+
+
+def coo_task_order(task: np.ndarray, worker: np.ndarray, n_tasks: int) -> np.ndarray:
+    """The tasks of a sparse crowd in the order the COO sweep runs fastest: by their first (lowest
+    numbered) annotator, ties in their own order (a stable sort; tasks nobody answered last).
+    On the 10,000-annotator crowd of ``benchmarks/speed.py`` (tasks that share their first
+    annotator share all three), a sweep at 1,000,000 tasks takes ~90 ms instead of ~220."""
+    first = np.full(max(n_tasks, 1), np.iinfo(np.int32).max, np.int64)
+    np.minimum.at(first, np.asarray(task), np.asarray(worker))
+    return np.argsort(first[:n_tasks], kind="stable")
+
+
 def _ebcc_table(rows: EbccRows, bias: jax.Array, log_table: jax.Array) -> jax.Array:
-    """The group tables ``[n_combos, K * M padded to 8]`` of EBCC's E-step (bias in group 0)."""
-    return tables(rows.plan, bias, log_table, width=_width(log_table.shape[1]))
+    """The tables ``[codes, K * M padded to 8]`` of EBCC's E-step: a panel's group tables (bias
+    in group 0), or a sparse crowd's bias row, one row per annotator and label, and a zero row."""
+    width = _width(log_table.shape[1])
+    if rows.plan is not None:
+        return tables(rows.plan, bias, log_table, width=width)
+    W, KM, L = log_table.shape
+    tab = jnp.concatenate([bias[None], jnp.transpose(log_table, (0, 2, 1)).reshape(W * L, KM),
+                           jnp.zeros((1, KM), bias.dtype)])
+    return jnp.pad(tab, ((0, 0), (0, width - KM))).astype(jnp.float32)
+
+
+def _ebcc_counts_from(rows: EbccRows, C: jax.Array, n_labels: int, KM: int
+                      ) -> tuple[jax.Array, jax.Array]:
+    """``(counts [W, K * M, L], column sums [K * M])`` from a pass's per-code sums ``C``."""
+    if rows.plan is not None:
+        return counts_from(rows.plan, C, n_labels, columns=KM)
+    per = C[1: 1 + rows.answer_codes, :KM].reshape(-1, n_labels, KM)  # [W, L, K M]
+    return jnp.transpose(per, (0, 2, 1)), C[0, :KM]
+
+
+def _ebcc_n_codes(rows: EbccRows) -> int:
+    return rows.plan.n_combos if rows.plan is not None else 2 + rows.answer_codes
 
 
 def _width(KM: int) -> int:
@@ -1034,7 +1127,7 @@ def ebcc_sweep(rows: EbccRows, weight: jax.Array, bias: jax.Array, log_table: ja
     z, C, stats = jax.ffi.ffi_call("crowdllm_ebcc_sweep", out, vmap_method="sequential")(
         rows.codes, rows.flags, weight.astype(jnp.float32), tab, z_prev.astype(jnp.float32),
         K=np.int64(K), M=np.int64(n_subtypes), threads=np.int64(_threads()))
-    counts, csum = counts_from(rows.plan, C, L, columns=KM)
+    counts, csum = _ebcc_counts_from(rows, C, L, KM)
     return z, stats[0], counts, csum, stats[1]
 
 
@@ -1060,8 +1153,18 @@ def ebcc_counts(rows: EbccRows, weight: jax.Array, q: jax.Array, n_classes: int
     _require()
     T, K, M = q.shape
     KM = K * M
-    out = jax.ShapeDtypeStruct((rows.plan.n_combos, _width(KM)), jnp.float32)
+    out = jax.ShapeDtypeStruct((_ebcc_n_codes(rows), _width(KM)), jnp.float32)
     C = jax.ffi.ffi_call("crowdllm_ebcc_given", out, vmap_method="sequential")(
         rows.codes, weight.astype(jnp.float32), q.reshape(T, KM).astype(jnp.float32),
         K=np.int64(K), M=np.int64(M), threads=np.int64(_threads()))
-    return counts_from(rows.plan, C, n_classes, columns=KM)
+    return _ebcc_counts_from(rows, C, n_classes, KM)
+
+
+# --------------------------------------------------------------------------- special functions
+def digamma_gammaln(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(digamma(x), gammaln(x))`` of positive float32 ``x`` (normal numbers), elementwise, as
+    one opaque call (``native/special.cc``; the formulas of ``ibcc.digamma_gammaln``)."""
+    _require()
+    out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(x.shape, jnp.float32))
+    return jax.ffi.ffi_call("crowdllm_digamma_gammaln", out, vmap_method="broadcast_all")(
+        x.astype(jnp.float32), threads=np.int64(_threads()))

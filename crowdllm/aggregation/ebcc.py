@@ -42,6 +42,13 @@ Making 40 restarts cheap:
   annotators' answers, ``native``), else in XLA (:func:`._fast.subtype_sweep`: the E-step and
   both sums as products with the in-cache answer indicator); 24 and 102 ms per sweep there on
   the 2-core AMD VM (``benchmarks/ebcc_sweep_native.py``);
+* on a sparse crowd (the COO layout), each task is a row of one code per answer (annotator and
+  label) after the bias, and the sweep runs on the same native kernel
+  (:func:`._native.ebcc_coo_rows`), over the tasks sorted by their first annotator (tasks that
+  share annotators then find their table rows in cache); each restart still starts every task
+  where it starts in the tasks' own order, so the fit is the one the XLA sums give (tested). On
+  the 10,000-annotator crowd of ``benchmarks/speed.py`` at 1,000,000 tasks: 149 ms per sweep
+  against 716 on the XLA sums (session 20);
 * the random starts come from a counter hash (threefry spent 0.74 s per restart at that size);
 * screening (``screen_iter``, ``keep``): every restart runs ``screen_iter`` sweeps, and only the
   ``keep`` best by ELBO run on to convergence. Off by default up to 1,000,000 answers (the
@@ -345,14 +352,14 @@ def _new_loop(max_iter: int, dtype: Any) -> _Loop:
 
 def fit_one(data: CrowdData, key: jax.Array, weight: jax.Array, priors: _Priors, *,
             n_subtypes: int, max_iter: int, tol: float, atol: float,
-            accelerate: bool = False, rows: _native.EbccRows | None = None
-            ) -> tuple[EBCCState, _Loop]:
-    """One restart from ``key``, run to the end.
+            accelerate: bool = False, rows: _native.EbccRows | None = None,
+            origin: jax.Array | None = None) -> tuple[EBCCState, _Loop]:
+    """One restart from ``key``, run to the end (``origin``: see :func:`fit`).
 
     Stops after the first sweep whose ELBO (per answer) gains less than ``tol``, or whose class
     posteriors move by at most ``atol`` anywhere (the reference code's rule), or at ``max_iter``.
     """
-    state = init(data, key, weight, n_subtypes, native=rows)
+    state = init(data, key, weight, n_subtypes, origin, native=rows)
     return _run(data, weight, priors, state, _new_loop(max_iter, state.z.dtype), until=max_iter,
                 tol=tol, atol=atol, accelerate=accelerate, rows=rows)
 
@@ -398,13 +405,14 @@ def _resume(data: CrowdData, priors: _Priors, state: EBCCState,
 
 @functools.partial(jax.jit, static_argnames=("n_subtypes", "max_iter", "restarts", "restart_batch",
                                              "empirical_prior", "screen_iter", "keep", "accelerate",
-                                             "native"))
+                                             "native", "native_width"))
 def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_subtypes: int = 10,
         restarts: int = 1, restart_batch: int = 8, max_iter: int = 500, tol: float = 1e-6,
         atol: float = 1e-3, alpha: float = 1.0, a_pi: float = 0.1, beta_diag: float = 4.0,
         beta_off: float = 1.0, empirical_prior: bool = True, screen_iter: int | None = None,
         keep: int = 1, screen_on: tuple[CrowdData, jax.Array, jax.Array] | None = None,
-        accelerate: bool = False, native: bool = False) -> EBCCResult:
+        accelerate: bool = False, native: bool = False,
+        native_width: int | None = None, origin: jax.Array | None = None) -> EBCCResult:
     """Fit EBCC from ``restarts`` independent keys and keep the best final ELBO.
 
     Restart ``r`` starts from ``jax.random.split(key, restarts)[r]``; restarts run ``vmap``-ed in
@@ -430,13 +438,20 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
         key: PRNG key.
         weight: ``[tasks]`` how many tasks each row stands for (merged patterns); default the
             task mask.
-        native: run the sweeps on the native kernel (:func:`._native.ebcc_sweep`; dense
-            float32 data, where :func:`._native.use` says it applies).
+        native: run the sweeps on the native kernel (:func:`._native.ebcc_sweep`; float32
+            data, where :func:`._native.use` says it applies).
+        native_width: on the COO layout with ``native``, the slots of a task's row: 1 + the
+            most answers a task has (:func:`._native.coo_row_width`; the screening sample's
+            tasks too).
+        origin: ``[tasks]`` the task each task of ``data`` was before they were reordered
+            (``EBCC`` sorts a sparse crowd's tasks for the native kernel): each restart then
+            starts every task where it starts in the original order, so the fit is the one the
+            original order gets. None: not reordered.
     """
     dtype = data.task_mask.dtype
     weight = data.task_mask if weight is None else weight.astype(dtype) * data.task_mask
     priors = _priors(data, weight, n_subtypes, alpha, a_pi, beta_diag, beta_off, empirical_prior)
-    rows = _native.ebcc_rows(data) if native else None
+    rows = _native.ebcc_rows(data, native_width) if native else None
     opts = dict(tol=tol, atol=atol, accelerate=accelerate)
     screening = screen_iter is not None and screen_iter < max_iter and keep < restarts
 
@@ -444,7 +459,7 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
     if screening and screen_on is not None:
         sample, sample_weight, rows_in_whole = screen_on
         sample_weight = sample_weight.astype(dtype) * sample.task_mask
-        sample_rows = _native.ebcc_rows(sample) if native else None
+        sample_rows = _native.ebcc_rows(sample, native_width) if native else None
 
         def on_sample(k):
             state = init(sample, k, sample_weight, n_subtypes, rows_in_whole, sample_rows)
@@ -456,7 +471,7 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
 
         def whole(k):
             state, loop = fit_one(data, k, weight, priors, n_subtypes=n_subtypes, max_iter=max_iter,
-                                  rows=rows, **opts)
+                                  rows=rows, origin=origin, **opts)
             return _light(state), loop
 
         s2, l2 = _in_chunks(whole, keys[top], keep, restart_batch)
@@ -468,7 +483,7 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
         return _result(data, priors, state, loop, loops, top[i].astype(jnp.int32), rows)
 
     def first(k):
-        state = init(data, k, weight, n_subtypes, native=rows)
+        state = init(data, k, weight, n_subtypes, origin, native=rows)
         until = screen_iter if screening else max_iter
         state, loop = _run(data, weight, priors, state, _new_loop(max_iter, dtype), until=until,
                            rows=rows, **opts)
@@ -570,6 +585,19 @@ def _merge_by_hash(tensor: LabelTensor, gold: np.ndarray | None, base: int, n_co
     return patterns, counts.astype(np.float64), inverse, pgold
 
 
+def reorder_tasks(tensor: LabelTensor, counts: np.ndarray, gold: np.ndarray | None,
+                  order: np.ndarray) -> tuple[LabelTensor, np.ndarray, np.ndarray | None]:
+    """The tasks in another order: task ``i`` of the result is task ``order[i]`` (with its
+    answers, counts and gold); ``order`` a permutation of the tasks."""
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    out = dataclasses.replace(
+        tensor, task=rank[tensor.task].astype(np.int32), task_ids=tensor.task_ids[order],
+        gold=None if tensor.gold is None else tensor.gold[order])
+    return (out, np.asarray(counts)[order],
+            None if gold is None else np.asarray(gold)[order])
+
+
 def screening_sample(tensor: LabelTensor, counts: np.ndarray, n_draw: int, seed: int
                      ) -> tuple[LabelTensor, np.ndarray, np.ndarray]:
     """The rows to screen restarts on: ``n_draw`` tasks drawn with replacement (row ``r`` stands for
@@ -648,11 +676,13 @@ class EBCC(Aggregator):
         layout: ``auto``, ``coo`` or ``dense``.
         dtype: ``float32`` or ``float64``.
         native: ``auto`` (default), ``on`` or ``off``: as for
-            :class:`~crowdllm.aggregation.DawidSkene`. On dense float32 panels on AVX2 CPUs
-            (at most 256 classes x subtypes) the sweeps run on the native kernel
+            :class:`~crowdllm.aggregation.DawidSkene`. On float32 data on AVX2 CPUs (at most
+            256 classes x subtypes) the sweeps run on the native kernel
             (:func:`._native.ebcc_sweep`), restarts one after another (``restart_batch``
             default 1 there: the kernel uses every core, and a batch of restarts sweeps until
-            its slowest stops).
+            its slowest stops): dense panels, and sparse crowds (COO) of at most 65,534
+            annotators x labels whose rows (as wide as the task with the most answers) are at
+            most 4 times their answers.
 
     Attributes (after fit):
         errors_: ``[workers, K, L]`` expected confusion matrices (subtypes averaged).
@@ -709,9 +739,25 @@ class EBCC(Aggregator):
         with jax.enable_x64(f64):
             dtype = jnp.float64 if f64 else jnp.float32
             data = prepare(rows, layout=layout, gold=rgold, dtype=dtype)
-            weight = _padded(counts, data.n_tasks, dtype)
+            width = origin = None
+            if layout == "coo":
+                width = _native.coo_row_width(rows.task, rows.n_tasks)
             self.native_used_ = _native.use(self.native, data,
-                                            columns=data.n_classes * self.n_subtypes)
+                                            columns=data.n_classes * self.n_subtypes,
+                                            row_slots=None if width is None else
+                                            (width, rows.n_tasks, rows.n_answers))
+            fit_rows, fit_counts, fit_gold = rows, counts, rgold
+            if width is not None and self.native_used_:
+                # the kernel's order: tasks sorted by their first annotator (the fit is the one
+                # of the original order: each task starts where it starts there)
+                order = _native.coo_task_order(rows.task, rows.worker, rows.n_tasks)
+                fit_rows, fit_counts, fit_gold = reorder_tasks(rows, counts, rgold, order)
+                data = prepare(fit_rows, layout=layout, gold=fit_gold, dtype=dtype)
+                origin = _padded(order, data.n_tasks, jnp.int32)
+                rank = np.empty_like(order)
+                rank[order] = np.arange(len(order))
+                inverse = rank if inverse is None else rank[inverse]
+            weight = _padded(fit_counts, data.n_tasks, dtype)
             screen_iter, keep = self._screening(rows.n_answers)
             screen_on = None
             n_draw = self._screen_draws(tensor.n_tasks)
@@ -728,7 +774,8 @@ class EBCC(Aggregator):
                       tol=-np.inf if self.tol is None else self.tol, atol=self.atol, alpha=self.alpha, a_pi=self.a_pi, beta_diag=self.beta_diag,
                       beta_off=self.beta_off, empirical_prior=self.empirical_prior,
                       screen_iter=screen_iter, keep=keep, screen_on=screen_on,
-                      accelerate=self._accelerate(rows.n_answers), native=self.native_used_)
+                      accelerate=self._accelerate(rows.n_answers), native=self.native_used_,
+                      native_width=width if self.native_used_ else None, origin=origin)
             res = jax.tree_util.tree_map(np.asarray, res)
         post, sub = res.posteriors[: rows.n_tasks], res.subtypes[: rows.n_tasks]
         if inverse is not None:

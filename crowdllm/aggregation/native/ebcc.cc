@@ -11,7 +11,9 @@
 //   p = softmax(s), log Z_t;  z_t(k) = sum_m p_{kM+m};  dz = max |z_t - zprev_t| over w_t > 0
 //   ll += w_t log Z_t;  C[code_tg, c] += w_t p_c            (per-combination sums)
 //
-// so a row costs G loads and G read-add-writes of KMp / 8 vectors. The per-annotator counts
+// so a row costs G loads and G read-add-writes of KMp / 8 vectors. A sparse crowd's task is a
+// row of the same kind with one code per answer (a table row per annotator and label) after a
+// bias code, padded with the code of a zero row (ebcc_coo_rows in _native.py). The per-annotator counts
 // sum_t w_t [y_tw = l] p_tc are C summed over the other members' digits, and the column sums
 // sum_t w_t p_tc the first group's C summed over its combinations (in JAX, tiny). Each thread
 // sums chunks of CHUNK rows in float lanes and carries the chunks' sums in double.
@@ -61,9 +63,10 @@ struct Part {  // one thread's share
   AlignedVector<double> D;  // [NC, KMp]: the chunks' sums
   __m256d ll = _mm256_setzero_pd();
   __m256 dz = _mm256_setzero_ps();
-  void flush() {
-    for (size_t j = 0; j < C.size(); ++j) D[j] += C[j];
-    std::fill(C.begin(), C.end(), 0.f);
+  void flush(size_t n = SIZE_MAX) {  // the first n sums (all by default) carried into double
+    n = std::min(n, C.size());
+    for (size_t j = 0; j < n; ++j) D[j] += C[j];
+    std::fill(C.begin(), C.begin() + n, 0.f);
   }
 };
 
@@ -217,9 +220,15 @@ template <int GT, int MODE>
 void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
   const int64_t G = a.G, K = a.K, KM = a.K * a.M;
   const bool sums = MODE != POST;
+  // The sums go to double every CHUNK rows. A table of many combinations (a sparse crowd's, one
+  // row per annotator and label: ebcc_coo_rows in _native.py) would cost more to carry over than
+  // to fill, so past its first row (the bias, which every row adds to) it is carried over every
+  // `every` rows instead: a sum there still takes few rows' values in float.
+  const int64_t every = std::max<int64_t>(1, 8 * a.NC / CHUNK) * CHUNK;
   int64_t t = r0;
   for (; t + 8 <= r1; t += 8) {
-    if (sums && t > r0 && (t - r0) % CHUNK == 0) part.flush();
+    if (sums && t > r0 && (t - r0) % CHUNK == 0)
+      part.flush((t - r0) % every == 0 ? SIZE_MAX : a.KMp);
     if (MODE == GIVEN)
       given_block<GT>(a, a.codes + t * G, a.wts + t, a.q + t * KM, part);
     else
