@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--short", type=int, default=2)
     ap.add_argument("--subtypes", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--float64", action="store_true",
+                    help="also fit in float64 (XLA) and print each float32 fit's distance to it")
     a = ap.parse_args(argv)
     print(f"machine: {speed.machine()}")
     tensor, truth = speed.workload("ebcc", a.tasks, "coo")
@@ -74,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     diff = np.abs(fits["on"].probas_ - fits["off"].probas_).max()
     print(f"native {per_sweep['off'] / per_sweep['on']:.1f}x faster a sweep; posteriors within "
           f"{diff:.1e} of the XLA fit's")
+    if a.float64:  # which float32 fit drifts: both against the float64 sums
+        ref = EBCC(restarts=1, max_iter=a.sweeps, tol=None, atol=0.0, n_subtypes=a.subtypes,
+                   layout="coo", native="off", dtype="float64").fit(tensor).probas_
+        for native, name in (("on", "native"), ("off", "XLA")):
+            d = np.abs(fits[native].probas_ - ref).max(axis=1)
+            print(f"{name} float32 against float64: posteriors within {d.max():.1e}, "
+                  f"{int((d > 1e-3).sum()):,} tasks past 1e-3")
 
     # the kernel's sweep alone, tasks as drawn and sorted by their first annotator
     K, M = tensor.n_classes, a.subtypes
