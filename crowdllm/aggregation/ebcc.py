@@ -47,8 +47,9 @@ Making 40 restarts cheap:
   (:func:`._native.ebcc_coo_rows`), over the tasks sorted by their first annotator (tasks that
   share annotators then find their table rows in cache); each restart still starts every task
   where it starts in the tasks' own order, so the fit is the one the XLA sums give (tested). On
-  the 10,000-annotator crowd of ``benchmarks/speed.py`` at 1,000,000 tasks: 149 ms per sweep
-  against 716 on the XLA sums (session 20);
+  the 10,000-annotator crowd of ``benchmarks/speed.py`` at 1,000,000 tasks: 147 ms per sweep
+  against 519 on the XLA sums on the 2-core AMD VM (session 20,
+  ``benchmarks/ebcc_sparse.py``);
 * the random starts come from a counter hash (threefry spent 0.74 s per restart at that size);
 * screening (``screen_iter``, ``keep``): every restart runs ``screen_iter`` sweeps, and only the
   ``keep`` best by ELBO run on to convergence. Off by default up to 1,000,000 answers (the
