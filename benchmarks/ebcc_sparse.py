@@ -17,22 +17,10 @@ Needs the native kernels (x86-64 with AVX2 and FMA, a C++ compiler).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
 
 import numpy as np
-
-
-def _median_s(fn, repeats: int) -> float:
-    fn()  # compiles
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in (a.short, a.sweeps):
             model = EBCC(restarts=1, max_iter=n, tol=None, atol=0.0, n_subtypes=a.subtypes,
                          layout="coo", native=native)
-            secs.append(_median_s(lambda: model.fit(tensor), a.repeats))
+            secs.append(speed._median_run(lambda: model.fit(tensor), a.repeats)[1])
         fits[native] = model
         per_sweep[native] = (secs[1] - secs[0]) / (a.sweeps - a.short) * 1e3
         acc = float((np.asarray(model.label_codes_) == truth).mean())
@@ -100,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         bias = jnp.asarray(np.log(rng.dirichlet(np.ones(K * M))).astype(np.float32))
         z = jnp.asarray(rng.dirichlet(np.ones(K), data.n_tasks).astype(np.float32))
         sweep = jax.jit(lambda r, w, b, tb, zp: _native.ebcc_sweep(r, w, b, tb, zp, M))
-        ms = _median_s(lambda: jax.block_until_ready(sweep(rows, data.task_mask, bias, table, z)),
-                       max(a.repeats, 5)) * 1e3
+        ms = speed._median_run(lambda: sweep(rows, data.task_mask, bias, table, z),
+                               max(a.repeats, 5))[1] * 1e3
         print(f"{name:28s} {ms:16.1f}", flush=True)
     return 0
 
