@@ -11,11 +11,12 @@
 //   p = softmax(s), log Z_t;  z_t(k) = sum_m p_{kM+m};  dz = max |z_t - zprev_t| over w_t > 0
 //   ll += w_t log Z_t;  C[code_tg, c] += w_t p_c            (per-combination sums)
 //
-// so a row costs G loads and G read-add-writes of KMp / 8 vectors. A sparse crowd's task is a
-// row of the same kind with one code per answer (a table row per annotator and label) after a
-// bias code, padded with the code of a zero row (ebcc_coo_rows in _native.py). The per-annotator counts
+// so a row costs G loads and G read-add-writes of KMp / 8 vectors. The per-annotator counts
 // sum_t w_t [y_tw = l] p_tc are C summed over the other members' digits, and the column sums
-// sum_t w_t p_tc the first group's C summed over its combinations (in JAX, tiny). Each thread
+// sum_t w_t p_tc the first group's C summed over its combinations (in JAX, tiny). A sparse
+// crowd's task is a row of the same kind with one code per answer (a table row per annotator and
+// label) after a bias code, padded with the code of a zero row (ebcc_coo_rows in _native.py):
+// its counts are C's rows as they are, its column sums the bias row's. Each thread
 // sums chunks of CHUNK rows in float lanes and carries the chunks' sums in double.
 //
 // Tiny posteriors (a subtype whose E log pi is far below the others') are denormal floats, and

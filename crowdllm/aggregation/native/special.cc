@@ -38,8 +38,10 @@ inline void digamma_gammaln8(__m256 x, __m256* dg, __m256* gl) {
   __m256 p = _mm256_fnmadd_ps(inv2, _mm256_set1_ps(1.f / 240), _mm256_set1_ps(1.f / 252));
   p = _mm256_fnmadd_ps(inv2, p, _mm256_set1_ps(1.f / 120));
   p = _mm256_fnmadd_ps(inv2, p, _mm256_set1_ps(1.f / 12));
-  __m256 d = _mm256_sub_ps(log_y, _mm256_fmadd_ps(inv2, p, _mm256_mul_ps(_mm256_set1_ps(0.5f), inv)));
-  // gammaln(y) ~ (y - 1/2) log y - y + log(2 pi) / 2 + 1/(12y) - 1/(360y^3) + 1/(1260y^5) - 1/(1680y^7)
+  const __m256 half_inv = _mm256_mul_ps(_mm256_set1_ps(0.5f), inv);
+  __m256 d = _mm256_sub_ps(log_y, _mm256_fmadd_ps(inv2, p, half_inv));
+  // gammaln(y) ~ (y - 1/2) log y - y + log(2 pi) / 2
+  //              + 1/(12y) - 1/(360y^3) + 1/(1260y^5) - 1/(1680y^7)
   __m256 q = _mm256_fnmadd_ps(inv2, _mm256_set1_ps(1.f / 1680), _mm256_set1_ps(1.f / 1260));
   q = _mm256_fnmadd_ps(inv2, q, _mm256_set1_ps(1.f / 360));
   q = _mm256_fnmadd_ps(inv2, q, _mm256_set1_ps(1.f / 12));
@@ -86,8 +88,9 @@ ffi::Error DigammaGammalnImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F3
   };
   const int t = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n / 65536));
   std::vector<std::thread> pool;
-  for (int j = 1; j < t; ++j) pool.emplace_back(work, n * j / t / 8 * 8, j + 1 == t ? n : n * (j + 1) / t / 8 * 8);
-  work(0, t > 1 ? n / t / 8 * 8 : n);
+  auto start = [&](int j) { return j == t ? n : n * j / t / 8 * 8; };  // thread j's first
+  for (int j = 1; j < t; ++j) pool.emplace_back(work, start(j), start(j + 1));
+  work(0, start(1));
   for (auto& th : pool) th.join();
   return ffi::Error::Success();
 }
