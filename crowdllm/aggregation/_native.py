@@ -34,8 +34,10 @@ pass in its place; ``CROWDLLM_NATIVE=0`` turns it off. Equal to the XLA pass to 
 MACE's likelihood is a confusion matrix (``mace.log_confusion``), so its sweeps are the grouped
 pass with MACE's counts read off the summed counts (:func:`mace_fit_restarts`). GLAD gives every
 answer its own logit ``alpha_w * beta_t``, so nothing can be tabulated: :func:`glad_fit` runs its
-E-step and its M-step's gradients as passes over the distinct rows (identical tasks keep
-identical difficulties), one exp per answer, with Adam and the backtracking in JAX. BWA's truth
+E-step as one pass over the distinct rows (identical tasks keep identical difficulties) and
+its whole M-step as one call (:func:`glad_m`: each Adam step one pass that also steps the
+difficulties, then a Q pass, retried with smaller steps while Q fell), one exp per answer and
+pass. BWA's truth
 of a task is a ratio of two such table sums per class (precision-weighted answers over summed
 precisions), so its sweeps are ratio passes of the grouped kernel (:func:`bwa_fit`).
 
@@ -81,7 +83,7 @@ __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Pl
            "encode", "flags_of",
            "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
            "posteriors", "ds_fit", "onecoin_fit", "ibcc_fit", "mace_fit_restarts", "decode",
-           "glad_e", "glad_grad", "glad_rows", "glad_fit", "block", "unblock", "bwa_fit",
+           "glad_e", "glad_grad", "glad_m", "glad_rows", "glad_fit", "block", "unblock", "bwa_fit",
            "ratio_sums", "ratio_values", "ebcc_rows", "ebcc_coo_rows", "coo_row_width",
            "coo_task_order", "digamma_gammaln",
            "ebcc_sweep", "ebcc_posteriors", "ebcc_counts",
@@ -102,6 +104,7 @@ _TARGETS = {"crowdllm_ds_grouped_sums": "CrowdllmDsGroupedSums",
             "crowdllm_ds_grouped_ratio": "CrowdllmDsGroupedRatio",
             "crowdllm_ds_grouped_ratio_post": "CrowdllmDsGroupedRatioPost",
             "crowdllm_glad_e": "CrowdllmGladE", "crowdllm_glad_grad": "CrowdllmGladGrad",
+            "crowdllm_glad_m": "CrowdllmGladM",
             "crowdllm_ebcc_sweep": "CrowdllmEbccSweep", "crowdllm_ebcc_post": "CrowdllmEbccPost",
             "crowdllm_ebcc_given": "CrowdllmEbccGiven",
             "crowdllm_digamma_gammaln": "CrowdllmDigammaGammaln"}
@@ -794,6 +797,34 @@ def glad_grad(lab_b: jax.Array, weights: jax.Array, n: jax.Array, p_right: jax.A
     return da, db, qv[0]
 
 
+def glad_m(lab_b: jax.Array, weights: jax.Array, n: jax.Array, p_right: jax.Array,
+           state: Any, q_old: jax.Array, worker_mask: jax.Array, *, lr: Any, m_steps: int,
+           mu_alpha: Any, mu_beta: Any, max_tries: int = 4):
+    """GLAD's whole M-step in one call: ``glad.adam_steps`` with ``glad.q_grad``'s gradients
+    and Q (the Gaussian priors included), on the rows. ``state``: the ``GladState`` before the
+    step (its params, optax Adam state and lr scale); ``q_old``: Q there. Returns ``(params,
+    opt_state, lr scale, tries)``: each try is ``m_steps`` gradient passes that also step the
+    difficulties, and one Q pass."""
+    from . import glad
+
+    _require()
+    T, W = lab_b.shape[0] * 8, lab_b.shape[1]
+    prm, opt = state.params, state.opt_state
+    f32 = jnp.float32
+    scalars = jnp.stack([jnp.asarray(v, f32) for v in (state.lr_scale, q_old, lr, mu_alpha,
+                                                       mu_beta)])
+    vec = lambda m: jax.ShapeDtypeStruct((m,), f32)  # noqa: E731
+    out = (vec(W), vec(T), jax.ShapeDtypeStruct((), jnp.int32), vec(W), vec(T), vec(W), vec(T),
+           vec(3))
+    al, lb, count, ma, mb, va, vb, info = jax.ffi.ffi_call("crowdllm_glad_m", out)(
+        lab_b, weights, n, p_right, prm.alpha, prm.log_beta, opt.count, opt.mu.alpha,
+        opt.mu.log_beta, opt.nu.alpha, opt.nu.log_beta, scalars, worker_mask.astype(f32),
+        threads=np.int64(_threads()), m_steps=np.int64(m_steps), max_tries=np.int64(max_tries),
+        b1=np.float32(glad.ADAM_B1), b2=np.float32(glad.ADAM_B2), eps=np.float32(glad.ADAM_EPS))
+    opt = opt._replace(count=count, mu=glad.GladParams(ma, mb), nu=glad.GladParams(va, vb))
+    return glad.GladParams(al, lb), opt, info[0], info[1]
+
+
 def block(x: jax.Array) -> jax.Array:
     """``[T, W] -> [T/8, W, 8]`` (T a multiple of 8): the GLAD kernels' layout."""
     T, W = x.shape
@@ -851,7 +882,8 @@ def glad_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, lr: float = 0
     gradients, so they stay identical: they are merged into one weighted row (the annotators'
     sums weighted by the row's count; a row's difficulty gradient is one task's, so Adam takes
     the same steps). Each pass computes one exp per answer of a distinct row, and a log per row
-    where Q or the log-likelihood is wanted (``native/glad.cc``).
+    where Q or the log-likelihood is wanted (``native/glad.cc``). The M-step (Adam, the Q check
+    and the retries) is one native call per iteration (:func:`glad_m`).
     """
     lab_b, flags, wts, n, inverse = glad_rows(data, merge)
     res = _glad_fit_rows(lab_b, flags, wts, n, data.worker_mask, data.n_classes,
@@ -883,7 +915,6 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
     K = n_classes
     lab = unblock(lab_b)  # [T, W] (setup only)
     T, W = lab.shape
-    valid = jnp.arange(T) < n[0]
     answered = lab >= 0
     n_ans = jnp.maximum((answered * wts[:, None]).sum(), 1.0)
     wm = worker_mask
@@ -908,18 +939,9 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
         _, p_right, ll, q_ans, class_sum = glad_e(lab_b, flags, wts, n, st.params.alpha,
                                                   st.params.log_beta, st.log_prior, st.posteriors)
         obj = (ll + prior_density(st.params)) / n_ans
-
-        def q_fn(prm):
-            return glad_grad(lab_b, wts, n, p_right, prm.alpha, prm.log_beta, grad=False,
-                             q=True)[2] + prior_density(prm)
-
-        def grad_fn(prm):
-            da, db, _ = glad_grad(lab_b, wts, n, p_right, prm.alpha, prm.log_beta)
-            return glad.GladParams((da - (prm.alpha - mu_alpha)) * wm,
-                                   jnp.where(valid, db - (prm.log_beta - mu_beta), 0.0))
-
-        prm, opt_state, scale = glad.adam_steps(st, q_ans + prior_density(st.params), q_fn,
-                                                grad_fn, lr=lr, m_steps=m_steps)
+        prm, opt_state, scale, _ = glad_m(lab_b, wts, n, p_right, st,
+                                          q_ans + prior_density(st.params), wm, lr=lr,
+                                          m_steps=m_steps, mu_alpha=mu_alpha, mu_beta=mu_beta)
         log_prior = st.log_prior
         if learn_prior:
             log_prior = glad.learned_log_prior(class_sum)

@@ -317,8 +317,12 @@ def _clip(params: GladParams) -> GladParams:
                       jnp.clip(params.log_beta, LOG_BETA_MIN, LOG_BETA_MAX))
 
 
+#: Adam's constants (optax's defaults), also given to the native M-step
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
+
+
 def _optimizer() -> optax.GradientTransformation:
-    return optax.scale_by_adam()
+    return optax.scale_by_adam(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
 
 
 def m_step(data: CrowdData, state: GladState, post: jax.Array, *, lr: float, m_steps: int,
@@ -460,7 +464,8 @@ class GLAD(Aggregator):
             :class:`~crowdllm.aggregation.DawidSkene`: on dense float32 panels on AVX2 CPUs
             the E-step and the gradient passes run as native kernels (``native/glad.cc``) over
             the distinct answer rows (tasks with the same answers and gold keep the same
-            difficulty, so they are fitted once, weighted); Adam and the backtracking stay in JAX.
+            difficulty, so they are fitted once, weighted), and the M-step (Adam, the Q check
+            and the retries) is one native call per iteration.
 
     Attributes (after fit):
         alphas_: ``[workers]`` expertise. betas_: ``[tasks]`` inverse difficulty (> 0).

@@ -1,12 +1,13 @@
-// GLAD's E-step and M-step gradient passes over a dense panel (AVX2, CPU).
+// GLAD's E-step, M-step gradient passes and whole M-step over a dense panel (AVX2, CPU).
 //
 // Built with ds_grouped.cc into one library by crowdllm/aggregation/_native.py and called from
-// JAX as XLA FFI custom calls; the EM loop, Adam and the backtracking stay in JAX. Every answer
-// has its own logit x = alpha_w * exp(b_t), so nothing can be tabulated: each pass computes one
-// exp (and, where a log-likelihood is wanted, one log) per answer, 8 tasks at a time (lanes =
-// tasks). The labels and the per-answer posteriors are stored in blocks of 8 tasks, [T / 8, W, 8]:
-// one block's values for one annotator are one contiguous load, and a pass reads each array as
-// one sequential stream (T is a multiple of 8).
+// JAX as XLA FFI custom calls; the EM loop stays in JAX, the M-step (Adam, the Q check and the
+// retries: MImpl) is one call. Every answer has its own logit x = alpha_w * exp(b_t), so
+// nothing can be tabulated: each pass computes one exp (and, where a log-likelihood is wanted,
+// one log) per answer, 8 tasks at a time (lanes = tasks). The labels and the per-answer
+// posteriors are stored in blocks of 8 tasks, [T / 8, W, 8]: one block's values for one
+// annotator are one contiguous load, and a pass reads each array as one sequential stream (T is
+// a multiple of 8).
 //
 //   E pass:    score[t, k] = log rho_k + sum_w answered (log sigma(-x) - log(K-1))
 //                            + sum_w [y = k] (x + log(K-1)),
@@ -16,6 +17,8 @@
 //   grad pass: g = p - sigma(x) per answer; d_alpha[w] = sum_t n_t g exp(b_t) (weighted) and
 //              d_b[t] = sum_w g x (per task: merged rows stand for identical tasks, whose
 //              gradients are identical); optionally Q's answer term.
+//   M-step:    m_steps grad passes, each stepping every b_t by Adam as soon as its gradient is
+//              summed (alpha after the pass), then a Q pass; see MImpl.
 //
 // n_t = the row's weight (how many identical tasks it stands for); rows at or past n are inert
 // (zero outputs). flags[t] = -1 no gold, k >= 0 gold class k.
@@ -381,6 +384,163 @@ ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------- M-step
+// The whole M-step of one EM iteration in one call: m_steps Adam steps on Q, then Q at the new
+// parameters, undone and retried with a 4 times smaller step while Q fell (glad.adam_steps'
+// rule; optax.scale_by_adam's update, with b1, b2, eps passed in). Each step is one pass over
+// the rows: a row's difficulty gradient depends on its own b_t and on alpha only, so the pass
+// updates b_t (and its Adam moments) right after summing it, and alpha (W values) after the
+// pass; the gradients are the ones JAX's step would see (all taken at the step's start).
+
+struct Adam {  // one step's constants
+  float b1, b2, eps, bc1, bc2, step;  // bias corrections 1 - b^count; step = lr * scale
+};
+
+// p += step * m_hat / (sqrt(v_hat) + eps), after the moments take g; clipped to [lo, hi]
+inline float adam1(float g, float& m, float& v, float p, const Adam& a, float lo, float hi) {
+  m = (1.f - a.b1) * g + a.b1 * m;
+  v = (1.f - a.b2) * (g * g) + a.b2 * v;
+  float u = (m / a.bc1) / (std::sqrt(v / a.bc2) + a.eps);
+  return std::min(std::max(p + a.step * u, lo), hi);
+}
+
+inline __m256 adam8(__m256 g, float* m_, float* v_, __m256 p, const Adam& a, float lo, float hi) {
+  __m256 m = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(1.f - a.b1), g),
+                           _mm256_mul_ps(_mm256_set1_ps(a.b1), _mm256_loadu_ps(m_)));
+  __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(1.f - a.b2), _mm256_mul_ps(g, g)),
+                           _mm256_mul_ps(_mm256_set1_ps(a.b2), _mm256_loadu_ps(v_)));
+  _mm256_storeu_ps(m_, m);
+  _mm256_storeu_ps(v_, v);
+  __m256 u = _mm256_div_ps(_mm256_div_ps(m, _mm256_set1_ps(a.bc1)),
+                           _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(v, _mm256_set1_ps(a.bc2))),
+                                         _mm256_set1_ps(a.eps)));
+  p = _mm256_add_ps(p, _mm256_mul_ps(_mm256_set1_ps(a.step), u));
+  return _mm256_min_ps(_mm256_max_ps(p, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+}
+
+constexpr float ALPHA_MAX = 50.f, LOG_BETA_MIN = -10.f, LOG_BETA_MAX = 5.f;  // glad.py's clip
+
+// one Adam step's pass: the alpha gradient's sums into parts, each row's b_t (and moments)
+// stepped in place; rows past U (and lanes past it) take a zero gradient, as in JAX
+void grad_step_rows(int64_t U, int64_t T, int64_t W, int64_t threads, const int8_t* L,
+                    const float* wt, const float* P, const float* al, float* lb, float* mb,
+                    float* vb, float mu_beta, const Adam& a, std::vector<Acc>& parts) {
+  parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
+    __m256 valid = valid_lanes(r, U);
+    __m256 b = _mm256_loadu_ps(lb + r);
+    __m256 beta = exp256(b);
+    __m256 wb = _mm256_mul_ps(_mm256_and_ps(valid, _mm256_loadu_ps(wt + r)), beta);
+    __m256 dbv = _mm256_setzero_ps();
+    for (int64_t w = 0; w < W; ++w) {
+      __m256i y = load_s8(L + r * W + w * 8);
+      __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
+      __m256 x = _mm256_mul_ps(_mm256_set1_ps(al[w]), beta);
+      __m256 e = exp_neg_abs(x);
+      __m256 p = _mm256_loadu_ps(P + r * W + w * 8);
+      __m256 g = _mm256_and_ps(ans, _mm256_sub_ps(p, sigmoid_from(x, e)));
+      acc.fa[w] = _mm256_fmadd_ps(g, wb, acc.fa[w]);
+      dbv = _mm256_fmadd_ps(g, x, dbv);
+    }
+    __m256 g = _mm256_and_ps(valid, _mm256_sub_ps(dbv, _mm256_sub_ps(b, _mm256_set1_ps(mu_beta))));
+    _mm256_storeu_ps(lb + r, adam8(g, mb + r, vb + r, b, a, LOG_BETA_MIN, LOG_BETA_MAX));
+  });
+  for (int64_t t = (U + 7) / 8 * 8; t < T; ++t)
+    lb[t] = adam1(0.f, mb[t], vb[t], lb[t], a, LOG_BETA_MIN, LOG_BETA_MAX);
+}
+
+// args: labels, row weights, n, p = q_t(y_tw), alpha, log-beta, Adam's count and moments of
+// alpha and log-beta, scalars [lr scale, Q before the step, lr, mu_alpha, mu_beta], the
+// annotators' mask; returns the parameters, moments and count after the M-step and
+// [lr scale, tries, accepted]
+ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
+                 ffi::Buffer<ffi::F32> pright, ffi::Buffer<ffi::F32> alpha,
+                 ffi::Buffer<ffi::F32> log_beta, ffi::Buffer<ffi::S32> count,
+                 ffi::Buffer<ffi::F32> mu_a, ffi::Buffer<ffi::F32> mu_b,
+                 ffi::Buffer<ffi::F32> nu_a, ffi::Buffer<ffi::F32> nu_b,
+                 ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> wmask,
+                 ffi::ResultBuffer<ffi::F32> alpha_o, ffi::ResultBuffer<ffi::F32> log_beta_o,
+                 ffi::ResultBuffer<ffi::S32> count_o, ffi::ResultBuffer<ffi::F32> mu_a_o,
+                 ffi::ResultBuffer<ffi::F32> mu_b_o, ffi::ResultBuffer<ffi::F32> nu_a_o,
+                 ffi::ResultBuffer<ffi::F32> nu_b_o, ffi::ResultBuffer<ffi::F32> info,
+                 int64_t threads, int64_t m_steps, int64_t max_tries, float b1, float b2,
+                 float eps) {
+  int64_t W, T, U;
+  if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
+  if (pright.element_count() != W * T) return ffi::Error::InvalidArgument("glad: p [T/8, W, 8]");
+  if (mu_a.element_count() != W || nu_a.element_count() != W || wmask.element_count() != W ||
+      mu_b.element_count() != T || nu_b.element_count() != T)
+    return ffi::Error::InvalidArgument("glad: Adam moments [W] and [T], mask [W] expected");
+  if (scalars.element_count() != 5 || info->element_count() != 3 || count.element_count() != 1)
+    return ffi::Error::InvalidArgument("glad: scalars [5], info [3], count [] expected");
+  if (m_steps < 1 || max_tries < 1)
+    return ffi::Error::InvalidArgument("glad: m_steps >= 1 and max_tries >= 1");
+  const int8_t* L = lab.typed_data();
+  const float* wt = weights.typed_data();
+  const float* P = pright.typed_data();
+  const float* wm = wmask.typed_data();
+  const float* sc = scalars.typed_data();
+  float scale = sc[0];
+  const float q_old = sc[1], lr = sc[2], mu_alpha = sc[3], mu_beta = sc[4];
+  float* al = alpha_o->typed_data();
+  float* lb = log_beta_o->typed_data();
+  float* ma = mu_a_o->typed_data();
+  float* mb = mu_b_o->typed_data();
+  float* va = nu_a_o->typed_data();
+  float* vb = nu_b_o->typed_data();
+  auto restore = [&] {  // the M-step's start
+    std::memcpy(al, alpha.typed_data(), sizeof(float) * W);
+    std::memcpy(lb, log_beta.typed_data(), sizeof(float) * T);
+    std::memcpy(ma, mu_a.typed_data(), sizeof(float) * W);
+    std::memcpy(va, nu_a.typed_data(), sizeof(float) * W);
+    std::memcpy(mb, mu_b.typed_data(), sizeof(float) * T);
+    std::memcpy(vb, nu_b.typed_data(), sizeof(float) * T);
+  };
+  const int32_t count0 = count.typed_data()[0];
+  int32_t c = count0;
+  std::vector<Acc> parts;
+  std::vector<float> da(W);
+  bool accepted = false;
+  int64_t tries = 0;
+  while (!accepted && tries < max_tries) {
+    restore();
+    c = count0;
+    for (int64_t s = 0; s < m_steps; ++s) {
+      c = c < INT32_MAX ? c + 1 : c;  // optax's safe_increment
+      Adam a{b1, b2, eps, 1.f - std::pow(b1, (float)c), 1.f - std::pow(b2, (float)c),
+             lr * scale};
+      grad_step_rows(U, T, W, threads, L, wt, P, al, lb, mb, vb, mu_beta, a, parts);
+      for (int64_t w = 0; w < W; ++w) {
+        double s2 = 0;
+        for (auto& pt : parts) s2 += pt.da[w];
+        da[w] = ((float)s2 - (al[w] - mu_alpha)) * wm[w];
+      }
+      for (int64_t w = 0; w < W; ++w)
+        al[w] = adam1(da[w], ma[w], va[w], al[w], a, -ALPHA_MAX, ALPHA_MAX);
+    }
+    // Q at the new parameters: the answers' term, then the Gaussian log priors
+    grad_rows<false, true>(U, W, threads, L, wt, P, al, lb, nullptr, parts);
+    double q = 0, pa = 0, pb = 0;
+    for (auto& pt : parts) q += hsum(pt.q0, pt.q1);
+    for (int64_t w = 0; w < W; ++w) pa += (double)wm[w] * (al[w] - mu_alpha) * (al[w] - mu_alpha);
+    for (int64_t t = 0; t < U; ++t) pb += (double)wt[t] * (lb[t] - mu_beta) * (lb[t] - mu_beta);
+    const float q_new = (float)q + (float)(-0.5 * pa - 0.5 * pb);
+    accepted = q_new >= q_old;
+    ++tries;
+    if (!accepted) scale /= 4;
+  }
+  if (!accepted) {  // every try lowered Q: the old parameters and moments stay
+    restore();
+    c = count0;
+  }
+  count_o->typed_data()[0] = c;
+  float* inf = info->typed_data();
+  inf[0] = accepted ? std::min(scale * 2, 1.f) : scale;
+  inf[1] = (float)tries;
+  inf[2] = accepted ? 1.f : 0.f;
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladE, EImpl,
@@ -411,3 +571,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladGrad, GradImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("mode"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladM, MImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("m_steps")
+                                  .Attr<int64_t>("max_tries")
+                                  .Attr<float>("b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("eps"));
