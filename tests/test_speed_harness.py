@@ -84,7 +84,8 @@ def test_method_table_times_crowdkit_beside_ours_and_bounds_a_timeout():
 
 @pytest.mark.parametrize("script", ["classical_speed", "ebcc_speed", "merge_speed",
                                     "restarts_speed", "compile_time", "gpu_parity",
-                                    "ds_step_variants", "ebcc_sweep_native", "ebcc_sparse"])
+                                    "ds_step_variants", "ebcc_sweep_native", "ebcc_sparse",
+                                    "glad_m_step"])
 def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
     """The benchmark scripts call kernels by their internal signatures, so a change of those
     can break a script silently (``classical_speed`` did, session 3); run each end to end on a
@@ -95,7 +96,8 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
 
     from crowdllm.aggregation import _native
 
-    if script in ("merge_speed", "ebcc_sweep_native", "ebcc_sparse") and not _native.available():
+    if script in ("merge_speed", "ebcc_sweep_native", "ebcc_sparse", "glad_m_step") \
+            and not _native.available():
         pytest.skip(f"native kernels unavailable: {_native.why_unavailable()}")
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     mod = importlib.import_module(script)
@@ -110,7 +112,8 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
             # 3 classes: the annotator groups are uneven (5, 5, 2), as _native.plan makes them
             "ebcc_sweep_native": ["--tasks", "3000", "--repeats", "1", "--classes", "3"],
             "ebcc_sparse": ["--tasks", "2000", "--sweeps", "4", "--repeats", "1",
-                            "--subtypes", "3"]}[script]
+                            "--subtypes", "3"],
+            "glad_m_step": ["--n", "3000", "--iters", "5", "--repeats", "2"]}[script]
     monkeypatch.setattr(sys, "argv", [script] + argv)
     mod.main()
     out = capsys.readouterr().out
@@ -121,8 +124,8 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
              "ds_step_variants": ["onehot-matmul", "gather-reduce", "gather-scatter"],
              "ebcc_sweep_native": ["XLA (subtype_sweep)", "native (ebcc_sweep)",
                                    "groups [5, 5, 2]", "same sweep"],
-             "ebcc_sparse": ["native ", "XLA ", "faster a sweep", "sorted by first annotator"]
-             }[script]
+             "ebcc_sparse": ["native ", "XLA ", "faster a sweep", "sorted by first annotator"],
+             "glad_m_step": ["| native |", "| jax |", "between the two fits"]}[script]
     for name in names:
         assert name in out, out
     assert "FAILED" not in out, out

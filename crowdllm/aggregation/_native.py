@@ -874,7 +874,8 @@ def glad_rows(data: Any, merge: bool = True):
 
 def glad_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, lr: float = 0.1,
              m_steps: int = 5, mu_alpha: float = 1.0, mu_beta: float = 1.0,
-             learn_prior: bool = False, init_from_gold: bool = False, merge: bool = True):
+             learn_prior: bool = False, init_from_gold: bool = False, merge: bool = True,
+             m_step: str = "native"):
     """GLAD with the native passes: same model, start, Adam steps, backtracking, stopping rule,
     objective and result as ``glad.fit``.
 
@@ -883,12 +884,16 @@ def glad_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, lr: float = 0
     sums weighted by the row's count; a row's difficulty gradient is one task's, so Adam takes
     the same steps). Each pass computes one exp per answer of a distinct row, and a log per row
     where Q or the log-likelihood is wanted (``native/glad.cc``). The M-step (Adam, the Q check
-    and the retries) is one native call per iteration (:func:`glad_m`).
+    and the retries) is one native call per iteration (:func:`glad_m`; ``m_step="jax"``: JAX's
+    Adam and loop around the passes instead, as before it, to compare against).
     """
+    if m_step not in ("native", "jax"):
+        raise ValueError(f"m_step must be 'native' or 'jax', got {m_step!r}")
     lab_b, flags, wts, n, inverse = glad_rows(data, merge)
     res = _glad_fit_rows(lab_b, flags, wts, n, data.worker_mask, data.n_classes,
                          max_iter=max_iter, tol=tol, lr=lr, m_steps=m_steps, mu_alpha=mu_alpha,
-                         mu_beta=mu_beta, learn_prior=learn_prior, init_from_gold=init_from_gold)
+                         mu_beta=mu_beta, learn_prior=learn_prior, init_from_gold=init_from_gold,
+                         m_step=m_step)
     return _glad_spread(res, inverse, mu_beta)
 
 
@@ -902,13 +907,26 @@ def _glad_spread(res: Any, inverse: jax.Array, mu_beta: float):
         betas=jnp.where(ok, res.betas[inv], jnp.exp(jnp.asarray(mu_beta, jnp.float32))))
 
 
+def _glad_pass_grad(lab_b: jax.Array, wts: jax.Array, n: jax.Array, p_right: jax.Array,
+                    prm: Any, wm: jax.Array, mu_alpha: Any, mu_beta: Any):
+    """``glad.q_grad`` from one gradient pass (rows at or past ``n``: zero)."""
+    from . import glad
+
+    da, db, _ = glad_grad(lab_b, wts, n, p_right, prm.alpha, prm.log_beta)
+    valid = jnp.arange(wts.shape[0]) < n[0]
+    return glad.GladParams((da - (prm.alpha - mu_alpha)) * wm,
+                           jnp.where(valid, db - (prm.log_beta - mu_beta), 0.0))
+
+
 @functools.partial(jax.jit, static_argnames=("n_classes", "max_iter", "m_steps", "learn_prior",
-                                             "init_from_gold"))
+                                             "init_from_gold", "m_step"))
 def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Array,
                    worker_mask: jax.Array, n_classes: int, *, max_iter: int, tol: float,
                    lr: float, m_steps: int, mu_alpha: float, mu_beta: float, learn_prior: bool,
-                   init_from_gold: bool):
-    """GLAD on weighted rows (a GladResult per row: posteriors [T, K], betas [T])."""
+                   init_from_gold: bool, m_step: str = "native"):
+    """GLAD on weighted rows (a GladResult per row: posteriors [T, K], betas [T]). ``m_step``:
+    ``native`` (:func:`glad_m`) or ``jax`` (``glad.adam_steps`` around the passes: the path
+    :func:`glad_m` replaced, kept to compare against)."""
     from . import glad
     from ._core import iterate
 
@@ -939,9 +957,17 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
         _, p_right, ll, q_ans, class_sum = glad_e(lab_b, flags, wts, n, st.params.alpha,
                                                   st.params.log_beta, st.log_prior, st.posteriors)
         obj = (ll + prior_density(st.params)) / n_ans
-        prm, opt_state, scale, _ = glad_m(lab_b, wts, n, p_right, st,
-                                          q_ans + prior_density(st.params), wm, lr=lr,
-                                          m_steps=m_steps, mu_alpha=mu_alpha, mu_beta=mu_beta)
+        q_old = q_ans + prior_density(st.params)
+        if m_step == "native":
+            prm, opt_state, scale, _ = glad_m(lab_b, wts, n, p_right, st, q_old, wm, lr=lr,
+                                              m_steps=m_steps, mu_alpha=mu_alpha,
+                                              mu_beta=mu_beta)
+        else:  # JAX's Adam and loop around the gradient and Q passes (benchmarks, tests)
+            prm, opt_state, scale = glad.adam_steps(
+                st, q_old, lambda p: glad_grad(lab_b, wts, n, p_right, p.alpha, p.log_beta,
+                                               grad=False, q=True)[2] + prior_density(p),
+                lambda p: _glad_pass_grad(lab_b, wts, n, p_right, p, wm, mu_alpha, mu_beta),
+                lr=lr, m_steps=m_steps)
         log_prior = st.log_prior
         if learn_prior:
             log_prior = glad.learned_log_prior(class_sum)
