@@ -34,12 +34,12 @@ pass in its place; ``CROWDLLM_NATIVE=0`` turns it off. Equal to the XLA pass to 
 MACE's likelihood is a confusion matrix (``mace.log_confusion``), so its sweeps are the grouped
 pass with MACE's counts read off the summed counts (:func:`mace_fit_restarts`). GLAD gives every
 answer its own logit ``alpha_w * beta_t``, so nothing can be tabulated: :func:`glad_fit` runs its
-E-step as one pass over the distinct rows (identical tasks keep identical difficulties) and
-its whole M-step as one call (:func:`glad_m`: each Adam step one pass that also steps the
+E-step as one pass over the distinct rows (identical tasks keep identical difficulties) and its
+whole M-step as one call (:func:`glad_m`: each Adam step one pass that also steps the
 difficulties, then a Q pass, retried with smaller steps while Q fell), one exp per answer and
-pass. BWA's truth
-of a task is a ratio of two such table sums per class (precision-weighted answers over summed
-precisions), so its sweeps are ratio passes of the grouped kernel (:func:`bwa_fit`).
+pass. BWA's truth of a task is a ratio of two such table sums per class (precision-weighted
+answers over summed precisions), so its sweeps are ratio passes of the grouped kernel
+(:func:`bwa_fit`).
 
 EBCC's latent state is a (class, subtype) pair: its sweep (:func:`ebcc_sweep`,
 ``native/ebcc.cc``) is the grouped pass with ``K x M`` columns per table row instead of ``K``
@@ -820,7 +820,9 @@ def glad_m(lab_b: jax.Array, weights: jax.Array, n: jax.Array, p_right: jax.Arra
         lab_b, weights, n, p_right, prm.alpha, prm.log_beta, opt.count, opt.mu.alpha,
         opt.mu.log_beta, opt.nu.alpha, opt.nu.log_beta, scalars, worker_mask.astype(f32),
         threads=np.int64(_threads()), m_steps=np.int64(m_steps), max_tries=np.int64(max_tries),
-        b1=np.float32(glad.ADAM_B1), b2=np.float32(glad.ADAM_B2), eps=np.float32(glad.ADAM_EPS))
+        b1=np.float32(glad.ADAM_B1), b2=np.float32(glad.ADAM_B2), eps=np.float32(glad.ADAM_EPS),
+        alpha_max=np.float32(glad.ALPHA_MAX), log_beta_min=np.float32(glad.LOG_BETA_MIN),
+        log_beta_max=np.float32(glad.LOG_BETA_MAX))
     opt = opt._replace(count=count, mu=glad.GladParams(ma, mb), nu=glad.GladParams(va, vb))
     return glad.GladParams(al, lb), opt, info[0], info[1]
 

@@ -396,6 +396,10 @@ struct Adam {  // one step's constants
   float b1, b2, eps, bc1, bc2, step;  // bias corrections 1 - b^count; step = lr * scale
 };
 
+struct Clip {  // glad.py's box: |alpha| <= alpha_max, log_beta_min <= b <= log_beta_max
+  float alpha_max, b_min, b_max;
+};
+
 // p += step * m_hat / (sqrt(v_hat) + eps), after the moments take g; clipped to [lo, hi]
 inline float adam1(float g, float& m, float& v, float p, const Adam& a, float lo, float hi) {
   m = (1.f - a.b1) * g + a.b1 * m;
@@ -418,13 +422,12 @@ inline __m256 adam8(__m256 g, float* m_, float* v_, __m256 p, const Adam& a, flo
   return _mm256_min_ps(_mm256_max_ps(p, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
 }
 
-constexpr float ALPHA_MAX = 50.f, LOG_BETA_MIN = -10.f, LOG_BETA_MAX = 5.f;  // glad.py's clip
-
 // one Adam step's pass: the alpha gradient's sums into parts, each row's b_t (and moments)
 // stepped in place; rows past U (and lanes past it) take a zero gradient, as in JAX
 void grad_step_rows(int64_t U, int64_t T, int64_t W, int64_t threads, const int8_t* L,
                     const float* wt, const float* P, const float* al, float* lb, float* mb,
-                    float* vb, float mu_beta, const Adam& a, std::vector<Acc>& parts) {
+                    float* vb, float mu_beta, const Adam& a, const Clip& clip,
+                    std::vector<Acc>& parts) {
   parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
     __m256 valid = valid_lanes(r, U);
     __m256 b = _mm256_loadu_ps(lb + r);
@@ -443,10 +446,10 @@ void grad_step_rows(int64_t U, int64_t T, int64_t W, int64_t threads, const int8
       dbv = _mm256_fmadd_ps(g, x, dbv);
     }
     __m256 g = _mm256_and_ps(valid, _mm256_sub_ps(dbv, _mm256_sub_ps(b, _mm256_set1_ps(mu_beta))));
-    _mm256_storeu_ps(lb + r, adam8(g, mb + r, vb + r, b, a, LOG_BETA_MIN, LOG_BETA_MAX));
+    _mm256_storeu_ps(lb + r, adam8(g, mb + r, vb + r, b, a, clip.b_min, clip.b_max));
   });
   for (int64_t t = (U + 7) / 8 * 8; t < T; ++t)
-    lb[t] = adam1(0.f, mb[t], vb[t], lb[t], a, LOG_BETA_MIN, LOG_BETA_MAX);
+    lb[t] = adam1(0.f, mb[t], vb[t], lb[t], a, clip.b_min, clip.b_max);
 }
 
 // args: labels, row weights, n, p = q_t(y_tw), alpha, log-beta, Adam's count and moments of
@@ -464,7 +467,7 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights, ffi::B
                  ffi::ResultBuffer<ffi::F32> mu_b_o, ffi::ResultBuffer<ffi::F32> nu_a_o,
                  ffi::ResultBuffer<ffi::F32> nu_b_o, ffi::ResultBuffer<ffi::F32> info,
                  int64_t threads, int64_t m_steps, int64_t max_tries, float b1, float b2,
-                 float eps) {
+                 float eps, float alpha_max, float log_beta_min, float log_beta_max) {
   int64_t W, T, U;
   if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
   if (pright.element_count() != W * T) return ffi::Error::InvalidArgument("glad: p [T/8, W, 8]");
@@ -496,6 +499,7 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights, ffi::B
     std::memcpy(mb, mu_b.typed_data(), sizeof(float) * T);
     std::memcpy(vb, nu_b.typed_data(), sizeof(float) * T);
   };
+  const Clip clip{alpha_max, log_beta_min, log_beta_max};
   const int32_t count0 = count.typed_data()[0];
   int32_t c = count0;
   std::vector<Acc> parts;
@@ -509,14 +513,14 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights, ffi::B
       c = c < INT32_MAX ? c + 1 : c;  // optax's safe_increment
       Adam a{b1, b2, eps, 1.f - std::pow(b1, (float)c), 1.f - std::pow(b2, (float)c),
              lr * scale};
-      grad_step_rows(U, T, W, threads, L, wt, P, al, lb, mb, vb, mu_beta, a, parts);
+      grad_step_rows(U, T, W, threads, L, wt, P, al, lb, mb, vb, mu_beta, a, clip, parts);
       for (int64_t w = 0; w < W; ++w) {
         double s2 = 0;
         for (auto& pt : parts) s2 += pt.da[w];
         da[w] = ((float)s2 - (al[w] - mu_alpha)) * wm[w];
       }
       for (int64_t w = 0; w < W; ++w)
-        al[w] = adam1(da[w], ma[w], va[w], al[w], a, -ALPHA_MAX, ALPHA_MAX);
+        al[w] = adam1(da[w], ma[w], va[w], al[w], a, -clip.alpha_max, clip.alpha_max);
     }
     // Q at the new parameters: the answers' term, then the Gaussian log priors
     grad_rows<false, true>(U, W, threads, L, wt, P, al, lb, nullptr, parts);
@@ -600,4 +604,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladM, MImpl,
                                   .Attr<int64_t>("max_tries")
                                   .Attr<float>("b1")
                                   .Attr<float>("b2")
-                                  .Attr<float>("eps"));
+                                  .Attr<float>("eps")
+                                  .Attr<float>("alpha_max")
+                                  .Attr<float>("log_beta_min")
+                                  .Attr<float>("log_beta_max"));
