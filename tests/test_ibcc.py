@@ -133,3 +133,36 @@ def test_digamma_gammaln_match_scipy_in_float64():
         dg64, gl64 = kernel.digamma_gammaln(jnp.asarray(ref))
         np.testing.assert_allclose(np.asarray(dg64), sp.digamma(ref), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(np.asarray(gl64), sp.gammaln(ref), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not _native.available(), reason="no native kernels here")
+def test_native_off_keeps_digamma_and_gammaln_out_of_native_code(monkeypatch):
+    """``native="off"`` means no native code: IBCC's, MACE's (VB) and EBCC's XLA fits then
+    trace ``digamma_gammaln`` without the native call (which, on first use, builds the
+    library), while ``auto`` uses it where the sweeps stay in XLA (here: the COO layout)."""
+    from crowdllm.aggregation import EBCC, MACE
+    from crowdllm.aggregation import ebcc, mace
+
+    calls = []
+
+    def counted(x):
+        calls.append(x.shape)
+        return kernel._digamma_gammaln_xla(x)
+
+    monkeypatch.setattr(_native, "digamma_gammaln", counted)
+    for fn in (kernel.fit, mace.fit_restarts, ebcc.fit):  # trace anew: no cached program
+        fn.clear_cache()
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, 211)
+    lab = np.where(rng.random((211, 7)) < 0.7, truth[:, None], rng.integers(0, 3, (211, 7)))
+    tensor = LabelTensor.from_dense(lab.astype(np.int8), classes=["a", "b", "c"])
+    fits = [IBCC(native="off", layout="coo"), MACE(native="off", method="vb", n_restarts=2,
+                                                   layout="coo"),
+            EBCC(native="off", layout="coo", restarts=2, max_iter=100)]
+    for m in fits:
+        m.fit(tensor)
+        assert not m.native_used_
+    assert calls == []
+    auto = IBCC(layout="coo").fit(tensor)  # the kernel does not take COO: the XLA sweeps
+    assert not auto.native_used_ and calls
+    np.testing.assert_allclose(auto.probas_, fits[0].probas_, atol=1e-5)

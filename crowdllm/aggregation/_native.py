@@ -58,6 +58,8 @@ The VB methods' Dirichlet statistics need digamma and log-gamma of every paramet
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import dataclasses
 import functools
@@ -85,7 +87,7 @@ __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Pl
            "posteriors", "ds_fit", "onecoin_fit", "ibcc_fit", "mace_fit_restarts", "decode",
            "glad_e", "glad_grad", "glad_m", "glad_rows", "glad_fit", "block", "unblock", "bwa_fit",
            "ratio_sums", "ratio_values", "ebcc_rows", "ebcc_coo_rows", "coo_row_width",
-           "coo_task_order", "digamma_gammaln",
+           "coo_task_order", "digamma_gammaln", "special_calls", "special_allowed",
            "ebcc_sweep", "ebcc_posteriors", "ebcc_counts",
            "track_buffer", "sums_tracked"]
 
@@ -209,6 +211,28 @@ def why_unavailable() -> str | None:
 
 def available() -> bool:
     return why_unavailable() is None
+
+
+_special = contextvars.ContextVar("crowdllm_native_special", default=True)
+
+
+@contextlib.contextmanager
+def special_calls(allowed: bool):
+    """While a fit is traced: whether ``ibcc.digamma_gammaln`` may run as the native call
+    (:func:`digamma_gammaln`) where it is available. An aggregator with ``native="off"`` traces
+    its XLA fit with ``allowed=False``, so it runs (and builds) no native code at all. The fits
+    take it as a static argument (``native_special``), so each setting has its own compiled
+    program."""
+    token = _special.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _special.reset(token)
+
+
+def special_allowed() -> bool:
+    """See :func:`special_calls` (True unless a fit is being traced with it off)."""
+    return _special.get()
 
 
 def _reset() -> None:

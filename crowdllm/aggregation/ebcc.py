@@ -406,14 +406,15 @@ def _resume(data: CrowdData, priors: _Priors, state: EBCCState,
 
 @functools.partial(jax.jit, static_argnames=("n_subtypes", "max_iter", "restarts", "restart_batch",
                                              "empirical_prior", "screen_iter", "keep", "accelerate",
-                                             "native", "native_width"))
+                                             "native", "native_width", "native_special"))
 def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_subtypes: int = 10,
         restarts: int = 1, restart_batch: int = 8, max_iter: int = 500, tol: float = 1e-6,
         atol: float = 1e-3, alpha: float = 1.0, a_pi: float = 0.1, beta_diag: float = 4.0,
         beta_off: float = 1.0, empirical_prior: bool = True, screen_iter: int | None = None,
         keep: int = 1, screen_on: tuple[CrowdData, jax.Array, jax.Array] | None = None,
         accelerate: bool = False, native: bool = False,
-        native_width: int | None = None, origin: jax.Array | None = None) -> EBCCResult:
+        native_width: int | None = None, origin: jax.Array | None = None,
+        native_special: bool = True) -> EBCCResult:
     """Fit EBCC from ``restarts`` independent keys and keep the best final ELBO.
 
     Restart ``r`` starts from ``jax.random.split(key, restarts)[r]``; restarts run ``vmap``-ed in
@@ -448,7 +449,24 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
             (``EBCC`` sorts a sparse crowd's tasks for the native kernel): each restart then
             starts every task where it starts in the original order, so the fit is the one the
             original order gets. None: not reordered.
+        native_special: digamma and gammaln may run as the native call
+            (``ibcc.digamma_gammaln``; ``EBCC(native="off")``: not).
     """
+    with _native.special_calls(native_special):
+        return _fit(data, key, weight, n_subtypes=n_subtypes, restarts=restarts,
+                    restart_batch=restart_batch, max_iter=max_iter, tol=tol, atol=atol,
+                    alpha=alpha, a_pi=a_pi, beta_diag=beta_diag, beta_off=beta_off,
+                    empirical_prior=empirical_prior, screen_iter=screen_iter, keep=keep,
+                    screen_on=screen_on, accelerate=accelerate, native=native,
+                    native_width=native_width, origin=origin)
+
+
+def _fit(data: CrowdData, key: jax.Array, weight: jax.Array | None, *, n_subtypes: int,
+         restarts: int, restart_batch: int, max_iter: int, tol: Any, atol: Any, alpha: Any,
+         a_pi: Any, beta_diag: Any, beta_off: Any, empirical_prior: bool, screen_iter: int | None,
+         keep: int, screen_on: Any, accelerate: bool, native: bool, native_width: int | None,
+         origin: jax.Array | None) -> EBCCResult:
+    """:func:`fit`'s body (traced inside its :func:`._native.special_calls`)."""
     dtype = data.task_mask.dtype
     weight = data.task_mask if weight is None else weight.astype(dtype) * data.task_mask
     priors = _priors(data, weight, n_subtypes, alpha, a_pi, beta_diag, beta_off, empirical_prior)
@@ -683,7 +701,8 @@ class EBCC(Aggregator):
             default 1 there: the kernel uses every core, and a batch of restarts sweeps until
             its slowest stops): dense panels, and sparse crowds (COO) of at most 65,534
             annotators x labels whose rows (as wide as the task with the most answers) are at
-            most 4 times their answers.
+            most 4 times their answers. Elsewhere (``auto``) the VB steps' digamma and gammaln
+            still run as one native call on CPU; ``off`` runs no native code at all.
 
     Attributes (after fit):
         errors_: ``[workers, K, L]`` expected confusion matrices (subtypes averaged).
@@ -776,7 +795,8 @@ class EBCC(Aggregator):
                       beta_off=self.beta_off, empirical_prior=self.empirical_prior,
                       screen_iter=screen_iter, keep=keep, screen_on=screen_on,
                       accelerate=self._accelerate(rows.n_answers), native=self.native_used_,
-                      native_width=width if self.native_used_ else None, origin=origin)
+                      native_width=width if self.native_used_ else None, origin=origin,
+                      native_special=self.native != "off")
             res = jax.tree_util.tree_map(np.asarray, res)
         post, sub = res.posteriors[: rows.n_tasks], res.subtypes[: rows.n_tasks]
         if inverse is not None:

@@ -100,11 +100,12 @@ def digamma_gammaln(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     [1e-3, 1e8] as XLA's float32 functions are (relative error, or absolute where the value is
     below 1; ``tests/test_ibcc.py``): digamma within 4.7e-7 native, 5.6e-7 in XLA (XLA's own
     1.2e-6), gammaln within 3.2e-6 either way (XLA's own 2.6e-6). Other dtypes:
-    ``jax.scipy.special``'s.
+    ``jax.scipy.special``'s. Not the native call while a fit with ``native="off"`` is traced
+    (:func:`._native.special_calls`).
     """
     if x.dtype != jnp.float32:
         return digamma(x), gammaln(x)
-    if jax.default_backend() == "cpu" and _native.available():
+    if jax.default_backend() == "cpu" and _native.special_allowed() and _native.available():
         return _native.digamma_gammaln(x)
     return _digamma_gammaln_xla(x)
 
@@ -250,14 +251,23 @@ def vb_loop(step, state, moved, *, max_iter: int, tol, atol):
     return st, Loop(n_iter=n, converged=done, objective=obj, history=hist)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter",))
+@functools.partial(jax.jit, static_argnames=("max_iter", "native_special"))
 def fit(data: CrowdData, *, max_iter: int = 500, tol: float = 1e-7, atol: float = 1e-3,
-        alpha: float | jax.Array = 1.0, beta_diag: float = 4.0, beta_off: float = 1.0) -> IBCCResult:
+        alpha: float | jax.Array = 1.0, beta_diag: float = 4.0, beta_off: float = 1.0,
+        native_special: bool = True) -> IBCCResult:
     """Fit IBCC by mean-field VB; see the module docstring for the model and the updates.
 
     Stops when the ELBO (per answer) gains less than ``tol``, or when no class posterior moves
     by more than ``atol`` in a sweep (the reference code's rule), or after ``max_iter`` sweeps.
+    ``native_special``: digamma and gammaln may run as the native call (:func:`digamma_gammaln`).
     """
+    with _native.special_calls(native_special):
+        return _fit_vb(data, max_iter=max_iter, tol=tol, atol=atol, alpha=alpha,
+                       beta_diag=beta_diag, beta_off=beta_off)
+
+
+def _fit_vb(data: CrowdData, *, max_iter: int, tol: Any, atol: Any, alpha: Any, beta_diag: Any,
+            beta_off: Any) -> IBCCResult:
     dtype = data.task_mask.dtype
     K = data.n_classes
     alpha_k = jnp.broadcast_to(jnp.asarray(alpha, dtype), (K,))
@@ -303,7 +313,9 @@ class IBCC(Aggregator):
         native: as for :class:`~crowdllm.aggregation.DawidSkene` (VB only): on dense float32
             panels on AVX2 CPUs each sweep runs on the native kernel (q(z) is Dawid-Skene's
             E-step with the tables of E[log rho], E[log pi]; the kernel also keeps each distinct
-            answer row's q(z) for the stopping rule).
+            answer row's q(z) for the stopping rule). Elsewhere (``auto``) the VB steps'
+            digamma and gammaln still run as one native call on CPU; ``off`` runs no native
+            code at all.
 
     Attributes (after fit):
         errors_: ``[workers, K, L]`` posterior mean confusion matrices.
@@ -352,7 +364,8 @@ class IBCC(Aggregator):
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
             tol = -np.inf if self.tol is None else self.tol
             self.native_used_ = _native.use(self.native, data)
-            run = _native.ibcc_fit if self.native_used_ else fit
+            run = (_native.ibcc_fit if self.native_used_
+                   else functools.partial(fit, native_special=self.native != "off"))
             res = run(data, max_iter=self.max_iter, tol=tol, atol=self.atol, alpha=self.alpha,
                       beta_diag=self.beta_diag, beta_off=self.beta_off)
             res = jax.tree_util.tree_map(np.asarray, res)

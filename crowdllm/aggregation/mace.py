@@ -318,20 +318,24 @@ def fit_one(data: CrowdData, key: jax.Array, *, max_iter: int, tol: float, metho
                       priors=_prior_summary(state, **kw))
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "method", "init_from_gold", "learn_prior"))
+@functools.partial(jax.jit, static_argnames=("max_iter", "method", "init_from_gold", "learn_prior",
+                                             "native_special"))
 def fit_restarts(data: CrowdData, keys: jax.Array, *, max_iter: int = 50, tol: float = 1e-5,
                  method: str = "vb", smoothing: float = 0.0, a: float = 0.5, b: float = 0.5,
                  gamma: float = 10.0, default_noise: float = 0.5,
                  init_from_gold: bool = False, learn_prior: bool = False,
-                 delta: float = 1.0) -> MaceResult:
-    """Every restart (one per key, one after another); results have a leading restart axis."""
+                 delta: float = 1.0, native_special: bool = True) -> MaceResult:
+    """Every restart (one per key, one after another); results have a leading restart axis.
+    ``native_special``: VB's digamma and gammaln may run as the native call
+    (``ibcc.digamma_gammaln``)."""
     if method not in ("em", "vb"):
         raise ValueError(f"method must be 'em' or 'vb', got {method!r}")
     one = functools.partial(fit_one, data, max_iter=max_iter, tol=tol, method=method,
                             smoothing=smoothing, a=a, b=b, gamma=gamma,
                             default_noise=default_noise, init_from_gold=init_from_gold,
                             learn_prior=learn_prior, delta=delta)
-    return jax.lax.map(one, keys)
+    with _native.special_calls(native_special):
+        return jax.lax.map(one, keys)
 
 
 def best_restart(res: MaceResult) -> MaceResult:
@@ -365,6 +369,8 @@ class MACE(Aggregator):
             :class:`~crowdllm.aggregation.DawidSkene`. MACE's E-step is Dawid-Skene's with
             structured confusion matrices, so on dense float32 panels on AVX2 CPUs every
             iteration runs on the native kernel (rows merged once, restarts one after another).
+            Elsewhere (``auto``) VB's digamma and gammaln still run as one native call on CPU;
+            ``off`` runs no native code at all.
 
     Attributes (after fit):
         spamming_: ``[workers, 2]``: probability of spamming, of knowing (crowd-kit's order).
@@ -411,7 +417,8 @@ class MACE(Aggregator):
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
             keys = jax.random.split(jax.random.key(self.seed), self.n_restarts)
             self.native_used_ = _native.use(self.native, data)
-            run = _native.mace_fit_restarts if self.native_used_ else fit_restarts
+            run = (_native.mace_fit_restarts if self.native_used_
+                   else functools.partial(fit_restarts, native_special=self.native != "off"))
             allres = run(data, keys, max_iter=self.max_iter, tol=self.tol, method=self.method,
                          smoothing=smoothing, a=self.alpha, b=self.beta, gamma=self.gamma,
                          default_noise=self.default_noise, init_from_gold=self.init == "gold",
