@@ -314,15 +314,24 @@ ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
   return ffi::Error::Success();
 }
 
+// the alpha gradient's sums of a pass: each annotator's lanes, over the threads, in double
+inline float alpha_sum(const std::vector<Acc>& parts, int64_t w) {
+  double s = 0;
+  for (auto& a : parts) s += a.da[w];
+  return (float)s;
+}
+
 // gradient / Q pass over rows [0, U), what it computes fixed at compile time (no per-answer
-// branches; the accumulators stay in registers)
-template <bool GRAD, bool WANT_Q>
+// branches; the accumulators stay in registers). With GRAD, each block of 8 rows ends with
+// row_done(r, valid, b, d_b): the block's log-betas and difficulty gradients (lanes past n: 0).
+template <bool GRAD, bool WANT_Q, typename RowDone>
 void grad_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const float* wt,
-               const float* P, const float* al, const float* lb, float* db,
-               std::vector<Acc>& parts) {
+               const float* P, const float* al, const float* lb, std::vector<Acc>& parts,
+               RowDone&& row_done) {
   parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
     __m256 valid = valid_lanes(r, U);
-    __m256 beta = exp256(_mm256_loadu_ps(lb + r));
+    __m256 b = _mm256_loadu_ps(lb + r);
+    __m256 beta = exp256(b);
     __m256 wv = _mm256_and_ps(valid, _mm256_loadu_ps(wt + r));
     __m256 wb = _mm256_mul_ps(wv, beta);
     __m256 dbv = _mm256_setzero_ps(), q = _mm256_setzero_ps();
@@ -346,7 +355,7 @@ void grad_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const flo
         lp1.add(ans, e);
       }
     }
-    if constexpr (GRAD) _mm256_storeu_ps(db + r, dbv);  // lanes past n: 0 (masked)
+    if constexpr (GRAD) row_done(r, valid, b, dbv);
     if constexpr (WANT_Q) acc.fq = _mm256_fmadd_ps(wv, _mm256_sub_ps(q, lp1.total()), acc.fq);
   });
 }
@@ -369,16 +378,13 @@ ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
   float* db = d_b->typed_data();
   std::memset(db + U, 0, sizeof(float) * (T - U));
   std::vector<Acc> parts;
-  if (mode == 1) grad_rows<true, false>(U, W, threads, L, wt, P, al, lb, db, parts);
-  else if (mode == 2) grad_rows<false, true>(U, W, threads, L, wt, P, al, lb, db, parts);
-  else grad_rows<true, true>(U, W, threads, L, wt, P, al, lb, db, parts);
+  auto store = [db](int64_t r, __m256, __m256, __m256 d) { _mm256_storeu_ps(db + r, d); };
+  if (mode == 1) grad_rows<true, false>(U, W, threads, L, wt, P, al, lb, parts, store);
+  else if (mode == 2) grad_rows<false, true>(U, W, threads, L, wt, P, al, lb, parts, store);
+  else grad_rows<true, true>(U, W, threads, L, wt, P, al, lb, parts, store);
   float* da = d_alpha->typed_data();
   double qq = 0;
-  for (int64_t w = 0; w < W; ++w) {
-    double s = 0;
-    for (auto& a : parts) s += a.da[w];
-    da[w] = (float)s;
-  }
+  for (int64_t w = 0; w < W; ++w) da[w] = alpha_sum(parts, w);
   for (auto& a : parts) qq += hsum(a.q0, a.q1);
   qout->typed_data()[0] = (float)qq;
   return ffi::Error::Success();
@@ -422,29 +428,14 @@ inline __m256 adam8(__m256 g, float* m_, float* v_, __m256 p, const Adam& a, flo
   return _mm256_min_ps(_mm256_max_ps(p, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
 }
 
-// one Adam step's pass: the alpha gradient's sums into parts, each row's b_t (and moments)
-// stepped in place; rows past U (and lanes past it) take a zero gradient, as in JAX
+// one Adam step's pass: the gradient pass, each row's b_t (and moments) stepped in place as
+// soon as its gradient is summed; rows past U (and lanes past it) take a zero gradient, as in JAX
 void grad_step_rows(int64_t U, int64_t T, int64_t W, int64_t threads, const int8_t* L,
                     const float* wt, const float* P, const float* al, float* lb, float* mb,
                     float* vb, float mu_beta, const Adam& a, const Clip& clip,
                     std::vector<Acc>& parts) {
-  parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
-    __m256 valid = valid_lanes(r, U);
-    __m256 b = _mm256_loadu_ps(lb + r);
-    __m256 beta = exp256(b);
-    __m256 wb = _mm256_mul_ps(_mm256_and_ps(valid, _mm256_loadu_ps(wt + r)), beta);
-    __m256 dbv = _mm256_setzero_ps();
-    for (int64_t w = 0; w < W; ++w) {
-      __m256i y = load_s8(L + r * W + w * 8);
-      __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
-          _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
-      __m256 x = _mm256_mul_ps(_mm256_set1_ps(al[w]), beta);
-      __m256 e = exp_neg_abs(x);
-      __m256 p = _mm256_loadu_ps(P + r * W + w * 8);
-      __m256 g = _mm256_and_ps(ans, _mm256_sub_ps(p, sigmoid_from(x, e)));
-      acc.fa[w] = _mm256_fmadd_ps(g, wb, acc.fa[w]);
-      dbv = _mm256_fmadd_ps(g, x, dbv);
-    }
+  grad_rows<true, false>(U, W, threads, L, wt, P, al, lb, parts,
+                         [&](int64_t r, __m256 valid, __m256 b, __m256 dbv) {
     __m256 g = _mm256_and_ps(valid, _mm256_sub_ps(dbv, _mm256_sub_ps(b, _mm256_set1_ps(mu_beta))));
     _mm256_storeu_ps(lb + r, adam8(g, mb + r, vb + r, b, a, clip.b_min, clip.b_max));
   });
@@ -514,16 +505,13 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights, ffi::B
       Adam a{b1, b2, eps, 1.f - std::pow(b1, (float)c), 1.f - std::pow(b2, (float)c),
              lr * scale};
       grad_step_rows(U, T, W, threads, L, wt, P, al, lb, mb, vb, mu_beta, a, clip, parts);
-      for (int64_t w = 0; w < W; ++w) {
-        double s2 = 0;
-        for (auto& pt : parts) s2 += pt.da[w];
-        da[w] = ((float)s2 - (al[w] - mu_alpha)) * wm[w];
-      }
+      for (int64_t w = 0; w < W; ++w) da[w] = (alpha_sum(parts, w) - (al[w] - mu_alpha)) * wm[w];
       for (int64_t w = 0; w < W; ++w)
         al[w] = adam1(da[w], ma[w], va[w], al[w], a, -clip.alpha_max, clip.alpha_max);
     }
     // Q at the new parameters: the answers' term, then the Gaussian log priors
-    grad_rows<false, true>(U, W, threads, L, wt, P, al, lb, nullptr, parts);
+    grad_rows<false, true>(U, W, threads, L, wt, P, al, lb, parts,
+                           [](int64_t, __m256, __m256, __m256) {});
     double q = 0, pa = 0, pb = 0;
     for (auto& pt : parts) q += hsum(pt.q0, pt.q1);
     for (int64_t w = 0; w < W; ++w) pa += (double)wm[w] * (al[w] - mu_alpha) * (al[w] - mu_alpha);
