@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -76,6 +77,15 @@ inline __m256 sigmoid_from(__m256 x, __m256 e) {
   __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
   __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
   return _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), neg);
+}
+
+// sigma(x) = 1 / (1 + exp(-x)) with -x clamped to [-80, 80] (where only sigma is wanted: one
+// exp, no select; the same clamp as exp_le0's, so sigma(x) for x < -80 is exp(-80) as there)
+inline __m256 sigmoid_direct(__m256 x) {
+  __m256 nx = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), x),
+                                          _mm256_set1_ps(-80.f)), _mm256_set1_ps(80.f));
+  __m256 one = _mm256_set1_ps(1.f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp256(nx)));
 }
 
 // sum over a row's answers of log(1 + e) (log sigma(x) = min(x, 0) - log(1 + e)), as the log of
@@ -134,8 +144,12 @@ struct Acc {  // one thread's sums: float lanes over a chunk, carried in double
   }
 };
 
+// rows [0, U) in blocks of 8, split over threads (each with its Acc, flushed every GCHUNK rows):
+// body(r, acc, nb) takes nb blocks from row r, nb a std::integral_constant: 2, or 1 for a
+// chunk's odd last block
 template <typename F>
-void parallel_rows(int64_t U, int64_t threads, std::vector<Acc>& parts, int64_t W, F&& body) {
+void parallel_row_pairs(int64_t U, int64_t threads, std::vector<Acc>& parts, int64_t W,
+                        F&& body) {
   int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (U + 4095) / 4096));
   parts.resize(n);
   auto work = [&](int i) {
@@ -143,7 +157,10 @@ void parallel_rows(int64_t U, int64_t threads, std::vector<Acc>& parts, int64_t 
     acc.init(W);
     int64_t a = U * i / n / 8 * 8, b = i + 1 == n ? U : U * (i + 1) / n / 8 * 8;
     for (int64_t c = a; c < b; c += GCHUNK) {
-      for (int64_t r = c; r < std::min(b, c + GCHUNK); r += 8) body(r, acc);
+      const int64_t e = std::min(b, c + GCHUNK);
+      int64_t r = c;
+      for (; r + 16 <= e; r += 16) body(r, acc, std::integral_constant<int, 2>{});
+      for (; r < e; r += 8) body(r, acc, std::integral_constant<int, 1>{});
       acc.flush();
     }
   };
@@ -151,6 +168,14 @@ void parallel_rows(int64_t U, int64_t threads, std::vector<Acc>& parts, int64_t 
   for (int i = 1; i < n; ++i) pool.emplace_back(work, i);
   work(0);
   for (auto& th : pool) th.join();
+}
+
+// the same, one block a call: body(r, acc)
+template <typename F>
+void parallel_rows(int64_t U, int64_t threads, std::vector<Acc>& parts, int64_t W, F&& body) {
+  parallel_row_pairs(U, threads, parts, W, [&](int64_t r, Acc& acc, auto nb) {
+    for (int j = 0; j < decltype(nb)::value; ++j) body(r + 8 * j, acc);
+  });
 }
 
 inline __m256 valid_lanes(int64_t r, int64_t U) {
@@ -324,39 +349,57 @@ inline float alpha_sum(const std::vector<Acc>& parts, int64_t w) {
 // gradient / Q pass over rows [0, U), what it computes fixed at compile time (no per-answer
 // branches; the accumulators stay in registers). With GRAD, each block of 8 rows ends with
 // row_done(r, valid, b, d_b): the block's log-betas and difficulty gradients (lanes past n: 0).
+// Two blocks go through the annotators together (the last block of a chunk may go alone): their
+// answers' chains of dependent operations interleave (~10 % faster on the AMD VM).
 template <bool GRAD, bool WANT_Q, typename RowDone>
 void grad_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const float* wt,
                const float* P, const float* al, const float* lb, std::vector<Acc>& parts,
                RowDone&& row_done) {
-  parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
-    __m256 valid = valid_lanes(r, U);
-    __m256 b = _mm256_loadu_ps(lb + r);
-    __m256 beta = exp256(b);
-    __m256 wv = _mm256_and_ps(valid, _mm256_loadu_ps(wt + r));
-    __m256 wb = _mm256_mul_ps(wv, beta);
-    __m256 dbv = _mm256_setzero_ps(), q = _mm256_setzero_ps();
-    LogProd lp1;
-    for (int64_t w = 0; w < W; ++w) {
-      __m256i y = load_s8(L + r * W + w * 8);
-      __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
-          _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
-      __m256 x = _mm256_mul_ps(_mm256_set1_ps(al[w]), beta);
-      __m256 e = exp_neg_abs(x);
-      __m256 p = _mm256_loadu_ps(P + r * W + w * 8);
-      if constexpr (GRAD) {
-        __m256 g = _mm256_and_ps(ans, _mm256_sub_ps(p, sigmoid_from(x, e)));
-        acc.fa[w] = _mm256_fmadd_ps(g, wb, acc.fa[w]);
-        dbv = _mm256_fmadd_ps(g, x, dbv);
-      }
-      if constexpr (WANT_Q) {
-        __m256 term = _mm256_fnmadd_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), p), x,
-                                       _mm256_min_ps(x, _mm256_setzero_ps()));
-        q = _mm256_add_ps(q, _mm256_and_ps(ans, term));
-        lp1.add(ans, e);
-      }
+  parallel_row_pairs(U, threads, parts, W, [&](int64_t r0, Acc& acc, auto nb) {
+    constexpr int NB = decltype(nb)::value;
+    __m256 valid[NB], b[NB], beta[NB], wv[NB], wb[NB], dbv[NB], q[NB];
+    LogProd lp1[NB];
+    for (int j = 0; j < NB; ++j) {
+      const int64_t r = r0 + 8 * j;
+      valid[j] = valid_lanes(r, U);
+      b[j] = _mm256_loadu_ps(lb + r);
+      beta[j] = exp256(b[j]);
+      wv[j] = _mm256_and_ps(valid[j], _mm256_loadu_ps(wt + r));
+      wb[j] = _mm256_mul_ps(wv[j], beta[j]);
+      dbv[j] = q[j] = _mm256_setzero_ps();
     }
-    if constexpr (GRAD) row_done(r, valid, b, dbv);
-    if constexpr (WANT_Q) acc.fq = _mm256_fmadd_ps(wv, _mm256_sub_ps(q, lp1.total()), acc.fq);
+    for (int64_t w = 0; w < W; ++w) {
+      const __m256 a = _mm256_set1_ps(al[w]);
+      __m256 fa = acc.fa[w];
+      for (int j = 0; j < NB; ++j) {
+        const int64_t r = r0 + 8 * j;
+        __m256i y = load_s8(L + r * W + w * 8);
+        __m256 ans = _mm256_and_ps(valid[j], _mm256_castsi256_ps(
+            _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
+        __m256 x = _mm256_mul_ps(a, beta[j]);
+        __m256 p = _mm256_loadu_ps(P + r * W + w * 8);
+        __m256 e;
+        if constexpr (WANT_Q) e = exp_neg_abs(x);
+        if constexpr (GRAD) {
+          __m256 g = _mm256_and_ps(ans, _mm256_sub_ps(p, WANT_Q ? sigmoid_from(x, e)
+                                                               : sigmoid_direct(x)));
+          fa = _mm256_fmadd_ps(g, wb[j], fa);
+          dbv[j] = _mm256_fmadd_ps(g, x, dbv[j]);
+        }
+        if constexpr (WANT_Q) {
+          __m256 term = _mm256_fnmadd_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), p), x,
+                                         _mm256_min_ps(x, _mm256_setzero_ps()));
+          q[j] = _mm256_add_ps(q[j], _mm256_and_ps(ans, term));
+          lp1[j].add(ans, e);
+        }
+      }
+      if constexpr (GRAD) acc.fa[w] = fa;
+    }
+    for (int j = 0; j < NB; ++j) {
+      if constexpr (GRAD) row_done(r0 + 8 * j, valid[j], b[j], dbv[j]);
+      if constexpr (WANT_Q)
+        acc.fq = _mm256_fmadd_ps(wv[j], _mm256_sub_ps(q[j], lp1[j].total()), acc.fq);
+    }
   });
 }
 
