@@ -106,7 +106,10 @@ def _accuracy(model, t):
     return float((model.label_codes_[g] == t.gold[g]).mean())
 
 
-SEEDS = (0, 1, 2)
+#: seeds of the random tie-breaks whose mean accuracy estimates the expected one: one seed's mean
+#: over the datasets moves by ~0.001 (sd), as much as the margins to crowd-kit (Wawa: expected
+#: .7936-.7946 against .7932), so 3 seeds could not tell; 20 give an sd of ~0.00024
+SEEDS = tuple(range(20))
 
 
 @pytest.mark.parametrize("cls,method", [(Wawa, "wawa"), (ZeroBasedSkill, "zbs")])
@@ -117,7 +120,7 @@ def test_vote_methods_no_lower_than_crowdkit(cls, method):
     lowest label: with ``ties="lowest"`` ours is no lower on each dataset (within 0.1 point: on
     zheng_s_relevance, whose repeated (task, worker) answers crowd-kit's skill estimate counts
     once, we are 2 of 4,460 gold tasks behind) and no lower on the mean. With the default
-    ``random`` ties, the expected accuracy (3 seeds) is no lower on the mean.
+    ``random`` ties, the expected accuracy (the mean over 20 seeds) is no lower on the mean.
     """
     lowest, rand, theirs = [], [], []
     for name in DATASETS:

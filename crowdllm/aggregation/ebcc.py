@@ -96,8 +96,8 @@ import pyarrow as pa
 
 from ..labels import LabelTensor
 from . import _fast, _native
-from ._core import (CrowdData, Dense, choose_layout, fast_enabled, normalize, prepare, task_class_sum,
-                    task_vote, worker_confusion)
+from ._core import (CrowdData, Dense, choose_layout, fast_enabled, hash_uniform, normalize, prepare,
+                    task_class_sum, task_vote, worker_confusion)
 from .base import Aggregator
 from .ibcc import confusion_prior, dirichlet_stats, log_beta, n_answers
 
@@ -170,40 +170,8 @@ def start(data: CrowdData, key: jax.Array, n_subtypes: int, rows: jax.Array | No
     z = jnp.where((data.gold >= 0)[:, None],
                   jax.nn.one_hot(jnp.maximum(data.gold, 0), K, dtype=dtype), z)
     # Dirichlet(1, ..., 1) = normalised independent Exp(1) draws (cheaper to compile than gamma).
-    e = -jnp.log(_hash_uniform(key, (data.n_tasks, K, n_subtypes), dtype, rows))
+    e = -jnp.log(hash_uniform(key, (data.n_tasks, K, n_subtypes), dtype, rows))
     return z[:, :, None] * (e / e.sum(axis=2, keepdims=True))
-
-
-def _fmix32(h: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finaliser: a bijection of uint32 that mixes every input bit."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _hash_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any,
-                  rows: jax.Array | None = None) -> jax.Array:
-    """Uniform numbers in (0, 1) from a counter hashed with two words drawn from ``key``.
-
-    The random start needs tasks x K x M numbers per restart; ``jax.random`` (threefry) took
-    0.74 s for 20M of them on the 2-core VM, 30 s for 40 restarts at 1,000,000 x 12 x 5, more
-    than the sweeps. A counter hash is one fused elementwise pass. Good enough for a random
-    start (restarts still differ, tested), not a general-purpose generator. With ``rows``, the
-    counter of element ``[i, ...]`` is that of element ``[rows[i], ...]`` of a larger array.
-    """
-    s = jax.random.bits(key, (2,), jnp.uint32)
-    n = int(np.prod(shape))
-    if rows is None:
-        i = jax.lax.iota(jnp.uint32, n)
-    else:
-        per_row = n // shape[0]
-        i = (rows.astype(jnp.uint32)[:, None] * jnp.uint32(per_row)
-             + jax.lax.iota(jnp.uint32, per_row)[None]).reshape(-1)
-    h = _fmix32(_fmix32(i * jnp.uint32(0x9E3779B9) + s[0]) ^ s[1])
-    u = ((h >> 9).astype(dtype) + 0.5) * (1.0 / (1 << 23))
-    return u.reshape(shape)
 
 
 def init(data: CrowdData, key: jax.Array, weight: jax.Array, n_subtypes: int,
