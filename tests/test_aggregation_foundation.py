@@ -50,6 +50,26 @@ def test_majority_vote_known_answer_and_tie_policies():
     assert MajorityVote(ties="random", seed=3).fit(t).labels_.tolist() == again.tolist()
 
 
+def test_random_ties_are_uniform_over_the_tied_classes_and_independent_between_keys():
+    """The tie-break noise (a counter hash, ``hash_uniform``): over 200,000 tasks each with the
+    same 2-, 3- or 4-way tie, every tied class wins its share within 4 sd, an untied one never;
+    two keys' choices agree as often as independent draws do."""
+    import jax.numpy as jnp
+
+    from crowdllm.aggregation._core import argmax_ties
+
+    n = 200_000
+    for K, tied in [(5, 2), (5, 3), (4, 4)]:
+        scores = jnp.zeros((n, K)).at[:, tied:].set(-1.0)
+        a = np.asarray(argmax_ties(scores, True, jax.random.key(0)))
+        b = np.asarray(argmax_ties(scores, True, jax.random.key(1)))
+        share = np.bincount(a, minlength=K) / n
+        sd = np.sqrt((1 / tied) * (1 - 1 / tied) / n)
+        np.testing.assert_array_less(np.abs(share[:tied] - 1 / tied), 4 * sd)
+        assert share[tied:].sum() == 0
+        assert abs((a == b).mean() - 1 / tied) < 4 * np.sqrt((1 / tied) * (1 - 1 / tied) / n)
+
+
 def test_tie_breaking_does_not_depend_on_row_order():
     rows = [("a", "1", "x"), ("a", "2", "y"), ("b", "1", "y"), ("b", "2", "x"), ("c", "1", "x")]
     t1 = LabelTensor.from_arrays(*zip(*rows))
