@@ -77,6 +77,13 @@ def test_sums_equal_reference(dtype):
             np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), rtol=tol, atol=tol)
         # and the dense sums equal the COO ones
         coo = _core.prepare(tensor, layout="coo", gold=gold, dtype=fdt, pad=False)
+        # the hits of one-hot labels, counted in integers, on both layouts
+        lab = jnp.asarray(rng.integers(0, L, data.n_tasks), jnp.int32)
+        hits = _core._reference_worker_agreement(data, jax.nn.one_hot(lab, L, dtype=fdt))
+        for layout in (data, coo):
+            got = _core.worker_hits(layout, lab, fdt)
+            assert got.dtype == fdt
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(hits))
         np.testing.assert_allclose(np.asarray(_core.worker_confusion(data, post)),
                                    np.asarray(_core.worker_confusion(coo, post)), rtol=tol, atol=tol)
 

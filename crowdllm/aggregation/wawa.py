@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from ..labels import LabelTensor
 from . import majority_vote
-from ._core import tie_flag, CrowdData, prepare, worker_agreement, worker_count
+from ._core import tie_flag, CrowdData, prepare, worker_count, worker_hits
 from .base import Aggregator
 
 __all__ = ["Wawa", "WawaResult", "fit", "agreement_skills"]
@@ -40,8 +40,7 @@ class WawaResult(NamedTuple):
 
 def agreement_skills(data: CrowdData, labels: jax.Array) -> jax.Array:
     """Share of each worker's answers equal to ``labels[task]`` (0 for a worker with none)."""
-    ref = jax.nn.one_hot(labels, data.n_classes, dtype=data.task_mask.dtype)
-    hits = worker_agreement(data, ref)
+    hits = worker_hits(data, labels, data.task_mask.dtype)
     n = worker_count(data, hits.dtype)
     return jnp.where(n > 0, hits / jnp.maximum(n, 1), 0.0)
 
