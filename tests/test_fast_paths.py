@@ -88,6 +88,25 @@ def test_sums_equal_reference(dtype):
                                    np.asarray(_core.worker_confusion(coo, post)), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("W", [12, 16, 37])
+def test_task_count_equals_the_reference_vote_to_the_bit(W):
+    """The majority vote's counts (the annotators' mask as weights): the fused pass (a scan over
+    groups of 16 annotators past 16) gives the reference contraction's sums exactly, and the COO
+    layout the same."""
+    rng = np.random.default_rng(W)
+    lab = rng.integers(-1, 5, (700, W))
+    lab[:, 0] = rng.integers(0, 5, 700)
+    tensor = LabelTensor.from_dense(lab)
+    data = _core.prepare(tensor, layout="dense")
+    ref = _core._reference_task_vote(data, data.worker_mask.astype(jnp.float32))
+    got = _core.task_count(data)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    coo = _core.prepare(tensor, layout="coo")
+    np.testing.assert_array_equal(np.asarray(_core.task_count(coo))[:700], np.asarray(ref)[:700])
+    with _core.use_fast(False):
+        np.testing.assert_array_equal(np.asarray(_core.task_count(data)), np.asarray(ref))
+
+
 def test_fused_ds_step_and_fit_equal_reference():
     tensor, gold = _panel(seed=3)
     data = _core.prepare(tensor, layout="dense", gold=gold, pad=False)

@@ -40,9 +40,9 @@ Layout = Literal["auto", "coo", "dense"]
 
 __all__ = [
     "Coo", "Dense", "CrowdData", "prepare", "bucket", "shared_shapes", "task_class_sum",
-    "worker_confusion", "task_vote", "worker_agreement", "worker_hits", "worker_count",
-    "clamp_gold", "iterate", "Loop", "answers_of", "normalize", "safe_log", "argmax_ties",
-    "hash_uniform", "tie_flag", "use_fast", "fast_enabled",
+    "worker_confusion", "task_vote", "task_count", "worker_agreement", "worker_hits",
+    "worker_count", "clamp_gold", "iterate", "Loop", "answers_of", "normalize", "safe_log",
+    "argmax_ties", "hash_uniform", "tie_flag", "use_fast", "fast_enabled",
 ]
 
 # Every probability that goes into a log is at least this (crowd-kit clamps at the same value).
@@ -390,6 +390,16 @@ def task_vote(data: CrowdData, worker_weight: jax.Array) -> jax.Array:
     flat = jax.ops.segment_sum(vals, data.task * L + data.label, num_segments=data.n_tasks * L,
                                indices_are_sorted=True)
     return flat.reshape(data.n_tasks, L)
+
+
+def task_count(data: CrowdData, dtype: Any = jnp.float32) -> jax.Array:
+    """``[tasks, L]`` answers per class from the real annotators: :func:`task_vote` with the
+    annotators' mask as weights (the majority vote's counts). Whole numbers add up exactly in any
+    order, so on a dense panel they are one fused pass (:func:`._fast.task_count`)."""
+    mask = data.worker_mask.astype(dtype)
+    if isinstance(data, Dense) and _FAST:
+        return _fast.task_count(data.labels, data.n_classes, mask)
+    return task_vote(data, mask)
 
 
 def worker_agreement(data: CrowdData, post: jax.Array) -> jax.Array:

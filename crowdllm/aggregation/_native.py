@@ -550,9 +550,9 @@ def _n_answers(counts: jax.Array) -> jax.Array:
 
 def _vote_posteriors(data: Any) -> jax.Array:
     """The start's posteriors (majority vote, gold clamped): the result when no sweep runs."""
-    from ._core import clamp_gold, normalize, task_vote
+    from ._core import clamp_gold, normalize, task_count
 
-    return clamp_gold(normalize(task_vote(data, data.worker_mask.astype(jnp.float32))), data.gold)
+    return clamp_gold(normalize(task_count(data, jnp.float32)), data.gold)
 
 
 def _gold_counts(p: Plan, rows: Rows, votes: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:

@@ -49,7 +49,7 @@ import pyarrow as pa
 
 from ..labels import LabelTensor
 from . import _native
-from ._core import CrowdData, iterate, normalize, prepare, task_class_sum, task_vote, worker_confusion, worker_count
+from ._core import CrowdData, iterate, normalize, prepare, task_class_sum, task_count, worker_confusion, worker_count
 from .base import Aggregator
 from .ibcc import n_answers
 
@@ -114,7 +114,7 @@ def init(data: CrowdData, *, a_v: float, prior_correction: bool) -> tuple[BWASta
     """Majority-vote truth; the prior rate ``b_v`` it implies; answer counts per worker and label."""
     dtype = data.task_mask.dtype
     K = data.n_classes
-    votes = task_vote(data, data.worker_mask.astype(dtype))
+    votes = task_count(data, dtype)
     z = _clamp(data, normalize(votes))
     n_t = votes.sum(axis=1) * data.task_mask
     adj = 4.0 * (1.0 - 1.0 / K) if prior_correction else 1.0

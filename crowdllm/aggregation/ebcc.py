@@ -97,7 +97,7 @@ import pyarrow as pa
 from ..labels import LabelTensor
 from . import _fast, _native
 from ._core import (CrowdData, Dense, choose_layout, fast_enabled, hash_uniform, normalize, prepare,
-                    task_class_sum, task_vote, worker_confusion)
+                    task_class_sum, task_count, worker_confusion)
 from .base import Aggregator
 from .ibcc import confusion_prior, dirichlet_stats, log_beta, n_answers
 
@@ -166,7 +166,7 @@ def start(data: CrowdData, key: jax.Array, n_subtypes: int, rows: jax.Array | No
     """
     dtype = data.task_mask.dtype
     K = data.n_classes
-    z = normalize(task_vote(data, data.worker_mask.astype(dtype)))
+    z = normalize(task_count(data, dtype))
     z = jnp.where((data.gold >= 0)[:, None],
                   jax.nn.one_hot(jnp.maximum(data.gold, 0), K, dtype=dtype), z)
     # Dirichlet(1, ..., 1) = normalised independent Exp(1) draws (cheaper to compile than gamma).
@@ -251,7 +251,7 @@ def _priors(data: CrowdData, weight: jax.Array, n_subtypes: int, alpha: float, a
     dtype = data.task_mask.dtype
     K = data.n_classes
     if empirical_prior:
-        mv = normalize(task_vote(data, data.worker_mask.astype(dtype)))
+        mv = normalize(task_count(data, dtype))
         alpha_k = (mv * weight[:, None]).sum(axis=0)
         alpha_k = jnp.maximum(alpha_k, 1e-3)  # a class nobody chose keeps a proper prior
     else:

@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..labels import LabelTensor
-from ._core import tie_flag, CrowdData, argmax_ties, clamp_gold, normalize, prepare, task_vote
+from ._core import (tie_flag, CrowdData, argmax_ties, clamp_gold, normalize, prepare, task_count,
+                    task_vote)
 from .base import Aggregator
 
-__all__ = ["MajorityVote", "MVResult", "fit", "weighted_vote"]
+__all__ = ["MajorityVote", "MVResult", "fit", "vote", "weighted_vote", "decide"]
 
 
 class MVResult(NamedTuple):
@@ -41,7 +42,16 @@ class MVResult(NamedTuple):
 
 def weighted_vote(data: CrowdData, weights: jax.Array, key: jax.Array, ties: jax.Array | bool) -> MVResult:
     """Vote with per-worker ``weights``; gold tasks (``data.gold >= 0``) are clamped."""
-    votes = task_vote(data, weights)
+    return decide(data, task_vote(data, weights), key, ties)
+
+
+def vote(data: CrowdData, key: jax.Array, ties: jax.Array | bool) -> MVResult:
+    """Plain majority vote (every answer weighs one; the counts: ``task_count``)."""
+    return decide(data, task_count(data, data.task_mask.dtype), key, ties)
+
+
+def decide(data: CrowdData, votes: jax.Array, key: jax.Array, ties: jax.Array | bool) -> MVResult:
+    """The vote fractions (gold tasks clamped) and labels of ``[tasks, classes]`` votes."""
     post = clamp_gold(normalize(votes), data.gold)
     labels = argmax_ties(post, ties, key)
     return MVResult(posteriors=post, labels=labels, votes=votes)
@@ -50,7 +60,7 @@ def weighted_vote(data: CrowdData, weights: jax.Array, key: jax.Array, ties: jax
 @jax.jit
 def fit(data: CrowdData, key: jax.Array, ties: jax.Array | bool = True) -> MVResult:
     """Plain majority vote (every answer weighs one)."""
-    return weighted_vote(data, data.worker_mask, key, ties)
+    return vote(data, key, ties)
 
 
 class MajorityVote(Aggregator):

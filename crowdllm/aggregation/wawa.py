@@ -48,7 +48,7 @@ def agreement_skills(data: CrowdData, labels: jax.Array) -> jax.Array:
 @jax.jit
 def fit(data: CrowdData, key: jax.Array, ties: jax.Array | bool = True) -> WawaResult:
     k1, k2 = jax.random.split(key)
-    mv = majority_vote.weighted_vote(data, data.worker_mask, k1, ties)
+    mv = majority_vote.vote(data, k1, ties)
     skills = agreement_skills(data, mv.labels)
     res = majority_vote.weighted_vote(data, skills, k2, ties)
     return WawaResult(posteriors=res.posteriors, labels=res.labels, skills=skills)
