@@ -415,8 +415,8 @@ def worker_agreement(data: CrowdData, post: jax.Array) -> jax.Array:
 def worker_hits(data: CrowdData, labels: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
     """``out[w]`` = number of ``w``'s answers equal to ``labels[task]``: what
     :func:`worker_agreement` gives for one-hot posteriors, counted in integers (exact past 2^24
-    answers, and on a dense panel one compare-and-count pass instead of a gather per answer:
-    ~75 -> ~5 ms at 1,000,000 x 12 on the 2-core VM)."""
+    answers), on a dense panel by a compare-and-count instead of a gather per answer (1,000,000
+    x 12 on the 2-core VM: 28-37 ms against 36-56; inside ZBS's iteration, ~35 ms less)."""
     labels = labels.astype(jnp.int32)
     if isinstance(data, Dense):
         # a missing answer (-1) equals no label
