@@ -421,77 +421,65 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
             (``ibcc.digamma_gammaln``; ``EBCC(native="off")``: not).
     """
     with _native.special_calls(native_special):
-        return _fit(data, key, weight, n_subtypes=n_subtypes, restarts=restarts,
-                    restart_batch=restart_batch, max_iter=max_iter, tol=tol, atol=atol,
-                    alpha=alpha, a_pi=a_pi, beta_diag=beta_diag, beta_off=beta_off,
-                    empirical_prior=empirical_prior, screen_iter=screen_iter, keep=keep,
-                    screen_on=screen_on, accelerate=accelerate, native=native,
-                    native_width=native_width, origin=origin)
+        dtype = data.task_mask.dtype
+        weight = data.task_mask if weight is None else weight.astype(dtype) * data.task_mask
+        priors = _priors(data, weight, n_subtypes, alpha, a_pi, beta_diag, beta_off,
+                         empirical_prior)
+        rows = _native.ebcc_rows(data, native_width) if native else None
+        opts = dict(tol=tol, atol=atol, accelerate=accelerate)
+        screening = screen_iter is not None and screen_iter < max_iter and keep < restarts
 
+        keys = jax.random.split(key, restarts)
+        if screening and screen_on is not None:
+            sample, sample_weight, rows_in_whole = screen_on
+            sample_weight = sample_weight.astype(dtype) * sample.task_mask
+            sample_rows = _native.ebcc_rows(sample, native_width) if native else None
 
-def _fit(data: CrowdData, key: jax.Array, weight: jax.Array | None, *, n_subtypes: int,
-         restarts: int, restart_batch: int, max_iter: int, tol: Any, atol: Any, alpha: Any,
-         a_pi: Any, beta_diag: Any, beta_off: Any, empirical_prior: bool, screen_iter: int | None,
-         keep: int, screen_on: Any, accelerate: bool, native: bool, native_width: int | None,
-         origin: jax.Array | None) -> EBCCResult:
-    """:func:`fit`'s body (traced inside its :func:`._native.special_calls`)."""
-    dtype = data.task_mask.dtype
-    weight = data.task_mask if weight is None else weight.astype(dtype) * data.task_mask
-    priors = _priors(data, weight, n_subtypes, alpha, a_pi, beta_diag, beta_off, empirical_prior)
-    rows = _native.ebcc_rows(data, native_width) if native else None
-    opts = dict(tol=tol, atol=atol, accelerate=accelerate)
-    screening = screen_iter is not None and screen_iter < max_iter and keep < restarts
+            def on_sample(k):
+                state = init(sample, k, sample_weight, n_subtypes, rows_in_whole, sample_rows)
+                return _run(sample, sample_weight, priors, state, _new_loop(max_iter, dtype),
+                            until=screen_iter, rows=sample_rows, **opts)[1]
 
-    keys = jax.random.split(key, restarts)
-    if screening and screen_on is not None:
-        sample, sample_weight, rows_in_whole = screen_on
-        sample_weight = sample_weight.astype(dtype) * sample.task_mask
-        sample_rows = _native.ebcc_rows(sample, native_width) if native else None
+            loops = _in_chunks(on_sample, keys, restarts, restart_batch)
+            top = jnp.argsort(-_or_lowest(loops.objective))[:keep]
 
-        def on_sample(k):
-            state = init(sample, k, sample_weight, n_subtypes, rows_in_whole, sample_rows)
-            return _run(sample, sample_weight, priors, state, _new_loop(max_iter, dtype),
-                        until=screen_iter, rows=sample_rows, **opts)[1]
+            def whole(k):
+                state, loop = fit_one(data, k, weight, priors, n_subtypes=n_subtypes,
+                                      max_iter=max_iter, rows=rows, origin=origin, **opts)
+                return _light(state), loop
 
-        loops = _in_chunks(on_sample, keys, restarts, restart_batch)
-        top = jnp.argsort(-_or_lowest(loops.objective))[:keep]
+            s2, l2 = _in_chunks(whole, keys[top], keep, restart_batch)
+            # a dropped restart's ELBO on the sample does not compare with ELBOs on the whole
+            loops = loops._replace(objective=jnp.full_like(loops.objective, jnp.nan))
+            loops = jax.tree_util.tree_map(lambda a, b: a.at[top].set(b), loops, l2)
+            i = jnp.argmax(_or_lowest(l2.objective))
+            state, loop = jax.tree_util.tree_map(lambda x: x[i], (s2, l2))
+            return _result(data, priors, state, loop, loops, top[i].astype(jnp.int32), rows)
 
-        def whole(k):
-            state, loop = fit_one(data, k, weight, priors, n_subtypes=n_subtypes, max_iter=max_iter,
-                                  rows=rows, origin=origin, **opts)
+        def first(k):
+            state = init(data, k, weight, n_subtypes, origin, native=rows)
+            until = screen_iter if screening else max_iter
+            state, loop = _run(data, weight, priors, state, _new_loop(max_iter, dtype), until=until,
+                               rows=rows, **opts)
             return _light(state), loop
 
-        s2, l2 = _in_chunks(whole, keys[top], keep, restart_batch)
-        # a dropped restart's ELBO on the sample does not compare with ELBOs on the whole
-        loops = loops._replace(objective=jnp.full_like(loops.objective, jnp.nan))
-        loops = jax.tree_util.tree_map(lambda a, b: a.at[top].set(b), loops, l2)
-        i = jnp.argmax(_or_lowest(l2.objective))
-        state, loop = jax.tree_util.tree_map(lambda x: x[i], (s2, l2))
-        return _result(data, priors, state, loop, loops, top[i].astype(jnp.int32), rows)
+        states, loops = _in_chunks(first, keys, restarts, restart_batch)
+        if screening:
+            top = jnp.argsort(-_or_lowest(loops.objective))[:keep]
 
-    def first(k):
-        state = init(data, k, weight, n_subtypes, origin, native=rows)
-        until = screen_iter if screening else max_iter
-        state, loop = _run(data, weight, priors, state, _new_loop(max_iter, dtype), until=until,
-                           rows=rows, **opts)
-        return _light(state), loop
+            def more(x):
+                state, loop = x
+                state, loop = _run(data, weight, priors, _resume(data, priors, state, rows), loop,
+                                   until=max_iter, rows=rows, **opts)
+                return _light(state), loop
 
-    states, loops = _in_chunks(first, keys, restarts, restart_batch)
-    if screening:
-        top = jnp.argsort(-_or_lowest(loops.objective))[:keep]
-
-        def more(x):
-            state, loop = x
-            state, loop = _run(data, weight, priors, _resume(data, priors, state, rows), loop,
-                               until=max_iter, rows=rows, **opts)
-            return _light(state), loop
-
-        picked = jax.tree_util.tree_map(lambda x: x[top], (states, loops))
-        s2, l2 = _in_chunks(more, picked, keep, restart_batch)
-        states, loops = jax.tree_util.tree_map(lambda a, b: a.at[top].set(b), (states, loops), (s2, l2))
-    best = jnp.argmax(_or_lowest(loops.objective)).astype(jnp.int32)
-    state, loop = jax.tree_util.tree_map(lambda x: x[best], (states, loops))
-    return _result(data, priors, state, loop, loops, best, rows)
+            picked = jax.tree_util.tree_map(lambda x: x[top], (states, loops))
+            s2, l2 = _in_chunks(more, picked, keep, restart_batch)
+            states, loops = jax.tree_util.tree_map(lambda a, b: a.at[top].set(b), (states, loops),
+                                                   (s2, l2))
+        best = jnp.argmax(_or_lowest(loops.objective)).astype(jnp.int32)
+        state, loop = jax.tree_util.tree_map(lambda x: x[best], (states, loops))
+        return _result(data, priors, state, loop, loops, best, rows)
 
 
 def _result(data: CrowdData, priors: _Priors, state: EBCCState, loop: _Loop, loops: _Loop,

@@ -262,29 +262,23 @@ def fit(data: CrowdData, *, max_iter: int = 500, tol: float = 1e-7, atol: float 
     ``native_special``: digamma and gammaln may run as the native call (:func:`digamma_gammaln`).
     """
     with _native.special_calls(native_special):
-        return _fit_vb(data, max_iter=max_iter, tol=tol, atol=atol, alpha=alpha,
-                       beta_diag=beta_diag, beta_off=beta_off)
+        dtype = data.task_mask.dtype
+        K = data.n_classes
+        alpha_k = jnp.broadcast_to(jnp.asarray(alpha, dtype), (K,))
+        beta = confusion_prior(K, beta_diag, beta_off, dtype)
+        state = init(data, alpha_k, beta)
+        real = (data.task_mask > 0)[:, None]
 
+        def moved(new, old):
+            return jnp.where(real, jnp.abs(new.posteriors - old.posteriors), 0.0).max()
 
-def _fit_vb(data: CrowdData, *, max_iter: int, tol: Any, atol: Any, alpha: Any, beta_diag: Any,
-            beta_off: Any) -> IBCCResult:
-    dtype = data.task_mask.dtype
-    K = data.n_classes
-    alpha_k = jnp.broadcast_to(jnp.asarray(alpha, dtype), (K,))
-    beta = confusion_prior(K, beta_diag, beta_off, dtype)
-    state = init(data, alpha_k, beta)
-    real = (data.task_mask > 0)[:, None]
-
-    def moved(new, old):
-        return jnp.where(real, jnp.abs(new.posteriors - old.posteriors), 0.0).max()
-
-    state, loop = vb_loop(functools.partial(step, data, alpha=alpha_k, beta=beta), state, moved,
-                          max_iter=max_iter, tol=tol, atol=atol)
-    return IBCCResult(posteriors=state.posteriors, nu=state.nu, mu=state.mu,
-                      priors=state.nu / state.nu.sum(),
-                      confusion=state.mu / state.mu.sum(axis=-1, keepdims=True),
-                      objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
-                      converged=loop.converged)
+        state, loop = vb_loop(functools.partial(step, data, alpha=alpha_k, beta=beta), state, moved,
+                              max_iter=max_iter, tol=tol, atol=atol)
+        return IBCCResult(posteriors=state.posteriors, nu=state.nu, mu=state.mu,
+                          priors=state.nu / state.nu.sum(),
+                          confusion=state.mu / state.mu.sum(axis=-1, keepdims=True),
+                          objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
+                          converged=loop.converged)
 
 
 INFERENCE = ("vb", "nuts", "svi")
