@@ -181,6 +181,31 @@ def test_iteration_table_times_native_and_xla_side_by_side(capsys):
     assert f"ebcc: one restart on the {e['rows']:,} distinct rows" in printed
 
 
+def test_iteration_table_xla_rows_make_no_native_call():
+    """The XLA rows time XLA alone (as native="off" runs): no crowdllm FFI call in their
+    programs, digamma and gammaln included; the native rows of the VB methods do call the
+    native digamma (GLAD's and BWA's native fits count rows on the host: not traced here)."""
+    import re
+
+    import jax
+
+    from crowdllm.aggregation import _native
+
+    labels, _ = speed.dense_panel(400)
+    data, merged = speed.dense_data(labels), speed._merged(labels)
+    for method, (native_fn, xla_fn) in speed._iteration_fits().items():
+        arg = merged if method == "ebcc" else data
+        for path, fn in (("native", native_fn), ("xla", xla_fn)):
+            if fn is None or (path == "native" and (_native.why_unavailable() is not None
+                                                    or method not in ("ibcc", "mace", "ebcc"))):
+                continue
+            calls = set(re.findall(r"crowdllm_\w+", str(jax.make_jaxpr(lambda a: fn(a, 2))(arg))))
+            if path == "xla":
+                assert not calls, (method, calls)
+            else:
+                assert "crowdllm_digamma_gammaln" in calls, method
+
+
 def test_ds_check_rows_name_the_native_kernel_and_crowdkit_ratio(capsys):
     pytest.importorskip("crowdkit")
     from crowdllm.aggregation import _native

@@ -312,11 +312,12 @@ def _iteration_fits() -> dict[str, tuple[Callable | None, Callable]]:
         "onecoin-ds": (lambda d, n: _native.onecoin_fit(d, max_iter=n, tol=-1.0).posteriors,
                        lambda d, n: one_coin.fit(d, max_iter=n, tol=-1.0).posteriors),
         "ibcc": (lambda d, n: _native.ibcc_fit(d, max_iter=n, tol=-np.inf, atol=-1.0).posteriors,
-                 lambda d, n: ibcc.fit(d, max_iter=n, tol=-np.inf, atol=-1.0).posteriors),
+                 lambda d, n: ibcc.fit(d, max_iter=n, tol=-np.inf, atol=-1.0,
+                                       native_special=False).posteriors),
         "mace": (lambda d, n: _native.mace_fit_restarts(d, key1, max_iter=n, tol=-1.0,
                                                         **mace_kw).posteriors[0],
                  lambda d, n: mace.fit_restarts(d, key1, max_iter=n, tol=-1.0,
-                                                **mace_kw).posteriors[0]),
+                                                native_special=False, **mace_kw).posteriors[0]),
         "glad": (lambda d, n: _native.glad_fit(d, max_iter=n, tol=-1.0).posteriors,
                  lambda d, n: glad.fit(d, max_iter=n, tol=-1.0).posteriors),
         "bwa": (lambda d, n: _native.bwa_fit(d, max_iter=n, tol=-np.inf).posteriors,
@@ -326,7 +327,8 @@ def _iteration_fits() -> dict[str, tuple[Callable | None, Callable]]:
         # on the merged rows (see _merged): one restart of 10 subtypes, every sweep run
         "ebcc": tuple((lambda m, n, nat=nat: ebcc.fit(
             m[0], jax.random.key(0), m[1], n_subtypes=EBCC_SUBTYPES, restarts=1, restart_batch=1,
-            max_iter=n, tol=-np.inf, atol=-1.0, native=nat).posteriors[m[2]])
+            max_iter=n, tol=-np.inf, atol=-1.0, native=nat, native_special=nat
+        ).posteriors[m[2]])
             for nat in (True, False)),
     }
 
@@ -355,7 +357,8 @@ def iteration_table(n: int = 1_000_000, n_iter: int = 50, repeats: int = 3,
     from the prepared panel to the posteriors (setup included), the native kernel (where the
     method has one and it runs here) and the XLA path side by side, ms per iteration and its
     ratio to the one-pass floor of :func:`ds_check` (int8 labels read, float32 posteriors read
-    and written, at the copy bandwidth measured in the same run).
+    and written, at the copy bandwidth measured in the same run). The XLA rows make no native
+    call at all (IBCC's, MACE's and EBCC's digamma and gammaln in XLA too), as ``native="off"``.
 
     EBCC (one restart, 10 subtypes) runs on the panel's distinct rows, as the ``EBCC`` class
     does: they are merged once before its timing (the time is printed), and its own floor is
