@@ -40,6 +40,30 @@ def test_csv_parquet_jsonl_dataframe_and_arrow_agree(tmp_path):
     assert back.to_pylist()[0] == {"task": "t1", "worker": "w1", "label": "b"}
 
 
+def test_a_file_read_in_many_chunks_encodes_as_one_chunk(tmp_path):
+    """Parquet's row groups arrive as chunks, with ids repeating across them: the codes follow
+    first appearance over the whole file, as for one chunk (integer and string ids, and a
+    label vocabulary first seen in the last chunk)."""
+    rng = np.random.default_rng(0)
+    n = 5000
+    task = rng.integers(0, 700, n) * 3 + 11
+    worker = np.array([f"w{i}" for i in rng.integers(0, 40, n)])
+    label = rng.choice(["a", "b"], n)
+    label[-1] = "z"
+    one = pa.table({"task": task, "worker": worker, "label": label})
+    pq.write_table(one, tmp_path / "a.parquet", row_group_size=97)
+    read = pq.read_table(tmp_path / "a.parquet")
+    assert read.column("task").num_chunks > 50
+    ref, t = LabelTensor.from_arrow(one.combine_chunks()), read_answers(tmp_path / "a.parquet")
+    seen_task = list(dict.fromkeys(task.tolist()))
+    assert t.task_ids.tolist() == seen_task and ref.task_ids.tolist() == seen_task
+    assert t.worker_ids.tolist() == list(dict.fromkeys(worker.tolist()))
+    assert t.classes.tolist() == ["a", "b", "z"]
+    for f in ("task", "worker", "label"):
+        np.testing.assert_array_equal(getattr(t, f), getattr(ref, f))
+    np.testing.assert_array_equal(t.task, [seen_task.index(x) for x in task.tolist()])
+
+
 def test_ids_are_kept_as_written_and_numeric_labels_sort_numerically(tmp_path):
     p = write_csv(tmp_path / "a.csv", [("007", "w", "10"), ("7", "w", "2"), ("8", "w", "9")])
     t = read_answers(p)
