@@ -601,6 +601,21 @@ class LabelTensor:
         })
 
 
+def _parquet_columns(path: Path, wanted: Sequence[str]) -> list[str] | None:
+    """For a Parquet file that has every one of ``wanted``: just those (a run's file may hold
+    long texts beside them). Otherwise None: the whole file is read, so that a missing column's
+    error can list the ones there are."""
+    if _format_of(path) != "parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError):
+        return None  # read_table says what is wrong with the file
+    return list(dict.fromkeys(wanted)) if all(w in names for w in wanted) else None
+
+
 def read_answers(
     path: str | os.PathLike[str],
     *,
@@ -624,11 +639,16 @@ def read_answers(
                 break
         else:
             raise CrowdDataError(f"{path}: folder has no answers.parquet, answers.csv or answers.jsonl")
-    table = read_table(p)
+    table = read_table(p, columns=_parquet_columns(p, (task_col, worker_col, label_col)))
     tensor = LabelTensor.from_arrow(
         table, task_col=task_col, worker_col=worker_col, label_col=label_col,
         duplicates=duplicates, classes=classes, source=str(p), _fmt=_format_of(p),
     )
+    # Arrow's allocator keeps the pages it freed for its own next use: hand them back, or a
+    # large file's read stays in the process's memory through the fit (100,000,000 answers:
+    # ~7 GiB)
+    del table
+    pa.default_memory_pool().release_unused()
     if gold is not None:
         tensor = tensor.with_gold(gold)
     return tensor

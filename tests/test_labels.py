@@ -64,6 +64,30 @@ def test_a_file_read_in_many_chunks_encodes_as_one_chunk(tmp_path):
     np.testing.assert_array_equal(t.task, [seen_task.index(x) for x in task.tolist()])
 
 
+def test_parquet_reads_only_the_answer_columns(tmp_path, monkeypatch):
+    """A run's Parquet file can hold long texts beside the answers: only the three columns are
+    read. A file without one of them still gets the error that lists the columns it has."""
+    import crowdllm.labels as labels_mod
+
+    table = pa.table({"task": ["t1", "t2"], "worker": ["w", "w"], "label": ["a", "b"],
+                      "response": ["x" * 1000, "y" * 1000], "latency_s": [0.1, 0.2]})
+    pq.write_table(table, tmp_path / "run.parquet")
+    asked = []
+    real = labels_mod.read_table
+    monkeypatch.setattr(labels_mod, "read_table",
+                        lambda path, columns=None: asked.append(columns) or real(path, columns=columns))
+    t = read_answers(tmp_path / "run.parquet")
+    assert asked == [["task", "worker", "label"]]
+    assert t.task_ids.tolist() == ["t1", "t2"] and t.classes.tolist() == ["a", "b"]
+    t = read_answers(tmp_path / "run.parquet", label_col="response")
+    assert asked[-1] == ["task", "worker", "response"] and t.n_classes == 2
+    pq.write_table(table.drop(["label"]), tmp_path / "nolabel.parquet")
+    with pytest.raises(CrowdDataError) as e:
+        read_answers(tmp_path / "nolabel.parquet")
+    assert asked[-1] is None
+    assert "'label'" in str(e.value) and "response" in str(e.value) and "latency_s" in str(e.value)
+
+
 def test_ids_are_kept_as_written_and_numeric_labels_sort_numerically(tmp_path):
     p = write_csv(tmp_path / "a.csv", [("007", "w", "10"), ("7", "w", "2"), ("8", "w", "9")])
     t = read_answers(p)
