@@ -6,6 +6,14 @@
 
 Prints the peak RSS (``resource.getrusage``) after each stage: drawing the answers, building
 the label tensor, ``prepare`` (device arrays, bucketed), and the fit.
+
+With ``--parquet FOLDER`` it measures what a user runs instead: the answers are written to
+``FOLDER/answers.parquet`` (integer task, worker and label columns), then
+``crowdllm aggregate FOLDER/answers.parquet -m ds --max-iter N --tol -1 -o
+FOLDER/labels.parquet`` runs in a child process (the file read with pyarrow, no pandas), and
+the child's peak RSS is printed (``RUSAGE_CHILDREN``: the drawing is not in it):
+
+    nice python benchmarks/coo_memory.py --answers 100000000 --iters 50 --parquet /tmp/coo
 """
 
 from __future__ import annotations
@@ -26,9 +34,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--answers", type=int, default=100_000_000)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--parquet", metavar="FOLDER",
+                    help="write the answers here as Parquet and time `crowdllm aggregate` on it")
     a = ap.parse_args()
     n = a.answers // 3
     t0 = time.perf_counter()
+    if a.parquet:
+        return via_parquet(n, a.iters, Path(a.parquet), t0)
 
     def stage(name: str) -> None:
         print(f"{name:28s} {time.perf_counter() - t0:8.1f} s   peak RSS {peak_rss_gib():6.2f} GiB",
@@ -53,6 +65,37 @@ def main() -> int:
     stage(f"DS fit, {int(res.n_iter)} iterations")
     acc = float((np.asarray(res.posteriors)[:n].argmax(1) == truth).mean())
     print(f"accuracy vs truth {acc:.3f}; peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+    return 0
+
+
+def via_parquet(n: int, iters: int, folder: Path, t0: float) -> int:
+    """The command-line path on a Parquet file of the drawn answers; the child's peak RSS."""
+    import resource
+    import subprocess
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    src, out = folder / "answers.parquet", folder / "labels.parquet"
+    task, worker, label, truth = sparse_crowd(n)
+    pq.write_table(pa.table({"task": task.astype(np.int64), "worker": worker.astype(np.int64),
+                             "label": label.astype(np.int64)}), src)
+    n_answers = task.shape[0]
+    del task, worker, label
+    print(f"wrote {n_answers:,} answers to {src} ({src.stat().st_size / 2**30:.2f} GiB) "
+          f"{time.perf_counter() - t0:8.1f} s", flush=True)
+    cmd = [sys.executable, "-m", "crowdllm.cli", "aggregate", str(src), "-m", "ds",
+           "--max-iter", str(iters), "--tol", "-1", "-o", str(out)]
+    print("$ " + " ".join(cmd[2:]), flush=True)
+    t1 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    labels = pq.read_table(out, columns=["task", "label"])
+    order = np.argsort(labels.column("task").to_numpy())
+    acc = float((labels.column("label").to_numpy()[order] == truth).mean())
+    print(f"crowdllm aggregate: {time.perf_counter() - t1:.1f} s, peak RSS {peak:.2f} GiB; "
+          f"{labels.num_rows:,} tasks labelled, accuracy vs truth {acc:.3f}", flush=True)
     return 0
 
 
