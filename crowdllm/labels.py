@@ -646,7 +646,7 @@ def read_answers(
     )
     # Arrow's allocator keeps the pages it freed for its own next use: hand them back, or a
     # large file's read stays in the process's memory through the fit (100,000,000 answers:
-    # ~7 GiB)
+    # ~3 GiB of the command's peak)
     del table
     pa.default_memory_pool().release_unused()
     if gold is not None:
