@@ -14,6 +14,9 @@ FOLDER/labels.parquet`` runs in a child process (the file read with pyarrow, no 
 the child's peak RSS is printed (``RUSAGE_CHILDREN``: the drawing is not in it):
 
     nice python benchmarks/coo_memory.py --answers 100000000 --iters 50 --parquet /tmp/coo
+
+``--csv FOLDER`` does the same with a CSV file whose ids are strings (``t17``, ``w3``), every
+column read as text, as a CSV of real ids is.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--parquet", metavar="FOLDER",
                     help="write the answers here as Parquet and time `crowdllm aggregate` on it")
+    ap.add_argument("--csv", metavar="FOLDER",
+                    help="the same with a CSV file of string ids")
     a = ap.parse_args()
     n = a.answers // 3
     t0 = time.perf_counter()
-    if a.parquet:
-        return via_parquet(n, a.iters, Path(a.parquet), t0)
+    if a.parquet or a.csv:
+        return via_file(n, a.iters, Path(a.parquet or a.csv), "parquet" if a.parquet else "csv", t0)
 
     def stage(name: str) -> None:
         print(f"{name:28s} {time.perf_counter() - t0:8.1f} s   peak RSS {peak_rss_gib():6.2f} GiB",
@@ -68,21 +73,32 @@ def main() -> int:
     return 0
 
 
-def via_parquet(n: int, iters: int, folder: Path, t0: float) -> int:
-    """The command-line path on a Parquet file of the drawn answers; the child's peak RSS."""
+def via_file(n: int, iters: int, folder: Path, fmt: str, t0: float) -> int:
+    """The command-line path on a Parquet or CSV file of the drawn answers; the child's peak
+    RSS."""
     import resource
     import subprocess
 
     import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True, exist_ok=True)
-    src, out = folder / "answers.parquet", folder / "labels.parquet"
+    src, out = folder / f"answers.{fmt}", folder / "labels.parquet"
     task, worker, label, truth = sparse_crowd(n)
-    pq.write_table(pa.table({"task": task.astype(np.int64), "worker": worker.astype(np.int64),
-                             "label": label.astype(np.int64)}), src)
+    cols = {"task": task.astype(np.int64), "worker": worker.astype(np.int64),
+            "label": label.astype(np.int64)}
+    if fmt == "parquet":
+        pq.write_table(pa.table(cols), src)
+    else:  # string ids, as a CSV of real ids has
+        def ids(prefix, v):
+            return pc.binary_join_element_wise(pa.scalar(prefix), pa.array(v).cast(pa.string()), "")
+
+        pcsv.write_csv(pa.table({"task": ids("t", cols["task"]), "worker": ids("w", cols["worker"]),
+                                 "label": pa.array(cols["label"]).cast(pa.string())}), src)
     n_answers = task.shape[0]
-    del task, worker, label
+    del task, worker, label, cols
     print(f"wrote {n_answers:,} answers to {src} ({src.stat().st_size / 2**30:.2f} GiB) "
           f"{time.perf_counter() - t0:8.1f} s", flush=True)
     cmd = [sys.executable, "-m", "crowdllm.cli", "aggregate", str(src), "-m", "ds",
@@ -92,8 +108,13 @@ def via_parquet(n: int, iters: int, folder: Path, t0: float) -> int:
     subprocess.run(cmd, check=True)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     labels = pq.read_table(out, columns=["task", "label"])
-    order = np.argsort(labels.column("task").to_numpy())
-    acc = float((labels.column("label").to_numpy()[order] == truth).mean())
+    if fmt == "parquet":
+        order = np.argsort(labels.column("task").to_numpy())
+        acc = float((labels.column("label").to_numpy()[order] == truth).mean())
+    else:
+        tid = pc.cast(pc.utf8_slice_codeunits(labels.column("task"), 1), pa.int64()).to_numpy()
+        lab = pc.cast(labels.column("label"), pa.int64()).to_numpy()
+        acc = float((lab == truth[tid]).mean())
     print(f"crowdllm aggregate: {time.perf_counter() - t1:.1f} s, peak RSS {peak:.2f} GiB; "
           f"{labels.num_rows:,} tasks labelled, accuracy vs truth {acc:.3f}", flush=True)
     return 0
