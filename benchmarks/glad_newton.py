@@ -11,7 +11,7 @@ alpha and over the annotators for a fixed beta, so one pass could take a Newton 
 iteration ~2 passes.
 
 The step tried here (XLA, not fused: only its path is measured, not its speed): Fisher scoring
-on ``b_t`` (curvature ``sum_w sigma(1 - sigma) x^2 + 1``), each task's step halved by 4 until
+on ``b_t`` (curvature ``sum_w sigma(1 - sigma) x^2 + 1``), each task's step divided by 4 until
 its own Q does not fall (at most 4 times, else it stays), then the same on ``alpha_w`` at the
 new ``b`` (exact curvature: Q is concave in alpha); ``--caps`` also bounds each step's size.
 Each M-step is one such sweep. Prints, per dataset, the EM iterations to the stopping rule
