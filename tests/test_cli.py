@@ -170,9 +170,10 @@ def test_param_reaches_the_method_and_a_wrong_name_is_refused(runner, answers):
     res = runner.invoke(main, ["aggregate", str(p), "-m", "ds", "-p", "max_iter"])
     assert res.exit_code != 0 and "NAME=VALUE" in res.output
     # native=on where the kernel cannot run: one clear error, no traceback
-    res = runner.invoke(main, ["aggregate", str(p), "-m", "ds", "-p", "native=on", "-p", "layout=coo"])
+    res = runner.invoke(main, ["aggregate", str(p), "-m", "ds", "-p", "native=on", "-p",
+                               "dtype=float64"])
     assert res.exit_code == 1 and "native kernel cannot run" in res.output
-    assert "not on the dense layout" in res.output and "Traceback" not in res.output
+    assert "float64 was asked for" in res.output and "Traceback" not in res.output
 
 
 def test_bench_param_with_a_wrong_name_is_refused(runner, answers):

@@ -84,7 +84,7 @@ from .._cache import cache_root, switched_off
 __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Plan", "plan",
            "encode", "flags_of",
            "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
-           "posteriors", "ds_fit", "onecoin_fit", "ibcc_fit", "mace_fit_restarts", "decode",
+           "posteriors", "coo_use", "ds_fit", "onecoin_fit", "ibcc_fit", "mace_fit_restarts", "decode",
            "glad_e", "glad_grad", "glad_m", "glad_rows", "glad_fit", "block", "unblock", "bwa_fit",
            "ratio_sums", "ratio_values", "ebcc_rows", "ebcc_coo_rows", "coo_row_width",
            "coo_task_order", "digamma_gammaln", "special_calls", "special_allowed",
@@ -562,51 +562,134 @@ def _gold_counts(p: Plan, rows: Rows, votes: jax.Array, K: int) -> tuple[jax.Arr
     return counts_from(p, sums(gold_rows, votes, K, vote=True)[0], K)
 
 
+def coo_use(native: str, data: Any, tensor: Any) -> tuple[bool, int | None]:
+    """``(runs native, row width)`` for a model whose E-step is Dawid-Skene's: :func:`use` on a
+    Dense panel (width None); a Coo crowd runs as rows of its answers' codes (``width`` slots:
+    :func:`coo_row_width`) on EBCC's sweep, where its annotators x labels fit uint16 codes and
+    its rows are not mostly empty (:func:`_passes`)."""
+    from ._core import Coo
+
+    if not isinstance(data, Coo):
+        return use(native, data), None
+    width = coo_row_width(tensor.task, tensor.n_tasks)
+    on = use(native, data, columns=data.n_classes,
+             row_slots=(width, tensor.n_tasks, tensor.n_answers))
+    return on, width if on else None
+
+
+class _Passes(NamedTuple):
+    """A fit's passes over its rows, for a model whose E-step is Dawid-Skene's (a Dense panel:
+    its merged rows and group tables; a Coo crowd: its tasks as rows of answer codes, on EBCC's
+    sweep with one subtype a class, whose E-step is then Dawid-Skene's: a gold task's other
+    classes are ruled out, so its log Z is its gold class's score).
+
+    ``vote_counts(gold_only)``: ``(counts [W, K, L], class totals [K])`` of the majority vote's
+    posteriors (gold clamped; ``gold_only``: of the gold tasks alone). ``sweep(log_prior,
+    log_conf, track)``: one E-step and its sums, ``(counts, class totals, log-likelihood, track,
+    largest move)``; ``track`` keeps the last sweep's posteriors (None: a Dense fit that does
+    not track them, and then neither are the last two). ``posteriors(log_prior, log_conf)``: an
+    E-step's posteriors ``[T, K]``. ``last(log_prior, log_conf, track)``: the posteriors of the
+    sweep that left ``track``, under the parameters it used (a Coo crowd's are ``track``).
+    ``track``: the start's (the majority vote's posteriors, or None).
+    """
+    vote_counts: Any
+    sweep: Any
+    posteriors: Any
+    last: Any
+    track: Any
+
+
+def _passes(data: Any, merge: bool, width: int | None, track: bool) -> _Passes:
+    """The passes of a fit on ``data`` (``width``: a Coo crowd's row width, :func:`coo_use`;
+    ``track``: the sweeps track the posteriors, as IBCC's stopping rule needs; a Coo crowd's
+    always do)."""
+    K = data.n_classes
+    if width is not None:
+        rows, wts, post0 = ebcc_coo_rows(data, width), data.task_mask.astype(jnp.float32), \
+            _vote_posteriors(data)
+
+        def coo_vote(gold_only):
+            return ebcc_counts(rows, wts * (rows.flags >= 0) if gold_only else wts,
+                               post0[:, :, None], K)
+
+        def coo_sweep(log_prior, log_conf, z):
+            z, ll, counts, psum, dz = ebcc_sweep(rows, wts, log_prior, log_conf, z, 1)
+            return counts, psum, ll, z, dz
+
+        def coo_post(log_prior, log_conf):
+            return ebcc_posteriors(rows, log_prior, log_conf, 1)[:, :, 0]
+
+        return _Passes(coo_vote, coo_sweep, coo_post, lambda lp, lc, z: z, post0)
+    p, rows, votes = _setup(data, merge)
+    track0 = C0 = None
+    if track:  # the start's posteriors kept in the track buffer
+        C0, _, track0, _ = sums_tracked(rows, votes, K, track_buffer(rows, K), vote=True)
+
+    def vote(gold_only):
+        if gold_only:  # gold rows' vote posteriors are their gold class
+            return _gold_counts(p, rows, votes, K)
+        return counts_from(p, sums(rows, votes, K, vote=True)[0] if C0 is None else C0, K)
+
+    def sweep(log_prior, log_conf, tr):
+        tab = tables(p, log_prior, log_conf)
+        if tr is None:
+            C, ll = sums(rows, tab, K)
+            return (*counts_from(p, C, K), ll, None, None)
+        C, ll, tr, dz = sums_tracked(rows, tab, K, tr)
+        return (*counts_from(p, C, K), ll, tr, dz)
+
+    def post(log_prior, log_conf):
+        return posteriors(rows, tables(p, log_prior, log_conf), K)
+
+    return _Passes(vote, sweep, post, lambda lp, lc, tr: post(lp, lc), track0)
+
+
 class _State(NamedTuple):
     params: Any
     used: Any  # the parameters the last E-step used (its posteriors are the result)
+    track: Any  # the last E-step's posteriors, where the passes track them (_Passes)
 
 
 def _em(data: Any, *, merge: bool, max_iter: int, tol: Any, log_params: Any, update: Any,
-        prior_term: Any, start_gold: Any = None):
-    """EM with the native kernel for a model whose E-step is Dawid-Skene's.
+        prior_term: Any, start_gold: Any = None, width: int | None = None):
+    """EM with the native kernels for a model whose E-step is Dawid-Skene's.
 
     ``update(counts, psum)``: parameters from the summed counts of the posteriors (the start:
     of the majority-vote posteriors); ``log_params(params)``: ``(log prior [K], log confusion
     [W, K, L])``; ``prior_term(params)``: the log prior density added to the log-likelihood;
     ``start_gold(params, counts, psum)``: the start adjusted by the counts of the gold tasks
-    alone (or None). Returns ``(params, posteriors, Loop)``.
+    alone (or None); ``width``: a Coo crowd's row width (:func:`coo_use`; None for a Dense
+    panel). Returns ``(params, posteriors, Loop)``.
     """
     from ._core import iterate
 
-    K = data.n_classes
-    p, rows, votes = _setup(data, merge)
-    # the start: majority-vote posteriors (gold clamped), then one M-step
-    counts0, psum0 = counts_from(p, sums(rows, votes, K, vote=True)[0], K)
+    ps = _passes(data, merge, width, track=False)
+    counts0, psum0 = ps.vote_counts(False)
     params0 = update(counts0, psum0)
     n_ans = _n_answers(counts0)
     if start_gold is not None:
-        params0 = start_gold(params0, *_gold_counts(p, rows, votes, K))
+        params0 = start_gold(params0, *ps.vote_counts(True))
 
     def step(st):
-        C, ll = sums(rows, tables(p, *log_params(st.params)), K)
+        counts, psum, ll, track, _ = ps.sweep(*log_params(st.params), st.track)
         obj = (ll + prior_term(st.params)) / n_ans
-        return _State(update(*counts_from(p, C, K)), st.params), obj
+        return _State(update(counts, psum), st.params, track), obj
 
-    st, loop = iterate(step, _State(params0, params0), max_iter=max_iter, tol=tol)
+    st, loop = iterate(step, _State(params0, params0, ps.track), max_iter=max_iter, tol=tol)
     if max_iter == 0:  # no E-step ran
         post = _vote_posteriors(data)
     else:  # the last E-step's posteriors
-        post = posteriors(rows, tables(p, *log_params(st.used)), K)
+        post = ps.last(*log_params(st.used), st.track)
     return st.params, post, loop
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "init_from_gold", "merge"))
+@functools.partial(jax.jit, static_argnames=("max_iter", "init_from_gold", "merge", "width"))
 def ds_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: float = 0.01,
-           init_from_gold: bool = False, merge: bool = True):
-    """Dawid-Skene on a Dense panel with the native kernel: same model, start, stopping rule,
-    objective and result as ``dawid_skene.fit`` (check :func:`applies` first). ``merge``: merge
-    identical answer rows first (the default; off only to measure what merging buys)."""
+           init_from_gold: bool = False, merge: bool = True, width: int | None = None):
+    """Dawid-Skene with the native kernel: same model, start, stopping rule, objective and
+    result as ``dawid_skene.fit`` (check :func:`coo_use` first). On a Dense panel, ``merge``:
+    merge identical answer rows first (the default; off only to measure what merging buys); on a
+    Coo crowd, ``width``: its row width (:func:`coo_use`)."""
     from . import dawid_skene as ds
     from ._fast import _ds_params
 
@@ -620,15 +703,15 @@ def ds_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: floa
     (log_prior, log_conf), post, loop = _em(
         data, merge=merge, max_iter=max_iter, tol=tol, log_params=lambda q: q, update=update,
         prior_term=lambda q: ds.log_prior_density(data, *q, smoothing),
-        start_gold=start_gold if init_from_gold else None)
+        start_gold=start_gold if init_from_gold else None, width=width)
     return ds.DSResult(posteriors=post, priors=jnp.exp(log_prior), confusion=jnp.exp(log_conf),
                        objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
                        converged=loop.converged)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "merge"))
+@functools.partial(jax.jit, static_argnames=("max_iter", "merge", "width"))
 def onecoin_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: float = 0.01,
-                merge: bool = True):
+                merge: bool = True, width: int | None = None):
     """One-coin Dawid-Skene with the native kernel: the E-step is Dawid-Skene's with one-coin
     confusion matrices, and the M-step's agreements and answer counts are the diagonal and the
     total of the same summed counts. Same result as ``one_coin.fit``."""
@@ -653,7 +736,7 @@ def onecoin_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing:
     (log_prior, skills), post, loop = _em(
         data, merge=merge, max_iter=max_iter, tol=tol,
         log_params=lambda q: (q[0], oc.log_confusion(q[1], K)), update=update,
-        prior_term=prior_term)
+        prior_term=prior_term, width=width)
     return oc.OneCoinResult(posteriors=post, priors=jnp.exp(log_prior), skills=skills,
                             objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
                             converged=loop.converged)
@@ -668,34 +751,33 @@ class _VBCarry(NamedTuple):
     dz: jax.Array  # the largest move of a class posterior in the sweep that made this carry
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "merge"))
+@functools.partial(jax.jit, static_argnames=("max_iter", "merge", "width"))
 def ibcc_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, atol: float = 1e-3,
              alpha: float = 1.0, beta_diag: float = 4.0, beta_off: float = 1.0,
-             merge: bool = True):
+             merge: bool = True, width: int | None = None):
     """IBCC by mean-field VB with the native kernel. A sweep's q(z) is Dawid-Skene's E-step with
     the tables of E[log rho], E[log pi]; q(rho), q(pi) are the priors plus the summed counts;
     the kernel keeps each distinct row's q(z) to give the largest move of a class posterior
-    (the stopping rule). Same start, sweeps, stopping rule, ELBO and result as ``ibcc.fit``."""
+    (the stopping rule). Same start, sweeps, stopping rule, ELBO and result as ``ibcc.fit``.
+    ``width``: a Coo crowd's row width (:func:`coo_use`)."""
     from . import ibcc
 
     K = data.n_classes
     alpha_k = jnp.full((K,), alpha, jnp.float32)
     beta = ibcc.confusion_prior(K, beta_diag, beta_off, jnp.float32)
-    p, rows, votes = _setup(data, merge)
-    # the start: majority-vote q(z) (kept in the track buffer), and the q(rho), q(pi) it implies
-    C0, _, track, _ = sums_tracked(rows, votes, K, track_buffer(rows, K), vote=True)
-    counts0, psum0 = counts_from(p, C0, K)
+    # the start: majority-vote q(z) (kept in the track), and the q(rho), q(pi) it implies
+    ps = _passes(data, merge, width, track=True)
+    counts0, psum0 = ps.vote_counts(False)
     n_ans = _n_answers(counts0)
     nu0, mu0 = alpha_k + psum0, beta[None] + counts0
 
     def step(st):
         stats = ibcc.dirichlet_stats(st.nu, st.mu)
-        C, ll, track, dz = sums_tracked(rows, tables(p, stats[0][0], stats[1][0]), K, st.track)
+        counts, psum, ll, track, dz = ps.sweep(stats[0][0], stats[1][0], st.track)
         obj = (ll + ibcc.elbo_params(data, st.nu, st.mu, alpha_k, beta, stats)) / n_ans
-        counts, psum = counts_from(p, C, K)
         return _VBCarry(alpha_k + psum, beta[None] + counts, st.nu, st.mu, track, dz), obj
 
-    start = _VBCarry(nu0, mu0, nu0, mu0, track, jnp.asarray(jnp.inf, jnp.float32))
+    start = _VBCarry(nu0, mu0, nu0, mu0, ps.track, jnp.asarray(jnp.inf, jnp.float32))
     st, loop = ibcc.vb_loop(step, start, lambda new, old: new.dz, max_iter=max_iter, tol=tol,
                             atol=atol)
     # the result is the last sweep's: q(z) from the q(rho), q(pi) it used, and those
@@ -703,7 +785,7 @@ def ibcc_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, atol: float =
         post = _vote_posteriors(data)
     else:
         stats = ibcc.dirichlet_stats(st.used_nu, st.used_mu)
-        post = posteriors(rows, tables(p, stats[0][0], stats[1][0]), K)
+        post = ps.last(stats[0][0], stats[1][0], st.track)
     nu, mu = st.used_nu, st.used_mu
     return ibcc.IBCCResult(posteriors=post, nu=nu, mu=mu, priors=nu / nu.sum(),
                            confusion=mu / mu.sum(axis=-1, keepdims=True),
@@ -712,17 +794,19 @@ def ibcc_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, atol: float =
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "method", "init_from_gold", "learn_prior",
-                                             "merge"))
+                                             "merge", "width"))
 def mace_fit_restarts(data: Any, keys: jax.Array, *, max_iter: int = 50, tol: float = 1e-5,
                       method: str = "vb", smoothing: float = 0.0, a: float = 0.5, b: float = 0.5,
                       gamma: float = 10.0, default_noise: float = 0.5,
                       init_from_gold: bool = False, learn_prior: bool = False,
-                      delta: float = 1.0, merge: bool = True):
+                      delta: float = 1.0, merge: bool = True, width: int | None = None):
     """MACE's restarts with the native kernel (same starts, sweeps, objective and results as
     ``mace.fit_restarts``). MACE's likelihood is a confusion matrix (``mace.log_confusion``), so
     its E-step is Dawid-Skene's; its expected counts are the diagonal (posterior mass of the
     labels given) and the column sums (answers given) of the summed counts. The rows are merged
-    once; the restarts run one after another (``lax.map``), each stopping on its own."""
+    once; the restarts run one after another (``lax.map``), each stopping on its own. ``width``:
+    a Coo crowd's row width (:func:`coo_use`; its sweeps carry their posteriors in the state's
+    ``posteriors``)."""
     from . import mace
     from ._core import iterate
 
@@ -731,38 +815,37 @@ def mace_fit_restarts(data: Any, keys: jax.Array, *, max_iter: int = 50, tol: fl
     K = data.n_classes
     kw = dict(method=method, smoothing=smoothing, a=a, b=b, gamma=gamma,
               learn_prior=learn_prior, delta=delta)
-    p, rows, votes = _setup(data, merge)
+    ps = _passes(data, merge, width, track=False)
     # each annotator's answers (and hits on gold tasks) from the vote pass's counts
-    counts0, _ = counts_from(p, sums(rows, votes, K, vote=True)[0], K)
+    counts0, _ = ps.vote_counts(False)
     n_ans = _n_answers(counts0)
     n_given = counts0.sum(axis=(1, 2))
     gold_counts = None
     if init_from_gold:  # gold rows' vote posteriors are their gold class
-        counts_g, _ = _gold_counts(p, rows, votes, K)
+        counts_g, _ = ps.vote_counts(True)
         gold_counts = (counts_g.sum(axis=(1, 2)), jnp.trace(counts_g, axis1=1, axis2=2))
     n_tasks = data.task_mask.sum()
 
-    def expected(params):  # the E-step's counts and log-likelihood under params
-        C, ll = sums(rows, tables(p, params.log_prior, mace.log_confusion(params)), K)
-        counts, psum = counts_from(p, C, K)
+    def expected(params, track):  # the E-step's counts and log-likelihood under params
+        counts, psum, ll, track, _ = ps.sweep(params.log_prior, mace.log_confusion(params), track)
         know_frac = mace._answer_terms(params)[2]
         m, n = jnp.diagonal(counts, axis1=1, axis2=2), counts.sum(axis=1)
-        return mace._state(know_frac, m, n, None, psum), ll
+        return mace._state(know_frac, m, n, track, psum), ll
 
     def step(state):
         params, prior_term = mace.m_step(data, state, **kw)
-        new, ll = expected(params)
+        new, ll = expected(params, state.posteriors)
         return new, (ll + prior_term) / n_ans
 
     def one(key):
         known, spam, strat = mace.start_counts(n_given, key, K, default_noise=default_noise,
                                                gold_counts=gold_counts)
-        state = mace.MaceState(known=known, spam=spam, strategy=strat, posteriors=None,
+        state = mace.MaceState(known=known, spam=spam, strategy=strat, posteriors=ps.track,
                                class_sum=jnp.full((K,), n_tasks / K, jnp.float32))
         start = known / jnp.maximum(known + spam, mace.TINY)
         state, loop = iterate(step, state, max_iter=max_iter, tol=tol)
         params, _ = mace.m_step(data, state, **kw)  # the posteriors of the final parameters
-        post = posteriors(rows, tables(p, params.log_prior, mace.log_confusion(params)), K)
+        post = ps.posteriors(params.log_prior, mace.log_confusion(params))
         theta, xi = mace._summary(data, state, **kw)
         return mace.MaceResult(posteriors=post, knowing=theta, strategy=xi,
                                objective=loop.objective, history=loop.history,

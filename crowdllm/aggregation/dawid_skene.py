@@ -187,8 +187,8 @@ class DawidSkene(Aggregator):
         with jax.enable_x64(self.dtype == "float64"):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
-            self.native_used_ = _native.use(self.native, data)
-            run = _native.ds_fit if self.native_used_ else fit
+            self.native_used_, width = _native.coo_use(self.native, data, tensor)
+            run = functools.partial(_native.ds_fit, width=width) if self.native_used_ else fit
             res = run(data, max_iter=self.max_iter, tol=self.tol, smoothing=self.smoothing,
                       init_from_gold=self.init == "gold")
             res = jax.tree_util.tree_map(np.asarray, res)

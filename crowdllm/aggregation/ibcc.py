@@ -357,8 +357,8 @@ class IBCC(Aggregator):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
             tol = -np.inf if self.tol is None else self.tol
-            self.native_used_ = _native.use(self.native, data)
-            run = (_native.ibcc_fit if self.native_used_
+            self.native_used_, width = _native.coo_use(self.native, data, tensor)
+            run = (functools.partial(_native.ibcc_fit, width=width) if self.native_used_
                    else functools.partial(fit, native_special=self.native != "off"))
             res = run(data, max_iter=self.max_iter, tol=tol, atol=self.atol, alpha=self.alpha,
                       beta_diag=self.beta_diag, beta_off=self.beta_off)

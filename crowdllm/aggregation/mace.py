@@ -416,8 +416,8 @@ class MACE(Aggregator):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
             keys = jax.random.split(jax.random.key(self.seed), self.n_restarts)
-            self.native_used_ = _native.use(self.native, data)
-            run = (_native.mace_fit_restarts if self.native_used_
+            self.native_used_, width = _native.coo_use(self.native, data, tensor)
+            run = (functools.partial(_native.mace_fit_restarts, width=width) if self.native_used_
                    else functools.partial(fit_restarts, native_special=self.native != "off"))
             allres = run(data, keys, max_iter=self.max_iter, tol=self.tol, method=self.method,
                          smoothing=smoothing, a=self.alpha, b=self.beta, gamma=self.gamma,

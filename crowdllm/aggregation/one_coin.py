@@ -127,8 +127,8 @@ class OneCoinDawidSkene(Aggregator):
         with jax.enable_x64(self.dtype == "float64"):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
-            self.native_used_ = _native.use(self.native, data)
-            run = _native.onecoin_fit if self.native_used_ else fit
+            self.native_used_, width = _native.coo_use(self.native, data, tensor)
+            run = functools.partial(_native.onecoin_fit, width=width) if self.native_used_ else fit
             res = jax.tree_util.tree_map(np.asarray, run(
                 data, max_iter=self.max_iter, tol=self.tol, smoothing=self.smoothing))
         return {"probas": res.posteriors[: tensor.n_tasks], "priors": res.priors,

@@ -217,6 +217,24 @@ inline void block(const Inputs& a, const uint16_t* codes, const int8_t* flags, c
   }
 }
 
+constexpr int PF = 4;  // blocks ahead
+
+// the table rows and sums (their first 64 bytes: a sparse crowd's rows of 8 columns) of 8 rows
+inline void prefetch_rows(const Inputs& a, const uint16_t* codes, int64_t G, const Part& part) {
+  for (int64_t j = 0; j < 8 * G; ++j) {
+    const int64_t off = (int64_t)codes[j] * a.KMp;
+    _mm_prefetch(reinterpret_cast<const char*>(a.tab + off), _MM_HINT_T0);
+    if (!part.C.empty()) _mm_prefetch(reinterpret_cast<const char*>(part.C.data() + off), _MM_HINT_T0);
+  }
+}
+
+// every cache line of n floats from p
+inline void prefetch_span(const float* p, int64_t n) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p + n);
+  for (uintptr_t b = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63}; b < end; b += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(b), _MM_HINT_T0);
+}
+
 template <int GT, int MODE>
 void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
   const int64_t G = a.G, K = a.K, KM = a.K * a.M;
@@ -226,10 +244,22 @@ void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
   // to fill, so past its first row (the bias, which every row adds to) it is carried over every
   // `every` rows instead: a sum there still takes few rows' values in float.
   const int64_t every = std::max<int64_t>(1, 8 * a.NC / CHUNK) * CHUNK;
+  // A table past L2 (a sparse crowd's) is read and summed into at random rows: each block fetches
+  // the table rows (and sums) of the block PF blocks ahead, so that those misses overlap.
+  const bool fetch = a.NC * a.KMp * 4 > (256 << 10);
   int64_t t = r0;
   for (; t + 8 <= r1; t += 8) {
     if (sums && t > r0 && (t - r0) % CHUNK == 0)
       part.flush((t - r0) % every == 0 ? SIZE_MAX : a.KMp);
+    if (t + 8 * (PF + 1) <= r1) {
+      if (fetch) prefetch_rows(a, a.codes + (t + 8 * PF) * G, G, part);
+      // the previous and new class posteriors of that block (gathered and stored lane by lane:
+      // the hardware prefetcher does not follow those streams)
+      if (MODE == SWEEP) {
+        prefetch_span(a.zprev + (t + 8 * PF) * K, 8 * K);
+        prefetch_span(a.z + (t + 8 * PF) * K, 8 * K);
+      }
+    }
     if (MODE == GIVEN)
       given_block<GT>(a, a.codes + t * G, a.wts + t, a.q + t * KM, part);
     else
