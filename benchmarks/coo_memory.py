@@ -5,7 +5,8 @@
     nice python benchmarks/coo_memory.py --answers 100000000 --iters 10
 
 Prints the peak RSS (``resource.getrusage``) after each stage: drawing the answers, building
-the label tensor, ``prepare`` (device arrays, bucketed), and the fit.
+the label tensor, ``prepare`` (device arrays, bucketed), and the fit: on the path
+``DawidSkene`` takes (the native sweep, where it applies), or with ``--xla`` on the XLA path.
 
 With ``--parquet FOLDER`` it measures what a user runs instead: the answers are written to
 ``FOLDER/answers.parquet`` (integer task, worker and label columns), then
@@ -41,6 +42,8 @@ def main() -> int:
                     help="write the answers here as Parquet and time `crowdllm aggregate` on it")
     ap.add_argument("--csv", metavar="FOLDER",
                     help="the same with a CSV file of string ids")
+    ap.add_argument("--xla", action="store_true",
+                    help="in memory: the XLA path, not the native sweep DawidSkene runs")
     a = ap.parse_args()
     n = a.answers // 3
     t0 = time.perf_counter()
@@ -53,7 +56,7 @@ def main() -> int:
 
     import jax
 
-    from crowdllm.aggregation import _core, dawid_skene
+    from crowdllm.aggregation import _core, _native, dawid_skene
     from crowdllm.labels import LabelTensor
     stage("imports")
     task, worker, label, truth = sparse_crowd(n)
@@ -63,11 +66,16 @@ def main() -> int:
     del task, worker, label
     stage("label tensor")
     data = _core.prepare(tensor, layout="coo")
-    del tensor
     stage(f"prepare (answers padded to {data.task.shape[0]:,})")
-    res = dawid_skene.fit(data, max_iter=a.iters, tol=-1.0)
+    # the path DawidSkene takes (the native sweep where it applies), or XLA's with --xla
+    native, width = (False, None) if a.xla else _native.coo_use("auto", data, tensor)
+    del tensor
+    if native:
+        res = _native.ds_fit(data, max_iter=a.iters, tol=-1.0, width=width)
+    else:
+        res = dawid_skene.fit(data, max_iter=a.iters, tol=-1.0)
     jax.block_until_ready(res.posteriors)
-    stage(f"DS fit, {int(res.n_iter)} iterations")
+    stage(f"DS fit ({'native' if native else 'XLA'}), {int(res.n_iter)} iterations")
     acc = float((np.asarray(res.posteriors)[:n].argmax(1) == truth).mean())
     print(f"accuracy vs truth {acc:.3f}; peak RSS {peak_rss_gib():.2f} GiB", flush=True)
     return 0

@@ -304,10 +304,10 @@ class IBCC(Aggregator):
         progress_bar: show NumPyro's progress bar (NUTS / SVI; on by default, as in NumPyro).
         layout: ``auto``, ``coo`` or ``dense``.
         dtype: ``float32`` or ``float64``.
-        native: as for :class:`~crowdllm.aggregation.DawidSkene` (VB only): on dense float32
-            panels on AVX2 CPUs each sweep runs on the native kernel (q(z) is Dawid-Skene's
-            E-step with the tables of E[log rho], E[log pi]; the kernel also keeps each distinct
-            answer row's q(z) for the stopping rule). Elsewhere (``auto``) the VB steps'
+        native: as for :class:`~crowdllm.aggregation.DawidSkene` (VB only): on float32 data
+            on AVX2 CPUs (dense panels and sparse crowds) each sweep runs on the native kernel
+            (q(z) is Dawid-Skene's E-step with the tables of E[log rho], E[log pi]; the kernel
+            also keeps each answer row's q(z) for the stopping rule). Elsewhere (``auto``) the VB steps'
             digamma and gammaln still run as one native call on CPU; ``off`` runs no native
             code at all.
 

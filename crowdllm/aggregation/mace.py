@@ -367,8 +367,9 @@ class MACE(Aggregator):
         layout, dtype: as for every kernel.
         native: ``auto`` (default), ``on`` or ``off``: as for
             :class:`~crowdllm.aggregation.DawidSkene`. MACE's E-step is Dawid-Skene's with
-            structured confusion matrices, so on dense float32 panels on AVX2 CPUs every
-            iteration runs on the native kernel (rows merged once, restarts one after another).
+            structured confusion matrices, so on float32 data on AVX2 CPUs (dense panels, rows
+            merged once, and sparse crowds) every iteration runs on the native kernel (restarts
+            one after another).
             Elsewhere (``auto``) VB's digamma and gammaln still run as one native call on CPU;
             ``off`` runs no native code at all.
 
