@@ -28,8 +28,8 @@ takes 4.4 ms per iteration (merging included) against the XLA pass's 126
 (``$CROWDLLM_CACHE`` or ``~/.cache/crowdllm``; written to a temporary name and renamed, so
 concurrent first uses are safe). It is used where it applies (CPU backend, x86-64 with AVX2 and
 FMA, a C++ compiler, float32, dense layout, at most 8 classes; COO: see below) and skipped
-otherwise, with the XLA pass in its place; ``CROWDLLM_NATIVE=0`` turns it off. Equal to the XLA pass to float rounding
-(``tests/test_native.py``).
+otherwise, with the XLA pass in its place; ``CROWDLLM_NATIVE=0`` turns it off. Equal to the XLA
+pass to float rounding (``tests/test_native.py``).
 
 MACE's likelihood is a confusion matrix (``mace.log_confusion``), so its sweeps are the grouped
 pass with MACE's counts read off the summed counts (:func:`mace_fit_restarts`). GLAD gives every
@@ -52,8 +52,8 @@ VM (``python benchmarks/ebcc_sweep_native.py``). A sparse crowd's (COO) tasks go
 kernel as rows of one code per answer (:func:`ebcc_coo_rows`: a table row per annotator and
 label instead of per group combination). With one subtype a class that sweep is Dawid-Skene's
 E-step and sums, so DS, one-coin DS, IBCC and MACE run a sparse crowd on it too
-(:func:`coo_use`, :class:`_Passes`): at 1,000,000 tasks x 3 answers of 10,000 annotators, 28-42
-ms an iteration against the XLA path's 88-249 (``python benchmarks/coo_native.py``).
+(:func:`coo_use`, :class:`_Passes`): at 1,000,000 tasks x 3 answers of 10,000 annotators, 28-44
+ms an iteration against the XLA path's 88-436 over two runs (``python benchmarks/coo_native.py``).
 
 The VB methods' Dirichlet statistics need digamma and log-gamma of every parameter each sweep;
 :func:`digamma_gammaln` (``native/special.cc``) computes both in one pass.

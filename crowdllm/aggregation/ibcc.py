@@ -307,9 +307,9 @@ class IBCC(Aggregator):
         native: as for :class:`~crowdllm.aggregation.DawidSkene` (VB only): on float32 data
             on AVX2 CPUs (dense panels and sparse crowds) each sweep runs on the native kernel
             (q(z) is Dawid-Skene's E-step with the tables of E[log rho], E[log pi]; the kernel
-            also keeps each answer row's q(z) for the stopping rule). Elsewhere (``auto``) the VB steps'
-            digamma and gammaln still run as one native call on CPU; ``off`` runs no native
-            code at all.
+            also keeps each answer row's q(z) for the stopping rule). Elsewhere (``auto``) the
+            VB steps' digamma and gammaln still run as one native call on CPU; ``off`` runs no
+            native code at all.
 
     Attributes (after fit):
         errors_: ``[workers, K, L]`` posterior mean confusion matrices.

@@ -226,7 +226,8 @@ inline void prefetch_rows(const Inputs& a, const uint16_t* codes, int64_t G, con
   for (int64_t j = 0; j < 8 * G; ++j) {
     const int64_t off = (int64_t)codes[j] * a.KMp;
     _mm_prefetch(reinterpret_cast<const char*>(a.tab + off), _MM_HINT_T0);
-    if (!part.C.empty()) _mm_prefetch(reinterpret_cast<const char*>(part.C.data() + off), _MM_HINT_T0);
+    if (!part.C.empty())
+      _mm_prefetch(reinterpret_cast<const char*>(part.C.data() + off), _MM_HINT_T0);
   }
 }
 
