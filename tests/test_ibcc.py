@@ -139,7 +139,8 @@ def test_digamma_gammaln_match_scipy_in_float64():
 def test_native_off_keeps_digamma_and_gammaln_out_of_native_code(monkeypatch):
     """``native="off"`` means no native code: IBCC's, MACE's (VB) and EBCC's XLA fits then
     trace ``digamma_gammaln`` without the native call (which, on first use, builds the
-    library), while ``auto`` uses it where the sweeps stay in XLA (here: the COO layout)."""
+    library), while ``auto`` uses it where the sweeps stay in XLA (here: a sparse crowd whose
+    rows the sweep kernel does not take)."""
     from crowdllm.aggregation import EBCC, MACE
     from crowdllm.aggregation import ebcc, mace
 
@@ -155,7 +156,15 @@ def test_native_off_keeps_digamma_and_gammaln_out_of_native_code(monkeypatch):
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 3, 211)
     lab = np.where(rng.random((211, 7)) < 0.7, truth[:, None], rng.integers(0, 3, (211, 7)))
-    tensor = LabelTensor.from_dense(lab.astype(np.int8), classes=["a", "b", "c"])
+    base = LabelTensor.from_dense(lab.astype(np.int8), classes=["a", "b", "c"])
+    # and one task answered by 60 more annotators: COO rows of 61 slots would be mostly empty, so
+    # the sweeps stay in XLA under ``auto``
+    busy = np.arange(60, dtype=np.int32)
+    tensor = LabelTensor(task=np.concatenate([base.task, np.full(60, 211, np.int32)]),
+                         worker=np.concatenate([base.worker, 7 + busy]),
+                         label=np.concatenate([base.label, busy % 3]).astype(np.int32),
+                         task_ids=np.arange(212), worker_ids=np.arange(67),
+                         classes=np.array(["a", "b", "c"]))
     fits = [IBCC(native="off", layout="coo"), MACE(native="off", method="vb", n_restarts=2,
                                                    layout="coo"),
             EBCC(native="off", layout="coo", restarts=2, max_iter=100)]
@@ -163,6 +172,6 @@ def test_native_off_keeps_digamma_and_gammaln_out_of_native_code(monkeypatch):
         m.fit(tensor)
         assert not m.native_used_
     assert calls == []
-    auto = IBCC(layout="coo").fit(tensor)  # the kernel does not take COO: the XLA sweeps
+    auto = IBCC(layout="coo").fit(tensor)  # the XLA sweeps (see above)
     assert not auto.native_used_ and calls
     np.testing.assert_allclose(auto.probas_, fits[0].probas_, atol=1e-5)
