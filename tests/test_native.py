@@ -649,6 +649,16 @@ def _sparse_tensor(task, worker, label, T, W, K):
                        worker_ids=np.arange(W), classes=np.arange(K))
 
 
+def _with_a_busy_task(n_subtypes):
+    """200 tasks of 1-2 answers from 100 annotators (EBCC's story, 3 classes), and a task with 60
+    answers: COO rows of 61 slots would be mostly empty, so the kernel does not take them."""
+    task, worker, label, _, _ = _draw_ebcc_sparse(200, 100, 3, n_subtypes, 2, 0.0, seed=1)
+    busy = np.arange(60, dtype=np.int32)
+    return _sparse_tensor(np.concatenate([task, np.full(60, 200, np.int32)]),
+                          np.concatenate([worker, busy]),
+                          np.concatenate([label, busy % 3]).astype(np.int32), 201, 100, 3)
+
+
 @needs_kernel
 @pytest.mark.parametrize("T,W,K,M,most", [
     (3001, 300, 4, 3, 9),     # 1-9 answers a task, rows of 10 slots
@@ -827,11 +837,7 @@ def test_ebcc_native_option():
     with pytest.raises(ValueError, match="native must be"):
         EBCC(native="yes")
     # COO: one task with 60 answers (the rest 1-2) would make every row 61 slots wide
-    task, worker, label, _, _ = _draw_ebcc_sparse(200, 100, 3, 2, 2, 0.0, seed=1)
-    busy = np.arange(60, dtype=np.int32)
-    sparse = _sparse_tensor(np.concatenate([task, np.full(60, 200, np.int32)]),
-                            np.concatenate([worker, busy]),
-                            np.concatenate([label, busy % 3]).astype(np.int32), 201, 100, 3)
+    sparse = _with_a_busy_task(n_subtypes=2)
     assert not EBCC(n_subtypes=2, layout="coo", **opts).fit(sparse).native_used_
     with pytest.raises(ValueError, match="a task has 60 answers.*mostly empty"):
         EBCC(n_subtypes=2, layout="coo", native="on", **opts).fit(sparse)
@@ -868,11 +874,7 @@ def test_where_the_kernel_does_not_apply_the_xla_path_runs():
             assert not cls(layout=layout, dtype="float64").fit(tensor).native_used_
             assert cls(layout=layout).fit(tensor).native_used_ == (WHY is None)
     # COO: one task with 60 answers (the rest 1-2) would make every row 61 slots wide
-    task, worker, label, _, _ = _draw_ebcc_sparse(200, 100, 3, 1, 2, 0.0, seed=1)
-    busy = np.arange(60, dtype=np.int32)
-    sparse = _sparse_tensor(np.concatenate([task, np.full(60, 200, np.int32)]),
-                            np.concatenate([worker, busy]),
-                            np.concatenate([label, busy % 3]).astype(np.int32), 201, 100, 3)
+    sparse = _with_a_busy_task(n_subtypes=1)
     assert not DawidSkene(layout="coo").fit(sparse).native_used_
     with pytest.raises(ValueError, match="native='on'.*a task has 60 answers.*mostly empty"):
         DawidSkene(layout="coo", native="on").fit(sparse)

@@ -566,17 +566,20 @@ def _gold_counts(p: Plan, rows: Rows, votes: jax.Array, K: int) -> tuple[jax.Arr
     return counts_from(p, sums(gold_rows, votes, K, vote=True)[0], K)
 
 
-def coo_use(native: str, data: Any, tensor: Any) -> tuple[bool, int | None]:
-    """``(runs native, row width)`` for a model whose E-step is Dawid-Skene's: :func:`use` on a
-    Dense panel (width None); a Coo crowd runs as rows of its answers' codes (``width`` slots:
+def coo_use(native: str, data: Any, tensor: Any, columns: int | None = None
+            ) -> tuple[bool, int | None]:
+    """``(runs native, row width)``: :func:`use` on a Dense panel (width None); a Coo crowd (the
+    answers of ``tensor``) runs as rows of its answers' codes (``width`` slots:
     :func:`coo_row_width`) on EBCC's sweep, where its annotators x labels fit uint16 codes and
-    its rows are not mostly empty (:func:`_passes`)."""
+    its rows are not mostly empty (the width is None where it does not run). ``columns``: the
+    latent columns, as for :func:`use` (EBCC's classes x subtypes; on COO by default the
+    classes, a model whose E-step is Dawid-Skene's: :func:`_passes`)."""
     from ._core import Coo
 
     if not isinstance(data, Coo):
-        return use(native, data), None
+        return use(native, data, columns), None
     width = coo_row_width(tensor.task, tensor.n_tasks)
-    on = use(native, data, columns=data.n_classes,
+    on = use(native, data, columns=data.n_classes if columns is None else columns,
              row_slots=(width, tensor.n_tasks, tensor.n_answers))
     return on, width if on else None
 

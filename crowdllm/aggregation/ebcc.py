@@ -715,15 +715,12 @@ class EBCC(Aggregator):
         with jax.enable_x64(f64):
             dtype = jnp.float64 if f64 else jnp.float32
             data = prepare(rows, layout=layout, gold=rgold, dtype=dtype)
-            width = origin = None
-            if layout == "coo":
-                width = _native.coo_row_width(rows.task, rows.n_tasks)
-            self.native_used_ = _native.use(self.native, data,
-                                            columns=data.n_classes * self.n_subtypes,
-                                            row_slots=None if width is None else
-                                            (width, rows.n_tasks, rows.n_answers))
+            origin = None
+            # width: a sparse crowd's row width where it runs on the kernel, else None
+            self.native_used_, width = _native.coo_use(self.native, data, rows,
+                                                       columns=data.n_classes * self.n_subtypes)
             fit_rows, fit_counts, fit_gold = rows, counts, rgold
-            if width is not None and self.native_used_:
+            if width is not None:
                 # the kernel's order: tasks sorted by their first annotator (the fit is the one
                 # of the original order: each task starts where it starts there)
                 order = _native.coo_task_order(rows.task, rows.worker, rows.n_tasks)
@@ -751,7 +748,7 @@ class EBCC(Aggregator):
                       beta_off=self.beta_off, empirical_prior=self.empirical_prior,
                       screen_iter=screen_iter, keep=keep, screen_on=screen_on,
                       accelerate=self._accelerate(rows.n_answers), native=self.native_used_,
-                      native_width=width if self.native_used_ else None, origin=origin,
+                      native_width=width, origin=origin,
                       native_special=self.native != "off")
             res = jax.tree_util.tree_map(np.asarray, res)
         post, sub = res.posteriors[: rows.n_tasks], res.subtypes[: rows.n_tasks]
