@@ -11,6 +11,12 @@ classes. Each method is fitted through its class (``layout="coo"``), with ``nati
 difference over ``--iters``, the setup (preparing the rows, the start) in the first. The two
 paths alternate, and each time is the smallest of ``--repeats`` fits after a compiling one.
 Also printed: each fit's accuracy against the drawn truth (both paths agree).
+
+``--control N``: N more tasks (control questions), each answered by ``--control-answers``
+annotators (default 2,000) with the crowd's own accuracy. One such task makes the crowd's
+rows tiered by width (``_native.coo_tiers``); before tiers, it sent every method to XLA.
+
+    python benchmarks/coo_native.py --tasks 1000000 --control 20
 """
 
 from __future__ import annotations
@@ -32,15 +38,28 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--methods", default="ds,onecoin-ds,ibcc,mace")
+    ap.add_argument("--control", type=int, default=0)
+    ap.add_argument("--control-answers", type=int, default=2000)
     a = ap.parse_args()
 
-    from crowdllm.aggregation import IBCC, MACE, DawidSkene, OneCoinDawidSkene
+    from crowdllm.aggregation import IBCC, MACE, DawidSkene, OneCoinDawidSkene, _native
     from crowdllm.eval.speed import machine, sparse_crowd
     from crowdllm.labels import LabelTensor
 
     warnings.filterwarnings("ignore", message=".*did not converge")
     n = a.tasks
     task, worker, label, truth = sparse_crowd(n)
+    if a.control:  # control tasks answered by many, each annotator right with p = 0.7
+        rng = np.random.default_rng(1)
+        c_truth = rng.integers(0, 5, a.control)
+        c_task = np.repeat(np.arange(n, n + a.control), a.control_answers)
+        c_worker = np.concatenate([rng.choice(10_000, a.control_answers, replace=False)
+                                   for _ in range(a.control)])
+        right = rng.random(c_task.size) < 0.7
+        c_label = np.where(right, c_truth[c_task - n], rng.integers(0, 5, c_task.size))
+        task, worker = np.concatenate([task, c_task]), np.concatenate([worker, c_worker])
+        label, truth = np.concatenate([label, c_label]), np.concatenate([truth, c_truth])
+        n += a.control
     tensor = LabelTensor(task=task, worker=worker, label=label, task_ids=np.arange(n),
                          worker_ids=np.arange(10_000), classes=np.arange(5))
     fixed = {"tol": -1.0}
@@ -49,7 +68,7 @@ def main() -> int:
                "mace": (MACE, {"tol": -1.0, "n_restarts": 1})}
     print(f"# {machine()}")
     print(f"# sparse crowd: {n:,} tasks, 10,000 annotators, {task.size:,} answers, 5 classes; "
-          f"{a.iters} iterations timed")
+          f"{a.iters} iterations timed; rows: {_native.coo_tiers(task, n)}")
     print(f"{'method':12s} {'native ms/it':>12s} {'XLA ms/it':>10s} {'ratio':>6s} "
           f"{'native setup s':>14s} {'XLA setup s':>11s} {'accuracy':>9s}")
     for name in a.methods.split(","):

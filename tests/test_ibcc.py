@@ -140,7 +140,7 @@ def test_native_off_keeps_digamma_and_gammaln_out_of_native_code(monkeypatch):
     """``native="off"`` means no native code: IBCC's, MACE's (VB) and EBCC's XLA fits then
     trace ``digamma_gammaln`` without the native call (which, on first use, builds the
     library), while ``auto`` uses it where the sweeps stay in XLA (here: a sparse crowd whose
-    rows the sweep kernel does not take)."""
+    annotators' codes the sweep kernel does not take)."""
     from crowdllm.aggregation import EBCC, MACE
     from crowdllm.aggregation import ebcc, mace
 
@@ -157,13 +157,10 @@ def test_native_off_keeps_digamma_and_gammaln_out_of_native_code(monkeypatch):
     truth = rng.integers(0, 3, 211)
     lab = np.where(rng.random((211, 7)) < 0.7, truth[:, None], rng.integers(0, 3, (211, 7)))
     base = LabelTensor.from_dense(lab.astype(np.int8), classes=["a", "b", "c"])
-    # and one task answered by 60 more annotators: COO rows of 61 slots would be mostly empty, so
-    # the sweeps stay in XLA under ``auto``
-    busy = np.arange(60, dtype=np.int32)
-    tensor = LabelTensor(task=np.concatenate([base.task, np.full(60, 211, np.int32)]),
-                         worker=np.concatenate([base.worker, 7 + busy]),
-                         label=np.concatenate([base.label, busy % 3]).astype(np.int32),
-                         task_ids=np.arange(212), worker_ids=np.arange(67),
+    # the 7 annotators among 22,000 who answer nothing: 22,000 x 3 labels do not fit the COO
+    # sweep's uint16 codes, so the sweeps stay in XLA under ``auto``
+    tensor = LabelTensor(task=base.task, worker=base.worker * 3000, label=base.label,
+                         task_ids=np.arange(211), worker_ids=np.arange(22_000),
                          classes=np.array(["a", "b", "c"]))
     fits = [IBCC(native="off", layout="coo"), MACE(native="off", method="vb", n_restarts=2,
                                                    layout="coo"),

@@ -50,7 +50,8 @@ the softmax and the sums over subtypes are lane-wise. 385k distinct rows of 1,00
 with 10 subtypes: 24 ms per sweep against the XLA sweep's 102 in the same run on the 2-core AMD
 VM (``python benchmarks/ebcc_sweep_native.py``). A sparse crowd's (COO) tasks go through the same
 kernel as rows of one code per answer (:func:`ebcc_coo_rows`: a table row per annotator and
-label instead of per group combination). With one subtype a class that sweep is Dawid-Skene's
+label instead of per group combination), in tiers by width where a few tasks have many more
+answers than the rest (:func:`coo_tiers`). With one subtype a class that sweep is Dawid-Skene's
 E-step and sums, so DS, one-coin DS, IBCC and MACE run a sparse crowd on it too
 (:func:`coo_use`, :class:`_Passes`): at 1,000,000 tasks x 3 answers of 10,000 annotators, 28-44
 ms an iteration against the XLA path's 88-436 over two runs (``python benchmarks/coo_native.py``).
@@ -91,6 +92,7 @@ __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Pl
            "decode",
            "glad_e", "glad_grad", "glad_m", "glad_rows", "glad_fit", "block", "unblock", "bwa_fit",
            "ratio_sums", "ratio_values", "ebcc_rows", "ebcc_coo_rows", "coo_row_width",
+           "coo_tiers", "coo_slots", "tier_call_slots", "RowWidth", "EbccTiers",
            "coo_task_order", "digamma_gammaln", "special_calls", "special_allowed",
            "ebcc_sweep", "ebcc_posteriors", "ebcc_counts",
            "track_buffer", "sums_tracked"]
@@ -315,22 +317,27 @@ def check_option(native: str) -> str:
     return native
 
 
-#: COO rows (:func:`ebcc_coo_rows`) are as wide as the task with the most answers: the kernel
-#: takes them while their slots are at most this many times the answers (and biases) they hold
+#: COO rows (:func:`ebcc_coo_rows`) are as wide as the task with the most answers (or in tiers
+#: by width, :func:`coo_tiers`): the kernel takes them while their slots are at most this many
+#: times the answers (and biases) they hold, give or take a tier's cost (:data:`TIER_SLOTS`)
 MAX_SLOTS_PER_ANSWER = 4
 
 
 def use(native: str, data: Any, columns: int | None = None,
-        row_slots: tuple[int, int, int] | None = None) -> bool:
+        row_slots: tuple[Any, int, int] | None = None) -> bool:
     """Whether an aggregator with option ``native`` runs ``data`` on the kernel (``on`` where it
-    cannot: a ValueError saying why). ``row_slots``: ``(width, tasks, answers)`` of COO rows."""
+    cannot: a ValueError saying why). ``row_slots``: ``(width, tasks, answers)`` of COO rows
+    (``width``: :func:`coo_tiers`' layout, or one row width)."""
     why_not = "turned off (native='off')" if check_option(native) == "off" else \
         applies(data, data.task_mask.dtype, columns)
     if why_not is None and row_slots is not None:
         width, n_tasks, n_answers = row_slots
-        if width * n_tasks > MAX_SLOTS_PER_ANSWER * (n_answers + n_tasks):
-            why_not = (f"a task has {width - 1} answers, the mean {n_answers / max(n_tasks, 1):.1f}"
-                       f": rows of {width} slots would be mostly empty (COO layout)")
+        slots = coo_slots(width, n_tasks)
+        if slots > MAX_SLOTS_PER_ANSWER * (n_answers + n_tasks) + TIER_SLOTS:
+            widest = max(w for w, _ in _tier_list(width, n_tasks))
+            why_not = (f"a task has {widest - 1} answers, the mean "
+                       f"{n_answers / max(n_tasks, 1):.1f}: its rows' {slots} slots would be "
+                       f"mostly empty, even in tiers by width (COO layout)")
     if why_not is not None and native == "on":
         raise ValueError(f"native='on', but the native kernel cannot run: {why_not}")
     return why_not is None
@@ -567,20 +574,21 @@ def _gold_counts(p: Plan, rows: Rows, votes: jax.Array, K: int) -> tuple[jax.Arr
 
 
 def coo_use(native: str, data: Any, tensor: Any, columns: int | None = None
-            ) -> tuple[bool, int | None]:
+            ) -> tuple[bool, RowWidth | None]:
     """``(runs native, row width)``: :func:`use` on a Dense panel (width None); a Coo crowd (the
-    answers of ``tensor``) runs as rows of its answers' codes (``width`` slots:
-    :func:`coo_row_width`) on EBCC's sweep, where its annotators x labels fit uint16 codes and
-    its rows are not mostly empty (the width is None where it does not run). ``columns``: the
+    answers of ``tensor``) runs as rows of its answers' codes (``width``: one row width, or
+    tiers of widths, :func:`coo_tiers`) on EBCC's sweep, where its annotators x labels fit
+    uint16 codes (the width is None where it does not run). ``columns``: the
     latent columns, as for :func:`use` (EBCC's classes x subtypes; on COO by default the
     classes, a model whose E-step is Dawid-Skene's: :func:`_passes`)."""
     from ._core import Coo
 
     if not isinstance(data, Coo):
         return use(native, data, columns), None
-    width = coo_row_width(tensor.task, tensor.n_tasks)
-    on = use(native, data, columns=data.n_classes if columns is None else columns,
-             row_slots=(width, tensor.n_tasks, tensor.n_answers))
+    columns = data.n_classes if columns is None else columns
+    width = coo_tiers(tensor.task, tensor.n_tasks,
+                      tier_call_slots(2 + data.n_workers * data.n_classes, columns), data.n_tasks)
+    on = use(native, data, columns=columns, row_slots=(width, tensor.n_tasks, tensor.n_answers))
     return on, width if on else None
 
 
@@ -606,7 +614,7 @@ class _Passes(NamedTuple):
     track: Any
 
 
-def _passes(data: Any, merge: bool, width: int | None, track: bool) -> _Passes:
+def _passes(data: Any, merge: bool, width: RowWidth | None, track: bool) -> _Passes:
     """The passes of a fit on ``data`` (``width``: a Coo crowd's row width, :func:`coo_use`;
     ``track``: the sweeps track the posteriors, as IBCC's stopping rule needs; a Coo crowd's
     always do)."""
@@ -616,7 +624,7 @@ def _passes(data: Any, merge: bool, width: int | None, track: bool) -> _Passes:
             _vote_posteriors(data)
 
         def coo_vote(gold_only):
-            return ebcc_counts(rows, wts * (rows.flags >= 0) if gold_only else wts,
+            return ebcc_counts(rows, wts * (data.gold >= 0) if gold_only else wts,
                                post0[:, :, None], K)
 
         def coo_sweep(log_prior, log_conf, z):
@@ -658,7 +666,7 @@ class _State(NamedTuple):
 
 
 def _em(data: Any, *, merge: bool, max_iter: int, tol: Any, log_params: Any, update: Any,
-        prior_term: Any, start_gold: Any = None, width: int | None = None):
+        prior_term: Any, start_gold: Any = None, width: RowWidth | None = None):
     """EM with the native kernels for a model whose E-step is Dawid-Skene's.
 
     ``update(counts, psum)``: parameters from the summed counts of the posteriors (the start:
@@ -692,7 +700,7 @@ def _em(data: Any, *, merge: bool, max_iter: int, tol: Any, log_params: Any, upd
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "init_from_gold", "merge", "width"))
 def ds_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: float = 0.01,
-           init_from_gold: bool = False, merge: bool = True, width: int | None = None):
+           init_from_gold: bool = False, merge: bool = True, width: RowWidth | None = None):
     """Dawid-Skene with the native kernel: same model, start, stopping rule, objective and
     result as ``dawid_skene.fit`` (check :func:`coo_use` first). On a Dense panel, ``merge``:
     merge identical answer rows first (the default; off only to measure what merging buys); on a
@@ -718,7 +726,7 @@ def ds_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: floa
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "merge", "width"))
 def onecoin_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: float = 0.01,
-                merge: bool = True, width: int | None = None):
+                merge: bool = True, width: RowWidth | None = None):
     """One-coin Dawid-Skene with the native kernel: the E-step is Dawid-Skene's with one-coin
     confusion matrices, and the M-step's agreements and answer counts are the diagonal and the
     total of the same summed counts. Same result as ``one_coin.fit``."""
@@ -761,7 +769,7 @@ class _VBCarry(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("max_iter", "merge", "width"))
 def ibcc_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, atol: float = 1e-3,
              alpha: float = 1.0, beta_diag: float = 4.0, beta_off: float = 1.0,
-             merge: bool = True, width: int | None = None):
+             merge: bool = True, width: RowWidth | None = None):
     """IBCC by mean-field VB with the native kernel. A sweep's q(z) is Dawid-Skene's E-step with
     the tables of E[log rho], E[log pi]; q(rho), q(pi) are the priors plus the summed counts;
     the kernel keeps each distinct row's q(z) to give the largest move of a class posterior
@@ -806,7 +814,7 @@ def mace_fit_restarts(data: Any, keys: jax.Array, *, max_iter: int = 50, tol: fl
                       method: str = "vb", smoothing: float = 0.0, a: float = 0.5, b: float = 0.5,
                       gamma: float = 10.0, default_noise: float = 0.5,
                       init_from_gold: bool = False, learn_prior: bool = False,
-                      delta: float = 1.0, merge: bool = True, width: int | None = None):
+                      delta: float = 1.0, merge: bool = True, width: RowWidth | None = None):
     """MACE's restarts with the native kernel (same starts, sweeps, objective and results as
     ``mace.fit_restarts``). MACE's likelihood is a confusion matrix (``mace.log_confusion``), so
     its E-step is Dawid-Skene's; its expected counts are the diagonal (posterior mass of the
@@ -1189,10 +1197,10 @@ class EbccRows:
     answer_codes: int = 0
 
 
-def ebcc_rows(data: Any, width: int | None = None) -> EbccRows:
+def ebcc_rows(data: Any, width: RowWidth | None = None) -> EbccRows | EbccTiers:
     """The combination codes and gold flags of a Dense panel's rows (EBCC merges identical rows
     itself, on the host, before preparing the data: no merging here), or of a Coo crowd's tasks
-    (:func:`ebcc_coo_rows`, ``width`` slots a row)."""
+    (:func:`ebcc_coo_rows`: ``width`` slots a row, or tiers of widths)."""
     from ._core import Coo
 
     if isinstance(data, Coo):
@@ -1209,10 +1217,121 @@ def coo_row_width(task: np.ndarray, n_tasks: int) -> int:
     return 1 + int(np.bincount(np.asarray(task), minlength=max(n_tasks, 1)).max(initial=0))
 
 
-def ebcc_coo_rows(data: Any, width: int) -> EbccRows:
+#: a COO layout: one row width for every task, or tiers ``((width, tasks), ...)`` (ascending
+#: widths: a task's row is in the first tier as wide as it needs)
+RowWidth = int | tuple[tuple[int, int], ...]
+
+
+def _tier_list(width: RowWidth, n_tasks: int) -> tuple[tuple[int, int], ...]:
+    return ((int(width), n_tasks),) if isinstance(width, (int, np.integer)) else tuple(width)
+
+
+def coo_slots(width: RowWidth, n_tasks: int) -> int:
+    """The slots a sweep reads in a COO layout's rows (``width``: :data:`RowWidth`) of
+    ``n_tasks`` tasks: every task's row at the first tier's width (:class:`EbccTiers`), and the
+    wider tiers' rows."""
+    tiers = _tier_list(width, n_tasks)
+    return tiers[0][0] * n_tasks + sum(w * n for w, n in tiers[1:])
+
+
+#: what one more tier costs a sweep besides its table (:func:`coo_tiers`' ``call_slots``), in
+#: empty row slots: an empty slot adds a zero row that stays in cache (~0.75 ns on the 2-core
+#: AMD host: rows of 8 slots instead of 4 at 1,000,000 tasks took 32 ms a sweep instead of 29)
+TIER_SLOTS = 65_536
+
+
+def _rounded(width: int) -> int:
+    """A row width rounded up to 2, 3, 4, 6, 8, 12, 16, 24, ... (at most 1.5x), so that crowds
+    of other widths share a compiled program; empty slots cost little (:data:`TIER_SLOTS`)."""
+    if width <= 4:
+        return width
+    p = 1 << (width - 1).bit_length()
+    return p * 3 // 4 if p * 3 // 4 >= width else p
+
+
+def tier_call_slots(n_codes: int, columns: int) -> int:
+    """What one more tier costs a sweep, in empty row slots (:func:`coo_tiers`): a kernel call,
+    whose threads each fill a table of sums (``n_codes`` rows of ``columns`` padded to 8) that
+    are then added up (at 1,000,000 tasks, 10,000 annotators x 5 labels: ~0.8 ms a call)."""
+    return TIER_SLOTS + 2 * n_codes * _width(columns)
+
+
+def coo_tiers(task: np.ndarray, n_tasks: int, call_slots: int = TIER_SLOTS,
+              n_rows: int | None = None) -> RowWidth:
+    """The rows of a sparse crowd's ``n_tasks`` tasks (``task``: each answer's task; ``n_rows``:
+    the prepared data's tasks, the padding included): one width, at least 1 + the most answers a
+    task has (:func:`coo_row_width`), where those rows are not mostly empty
+    (:data:`MAX_SLOTS_PER_ANSWER`); else tiers ``((width, tasks), ...)``, ascending, so that a
+    few busy tasks (control questions everyone answers) do not widen every row. Each task's row
+    is in the first tier as wide as it needs; a sweep reads every task's row at the first tier's
+    width, then the wider tiers' rows (:class:`EbccTiers`).
+
+    The tiers' candidates: the first tier's width is one of the needed widths' quantiles (50 % ...
+    100 %); each tier after it is up to twice as wide as the one before, and as wide as its
+    widest task; a tier whose empty slots would cost less than a kernel call (``call_slots``:
+    :func:`tier_call_slots`) joins the next. The layout is the candidate with the fewest slots
+    (:func:`coo_slots`), a tier counted as ``call_slots``. Its widths are then rounded up
+    (:func:`_rounded`), so that crowds of nearby widths share a compiled program (tiers' counts
+    are part of the program: a crowd in tiers compiles its own)."""
+    T = max(n_tasks if n_rows is None else n_rows, n_tasks, 1)
+    need = 1 + np.bincount(np.asarray(task), minlength=T)[:T]
+    hist = np.bincount(need)  # tasks per needed width
+    at_most = np.cumsum(hist)  # tasks needing at most w slots
+    top = len(hist) - 1
+    n_answers = int(np.asarray(task).size)
+    if top * max(n_tasks, 1) <= MAX_SLOTS_PER_ANSWER * (n_answers + max(n_tasks, 1)):
+        return _rounded(top)
+    best = None
+    for w0 in sorted({int(np.searchsorted(at_most, q * T))
+                      for q in (.5, .75, .9, .95, .99, .999)} | {top}):
+        bounds = [w0]
+        while bounds[-1] < top:
+            bounds.append(min(2 * bounds[-1], top))
+        tiers, lo = [], 0
+        for hi in bounds:  # the tier of widths (lo, hi]: as wide as its widest task
+            n = int(at_most[hi] - at_most[lo])
+            if n:
+                tiers.append((int(np.flatnonzero(hist[: hi + 1])[-1]), n))
+            lo = hi
+        # a tier whose rows cost fewer slots than a call joins the next
+        k = 0
+        while k < len(tiers) - 1:
+            (w, n), (w2, n2) = tiers[k], tiers[k + 1]
+            if (w2 - w) * (T if k == 0 else n) < call_slots:
+                tiers[k: k + 2] = [(w2, n + n2)]
+                k = max(k - 1, 0)
+            else:
+                k += 1
+        key = coo_slots(tuple(tiers), T) + call_slots * (len(tiers) - 1)
+        if best is None or key < best[0]:
+            best = key, tuple(tiers)
+    widths = sorted({_rounded(w) for w, _ in best[1]})
+    if len(widths) == 1:
+        return widths[0]
+    counts = np.bincount(np.searchsorted(widths, need), minlength=len(widths))
+    return tuple((w, int(c)) for w, c in zip(widths, counts) if c)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["first", "keep", "parts", "index"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class EbccTiers:
+    """A sparse crowd's rows in tiers by width (:func:`coo_tiers`). ``first``: every task's row
+    at the first tier's width, where ``keep`` (``[T]``, 1 or 0) marks the tasks of the first tier
+    (the others' rows are cut short, and weigh 0 there); ``parts[k]``: the rows of the tasks
+    ``index[k]`` (ascending) of each wider tier. A sweep runs the kernel once per tier on the same
+    table, writes the wider tiers' posteriors over the first's, and adds the tiers' sums."""
+    first: EbccRows
+    keep: jax.Array
+    parts: tuple[EbccRows, ...]
+    index: tuple[jax.Array, ...]
+
+
+def ebcc_coo_rows(data: Any, width: RowWidth) -> EbccRows | EbccTiers:
     """A Coo crowd's tasks as rows of ``width`` codes: the bias (code 0), the task's answers
     (``1 + w L + l``) in ascending order, then empty slots (``1 + W L``, a row of zeros).
-    ``width`` must be at least 1 + the most answers a task has (:func:`coo_row_width`).
+    ``width`` must be at least 1 + the most answers a task has (:func:`coo_row_width`), or
+    tiers of widths (:func:`coo_tiers`: the rows of each tier as wide as that tier).
 
     The kernel is fastest when tasks with the same annotators are adjacent (their table rows are
     then in cache, and equal codes in a slot are summed in a register): ``EBCC`` sorts a sparse
@@ -1223,11 +1342,29 @@ def ebcc_coo_rows(data: Any, width: int) -> EbccRows:
     slot = 1 + jnp.arange(A, dtype=jnp.int32) - first[data.task]
     empty = 1 + W * L
     code = jnp.where(data.weight > 0, 1 + data.worker * L + data.label, empty)
-    # padding answers (weight 0, after the last task's) may run past the row: dropped
-    codes = jnp.full((T, width), empty, jnp.int32).at[:, 0].set(0)
-    codes = jnp.sort(codes.at[data.task, slot].set(code, mode="drop"), axis=1)
     flags = jnp.where(data.task_mask > 0, data.gold, -1).astype(jnp.int8)
-    return EbccRows(None, codes.astype(jnp.uint16), flags, answer_codes=W * L)
+
+    def rows(n, wide, row):  # n rows of `wide` slots; answer i goes to row row[task_i]
+        # padding answers (weight 0, after the last task's) and other tiers' answers: dropped
+        codes = jnp.full((n, wide), empty, jnp.int32).at[:, 0].set(0)
+        codes = jnp.sort(codes.at[row, slot].set(code, mode="drop"), axis=1)
+        return codes.astype(jnp.uint16)
+
+    tiers = _tier_list(width, T)
+    first = EbccRows(None, rows(T, tiers[0][0], data.task), flags, answer_codes=W * L)
+    if len(tiers) == 1:
+        return first
+    need = 1 + jax.ops.segment_sum((data.weight > 0).astype(jnp.int32), data.task, T,
+                                   indices_are_sorted=True)
+    tier = jnp.searchsorted(jnp.asarray([w for w, _ in tiers], jnp.int32), need)
+    parts, index = [], []
+    for k, (wide, n) in enumerate(tiers[1:], 1):
+        idx = jnp.nonzero(tier == k, size=n)[0].astype(jnp.int32)
+        row = jnp.full((T,), n, jnp.int32).at[idx].set(jnp.arange(n, dtype=jnp.int32))
+        parts.append(EbccRows(None, rows(n, wide, row[data.task]), flags[idx],
+                              answer_codes=W * L))
+        index.append(idx)
+    return EbccTiers(first, (tier == 0).astype(jnp.float32), tuple(parts), tuple(index))
 
 
 def coo_task_order(task: np.ndarray, worker: np.ndarray, n_tasks: int) -> np.ndarray:
@@ -1269,8 +1406,8 @@ def _width(KM: int) -> int:
     return -(-KM // 8) * 8
 
 
-def ebcc_sweep(rows: EbccRows, weight: jax.Array, bias: jax.Array, log_table: jax.Array,
-               z_prev: jax.Array, n_subtypes: int):
+def ebcc_sweep(rows: EbccRows | EbccTiers, weight: jax.Array, bias: jax.Array,
+               log_table: jax.Array, z_prev: jax.Array, n_subtypes: int):
     """One EBCC sweep (``native/ebcc.cc``): the same as :func:`._fast.subtype_sweep`.
 
     Args:
@@ -1282,6 +1419,15 @@ def ebcc_sweep(rows: EbccRows, weight: jax.Array, bias: jax.Array, log_table: ja
         Under ``vmap`` (restarts), the kernel runs once per restart.
     """
     _require()
+    if isinstance(rows, EbccTiers):
+        z, ll, counts, csum, dz = ebcc_sweep(rows.first, weight * rows.keep, bias, log_table,
+                                             z_prev, n_subtypes)
+        for part, idx in zip(rows.parts, rows.index):
+            zk, llk, ck, sk, dzk = ebcc_sweep(part, weight[idx], bias, log_table, z_prev[idx],
+                                              n_subtypes)
+            z = z.at[idx].set(zk, indices_are_sorted=True, unique_indices=True)
+            ll, counts, csum, dz = ll + llk, counts + ck, csum + sk, jnp.maximum(dz, dzk)
+        return z, ll, counts, csum, dz
     KM, L = log_table.shape[1], log_table.shape[2]
     K = KM // n_subtypes
     tab = _ebcc_table(rows, bias, log_table)
@@ -1295,11 +1441,17 @@ def ebcc_sweep(rows: EbccRows, weight: jax.Array, bias: jax.Array, log_table: ja
     return z, stats[0], counts, csum, stats[1]
 
 
-def ebcc_posteriors(rows: EbccRows, bias: jax.Array, log_table: jax.Array, n_subtypes: int
-                    ) -> jax.Array:
+def ebcc_posteriors(rows: EbccRows | EbccTiers, bias: jax.Array, log_table: jax.Array,
+                    n_subtypes: int) -> jax.Array:
     """EBCC's E-step posteriors ``q(z, g)`` of every row, ``[T, K, M]`` (as ``ebcc.e_step``)."""
     _require()
     KM = log_table.shape[1]
+    if isinstance(rows, EbccTiers):
+        q = ebcc_posteriors(rows.first, bias, log_table, n_subtypes)
+        for part, idx in zip(rows.parts, rows.index):
+            q = q.at[idx].set(ebcc_posteriors(part, bias, log_table, n_subtypes),
+                              indices_are_sorted=True, unique_indices=True)
+        return q
     K = KM // n_subtypes
     tab = _ebcc_table(rows, bias, log_table)
     T = rows.codes.shape[0]
@@ -1310,11 +1462,16 @@ def ebcc_posteriors(rows: EbccRows, bias: jax.Array, log_table: jax.Array, n_sub
     return q.reshape(T, K, n_subtypes)
 
 
-def ebcc_counts(rows: EbccRows, weight: jax.Array, q: jax.Array, n_classes: int
+def ebcc_counts(rows: EbccRows | EbccTiers, weight: jax.Array, q: jax.Array, n_classes: int
                 ) -> tuple[jax.Array, jax.Array]:
     """``(counts [W, K * M, L], column sums [K * M])`` of given posteriors ``q [T, K, M]``, each
     row weighted: ``sum_t w_t [y_tw = l] q_t(c)`` and ``sum_t w_t q_t(c)`` (EBCC's start)."""
     _require()
+    if isinstance(rows, EbccTiers):
+        parts = [ebcc_counts(rows.first, weight * rows.keep, q, n_classes)]
+        parts += [ebcc_counts(part, weight[idx], q[idx], n_classes)
+                  for part, idx in zip(rows.parts, rows.index)]
+        return sum(c for c, _ in parts), sum(s for _, s in parts)
     T, K, M = q.shape
     KM = K * M
     out = jax.ShapeDtypeStruct((_ebcc_n_codes(rows), _width(KM)), jnp.float32)

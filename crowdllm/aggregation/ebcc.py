@@ -175,7 +175,8 @@ def start(data: CrowdData, key: jax.Array, n_subtypes: int, rows: jax.Array | No
 
 
 def init(data: CrowdData, key: jax.Array, weight: jax.Array, n_subtypes: int,
-         rows: jax.Array | None = None, native: _native.EbccRows | None = None) -> EBCCState:
+         rows: jax.Array | None = None, native: _native.EbccRows | _native.EbccTiers | None = None
+         ) -> EBCCState:
     """The state after the random start (:func:`start`); ``native``: its counts summed by the
     native kernel (:func:`._native.ebcc_counts`)."""
     zg = start(data, key, n_subtypes, rows)
@@ -219,7 +220,8 @@ def e_step(data: CrowdData, bias: jax.Array, log_table: jax.Array, n_subtypes: i
 
 
 def step(data: CrowdData, state: EBCCState, *, weight: jax.Array, priors: _Priors,
-         rows: _native.EbccRows | None = None) -> tuple[EBCCState, jax.Array, jax.Array]:
+         rows: _native.EbccRows | _native.EbccTiers | None = None
+         ) -> tuple[EBCCState, jax.Array, jax.Array]:
     """One VB sweep: q(tau), q(pi), q(V) from the counts of q(z, g); then q(z, g) and its counts.
 
     Returns ``(state, ELBO per answer, dz)``, ``dz`` the largest move of a (weighted) task's
@@ -374,14 +376,16 @@ def _resume(data: CrowdData, priors: _Priors, state: EBCCState,
 
 @functools.partial(jax.jit, static_argnames=("n_subtypes", "max_iter", "restarts", "restart_batch",
                                              "empirical_prior", "screen_iter", "keep", "accelerate",
-                                             "native", "native_width", "native_special"))
+                                             "native", "native_width", "native_sample_width",
+                                             "native_special"))
 def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_subtypes: int = 10,
         restarts: int = 1, restart_batch: int = 8, max_iter: int = 500, tol: float = 1e-6,
         atol: float = 1e-3, alpha: float = 1.0, a_pi: float = 0.1, beta_diag: float = 4.0,
         beta_off: float = 1.0, empirical_prior: bool = True, screen_iter: int | None = None,
         keep: int = 1, screen_on: tuple[CrowdData, jax.Array, jax.Array] | None = None,
         accelerate: bool = False, native: bool = False,
-        native_width: int | None = None, origin: jax.Array | None = None,
+        native_width: _native.RowWidth | None = None,
+        native_sample_width: _native.RowWidth | None = None, origin: jax.Array | None = None,
         native_special: bool = True) -> EBCCResult:
     """Fit EBCC from ``restarts`` independent keys and keep the best final ELBO.
 
@@ -410,9 +414,10 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
             task mask.
         native: run the sweeps on the native kernel (:func:`._native.ebcc_sweep`; float32
             data, where :func:`._native.use` says it applies).
-        native_width: on the COO layout with ``native``, the slots of a task's row: 1 + the
-            most answers a task has (:func:`._native.coo_row_width`; the screening sample's
-            tasks too).
+        native_width: on the COO layout with ``native``, the rows' widths: 1 + the most
+            answers a task has (:func:`._native.coo_row_width`), or tiers of widths
+            (:func:`._native.coo_tiers`); native_sample_width: the screening sample's (the same
+            as ``native_width`` where None).
         origin: ``[tasks]`` the task each task of ``data`` was before they were reordered
             (``EBCC`` sorts a sparse crowd's tasks for the native kernel): each restart then
             starts every task where it starts in the original order, so the fit is the one the
@@ -433,7 +438,8 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
         if screening and screen_on is not None:
             sample, sample_weight, rows_in_whole = screen_on
             sample_weight = sample_weight.astype(dtype) * sample.task_mask
-            sample_rows = _native.ebcc_rows(sample, native_width) if native else None
+            sample_rows = _native.ebcc_rows(sample, native_sample_width or native_width) \
+                if native else None
 
             def on_sample(k):
                 state = init(sample, k, sample_weight, n_subtypes, rows_in_whole, sample_rows)
@@ -732,7 +738,7 @@ class EBCC(Aggregator):
                 inverse = rank if inverse is None else rank[inverse]
             weight = _padded(fit_counts, data.n_tasks, dtype)
             screen_iter, keep = self._screening(rows.n_answers)
-            screen_on = None
+            screen_on = sample_width = None
             n_draw = self._screen_draws(tensor.n_tasks)
             if screen_iter is not None and n_draw is not None:
                 sample, sample_weight, sample_rows = screening_sample(rows, counts, n_draw, self.seed)
@@ -740,6 +746,8 @@ class EBCC(Aggregator):
                                 dtype=dtype)
                 screen_on = (sdata, _padded(sample_weight, sdata.n_tasks, dtype),
                              _padded(sample_rows, sdata.n_tasks, jnp.int32))
+                if width is not None:  # the sample's own rows (its busiest task may be left out)
+                    sample_width = _native.coo_tiers(sample.task, sdata.n_tasks)
             batch = self.restart_batch or (8 if layout == "dense" and not self.native_used_ else 1)
             res = fit(data, jax.random.key(self.seed), weight,
                       n_subtypes=self.n_subtypes, restarts=self.restarts,
@@ -748,7 +756,7 @@ class EBCC(Aggregator):
                       beta_off=self.beta_off, empirical_prior=self.empirical_prior,
                       screen_iter=screen_iter, keep=keep, screen_on=screen_on,
                       accelerate=self._accelerate(rows.n_answers), native=self.native_used_,
-                      native_width=width, origin=origin,
+                      native_width=width, native_sample_width=sample_width, origin=origin,
                       native_special=self.native != "off")
             res = jax.tree_util.tree_map(np.asarray, res)
         post, sub = res.posteriors[: rows.n_tasks], res.subtypes[: rows.n_tasks]
