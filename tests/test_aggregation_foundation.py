@@ -300,9 +300,10 @@ def test_shared_shapes_compile_once_for_a_collection_with_the_same_results():
     """Inside shared_shapes, crowds with one class count are padded to one shape: Dawid-Skene
     (COO, XLA) compiles once for three binary datasets of different sizes, and every fit equals
     the fit outside the block (labels exactly, posteriors to float rounding); MACE's random
-    starts give the same labels too."""
+    starts give the same labels too, and where its sweeps run native, their rows share one
+    width: one program for the three."""
     from conftest import DATA
-    from crowdllm.aggregation import MACE, shared_shapes
+    from crowdllm.aggregation import MACE, _native, shared_shapes
     from crowdllm.aggregation import dawid_skene as ds_kernel
     from crowdllm.labels import read_answers
 
@@ -322,13 +323,15 @@ def test_shared_shapes_compile_once_for_a_collection_with_the_same_results():
         with shared_shapes(tensors) as floors:
             shapes = {(d.task.shape, d.task_mask.shape, d.worker_mask.shape)
                       for d in (prepare(t, layout="coo") for t in tensors)}
-            before = ds_kernel.fit._cache_size()
+            before = ds_kernel.fit._cache_size(), _native.mace_fit_restarts._cache_size()
             shared_ds, shared_mace = fits()
-            compiled = ds_kernel.fit._cache_size() - before
+            compiled = ds_kernel.fit._cache_size() - before[0]
+            compiled_mace = _native.mace_fit_restarts._cache_size() - before[1]
     assert len(shapes) == 1 and floors[(2, "coo")] == [(
         max(bucket(t.n_tasks) for t in tensors), max(bucket(t.n_workers) for t in tensors),
-        max(bucket(t.n_answers) for t in tensors))]
+        max(bucket(t.n_answers) for t in tensors), 24)]  # rows of 11, 21, 21 slots: 24
     assert compiled <= 1  # one program for the three (none if an earlier test compiled it)
+    assert compiled_mace <= 1 and shared_mace[0].native_used_ == _native.available()
     for a, b in zip(plain_ds, shared_ds):
         np.testing.assert_array_equal(a.label_codes_, b.label_codes_)
         np.testing.assert_allclose(a.probas_, b.probas_, atol=1e-5)

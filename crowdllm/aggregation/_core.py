@@ -137,7 +137,9 @@ def choose_layout(tensor: LabelTensor, layout: Layout = "auto") -> str:
     return "dense" if tensor.density >= 0.5 else "coo"
 
 
-Shape = tuple[int, int, int]  # (tasks, workers, answers) a crowd is padded to
+#: (tasks, workers, answers) a crowd is padded to, and on the COO layout the row width of the
+#: native sweep (``_native.coo_tiers``; 0 on the dense layout, or where not needed)
+Shape = tuple[int, int, int, int]
 
 # (n_classes, layout) -> the shapes prepare may pad to, smallest first, and the padding limit;
 # set by shared_shapes
@@ -145,11 +147,17 @@ _FLOORS: contextvars.ContextVar[tuple[dict[tuple[int, str], list[Shape]], float]
     contextvars.ContextVar("crowdllm_shared_shapes", default=({}, 1.0))
 
 
-def _own_shape(tensor: LabelTensor, layout: str) -> Shape:
-    """The bucketed shape ``prepare`` gives a crowd (the dense worker axis is exact: 0 here)."""
+def _own_shape(tensor: LabelTensor, layout: str, width: bool = True) -> Shape:
+    """The bucketed shape ``prepare`` gives a crowd (the dense worker axis is exact: 0 here), and
+    on COO its rows' width on the native sweep (``width``; else 0)."""
     if layout == "dense":
-        return (bucket(tensor.n_tasks), 0, 0)
-    return (bucket(tensor.n_tasks), bucket(tensor.n_workers), bucket(tensor.n_answers))
+        return (bucket(tensor.n_tasks), 0, 0, 0)
+    row = 0
+    if width:
+        from ._native import _rounded, coo_row_width
+
+        row = _rounded(coo_row_width(tensor.task, tensor.n_tasks))
+    return (bucket(tensor.n_tasks), bucket(tensor.n_workers), bucket(tensor.n_answers), row)
 
 
 def _size(shape: Shape, layout: str) -> int:
@@ -167,7 +175,8 @@ def shared_shapes(tensors: Iterable[LabelTensor], *, max_pad: float = 4.0
     sorted by size (answers in the COO layout, tasks in the dense one, whose worker axis stays
     exact) and cut into groups whose largest is at most ``max_pad`` times the smallest; inside
     the block, :func:`prepare` pads a crowd to its group's shape (the largest bucket of each
-    axis in the group), so a method compiles once per group. Padding is inert (zero-weight
+    axis in the group; on COO, the native sweep's rows as wide as the group's widest), so a
+    method compiles once per group. Padding is inert (zero-weight
     answers, masked tasks and workers): results equal the unpadded fit's, to float rounding.
     It costs run time in proportion (at most ``max_pad`` times), which is small beside a
     compile on small crowds. Any crowd prepared inside the block, in the collection or not, is
@@ -194,7 +203,7 @@ def shared_shapes(tensors: Iterable[LabelTensor], *, max_pad: float = 4.0
             else:
                 groups.append([shape])
         merged = floors.setdefault((k, layout), [])
-        merged += [tuple(max(s[i] for s in g) for i in range(3)) for g in groups]
+        merged += [tuple(max(s[i] for s in g) for i in range(4)) for g in groups]
         merged.sort(key=lambda s: _size(s, layout))
     token = _FLOORS.set((floors, max_pad))
     try:
@@ -206,12 +215,19 @@ def shared_shapes(tensors: Iterable[LabelTensor], *, max_pad: float = 4.0
 def _shared_shape(tensor: LabelTensor, layout: str) -> Shape:
     """The shape ``prepare`` pads a crowd to: its own buckets, or inside :func:`shared_shapes`
     the smallest shared shape that holds it (within the padding limit)."""
-    own = _own_shape(tensor, layout)
     floors, max_pad = _FLOORS.get()
-    for f in floors.get((max(tensor.n_classes, 1), layout), ()):
+    shared = floors.get((max(tensor.n_classes, 1), layout), ())
+    own = _own_shape(tensor, layout, width=bool(shared))
+    for f in shared:
         if all(a >= b for a, b in zip(f, own)) and _size(f, layout) <= max_pad * _size(own, layout):
             return f
     return own
+
+
+def shared_row_width(tensor: LabelTensor) -> int:
+    """Inside :func:`shared_shapes`, the row width of the native COO sweep that ``tensor``'s
+    group shares (0 outside, or where the crowd has its own shape)."""
+    return _shared_shape(tensor, "coo")[3]
 
 
 def prepare(
@@ -239,7 +255,7 @@ def prepare(
     # to the default device first
     put = jnp.asarray if _MESH.get() is None else np.asarray
     n_t, n_w, n_a = tensor.n_tasks, tensor.n_workers, tensor.n_answers
-    fT, fW, fA = _shared_shape(tensor, layout)  # the buckets, or a shared shape (shared_shapes)
+    fT, fW, fA, _ = _shared_shape(tensor, layout)  # the buckets, or a shared shape (shared_shapes)
     T = fT if pad else max(n_t, 1)
     W = fW if pad else max(n_w, 1)
     task_mask = np.zeros(T, dtype=dtype)

@@ -585,10 +585,14 @@ def coo_use(native: str, data: Any, tensor: Any, columns: int | None = None
 
     if not isinstance(data, Coo):
         return use(native, data, columns), None
+    from ._core import shared_row_width
+
     columns = data.n_classes if columns is None else columns
     width = coo_tiers(tensor.task, tensor.n_tasks,
                       tier_call_slots(2 + data.n_workers * data.n_classes, columns), data.n_tasks)
     on = use(native, data, columns=columns, row_slots=(width, tensor.n_tasks, tensor.n_answers))
+    if on and not isinstance(width, tuple):  # inside shared_shapes: the group's (one program)
+        width = max(width, shared_row_width(tensor))
     return on, width if on else None
 
 
