@@ -66,7 +66,7 @@ def main() -> int:
     classes = {"ds": (DawidSkene, fixed), "onecoin-ds": (OneCoinDawidSkene, fixed),
                "ibcc": (IBCC, {"tol": None, "atol": -1.0}),
                "mace": (MACE, {"tol": -1.0, "n_restarts": 1})}
-    print(f"# {machine()}")
+    print(f"machine: {machine()}")
     print(f"# sparse crowd: {n:,} tasks, 10,000 annotators, {task.size:,} answers, 5 classes; "
           f"{a.iters} iterations timed; rows: {_native.coo_tiers(task, n)}")
     print(f"{'method':12s} {'native ms/it':>12s} {'XLA ms/it':>10s} {'ratio':>6s} "

@@ -85,7 +85,7 @@ def test_method_table_times_crowdkit_beside_ours_and_bounds_a_timeout():
 @pytest.mark.parametrize("script", ["classical_speed", "ebcc_speed", "merge_speed",
                                     "restarts_speed", "compile_time", "gpu_parity",
                                     "ds_step_variants", "ebcc_sweep_native", "ebcc_sparse",
-                                    "glad_m_step"])
+                                    "glad_m_step", "coo_native", "coo_row_width"])
 def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
     """The benchmark scripts call kernels by their internal signatures, so a change of those
     can break a script silently (``classical_speed`` did, session 3); run each end to end on a
@@ -96,8 +96,8 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
 
     from crowdllm.aggregation import _native
 
-    if script in ("merge_speed", "ebcc_sweep_native", "ebcc_sparse", "glad_m_step") \
-            and not _native.available():
+    if script in ("merge_speed", "ebcc_sweep_native", "ebcc_sparse", "glad_m_step",
+                  "coo_native", "coo_row_width") and not _native.available():
         pytest.skip(f"native kernels unavailable: {_native.why_unavailable()}")
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     mod = importlib.import_module(script)
@@ -113,7 +113,13 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
             "ebcc_sweep_native": ["--tasks", "3000", "--repeats", "1", "--classes", "3"],
             "ebcc_sparse": ["--tasks", "2000", "--sweeps", "4", "--repeats", "1",
                             "--subtypes", "3"],
-            "glad_m_step": ["--n", "3000", "--iters", "5", "--repeats", "2"]}[script]
+            "glad_m_step": ["--n", "3000", "--iters", "5", "--repeats", "2"],
+            # 20 tasks of 300 answers among 2,000 of 3: the rows in tiers by width (301 slots
+            # rounded up to 384)
+            "coo_native": ["--tasks", "2000", "--iters", "2", "--repeats", "1", "--methods",
+                           "ds,mace", "--control", "20", "--control-answers", "300"],
+            "coo_row_width": ["--tasks", "3000", "--widths", "4,6", "--calls", "2",
+                              "--repeats", "1"]}[script]
     monkeypatch.setattr(sys, "argv", [script] + argv)
     mod.main()
     out = capsys.readouterr().out
@@ -125,7 +131,9 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
              "ebcc_sweep_native": ["XLA (subtype_sweep)", "native (ebcc_sweep)",
                                    "groups [5, 5, 2]", "same sweep"],
              "ebcc_sparse": ["native ", "XLA ", "faster a sweep", "sorted by first annotator"],
-             "glad_m_step": ["| native |", "| jax |", "between the two fits"]}[script]
+             "glad_m_step": ["| native |", "| jax |", "between the two fits"],
+             "coo_native": ["rows: ((4, ", "(384, 20))", "\nds ", "\nmace "],
+             "coo_row_width": ["width   4:", "width   6:", "one call on 8 tasks"]}[script]
     for name in names:
         assert name in out, out
     assert "FAILED" not in out, out

@@ -323,6 +323,12 @@ def check_option(native: str) -> str:
 MAX_SLOTS_PER_ANSWER = 4
 
 
+def _mostly_empty(slots: int, n_tasks: int, n_answers: int) -> bool:
+    """Rows of ``slots`` slots for ``n_tasks`` tasks' ``n_answers`` answers are too empty to
+    sweep (:data:`MAX_SLOTS_PER_ANSWER`, give or take a tier's cost)."""
+    return slots > MAX_SLOTS_PER_ANSWER * (n_answers + n_tasks) + TIER_SLOTS
+
+
 def use(native: str, data: Any, columns: int | None = None,
         row_slots: tuple[Any, int, int] | None = None) -> bool:
     """Whether an aggregator with option ``native`` runs ``data`` on the kernel (``on`` where it
@@ -333,7 +339,7 @@ def use(native: str, data: Any, columns: int | None = None,
     if why_not is None and row_slots is not None:
         width, n_tasks, n_answers = row_slots
         slots = coo_slots(width, n_tasks)
-        if slots > MAX_SLOTS_PER_ANSWER * (n_answers + n_tasks) + TIER_SLOTS:
+        if _mostly_empty(slots, n_tasks, n_answers):
             widest = max(w for w, _ in _tier_list(width, n_tasks))
             why_not = (f"a task has {widest - 1} answers, the mean "
                        f"{n_answers / max(n_tasks, 1):.1f}: its rows' {slots} slots would be "
@@ -1239,8 +1245,8 @@ def coo_slots(width: RowWidth, n_tasks: int) -> int:
 
 
 #: what one more tier costs a sweep besides its table (:func:`coo_tiers`' ``call_slots``), in
-#: empty row slots: an empty slot adds a zero row that stays in cache (~0.75 ns on the 2-core
-#: AMD host: rows of 8 slots instead of 4 at 1,000,000 tasks took 32 ms a sweep instead of 29)
+#: empty row slots: an empty slot adds a zero row that stays in cache (``benchmarks/
+#: coo_row_width.py``: rows of 6 or 8 slots instead of 4 at 1,000,000 tasks, 0-30 % more a sweep)
 TIER_SLOTS = 65_536
 
 
@@ -1256,7 +1262,7 @@ def _rounded(width: int) -> int:
 def tier_call_slots(n_codes: int, columns: int) -> int:
     """What one more tier costs a sweep, in empty row slots (:func:`coo_tiers`): a kernel call,
     whose threads each fill a table of sums (``n_codes`` rows of ``columns`` padded to 8) that
-    are then added up (at 1,000,000 tasks, 10,000 annotators x 5 labels: ~0.8 ms a call)."""
+    are then added up (10,000 annotators x 5 labels: 0.8-1.3 ms a call on 8 tasks)."""
     return TIER_SLOTS + 2 * n_codes * _width(columns)
 
 
@@ -1282,9 +1288,13 @@ def coo_tiers(task: np.ndarray, n_tasks: int, call_slots: int = TIER_SLOTS,
     hist = np.bincount(need)  # tasks per needed width
     at_most = np.cumsum(hist)  # tasks needing at most w slots
     top = len(hist) - 1
-    n_answers = int(np.asarray(task).size)
-    if top * max(n_tasks, 1) <= MAX_SLOTS_PER_ANSWER * (n_answers + max(n_tasks, 1)):
+    n_answers, n_real = int(np.asarray(task).size), max(n_tasks, 1)
+    if top * n_real <= MAX_SLOTS_PER_ANSWER * (n_answers + n_real):
         return _rounded(top)
+
+    def too_empty(tiers):  # as use() counts them (the crowd's own tasks)
+        return _mostly_empty(coo_slots(tuple(tiers), n_real), n_real, n_answers)
+
     best = None
     for w0 in sorted({int(np.searchsorted(at_most, q * T))
                       for q in (.5, .75, .9, .95, .99, .999)} | {top}):
@@ -1297,18 +1307,23 @@ def coo_tiers(task: np.ndarray, n_tasks: int, call_slots: int = TIER_SLOTS,
             if n:
                 tiers.append((int(np.flatnonzero(hist[: hi + 1])[-1]), n))
             lo = hi
-        # a tier whose rows cost fewer slots than a call joins the next
+        # a tier whose rows cost fewer slots than a call joins the next (unless that leaves the
+        # rows too empty for use: the kernel would not take them)
         k = 0
         while k < len(tiers) - 1:
             (w, n), (w2, n2) = tiers[k], tiers[k + 1]
-            if (w2 - w) * (T if k == 0 else n) < call_slots:
-                tiers[k: k + 2] = [(w2, n + n2)]
-                k = max(k - 1, 0)
+            joined = tiers[:k] + [(w2, n + n2)] + tiers[k + 2:]
+            if (w2 - w) * (T if k == 0 else n) < call_slots and not too_empty(joined):
+                tiers, k = joined, max(k - 1, 0)
             else:
                 k += 1
+        if too_empty(tiers):
+            continue
         key = coo_slots(tuple(tiers), T) + call_slots * (len(tiers) - 1)
         if best is None or key < best[0]:
             best = key, tuple(tiers)
+    if best is None:  # every candidate too empty (use() says so)
+        return _rounded(top)
     widths = sorted({_rounded(w) for w, _ in best[1]})
     if len(widths) == 1:
         return widths[0]
