@@ -341,9 +341,9 @@ def use(native: str, data: Any, columns: int | None = None,
         slots = coo_slots(width, n_tasks)
         if _mostly_empty(slots, n_tasks, n_answers):
             widest = max(w for w, _ in _tier_list(width, n_tasks))
-            why_not = (f"a task has {widest - 1} answers, the mean "
-                       f"{n_answers / max(n_tasks, 1):.1f}: its rows' {slots} slots would be "
-                       f"mostly empty, even in tiers by width (COO layout)")
+            why_not = (f"rows of up to {widest} slots for {n_answers / max(n_tasks, 1):.1f} "
+                       f"answers a task: their {slots} slots would be mostly empty, even in "
+                       f"tiers by width (COO layout)")
     if why_not is not None and native == "on":
         raise ValueError(f"native='on', but the native kernel cannot run: {why_not}")
     return why_not is None
