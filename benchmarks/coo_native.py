@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--control-answers", type=int, default=2000)
     a = ap.parse_args()
 
-    from crowdllm.aggregation import IBCC, MACE, DawidSkene, OneCoinDawidSkene, _native
+    from crowdllm.aggregation import IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core, _native
     from crowdllm.eval.speed import machine, sparse_crowd
     from crowdllm.labels import LabelTensor
 
@@ -68,7 +68,8 @@ def main() -> int:
                "mace": (MACE, {"tol": -1.0, "n_restarts": 1})}
     print(f"machine: {machine()}")
     print(f"# sparse crowd: {n:,} tasks, 10,000 annotators, {task.size:,} answers, 5 classes; "
-          f"{a.iters} iterations timed; rows: {_native.coo_tiers(task, n)}")
+          f"{a.iters} iterations timed; rows: "
+          f"{_native.coo_layout(_core.prepare(tensor, layout='coo'), tensor)}")
     print(f"{'method':12s} {'native ms/it':>12s} {'XLA ms/it':>10s} {'ratio':>6s} "
           f"{'native setup s':>14s} {'XLA setup s':>11s} {'accuracy':>9s}")
     for name in a.methods.split(","):

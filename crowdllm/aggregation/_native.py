@@ -92,7 +92,7 @@ __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Pl
            "decode",
            "glad_e", "glad_grad", "glad_m", "glad_rows", "glad_fit", "block", "unblock", "bwa_fit",
            "ratio_sums", "ratio_values", "ebcc_rows", "ebcc_coo_rows", "coo_row_width",
-           "coo_tiers", "coo_slots", "tier_call_slots", "RowWidth", "EbccTiers",
+           "coo_tiers", "coo_layout", "coo_slots", "tier_call_slots", "RowWidth", "EbccTiers",
            "coo_task_order", "digamma_gammaln", "special_calls", "special_allowed",
            "ebcc_sweep", "ebcc_posteriors", "ebcc_counts",
            "track_buffer", "sums_tracked"]
@@ -594,8 +594,7 @@ def coo_use(native: str, data: Any, tensor: Any, columns: int | None = None
     from ._core import shared_row_width
 
     columns = data.n_classes if columns is None else columns
-    width = coo_tiers(tensor.task, tensor.n_tasks,
-                      tier_call_slots(2 + data.n_workers * data.n_classes, columns), data.n_tasks)
+    width = coo_layout(data, tensor, columns)
     on = use(native, data, columns=columns, row_slots=(width, tensor.n_tasks, tensor.n_answers))
     if on and not isinstance(width, tuple):  # inside shared_shapes: the group's (one program)
         width = max(width, shared_row_width(tensor))
@@ -1264,6 +1263,15 @@ def tier_call_slots(n_codes: int, columns: int) -> int:
     whose threads each fill a table of sums (``n_codes`` rows of ``columns`` padded to 8) that
     are then added up (10,000 annotators x 5 labels: 0.8-1.3 ms a call on 8 tasks)."""
     return TIER_SLOTS + 2 * n_codes * _width(columns)
+
+
+def coo_layout(data: Any, tensor: Any, columns: int | None = None) -> RowWidth:
+    """The rows of ``tensor``'s answers prepared as the Coo crowd ``data`` (``columns``: the
+    latent columns, by default the classes): :func:`coo_tiers` with a tier costed on this
+    crowd's table (:func:`tier_call_slots`), the padded tasks in the first tier."""
+    columns = data.n_classes if columns is None else columns
+    return coo_tiers(tensor.task, tensor.n_tasks,
+                     tier_call_slots(2 + data.n_workers * data.n_classes, columns), data.n_tasks)
 
 
 def coo_tiers(task: np.ndarray, n_tasks: int, call_slots: int = TIER_SLOTS,

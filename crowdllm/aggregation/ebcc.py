@@ -747,8 +747,8 @@ class EBCC(Aggregator):
                 screen_on = (sdata, _padded(sample_weight, sdata.n_tasks, dtype),
                              _padded(sample_rows, sdata.n_tasks, jnp.int32))
                 if width is not None:  # the sample's own rows (its busiest task may be left out)
-                    sample_width = _native.coo_tiers(sample.task, sample.n_tasks,
-                                                     n_rows=sdata.n_tasks)
+                    sample_width = _native.coo_layout(sdata, sample,
+                                                      columns=data.n_classes * self.n_subtypes)
             batch = self.restart_batch or (8 if layout == "dense" and not self.native_used_ else 1)
             res = fit(data, jax.random.key(self.seed), weight,
                       n_subtypes=self.n_subtypes, restarts=self.restarts,
