@@ -174,13 +174,22 @@ def test_jit_and_no_jit_agree(cls):
 
 @pytest.mark.parametrize("cls", FOUNDATION)
 def test_coo_and_dense_layouts_agree(cls):
+    """The two layouts give the same fit, and so does the panel padded with a wider panel's
+    annotators (shared_shapes: the padded workers are masked, and cut from the results)."""
+    from crowdllm.aggregation import shared_shapes
+
     t, *_ = sample_ds(n_tasks=500, n_workers=7, n_classes=4, seed=4, p_answer=0.9)
     a = cls(layout="coo").fit(t)
     b = cls(layout="dense").fit(t)
-    np.testing.assert_allclose(a.probas_, b.probas_, atol=2e-5)
-    assert (a.labels_ == b.labels_).mean() == 1.0
-    if hasattr(a, "skills_"):
-        np.testing.assert_allclose(a.skills_, b.skills_, atol=2e-5)
+    wider = sample_ds(n_tasks=300, n_workers=11, n_classes=4, seed=9)[0]
+    with shared_shapes([t, wider]):
+        assert prepare(t, layout="dense").labels.shape == (bucket(500), 11)
+        c = cls(layout="dense").fit(t)
+    for other in (b, c):
+        np.testing.assert_allclose(a.probas_, other.probas_, atol=2e-5)
+        assert (a.labels_ == other.labels_).mean() == 1.0
+        if hasattr(a, "skills_"):
+            np.testing.assert_allclose(a.skills_, other.skills_, atol=2e-5)
 
 
 def test_second_call_with_same_bucket_does_not_recompile():
@@ -343,10 +352,11 @@ def test_shared_shapes_compile_once_for_a_collection_with_the_same_results():
     assert prepare(t, layout="coo").task.shape == (bucket(t.n_answers),)
 
 
-def test_shared_shapes_pads_dense_tasks_only_within_the_limit_and_never_shrinks():
-    """Dense panels share the task axis (the worker axis stays exact); a crowd larger than the
-    collection's shapes keeps its own bucket; other class counts are untouched; no crowd is
-    padded past max_pad times its own size (sizes 30x apart make two groups by default)."""
+def test_shared_shapes_pads_panels_within_the_limit_and_never_shrinks():
+    """Dense panels share the task axis and the worker axis (a panel's own worker axis is
+    exact); a crowd larger than the collection's shapes keeps its own bucket; other class counts
+    are untouched; no crowd is padded past max_pad times its own size (cells on a panel, answers
+    on COO: sizes 44x apart make two groups by default)."""
     from crowdllm.aggregation import shared_shapes
 
     small = sample_ds(n_tasks=100, n_workers=4, n_classes=3, seed=1)[0]
@@ -354,18 +364,27 @@ def test_shared_shapes_pads_dense_tasks_only_within_the_limit_and_never_shrinks(
     other = sample_ds(n_tasks=50, n_workers=4, n_classes=4, seed=3)[0]
     with shared_shapes([small]):
         assert prepare(big, layout="dense").labels.shape == (bucket(3000), 6)
-    with shared_shapes([small, big]) as floors:  # 3072 / 104 tasks: over the default 4x
+    with shared_shapes([small, big]) as floors:  # 3072 x 6 / 104 x 4 cells: over the default 4x
         assert len(floors[(3, "dense")]) == 2
         assert prepare(small, layout="dense").labels.shape == (bucket(100), 4)
     with shared_shapes([small, big], max_pad=64):
         d = prepare(small, layout="dense")
-        assert d.labels.shape == (bucket(3000), 4)
-        assert float(d.task_mask.sum()) == 100
+        assert d.labels.shape == (bucket(3000), 6)
+        assert float(d.task_mask.sum()) == 100 and d.worker_mask.tolist() == [1] * 4 + [0] * 2
+        assert (np.asarray(d.labels)[:, 4:] == -1).all()
         c = prepare(small, layout="coo")
         assert c.task.shape == (bucket(big.n_answers),) and float(c.weight.sum()) == small.n_answers
         assert c.worker_mask.shape == (bucket(6),) and float(c.worker_mask.sum()) == 4
         assert prepare(other, layout="coo").task.shape == (bucket(other.n_answers),)
         assert prepare(small, layout="coo", pad=False).task.shape == (small.n_answers,)
+    # a group's shape is within max_pad of each of its crowds: 100 x 12 and 25 x 48 panels have
+    # 1,200 cells each, but one shape for both would have 4,800
+    tall = sample_ds(n_tasks=100, n_workers=12, n_classes=3, seed=4)[0]
+    wide = sample_ds(n_tasks=25, n_workers=48, n_classes=3, seed=5)[0]
+    with shared_shapes([tall, wide], max_pad=3.9) as floors:
+        assert sorted(floors[(3, "dense")]) == [(bucket(25), 48, 0, 0), (bucket(100), 12, 0, 0)]
+    with shared_shapes([tall, wide], max_pad=4) as floors:
+        assert floors[(3, "dense")] == [(bucket(100), 48, 0, 0)]
     with pytest.raises(ValueError, match="max_pad"):
         with shared_shapes([small], max_pad=0.5):
             pass

@@ -99,21 +99,26 @@ SCRIPT = PREAMBLE + textwrap.dedent(r'''
 # Every aggregator's class inside sharding.sharded() against the same class on one device (with
 # gold in fitting where the method takes it); the command's --shard against no --shard. One crowd
 # per method (COO or a dense panel, alternating, so each layout is covered by half of them),
-# float64 where the method offers it (float32 for the votes, whose sums are exact).
+# float64 where the method offers it (float32 for the votes, whose sums are exact). The sharded
+# fit is also padded to a larger crowd's shape (shared_shapes: more tasks, annotators and answers
+# on COO, more tasks and annotators on a panel), which must change nothing either.
 CLASSES_SCRIPT = PREAMBLE + textwrap.dedent(r'''
-    import json
+    import json, math
     from click.testing import CliRunner
-    from crowdllm.aggregation import METHODS, _core, get_method, sharding
+    from crowdllm.aggregation import METHODS, _core, get_method, shared_shapes, sharding
     from crowdllm.cli import main
 
     crowds = {"coo": crowd(301, 40, 3, 3, 0), "dense": crowd(203, 6, 6, 3, 1)}
     binary = {"coo": crowd(301, 40, 3, 2, 2), "dense": crowd(203, 6, 6, 2, 3)}
+    larger = {(k, layout): crowd(*size, k, 4 + k)
+              for k in (2, 3) for layout, size in [("coo", (420, 70, 3)), ("dense", (250, 9, 9))]}
 
-    placed = []  # the device count of every crowd prepare puts on the mesh
+    placed = []  # the device count and worker axis of every crowd prepare puts on the mesh
     _shard = sharding.shard
     def spy(data, mesh=None):
         out = _shard(data, mesh)
-        placed.append(len(jax.tree_util.tree_leaves(out)[0].sharding.device_set))
+        placed.append((len(jax.tree_util.tree_leaves(out)[0].sharding.device_set),
+                       data.worker_mask.shape[0]))
         return out
     sharding.shard = spy
 
@@ -133,10 +138,12 @@ CLASSES_SCRIPT = PREAMBLE + textwrap.dedent(r'''
                 if get_method(name).supports_gold else None)
         one = get_method(name, **params).fit(tensor, gold=gold)
         del placed[:]
-        with sharding.sharded() as mesh:
+        with sharding.sharded() as mesh, shared_shapes([tensor, larger[tensor.n_classes, layout]],
+                                                       max_pad=math.inf):
             assert mesh.devices.size == 4
             many = get_method(name, **params).fit(tensor, gold=gold)
-        assert placed and set(placed) == {4}, (name, placed)  # the data really was split
+        # the data really was split, and padded with the larger crowd's annotators
+        assert placed and set(placed) == {(4, 9 if layout == "dense" else 72)}, (name, placed)
         np.testing.assert_allclose(many.probas_, one.probas_, rtol=0, atol=1e-5, err_msg=name)
         np.testing.assert_array_equal(many.label_codes_, one.label_codes_, err_msg=name)
         assert many.n_iter_ == one.n_iter_ or "dtype" not in params, (name, many.n_iter_, one.n_iter_)

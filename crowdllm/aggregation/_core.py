@@ -138,7 +138,9 @@ def choose_layout(tensor: LabelTensor, layout: Layout = "auto") -> str:
 
 
 #: (tasks, workers, answers) a crowd is padded to, and on the COO layout the row width of the
-#: native sweep (``_native.coo_tiers``; 0 on the dense layout, or where not needed)
+#: native sweep (``_native.coo_tiers``; 0 on the dense layout, or where not needed). A dense
+#: panel's worker axis is its own (no bucket) but inside :func:`shared_shapes` its group's
+#: widest; its answers are 0
 Shape = tuple[int, int, int, int]
 
 # (n_classes, layout) -> the shapes prepare may pad to, smallest first, and the padding limit;
@@ -148,10 +150,10 @@ _FLOORS: contextvars.ContextVar[tuple[dict[tuple[int, str], list[Shape]], float]
 
 
 def _own_shape(tensor: LabelTensor, layout: str, width: bool = True) -> Shape:
-    """The bucketed shape ``prepare`` gives a crowd (the dense worker axis is exact: 0 here), and
-    on COO its rows' width on the native sweep (``width``; else 0)."""
+    """The bucketed shape ``prepare`` gives a crowd (the dense worker axis is exact), and on COO
+    its rows' width on the native sweep (``width``; else 0)."""
     if layout == "dense":
-        return (bucket(tensor.n_tasks), 0, 0, 0)
+        return (bucket(tensor.n_tasks), max(tensor.n_workers, 1), 0, 0)
     row = 0
     if width:
         from ._native import _rounded, coo_row_width
@@ -161,7 +163,13 @@ def _own_shape(tensor: LabelTensor, layout: str, width: bool = True) -> Shape:
 
 
 def _size(shape: Shape, layout: str) -> int:
-    return shape[0] if layout == "dense" else shape[2]
+    """What a fit's run time follows: a panel's cells, a sparse crowd's answers."""
+    return shape[0] * shape[1] if layout == "dense" else shape[2]
+
+
+def _joined(shapes: Iterable[Shape]) -> Shape:
+    """The smallest shape that holds each of ``shapes`` (each axis's largest)."""
+    return tuple(max(axis) for axis in zip(*shapes))  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -172,11 +180,11 @@ def shared_shapes(tensors: Iterable[LabelTensor], *, max_pad: float = 4.0
     Each (method, shape) pair compiles once; crowds of different sizes get different size
     buckets, so running a method over many datasets compiles it once per dataset, which on
     small data takes longer than the fit. Here the crowds with one class count and layout are
-    sorted by size (answers in the COO layout, tasks in the dense one, whose worker axis stays
-    exact) and cut into groups whose largest is at most ``max_pad`` times the smallest; inside
-    the block, :func:`prepare` pads a crowd to its group's shape (the largest bucket of each
-    axis in the group; on COO, the native sweep's rows as wide as the group's widest), so a
-    method compiles once per group. Padding is inert (zero-weight
+    sorted by size (answers in the COO layout, cells in the dense one) and cut into groups whose
+    shape (the largest bucket of each axis in the group; a panel's worker axis is not bucketed)
+    is at most ``max_pad`` times the size of any crowd in it; inside the block, :func:`prepare`
+    pads a crowd to its group's shape (on COO, the native sweep's rows as wide as the group's
+    widest too), so a method compiles once per group. Padding is inert (zero-weight
     answers, masked tasks and workers): results equal the unpadded fit's, to float rounding.
     It costs run time in proportion (at most ``max_pad`` times), which is small beside a
     compile on small crowds. Any crowd prepared inside the block, in the collection or not, is
@@ -197,13 +205,14 @@ def shared_shapes(tensors: Iterable[LabelTensor], *, max_pad: float = 4.0
     for (k, layout), shapes in own.items():
         shapes.sort(key=lambda s: _size(s, layout), reverse=True)
         groups: list[list[Shape]] = []
-        for shape in shapes:
-            if groups and _size(shape, layout) * max_pad >= _size(groups[-1][0], layout):
+        for shape in shapes:  # the smallest yet: the group's shape within max_pad of it
+            if groups and (_size(_joined(groups[-1] + [shape]), layout)
+                           <= max_pad * _size(shape, layout)):
                 groups[-1].append(shape)
             else:
                 groups.append([shape])
         merged = floors.setdefault((k, layout), [])
-        merged += [tuple(max(s[i] for s in g) for i in range(4)) for g in groups]
+        merged += [_joined(g) for g in groups]
         merged.sort(key=lambda s: _size(s, layout))
     token = _FLOORS.set((floors, max_pad))
     try:
@@ -263,16 +272,14 @@ def prepare(
     g = np.full(T, -1, dtype=np.int32)
     if gold is not None:
         g[:n_t] = gold
-    if layout == "dense":
-        W = max(n_w, 1)  # the worker axis of a panel is small: no need to pad it
-        worker_mask = np.ones(W, dtype=dtype)
+    worker_mask = np.zeros(W, dtype=dtype)
+    worker_mask[:n_w] = 1
+    if layout == "dense":  # the worker axis: its own, or its group's in shared_shapes
         dense = np.full((T, W), -1, dtype=np.int8 if tensor.n_classes <= 127 else np.int16)
         dense[tensor.task, tensor.worker] = tensor.label
         return _placed(Dense(labels=put(dense), task_mask=put(task_mask),
                              worker_mask=put(worker_mask), gold=put(g),
                              n_classes=max(tensor.n_classes, 1)))
-    worker_mask = np.zeros(W, dtype=dtype)
-    worker_mask[:n_w] = 1
     A = fA if pad else max(n_a, 1)
     # Sorting by task keeps each task's answers together: segment sums then read and write
     # memory in order.

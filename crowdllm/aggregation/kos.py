@@ -24,7 +24,8 @@ million items x 12 annotators: 100 iterations in well under a second on 2 CPU co
 edge form took 14 s). The edge form is kept as :func:`fit_edges` (the tests check the two agree).
 
 The messages grow geometrically (like a power iteration); every iteration divides the state
-:math:`(S, Y)` by its root mean square, which changes no sign (the update is linear), so nothing
+:math:`(S, Y)` by its root mean square over the real tasks and annotators (so a crowd padded to
+a shared shape keeps its scale), which changes no sign (the update is linear), so nothing
 overflows and no iteration has to be cut short (crowd-kit stops early when a message passes
 1e30, from whatever iteration it reached).
 Ties (:math:`\sum = 0`) give probabilities 1/2, 1/2; the returned label is then the first class,
@@ -94,14 +95,15 @@ def fit(data: CrowdData, key: jax.Array, *, n_iter: int | jax.Array = 100) -> Ko
     S, Y = task_sum(data, sign * y), worker_sum(data, y)
     n_t = task_sum(data, jnp.broadcast_to(view.weight, shape))
     n_w = worker_sum(data, jnp.broadcast_to(view.weight, shape))
+    # the real tasks and annotators: padding (shared_shapes) leaves the scale as it was
+    n_nodes = jnp.maximum(data.task_mask.sum() + data.worker_mask.sum(), 1.0)
 
     def body(_, state):
         S, Y = state
         R = worker_sum(data, sign * S[view.task]) - Y
         Y = (n_w - 1.0) * R
         S = task_sum(data, sign * R[view.worker]) - (n_t - 1.0) * S
-        scale = jnp.sqrt(jnp.maximum(((S * S).sum() + (Y * Y).sum())
-                                     / jnp.maximum(n_t.size + n_w.size, 1), TINY))
+        scale = jnp.sqrt(jnp.maximum(((S * S).sum() + (Y * Y).sum()) / n_nodes, TINY))
         return S / scale, Y / scale
 
     score, Y = jax.lax.fori_loop(0, n_iter, body, (S, Y))
