@@ -60,35 +60,36 @@ def data_dir() -> Path:
     return DATA
 
 
-# Seconds each heavy test file keeps one pytest worker busy on the 2-core CI host (session 14:
-# its tests among the 120 slowest of one full run with two workers, before the parity modules
-# lost the 4x padding limit; the suite is compile-bound: over half of its worker time is XLA
-# compiling a program per method and shape). Files run heaviest first, so that with
-# ``--dist loadfile --no-loadscope-reorder`` (tests/run.sh) the workers are not left with one
-# big file each at the end while the other idles. Only the order changes; files not listed (the
-# light ones, each under ~20 s) follow in collection order.
+# Seconds each heavy test file keeps one pytest worker busy on the 2-core CI host (session 26:
+# the sums of every test's durations in one full run with two workers, warm caches; the suite is
+# compile-bound: about 60 % of its worker time is XLA compiling a program per method and
+# shape). Files run heaviest first, so that with ``--dist loadfile --no-loadscope-reorder``
+# (tests/run.sh) the workers are not left with one big file each at the end while the other
+# idles. Only the order changes; files not listed (the light ones, each under ~12 s) follow in
+# collection order.
 HEAVY_FILES = {
-    "tests/test_native.py": 273,
-    "tests/inference/test_inference_vllm.py": 268,
-    "tests/test_ebcc.py": 206,
-    "tests/test_classical_parity.py": 190,
-    "tests/test_parity_crowdkit.py": 131,
-    "tests/test_bayesian_reference.py": 118,
-    "tests/test_aggregation_foundation.py": 99,
-    "tests/test_speed_harness.py": 95,
-    "tests/test_mace.py": 88,
-    "tests/test_fast_paths.py": 86,
-    "tests/test_sharding.py": 85,  # session 16: every aggregator class sharded as well
-    "tests/test_numpyro_models.py": 60,  # session 15: NUTS and SVI start from jitted programs
-    "tests/test_mmsr.py": 46,
-    "tests/test_cli.py": 34,
-    "tests/test_glad.py": 31,
-    "tests/eval/test_eval_notebook.py": 27,
-    "tests/test_kos.py": 27,
-    "tests/eval/test_eval_bench.py": 25,
-    "tests/inference/test_inference_resume.py": 22,
-    "tests/test_multihost.py": 15,
-    "tests/eval/test_eval_report.py": 12,
+    "tests/test_native.py": 510,
+    "tests/inference/test_inference_vllm.py": 202,
+    "tests/test_speed_harness.py": 176,
+    "tests/test_ebcc.py": 146,
+    "tests/test_parity_crowdkit.py": 143,
+    "tests/test_classical_parity.py": 126,
+    "tests/test_fast_paths.py": 120,
+    "tests/test_aggregation_foundation.py": 101,
+    "tests/test_sharding.py": 100,
+    "tests/test_mace.py": 74,
+    "tests/test_bayesian_reference.py": 48,
+    "tests/test_mmsr.py": 47,
+    "tests/test_numpyro_models.py": 45,
+    "tests/test_cli.py": 41,
+    "tests/test_ibcc.py": 32,
+    "tests/test_glad.py": 27,
+    "tests/inference/test_inference_resume.py": 24,
+    "tests/test_kos.py": 23,
+    "tests/eval/test_eval_bench.py": 22,
+    "tests/eval/test_eval_notebook.py": 17,
+    "tests/test_multihost.py": 14,
+    "tests/inference/test_inference_fake_server.py": 13,
 }
 
 
