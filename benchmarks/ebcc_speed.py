@@ -56,8 +56,6 @@ def main() -> None:
                     help="the sweeps on the native kernel (auto: where it applies)")
     args = ap.parse_args()
 
-    import jax
-
     from crowdllm.aggregation import EBCC, MajorityVote
     from crowdllm.aggregation.ebcc import merge_patterns
     from crowdllm.eval import speed

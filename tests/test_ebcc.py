@@ -3,8 +3,6 @@ merge exactly, gold is clamped."""
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

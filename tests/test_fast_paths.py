@@ -45,7 +45,6 @@ def _panel(n_tasks=100, n_workers=7, n_classes=4, missing=0.3, seed=0, with_gold
         gold = np.full(tensor.n_tasks, -1, np.int32)
         idx = rng.choice(tensor.n_tasks, 10, replace=False)
         codes = {c: k for k, c in enumerate(tensor.classes.tolist())}
-        order = {tid: k for k, tid in enumerate(tensor.task_ids.tolist())}
         for i in idx:
             tid = tensor.task_ids[i]
             gold[i] = codes[f"c{truth[int(str(tid)[1:])]}"]

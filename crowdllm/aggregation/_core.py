@@ -425,6 +425,12 @@ def task_count(data: CrowdData, dtype: Any = jnp.float32) -> jax.Array:
     return task_vote(data, mask)
 
 
+def vote_posteriors(data: CrowdData, dtype: Any = jnp.float32) -> jax.Array:
+    """The majority vote's posteriors (each task's answer shares), gold clamped: where DS,
+    one-coin DS, IBCC and their native fits start."""
+    return clamp_gold(normalize(task_count(data, dtype)), data.gold)
+
+
 def worker_agreement(data: CrowdData, post: jax.Array) -> jax.Array:
     """``out[w] = sum over answers (t, w, l) of post[t, l]``: each worker's expected hits."""
     if isinstance(data, Dense):

@@ -567,9 +567,9 @@ def _n_answers(counts: jax.Array) -> jax.Array:
 
 def _vote_posteriors(data: Any) -> jax.Array:
     """The start's posteriors (majority vote, gold clamped): the result when no sweep runs."""
-    from ._core import clamp_gold, normalize, task_count
+    from ._core import vote_posteriors
 
-    return clamp_gold(normalize(task_count(data, jnp.float32)), data.gold)
+    return vote_posteriors(data, jnp.float32)
 
 
 def _gold_counts(p: Plan, rows: Rows, votes: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:

@@ -44,7 +44,7 @@ import pyarrow as pa
 
 from ..labels import LabelTensor
 from ._core import (TINY, CrowdData, clamp_gold, iterate, normalize, prepare, task_class_sum,
-                    task_count, worker_confusion)
+                    vote_posteriors, worker_confusion)
 from . import _native
 from .base import Aggregator
 
@@ -106,7 +106,7 @@ def log_prior_density(data: CrowdData, log_prior: jax.Array, log_conf: jax.Array
 def init(data: CrowdData, *, smoothing: float, init_from_gold: bool = False) -> DSState:
     """Majority-vote posteriors, then one M-step (or gold-only confusion matrices)."""
     dtype = data.task_mask.dtype
-    post = clamp_gold(normalize(task_count(data, dtype)), data.gold)
+    post = vote_posteriors(data, dtype)
     log_prior, log_conf = m_step(data, post, smoothing)
     if init_from_gold:
         is_gold = (data.gold >= 0).astype(dtype)

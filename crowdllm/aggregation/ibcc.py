@@ -56,7 +56,7 @@ import pyarrow as pa
 from jax.scipy.special import digamma, gammaln
 
 from ..labels import LabelTensor
-from ._core import (CrowdData, Loop, clamp_gold, normalize, prepare, task_class_sum, task_count,
+from ._core import (CrowdData, Loop, clamp_gold, prepare, task_class_sum, vote_posteriors,
                     worker_confusion)
 from . import _native
 from .base import Aggregator
@@ -213,7 +213,7 @@ def elbo_params(data: CrowdData, nu: jax.Array, mu: jax.Array, alpha: jax.Array,
 def init(data: CrowdData, alpha: jax.Array, beta: jax.Array) -> IBCCState:
     """Majority-vote fractions as q(z) (gold clamped), and the q(rho), q(pi) they imply."""
     dtype = data.task_mask.dtype
-    post = clamp_gold(normalize(task_count(data, dtype)), data.gold)
+    post = vote_posteriors(data, dtype)
     nu, mu, _, _ = _params(data, post, alpha, beta)
     return IBCCState(posteriors=post, nu=nu, mu=mu)
 

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import LabelTensor
-from ._core import (TINY, CrowdData, clamp_gold, iterate, normalize, prepare, task_count,
+from ._core import (TINY, CrowdData, iterate, normalize, prepare, vote_posteriors,
                     worker_agreement, worker_count)
 from . import _native
 from .base import Aggregator
@@ -72,7 +72,7 @@ def m_step(data: CrowdData, post: jax.Array, smoothing: float) -> tuple[jax.Arra
 
 def init(data: CrowdData, *, smoothing: float) -> OneCoinState:
     dtype = data.task_mask.dtype
-    post = clamp_gold(normalize(task_count(data, dtype)), data.gold)
+    post = vote_posteriors(data, dtype)
     log_prior, skills = m_step(data, post, smoothing)
     return OneCoinState(log_prior=log_prior, skills=skills, posteriors=post)
 
