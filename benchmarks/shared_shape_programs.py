@@ -11,7 +11,6 @@ jitted fit adds to its cache over those fits: one per program compiled. No timin
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -19,10 +18,9 @@ from pathlib import Path
 
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import real_tensors  # the datasets as the tests load them
+    from conftest import real_shared_shapes, real_tensors  # the tests' datasets and block
 
-    from crowdllm.aggregation import MACE, MMSR, DawidSkene, _native, mmsr, shared_shapes
-    from crowdllm.aggregation._core import choose_layout
+    from crowdllm.aggregation import MACE, MMSR, DawidSkene, _native, mmsr
 
     methods = {"mace": (MACE, [_native.mace_fit_restarts]),
                "mmsr": (MMSR, [mmsr.fit, mmsr.fit_sparse]),
@@ -31,11 +29,8 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(methods))
     a = ap.parse_args()
     tensors = real_tensors()
-    panels = [t for t in tensors if choose_layout(t, "auto") == "dense"]
-    rest = [t for t in tensors if choose_layout(t, "auto") != "dense"]
-    print(f"{len(tensors)} datasets: {len(panels)} panels, {len(rest)} sparse crowds")
-    with shared_shapes(rest, max_pad=math.inf), shared_shapes(panels, max_pad=math.inf), \
-            warnings.catch_warnings():
+    print(f"{len(tensors)} datasets")
+    with real_shared_shapes(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in a.methods.split(","):
             cls, fns = methods[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -44,6 +45,15 @@ def one_shape_per_class_count():
     saved; EBCC's six panel fits 12.5 -> 1.0 s of run time, GLAD's 10.3 -> 3.0 s with their
     compiles, session 17). In two nested blocks, ``prepare`` pads each crowd to the smallest
     shared shape that holds it, so the panels keep theirs and the COO crowds are unchanged."""
+    with real_shared_shapes():
+        yield
+
+
+@contextlib.contextmanager
+def real_shared_shapes():
+    """The block :func:`one_shape_per_class_count` runs its module in (also used by
+    ``benchmarks/shared_shape_programs.py``): the real datasets' panels and sparse crowds each
+    in their own ``shared_shapes``, with no padding limit."""
     from crowdllm.aggregation import shared_shapes
     from crowdllm.aggregation._core import choose_layout
 
