@@ -10,7 +10,7 @@ import pytest
 
 from crowdllm.aggregation import KOS
 from crowdllm.aggregation import kos as kos_mod
-from crowdllm.aggregation._core import prepare
+from crowdllm.aggregation._core import prepare, shared_shapes
 from crowdllm.labels import LabelTensor
 
 
@@ -57,7 +57,7 @@ def test_tie_gives_half_and_many_iterations_do_not_overflow():
 
 
 def test_jit_equals_no_jit_and_dense_equals_coo():
-    df, _ = sample_binary(np.array([0.9, 0.8, 0.7, 0.6]), n_tasks=30, p_answer=1.0, seed=1)
+    df, _ = sample_binary(np.array([0.9, 0.8, 0.7, 0.6]), n_tasks=30, p_answer=0.8, seed=1)
     t = LabelTensor.coerce(df)
     key = jax.random.key(3)
     coo = prepare(t, layout="coo")
@@ -65,9 +65,37 @@ def test_jit_equals_no_jit_and_dense_equals_coo():
     with jax.disable_jit():
         plain = kos_mod.fit(coo, key, n_iter=5)
     np.testing.assert_allclose(np.asarray(jitted.scores), np.asarray(plain.scores), rtol=1e-4, atol=1e-5)
-    dense = kos_mod.fit(prepare(t, layout="dense"), key, n_iter=5)
+    # the first messages hash each answer's (task, annotator): the two layouts draw the same
+    # (after one round, where the scores still show the draws)
+    dense = kos_mod.fit(prepare(t, layout="dense"), key, n_iter=1)
+    sparse = kos_mod.fit(coo, key, n_iter=1)
     np.testing.assert_array_equal(np.asarray(dense.posteriors)[: t.n_tasks],
-                                  np.asarray(jitted.posteriors)[: t.n_tasks])
+                                  np.asarray(sparse.posteriors)[: t.n_tasks])
+    np.testing.assert_allclose(np.asarray(dense.scores)[: t.n_tasks],
+                               np.asarray(sparse.scores)[: t.n_tasks], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dense.reliability)[: t.n_workers],
+                               np.asarray(sparse.reliability)[: t.n_workers], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["dense", "coo"])
+def test_padding_to_a_shared_shape_changes_nothing(layout):
+    # shared_shapes pads a crowd to a larger one's shape (more tasks, annotators and answers):
+    # the real answers' first messages, and so every score and skill, are the unpadded fit's
+    small, _ = sample_binary(np.array([0.9, 0.8, 0.7, 0.6, 0.3]), n_tasks=120, p_answer=0.8, seed=2)
+    large, _ = sample_binary(np.full(7, 0.7), n_tasks=150, p_answer=0.8, seed=3)
+    small, large = LabelTensor.coerce(small), LabelTensor.coerce(large)
+    own = KOS(n_iter=20, layout=layout).fit(small)
+    with shared_shapes([small, large]):
+        data = prepare(small, layout=layout)
+        padded = KOS(n_iter=20, layout=layout).fit(small)
+    if layout == "dense":
+        assert data.labels.shape[0] > prepare(small, layout=layout).labels.shape[0]
+        assert data.labels.shape[1] == 7
+    else:
+        assert data.task.shape[0] > prepare(small, layout=layout).task.shape[0]
+    np.testing.assert_array_equal(padded.probas_, own.probas_)
+    np.testing.assert_allclose(padded.scores_, own.scores_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(padded.skills_, own.skills_, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["coo", "dense"])

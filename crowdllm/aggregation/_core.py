@@ -530,6 +530,22 @@ def hash_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float3
     return u.reshape(shape)
 
 
+def pair_uniform(key: jax.Array, a: jax.Array, b: jax.Array, dtype: Any = jnp.float32
+                 ) -> jax.Array:
+    """Uniform numbers in (0, 1), one per element of ``a`` and ``b`` (broadcast together), each
+    a hash of its pair ``(a, b)`` of integer ids and two words drawn from ``key``.
+
+    The number of a pair depends on nothing else: not on the array's shape or on where in it
+    the pair sits, so a crowd padded to a larger shape, laid out densely or as COO, or split
+    over devices draws the same number for each (task, annotator) pair. The same hash as
+    :func:`hash_uniform` (not a general-purpose generator), chained over the two ids.
+    """
+    s = jax.random.bits(key, (2,), jnp.uint32)
+    a, b = jnp.broadcast_arrays(a.astype(jnp.uint32), b.astype(jnp.uint32))
+    h = _fmix32(_fmix32(a * jnp.uint32(0x9E3779B9) + s[0]) ^ (b * jnp.uint32(0x7FEB352D)) ^ s[1])
+    return ((h >> 9).astype(dtype) + 0.5) * (1.0 / (1 << 23))
+
+
 def argmax_ties(scores: jax.Array, random_ties: jax.Array | bool, key: jax.Array,
                 rtol: float = 1e-6) -> jax.Array:
     """Row-wise argmax with an explicit tie policy.

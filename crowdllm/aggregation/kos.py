@@ -2,7 +2,8 @@ r"""KOS: Karger-Oh-Shah belief-propagation-style message passing for binary task
 
 Answers are coded :math:`A_{tw} = +1` for the first class and :math:`-1` for the second. Messages
 live on the answers (edges of the task-annotator graph): annotator-to-task messages
-:math:`y_{w\to t}` start as :math:`\mathcal N(1, 1)` draws, and each iteration computes
+:math:`y_{w\to t}` start as :math:`\mathcal N(1, 1)` draws (each a hash of its task and annotator,
+so padding, layout and sharding draw the same ones), and each iteration computes
 
 .. math::
     x_{t\to w} = \sum_{w' \in \partial t \setminus w} A_{tw'}\, y_{w'\to t}, \qquad
@@ -57,7 +58,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import LabelTensor
-from ._core import TINY, CrowdData, clamp_gold, prepare
+from ._core import TINY, CrowdData, clamp_gold, pair_uniform, prepare
 from .base import Aggregator
 from .glad import AnswerView, answer_view, task_sum, worker_sum
 
@@ -77,7 +78,11 @@ def _first_messages(data: CrowdData, key: jax.Array
     view = answer_view(data)
     sign = jnp.where(view.label == 0, 1.0, -1.0).astype(view.weight.dtype) * view.weight
     shape = jnp.broadcast_shapes(sign.shape, view.task.shape, view.worker.shape)
-    return view, sign, shape, (1.0 + jax.random.normal(key, shape, sign.dtype)) * view.weight
+    # each answer's draw hashes its (task, annotator) pair: padding, either layout and
+    # sharding leave every real answer's first message as it was
+    u = pair_uniform(key, view.task, view.worker, sign.dtype)
+    normal = jnp.sqrt(jnp.asarray(2.0, sign.dtype)) * jax.lax.erf_inv(2.0 * u - 1.0)
+    return view, sign, shape, (1.0 + normal) * view.weight
 
 
 def _decide(data: CrowdData, score: jax.Array) -> jax.Array:
