@@ -17,6 +17,7 @@ Needs the native kernels (x86-64 with AVX2 and FMA, a C++ compiler).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -58,20 +59,30 @@ def main(argv: list[str] | None = None) -> int:
     xla = jax.jit(lambda lab, *x: _fast.subtype_sweep(lab, L, M, *x))
     data = Dense(labels=jnp.asarray(rows), task_mask=jnp.asarray((weight > 0).astype(np.float32)),
                  worker_mask=jnp.ones(W, jnp.float32), gold=jnp.asarray(gold), n_classes=L)
-    ebcc_rows = jax.jit(_native.ebcc_rows)(data)
+    ebcc_rows = jax.jit(lambda d: _native.ebcc_rows(d, columns=KM))(data)
+    ds_groups = jax.jit(lambda d: _native.ebcc_rows(d))(data)  # DS's groups (4 annotators)
     native = jax.jit(lambda r, w, g, *x: _native.ebcc_sweep(r, w, *x, M))
 
-    def timed(fn, *x):
-        out = [np.asarray(v) for v in jax.block_until_ready(fn(*x))]
-        runs = []
-        for _ in range(a.repeats):
+    # the kernel's two ways to the E-step's exps: products of an exp table (its default), or a
+    # log-table sum and an exp per column (CROWDLLM_EBCC_LOGPATH=1, read at each call)
+    variants = {"XLA (subtype_sweep)": (xla, jnp.asarray(rows), None),
+                "native (ebcc_sweep)": (native, ebcc_rows, None),
+                "  log path": (native, ebcc_rows, "1"),
+                "  DS's groups": (native, ds_groups, None),
+                "  DS's groups, log path": (native, ds_groups, "1")}
+    outs, runs = {}, {name: [] for name in variants}
+    for rep in range(a.repeats + 1):  # interleaved, so that the host's drift hits all alike
+        for name, (fn, first, logpath) in variants.items():
+            if logpath:
+                os.environ["CROWDLLM_EBCC_LOGPATH"] = logpath
             t = time.perf_counter()
-            jax.block_until_ready(fn(*x))
-            runs.append(time.perf_counter() - t)
-        return out, statistics.median(runs)
-
-    ref, t_xla = timed(xla, jnp.asarray(rows), *args)
-    nat, t_nat = timed(native, ebcc_rows, *args)
+            out = jax.block_until_ready(fn(first, *args))
+            runs[name].append(time.perf_counter() - t)
+            os.environ.pop("CROWDLLM_EBCC_LOGPATH", None)
+            if rep == 0:
+                outs[name] = [np.asarray(v) for v in out]
+    times = {name: statistics.median(r[1:]) for name, r in runs.items()}  # the first compiles
+    ref, t_xla = outs["XLA (subtype_sweep)"], times["XLA (subtype_sweep)"]
 
     # the sums in float64 with numpy, to judge both float32 sweeps against
     s64 = bias.astype(np.float64) + sum(
@@ -91,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{U:,} distinct rows of {a.tasks:,} x {W} x {L}, {M} subtypes ({KM} columns), "
           f"{(gold >= 0).sum():,} gold rows, annotator groups "
-          f"{[len(g) for g in _native.plan(W, L).groups]}")
+          f"{[len(g) for g in _native.ebcc_plan(W, L, KM).groups]}")
     print(f"{'sweep':30s} {'ms':>8s} {'x XLA':>7s}  differences")
     ok = True
-    for name, (z, ll, cnt, csum, dz), sec in (("XLA (subtype_sweep)", ref, t_xla),
-                                              ("native (ebcc_sweep)", nat, t_nat)):
+    for name, (z, ll, cnt, csum, dz) in outs.items():
+        sec = times[name]
         diffs = {"z vs XLA": float(np.abs(z - ref[0]).max()),
                  "ll vs XLA (rel)": float(abs(ll - ref[1]) / abs(ref[1])),
                  "counts vs float64 (rel)": rel(cnt, counts64),

@@ -116,8 +116,8 @@ _TARGETS = {"crowdllm_ds_grouped_sums": "CrowdllmDsGroupedSums",
             "crowdllm_ebcc_sweep": "CrowdllmEbccSweep", "crowdllm_ebcc_post": "CrowdllmEbccPost",
             "crowdllm_ebcc_given": "CrowdllmEbccGiven",
             "crowdllm_digamma_gammaln": "CrowdllmDigammaGammaln"}
-#: most latent columns (classes x subtypes) the EBCC sweep takes
-MAX_COLUMNS = 256
+#: most latent columns (classes x subtypes) the EBCC sweep takes (a table row is 256 floats)
+MAX_COLUMNS = 255
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -259,11 +259,12 @@ class Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def plan(n_workers: int, n_classes: int) -> Plan | None:
-    """The grouping for ``n_workers`` x ``n_classes``; None when the codes overflow ``uint16``."""
+def plan(n_workers: int, n_classes: int, max_combos: int = MAX_COMBOS) -> Plan | None:
+    """The grouping for ``n_workers`` x ``n_classes`` (groups of at most ``max_combos``
+    combinations); None when the codes overflow ``uint16``."""
     base = n_classes + 1
     size = 1
-    while base ** (size + 1) <= MAX_COMBOS and size < n_workers:
+    while base ** (size + 1) <= max_combos and size < n_workers:
         size += 1
     groups = tuple(tuple(range(a, min(a + size, n_workers))) for a in range(0, n_workers, size))
     offsets, total = [], 0
@@ -1206,17 +1207,30 @@ class EbccRows:
     answer_codes: int = 0
 
 
-def ebcc_rows(data: Any, width: RowWidth | None = None) -> EbccRows | EbccTiers:
+def ebcc_plan(n_workers: int, n_classes: int, columns: int | None = None) -> Plan | None:
+    """EBCC's grouping of a panel's annotators: a table row holds ``columns`` floats (padded,
+    see :func:`_width`), not DS's 8, so its groups are smaller, and a group's table and sums stay
+    as small as DS's (:data:`MAX_COMBOS` rows of 8). At 5 classes and 10 subtypes: groups of 3
+    annotators (216 combinations, 48 KiB a table) instead of 4 (1,296, 284 KiB): the sweep's
+    gathers and read-add-writes then stay in the core's L2 cache (1,000,000 x 12 x 5: ~25 %
+    faster a sweep on the 2-core AMD VM, ``benchmarks/ebcc_sweep_native.py``)."""
+    combos = MAX_COMBOS if columns is None else MAX_COMBOS * 8 // _width(columns)
+    return plan(n_workers, n_classes, max(combos, n_classes + 1))
+
+
+def ebcc_rows(data: Any, width: RowWidth | None = None, columns: int | None = None
+              ) -> EbccRows | EbccTiers:
     """The combination codes and gold flags of a Dense panel's rows (EBCC merges identical rows
     itself, on the host, before preparing the data: no merging here), or of a Coo crowd's tasks
-    (:func:`ebcc_coo_rows`: ``width`` slots a row, or tiers of widths)."""
+    (:func:`ebcc_coo_rows`: ``width`` slots a row, or tiers of widths). ``columns``: the latent
+    columns (classes x subtypes), which size a panel's groups (:func:`ebcc_plan`)."""
     from ._core import Coo
 
     if isinstance(data, Coo):
         if width is None:
             raise ValueError("COO rows need their width: 1 + the most answers a task has")
         return ebcc_coo_rows(data, width)
-    p = plan(int(data.labels.shape[1]), int(data.n_classes))
+    p = ebcc_plan(int(data.labels.shape[1]), int(data.n_classes), columns)
     flags = jnp.where(data.task_mask > 0, data.gold, -1).astype(jnp.int8)
     return EbccRows(p, encode(data.labels, p), flags)
 
@@ -1430,7 +1444,9 @@ def _ebcc_n_codes(rows: EbccRows) -> int:
 
 
 def _width(KM: int) -> int:
-    return -(-KM // 8) * 8
+    """A table row's floats: the K M columns and at least one more (where the sweep keeps the
+    row's log offset, see ``native/ebcc.cc``), in whole vectors of 8."""
+    return -(-(KM + 1) // 8) * 8
 
 
 def ebcc_sweep(rows: EbccRows | EbccTiers, weight: jax.Array, bias: jax.Array,

@@ -430,7 +430,8 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
         weight = data.task_mask if weight is None else weight.astype(dtype) * data.task_mask
         priors = _priors(data, weight, n_subtypes, alpha, a_pi, beta_diag, beta_off,
                          empirical_prior)
-        rows = _native.ebcc_rows(data, native_width) if native else None
+        columns = data.n_classes * n_subtypes
+        rows = _native.ebcc_rows(data, native_width, columns) if native else None
         opts = dict(tol=tol, atol=atol, accelerate=accelerate)
         screening = screen_iter is not None and screen_iter < max_iter and keep < restarts
 
@@ -438,8 +439,8 @@ def fit(data: CrowdData, key: jax.Array, weight: jax.Array | None = None, *, n_s
         if screening and screen_on is not None:
             sample, sample_weight, rows_in_whole = screen_on
             sample_weight = sample_weight.astype(dtype) * sample.task_mask
-            sample_rows = _native.ebcc_rows(sample, native_sample_width or native_width) \
-                if native else None
+            sample_rows = (_native.ebcc_rows(sample, native_sample_width or native_width, columns)
+                           if native else None)
 
             def on_sample(k):
                 state = init(sample, k, sample_weight, n_subtypes, rows_in_whole, sample_rows)

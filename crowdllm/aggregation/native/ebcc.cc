@@ -1,8 +1,9 @@
 // EBCC's VB sweep over a dense panel's rows, by groups of annotators (AVX2, CPU).
 //
 // Built with ds_grouped.cc by crowdllm/aggregation/_native.py and called from JAX as XLA FFI
-// custom calls (crowdllm_ebcc_sweep; _post and _given for the other modes, see Mode). EBCC's latent state of a task is a (class k, subtype m) pair,
-// column c = k M + m (K M columns, padded to KMp, a multiple of 8). The annotators are grouped and
+// custom calls (crowdllm_ebcc_sweep; _post and _given for the other modes, see Mode). EBCC's
+// latent state of a task is a (class k, subtype m) pair, column c = k M + m (K M columns, padded
+// to KMp, a multiple of 8). The annotators are grouped and
 // each row encoded as ds_grouped.cc does (one uint16 combination code per group); `table[code, c]`
 // is the sum of the group's members' E log V entries for their answers (E log tau + E log pi
 // folded into the first group), built in JAX. Per row t (weight w_t, gold g_t or -1):
@@ -11,8 +12,15 @@
 //   p = softmax(s), log Z_t;  z_t(k) = sum_m p_{kM+m};  dz = max |z_t - zprev_t| over w_t > 0
 //   ll += w_t log Z_t;  C[code_tg, c] += w_t p_c            (per-combination sums)
 //
-// so a row costs G loads and G read-add-writes of KMp / 8 vectors. The per-annotator counts
-// sum_t w_t [y_tw = l] p_tc are C summed over the other members' digits, and the column sums
+// so a row costs G loads and G read-add-writes of KMp / 8 vectors. The softmax needs no exp per
+// column: exp(s_c) is the product over groups of exp(table[code, c] - m_code), from a table of
+// those exps made once a call (m_code the table row's largest, kept in column KMp - 1, which
+// _width in _native.py leaves free; log Z_t = sum_g m_code + log sum_c prod). A row whose
+// products are all tiny (their sum below 1e-30) is computed the other way instead: the log
+// table summed, its largest subtracted, an exp per column (the "log path"; also every row when
+// the environment has CROWDLLM_EBCC_LOGPATH set, which benchmarks/ebcc_sweep_native.py uses to
+// time both; 1,000,000 x 12 x 5, 10 subtypes on the 2-core AMD VM: 11-12.5 ms a sweep, and
+// 14-15.5 by the log path). The per-annotator counts sum_t w_t [y_tw = l] p_tc are C summed over the other members' digits, and the column sums
 // sum_t w_t p_tc the first group's C summed over its combinations (in JAX, tiny). A sparse
 // crowd's task is a row of the same kind with one code per answer (a table row per annotator and
 // label) after a bias code, padded with the code of a zero row (ebcc_coo_rows in _native.py):
@@ -28,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <thread>
 #include <vector>
 
@@ -52,6 +61,7 @@ struct Inputs {
   const int8_t* flags;
   const float* wts;
   const float* tab;  // [NC, KMp]
+  const float* etab;  // [NC, KMp] or null: exp(tab - its row's max), the max in column KMp - 1
   int64_t NC, K, M, KMp;
   const float* zprev;  // [T, K]
   float* z;            // [T, K]
@@ -141,49 +151,106 @@ inline void block(const Inputs& a, const uint16_t* codes, const int8_t* flags, c
   const int NV = (int)(a.KMp / 8), K = (int)a.K, M = (int)a.M, KM = K * M;
   alignas(32) float S[8 * MAXV * 8];  // [KMp columns][8 lanes]
   __m256 r[8];
-  for (int v = 0; v < NV; ++v) {
-    for (int i = 0; i < 8; ++i) {
-      const uint16_t* c = codes + i * G;
-      __m256 x = _mm256_loadu_ps(a.tab + (int64_t)c[0] * a.KMp + 8 * v);
-      for (int64_t g = 1; g < G; ++g)
-        x = _mm256_add_ps(x, _mm256_loadu_ps(a.tab + (int64_t)c[g] * a.KMp + 8 * v));
-      r[i] = x;
-    }
-    transpose8(r);
-    for (int j = 0; j < 8; ++j) _mm256_store_ps(S + (8 * v + j) * 8, r[j]);
-  }
   int64_t fl8;
   std::memcpy(&fl8, flags, 8);
   const bool any_gold = fl8 != -1;
   const __m256i f = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(fl8));
   const __m256 gold = _mm256_castsi256_ps(_mm256_cmpgt_epi32(f, _mm256_set1_epi32(-1)));
-  const __m256 ruled = _mm256_set1_ps(-1e30f);
-  __m256 mx = ruled;
-  for (int k = 0; k < K; ++k) {
-    // lanes where class k is allowed: rows without gold, and rows whose gold is k
-    const __m256 live = any_gold ? _mm256_or_ps(_mm256_xor_ps(gold, _mm256_castsi256_ps(
-                                                     _mm256_set1_epi32(-1))),
-                                                 _mm256_castsi256_ps(_mm256_cmpeq_epi32(
-                                                     f, _mm256_set1_epi32(k))))
-                                 : _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-    for (int m = 0; m < M; ++m) {
-      float* col = S + (k * M + m) * 8;
-      __m256 x = _mm256_load_ps(col);
-      if (any_gold) {
-        x = _mm256_blendv_ps(ruled, x, live);
-        _mm256_store_ps(col, x);
+  // lanes where class k is allowed: rows without gold, and rows whose gold is k
+  auto live = [&](int k) {
+    return any_gold ? _mm256_or_ps(_mm256_xor_ps(gold, _mm256_castsi256_ps(_mm256_set1_epi32(-1))),
+                                   _mm256_castsi256_ps(_mm256_cmpeq_epi32(f, _mm256_set1_epi32(k))))
+                    : _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  };
+  // S[c] = exp(s_c - lz) and sum = sum_c S[c] per lane (row), so that log Z = lz + log(sum)
+  __m256 sum = _mm256_setzero_ps(), lz = _mm256_setzero_ps();
+  __m256 redo = _mm256_castsi256_ps(_mm256_set1_epi32(-1));  // the lanes the log path computes
+  if (a.etab != nullptr) {
+    // exp(s_c) = prod_g exp(table[code_g, c]): each group's factor from the exp table
+    // (exp(table - its row's max m), in [0, 1]), lz = sum_g m[code_g] (summed in the last
+    // column): no exp per column. A row whose factors disagree so much that even its largest
+    // product is tiny (sum < 1e-30: the float range is near) takes the log path below instead,
+    // so that no column the log path keeps (above 1e-8 of the row's largest) is lost; each row
+    // (lane) on its own, so that its result does not depend on the rows beside it.
+    const int last = NV - 1;
+    for (int v = 0; v < NV; ++v) {
+      for (int i = 0; i < 8; ++i) {
+        const uint16_t* c = codes + i * G;
+        __m256 x = _mm256_loadu_ps(a.etab + (int64_t)c[0] * a.KMp + 8 * v);
+        if (v == last) {
+          __m256 xs = x;
+          for (int64_t g = 1; g < G; ++g) {
+            const __m256 y = _mm256_loadu_ps(a.etab + (int64_t)c[g] * a.KMp + 8 * v);
+            x = _mm256_mul_ps(x, y);
+            xs = _mm256_add_ps(xs, y);
+          }
+          x = _mm256_blend_ps(x, xs, 0x80);  // column KMp - 1: the sum of the maxima
+        } else {
+          for (int64_t g = 1; g < G; ++g)
+            x = _mm256_mul_ps(x, _mm256_loadu_ps(a.etab + (int64_t)c[g] * a.KMp + 8 * v));
+        }
+        r[i] = x;
       }
-      mx = _mm256_max_ps(mx, x);
+      transpose8(r);
+      for (int j = 0; j < 8; ++j) _mm256_store_ps(S + (8 * v + j) * 8, r[j]);
     }
+    lz = _mm256_load_ps(S + (a.KMp - 1) * 8);
+    for (int k = 0; k < K; ++k) {
+      const __m256 lv = live(k);
+      for (int m = 0; m < M; ++m) {
+        float* col = S + (k * M + m) * 8;
+        __m256 x = _mm256_load_ps(col);
+        if (any_gold) {
+          x = _mm256_and_ps(x, lv);
+          _mm256_store_ps(col, x);
+        }
+        sum = _mm256_add_ps(sum, x);
+      }
+    }
+    redo = _mm256_cmp_ps(sum, _mm256_set1_ps(1e-30f), _CMP_LT_OQ);
   }
-  __m256 sum = _mm256_setzero_ps();
-  for (int c = 0; c < KM; ++c) {
-    // ruled-out columns: exp256 clamps at exp(-87), so they are zeroed by their score's mask
-    __m256 x = _mm256_load_ps(S + c * 8);
-    __m256 e = exp256(_mm256_sub_ps(x, mx));
-    if (any_gold) e = _mm256_and_ps(e, _mm256_cmp_ps(x, ruled, _CMP_GT_OQ));
-    _mm256_store_ps(S + c * 8, e);
-    sum = _mm256_add_ps(sum, e);
+  if (_mm256_movemask_ps(redo) != 0) {
+    // the log path: scores summed from the log table, the row's max subtracted before the exp
+    // (into S itself where there is no exp table, else into L and blended into S)
+    alignas(32) float L[8 * MAXV * 8];
+    float* D = a.etab != nullptr ? L : S;
+    for (int v = 0; v < NV; ++v) {
+      for (int i = 0; i < 8; ++i) {
+        const uint16_t* c = codes + i * G;
+        __m256 x = _mm256_loadu_ps(a.tab + (int64_t)c[0] * a.KMp + 8 * v);
+        for (int64_t g = 1; g < G; ++g)
+          x = _mm256_add_ps(x, _mm256_loadu_ps(a.tab + (int64_t)c[g] * a.KMp + 8 * v));
+        r[i] = x;
+      }
+      transpose8(r);
+      for (int j = 0; j < 8; ++j) _mm256_store_ps(D + (8 * v + j) * 8, r[j]);
+    }
+    const __m256 ruled = _mm256_set1_ps(-1e30f);
+    __m256 mx = ruled;
+    for (int k = 0; k < K; ++k) {
+      const __m256 lv = live(k);
+      for (int m = 0; m < M; ++m) {
+        float* col = D + (k * M + m) * 8;
+        __m256 x = _mm256_load_ps(col);
+        if (any_gold) {
+          x = _mm256_blendv_ps(ruled, x, lv);
+          _mm256_store_ps(col, x);
+        }
+        mx = _mm256_max_ps(mx, x);
+      }
+    }
+    __m256 sum2 = _mm256_setzero_ps();
+    for (int c = 0; c < KM; ++c) {
+      // ruled-out columns: exp256 clamps at exp(-87), so they are zeroed by their score's mask
+      __m256 x = _mm256_load_ps(D + c * 8);
+      __m256 e = exp256(_mm256_sub_ps(x, mx));
+      if (any_gold) e = _mm256_and_ps(e, _mm256_cmp_ps(x, ruled, _CMP_GT_OQ));
+      if (D != S) e = _mm256_blendv_ps(_mm256_load_ps(S + c * 8), e, redo);
+      _mm256_store_ps(S + c * 8, e);
+      sum2 = _mm256_add_ps(sum2, e);
+    }
+    sum = sum2;  // (the kept lanes' sums again, over the same columns in the same order)
+    lz = _mm256_blendv_ps(lz, mx, redo);
   }
   const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), sum);
   if (MODE == POST) {  // the rows' posteriors, transposed back to rows, stored (n_out rows)
@@ -196,7 +263,7 @@ inline void block(const Inputs& a, const uint16_t* codes, const int8_t* flags, c
   }
   const __m256 wt = _mm256_loadu_ps(wts);
   // log Z of each row, weighted (padding rows weigh 0), carried in double
-  const __m256 ll = _mm256_mul_ps(_mm256_add_ps(mx, log256(sum)), wt);
+  const __m256 ll = _mm256_mul_ps(_mm256_add_ps(lz, log256(sum)), wt);
   part.ll += _mm256_cvtps_pd(_mm256_castps256_ps128(ll));
   part.ll += _mm256_cvtps_pd(_mm256_extractf128_ps(ll, 1));
   alignas(32) float zt[8];
@@ -225,7 +292,8 @@ constexpr int PF = 4;  // blocks ahead
 inline void prefetch_rows(const Inputs& a, const uint16_t* codes, int64_t G, const Part& part) {
   for (int64_t j = 0; j < 8 * G; ++j) {
     const int64_t off = (int64_t)codes[j] * a.KMp;
-    _mm_prefetch(reinterpret_cast<const char*>(a.tab + off), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>((a.etab != nullptr ? a.etab : a.tab) + off),
+                 _MM_HINT_T0);
     if (!part.C.empty())
       _mm_prefetch(reinterpret_cast<const char*>(part.C.data() + off), _MM_HINT_T0);
   }
@@ -294,8 +362,40 @@ void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
 
 // Rows [0, T) split over threads. SWEEP, GIVEN: the sums C into `sums` (and SWEEP: the summed
 // log-likelihood and the largest move into stats[0], stats[1]).
+// The exp table of the E-step's products (Inputs::etab) from the log table: each row's columns
+// [0, K M) as exp(x - m), m the row's largest, m in column KMp - 1, zeros between.
+void exp_rows(const Inputs& a, int64_t c0, int64_t c1, float* etab) {
+  const int NV = (int)(a.KMp / 8), KM = (int)(a.K * a.M);
+  for (int64_t c = c0; c < c1; ++c) {
+    const float* x = a.tab + c * a.KMp;
+    float m = x[0];
+    for (int j = 1; j < KM; ++j) m = std::max(m, x[j]);
+    float* e = etab + c * a.KMp;
+    for (int v = 0; v < NV; ++v) {
+      const __m256 y = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + 8 * v), _mm256_set1_ps(m)));
+      _mm256_store_ps(e + 8 * v, _mm256_and_ps(y, _mm256_castsi256_ps(tail_mask(v, KM))));
+    }
+    e[a.KMp - 1] = m;
+  }
+}
+
 template <int MODE>
-void Run(const Inputs& a, int64_t T, int64_t threads, float* sums, float* stats) {
+void Run(const Inputs& a_in, int64_t T, int64_t threads, float* sums, float* stats) {
+  Inputs a = a_in;
+  AlignedVector<float> etab;
+  // the E-step on products of the exp table (Inputs::etab) where a row has a column past K M
+  // for its log offset (_width in _native.py leaves one). However many factors a row has: a row
+  // padded with more slots (the zero row's factors, 1 and 0) computes the same.
+  if (MODE != GIVEN && a.KMp > a.K * a.M && std::getenv("CROWDLLM_EBCC_LOGPATH") == nullptr) {
+    etab.resize(a.NC * a.KMp);
+    const int ne = (int)std::max<int64_t>(1, std::min<int64_t>(threads, a.NC / 4096));
+    std::vector<std::thread> pool;
+    for (int i = 1; i < ne; ++i)
+      pool.emplace_back(exp_rows, std::cref(a), a.NC * i / ne, a.NC * (i + 1) / ne, etab.data());
+    exp_rows(a, 0, a.NC / ne, etab.data());
+    for (auto& th : pool) th.join();
+    a.etab = etab.data();
+  }
   auto fn = a.G == 3 ? rows<3, MODE> : a.G == 4 ? rows<4, MODE> : rows<0, MODE>;
   const int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (T + 4095) / 4096));
   std::vector<Part> parts(n);
@@ -347,7 +447,7 @@ ffi::Error Check(ffi::Buffer<ffi::U16>& codes, ffi::Span<const int64_t> td, int6
   const int64_t KMp = td[1];
   if (K < 1 || M < 1 || KMp % 8 || KMp / 8 > MAXV || K * M > KMp)
     return ffi::Error::InvalidArgument("ebcc: K M <= KMp <= 256 columns, KMp a multiple of 8");
-  *a = Inputs{codes.typed_data(), cd[1], nullptr, nullptr, nullptr, td[0], K, M, KMp,
+  *a = Inputs{codes.typed_data(), cd[1], nullptr, nullptr, nullptr, nullptr, td[0], K, M, KMp,
               nullptr, nullptr, nullptr, nullptr};
   return ffi::Error::Success();
 }
