@@ -20,8 +20,9 @@
 // table summed, its largest subtracted, an exp per column (the "log path"; also every row when
 // the environment has CROWDLLM_EBCC_LOGPATH set, which benchmarks/ebcc_sweep_native.py uses to
 // time both; 1,000,000 x 12 x 5, 10 subtypes on the 2-core AMD VM: 11-12.5 ms a sweep, and
-// 14-15.5 by the log path). The per-annotator counts sum_t w_t [y_tw = l] p_tc are C summed over the other members' digits, and the column sums
-// sum_t w_t p_tc the first group's C summed over its combinations (in JAX, tiny). A sparse
+// 14-15.5 by the log path). The per-annotator counts sum_t w_t [y_tw = l] p_tc are C summed
+// over the other members' digits, and the column sums sum_t w_t p_tc the first group's C summed
+// over its combinations (in JAX, tiny). A sparse
 // crowd's task is a row of the same kind with one code per answer (a table row per annotator and
 // label) after a bias code, padded with the code of a zero row (ebcc_coo_rows in _native.py):
 // its counts are C's rows as they are, its column sums the bias row's. Each thread
