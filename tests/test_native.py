@@ -617,6 +617,24 @@ def test_ebcc_sweep_equals_the_xla_sweep(T, W, K, M, missing, gold_frac, sharp):
                                rtol=2e-5, atol=2e-4)
     np.testing.assert_allclose(np.asarray(csum3), np.asarray(n_km).reshape(KM), rtol=2e-5,
                                atol=2e-4)
+    _check_start_counts(data, _native.ebcc_rows(data, columns=KM), jnp.asarray(weight), M, rng)
+
+
+def _check_start_counts(data, rows, weight, M, rng):
+    """The random start drawn inside the kernel (``ebcc_start_counts``) sums to the counts of
+    ``ebcc.start``'s draws (XLA) summed by the kernel, with each row's own draws and with the
+    draws of other rows (a screening sample's rows in the whole set: ``row_ids``)."""
+    K = data.n_classes
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    ids = jnp.asarray(rng.permutation(data.n_tasks * 3)[: data.n_tasks].astype(np.int32))
+    for row_ids in (None, ids):
+        want = jax.jit(lambda d, w, k, i: _native.ebcc_counts(
+            rows, w, ebcc.start(d, k, M, i), K))(data, weight, key, row_ids)
+        got = jax.jit(lambda d, w, k, i: _native.ebcc_start_counts(
+            rows, w, ebcc.vote_fractions(d), k, M, i))(data, weight, key, row_ids)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5,
+                                       atol=2e-5 * float(np.abs(np.asarray(w)).max()))
 
 
 @needs_kernel
@@ -766,6 +784,7 @@ def test_ebcc_coo_sweep_equals_the_float64_reference(T, W, K, M, most, busy):
                                                               K))(data, args[0], jnp.asarray(given))
     np.testing.assert_allclose(np.asarray(cnt3), g_wkml.reshape(Wp, KM, K), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(csum3), g_km.reshape(KM), rtol=1e-5)
+    _check_start_counts(data, _native.ebcc_rows(data, width), jnp.asarray(weight), M, rng)
 
 
 @needs_kernel
@@ -813,7 +832,8 @@ def test_native_ebcc_on_a_sparse_crowd_equals_the_xla_fit(screen, busy):
     (40_000, 2000, 3, 5, 0.02, (0, 0)),  # 10,000 codes (carried over less often), 2 threads
     (3000, 300, 4, 3, 0.05, (6, 150)),  # 6 control questions of 150 answers: tiers by width
 ])
-def test_native_fits_on_a_sparse_crowd_equal_the_float64_fits(T, W, K, most, gold_frac, busy):
+def test_native_fits_on_a_sparse_crowd_equal_the_float64_fits(T, W, K, most, gold_frac, busy,
+                                                                monkeypatch):
     """On the COO layout (a sparse crowd drawn from Dawid-Skene's story, 1 to ``most`` answers a
     task, gold), Dawid-Skene (majority-vote and gold starts), one-coin DS and IBCC run on EBCC's
     sweep with one subtype a class, and their fits equal the XLA fits in float64: the same
@@ -849,11 +869,18 @@ def test_native_fits_on_a_sparse_crowd_equal_the_float64_fits(T, W, K, most, gol
         assert (a.label_codes_ == truth).mean() > 0.7
     if T > 10_000:
         return
+    # every restart, not only the kept one: two restarts that reach one optimum tie to float32
+    # rounding (12 classes: -2.2340446 and -2.2340448), and which is kept is then a coin toss
     opts = dict(n_restarts=2, max_iter=30, tol=-1.0, layout="coo")
+    restarts = []
+    keep = mace.best_restart
+    monkeypatch.setattr(mace, "best_restart", lambda res: restarts.append(res) or keep(res))
     ma = MACE(native="on", **opts).fit(tensor, gold=gold)
     mx = MACE(native="off", **opts).fit(tensor, gold=gold)
     assert ma.native_used_ and not mx.native_used_ and ma.n_iter_ == mx.n_iter_
-    np.testing.assert_allclose(ma.probas_, mx.probas_, atol=2e-5)
+    ra, rx = restarts
+    np.testing.assert_allclose(ra.posteriors, rx.posteriors, atol=2e-5)
+    np.testing.assert_allclose(ra.objective, rx.objective, rtol=1e-5)
     np.testing.assert_allclose(ma.objectives_, mx.objectives_, rtol=1e-5)
 
 

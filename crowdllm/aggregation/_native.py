@@ -114,7 +114,7 @@ _TARGETS = {"crowdllm_ds_grouped_sums": "CrowdllmDsGroupedSums",
             "crowdllm_glad_e": "CrowdllmGladE", "crowdllm_glad_grad": "CrowdllmGladGrad",
             "crowdllm_glad_m": "CrowdllmGladM",
             "crowdllm_ebcc_sweep": "CrowdllmEbccSweep", "crowdllm_ebcc_post": "CrowdllmEbccPost",
-            "crowdllm_ebcc_given": "CrowdllmEbccGiven",
+            "crowdllm_ebcc_given": "CrowdllmEbccGiven", "crowdllm_ebcc_start": "CrowdllmEbccStart",
             "crowdllm_digamma_gammaln": "CrowdllmDigammaGammaln"}
 #: most latent columns (classes x subtypes) the EBCC sweep takes (a table row is 256 floats)
 MAX_COLUMNS = 255
@@ -1522,6 +1522,32 @@ def ebcc_counts(rows: EbccRows | EbccTiers, weight: jax.Array, q: jax.Array, n_c
         rows.codes, weight.astype(jnp.float32), q.reshape(T, KM).astype(jnp.float32),
         K=np.int64(K), M=np.int64(M), threads=np.int64(_threads()))
     return _ebcc_counts_from(rows, C, n_classes, KM)
+
+
+def ebcc_start_counts(rows: EbccRows | EbccTiers, weight: jax.Array, z: jax.Array,
+                      key: jax.Array, n_subtypes: int, row_ids: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
+    """:func:`ebcc_counts` of EBCC's random start (``ebcc.start``: the class fractions ``z [T,
+    K]`` split over ``n_subtypes`` subtypes by Dirichlet(1) draws from ``key``; row ``t`` takes
+    the draws of row ``row_ids[t]``), drawn inside the kernel: the ``[T, K, M]`` start is never
+    stored. The draws are ``ebcc.start``'s (the same counter hash), their logs the kernel's."""
+    _require()
+    T, K = z.shape
+    if row_ids is None:
+        row_ids = jnp.arange(T, dtype=jnp.int32)
+    if isinstance(rows, EbccTiers):
+        parts = [ebcc_start_counts(rows.first, weight * rows.keep, z, key, n_subtypes, row_ids)]
+        parts += [ebcc_start_counts(part, weight[idx], z[idx], key, n_subtypes, row_ids[idx])
+                  for part, idx in zip(rows.parts, rows.index)]
+        return sum(c for c, _ in parts), sum(s for _, s in parts)
+    KM = K * n_subtypes
+    seeds = jax.random.bits(key, (2,), jnp.uint32)  # as _core.hash_uniform draws them
+    out = jax.ShapeDtypeStruct((_ebcc_n_codes(rows), _width(KM)), jnp.float32)
+    C = jax.ffi.ffi_call("crowdllm_ebcc_start", out, vmap_method="sequential")(
+        rows.codes, weight.astype(jnp.float32), z.astype(jnp.float32),
+        row_ids.astype(jnp.int32), seeds, K=np.int64(K), M=np.int64(n_subtypes),
+        threads=np.int64(_threads()))
+    return _ebcc_counts_from(rows, C, K, KM)
 
 
 # --------------------------------------------------------------------------- special functions

@@ -68,6 +68,9 @@ struct Inputs {
   float* z;            // [T, K]
   const float* q;      // GIVEN: [T, K M] the posteriors to sum
   float* post;         // POST: [T, K M] the posteriors out
+  const float* zvote;     // START: [T, K] the class fractions to split over subtypes
+  const int32_t* rowid;   // START: [T] the row whose draws each row takes
+  uint32_t seed0, seed1;  // START: the draws' two words
 };
 
 struct Part {  // one thread's share
@@ -85,8 +88,9 @@ struct Part {  // one thread's share
 };
 
 // SWEEP: the E-step and its sums (z, dz, log-likelihood, C); POST: the E-step's posteriors
-// written out (nothing summed); GIVEN: the sums C of given posteriors (EBCC's random start)
-enum Mode { SWEEP = 0, POST = 1, GIVEN = 2 };
+// written out (nothing summed); GIVEN: the sums C of given posteriors; START: the sums C of
+// EBCC's random start, drawn here (start_rows), never stored
+enum Mode { SWEEP = 0, POST = 1, GIVEN = 2, START = 3 };
 
 // the lanes of a row's columns [8 v, 8 v + 8) that are below KM (its last vector's tail is not)
 inline __m256i tail_mask(int v, int KM) {
@@ -128,6 +132,44 @@ inline void given_block(const Inputs& a, const uint16_t* codes, const float* wts
     for (int i = 0; i < 8; ++i)
       r[i] = _mm256_mul_ps(_mm256_maskload_ps(q + i * KM + 8 * v, tail), _mm256_set1_ps(wts[i]));
     add_rows(a, codes, G, v, r, part);
+  }
+}
+
+inline __m256i fmix32(__m256i h) {  // MurmurHash3's finaliser, as _core._fmix32
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x85EBCA6Bu));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0xC2B2AE35u));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+// START: rows [t, t + n) of EBCC's random start q [n, K M] (ebcc.start in JAX, the same draws):
+// q_t(k, m) = zvote_t(k) e_km / sum_m' e_km', e = -log u, u the counter hash of element
+// rowid_t K M + k M + m (_core.hash_uniform: fmix32(fmix32(i * 0x9E3779B9 + s0) ^ s1), its top
+// 23 bits + 1/2, over 2^23). Rows past n: zeros.
+inline void start_rows(const Inputs& a, int64_t t, int n, float* q) {
+  const int K = (int)a.K, M = (int)a.M, KM = K * M, NV = (KM + 7) / 8;
+  alignas(32) float e[8 * MAXV];
+  std::fill(q, q + 8 * KM, 0.f);
+  for (int i = 0; i < n; ++i) {
+    const uint32_t base = (uint32_t)a.rowid[t + i] * (uint32_t)KM;
+    for (int v = 0; v < NV; ++v) {
+      __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)(base + 8 * v)),
+                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      __m256i h = _mm256_add_epi32(_mm256_mullo_epi32(idx, _mm256_set1_epi32((int)0x9E3779B9u)),
+                                   _mm256_set1_epi32((int)a.seed0));
+      h = fmix32(_mm256_xor_si256(fmix32(h), _mm256_set1_epi32((int)a.seed1)));
+      const __m256 u = _mm256_mul_ps(
+          _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 9)), _mm256_set1_ps(0.5f)),
+          _mm256_set1_ps(1.f / (1 << 23)));
+      _mm256_store_ps(e + 8 * v, _mm256_sub_ps(_mm256_setzero_ps(), log256(u)));
+    }
+    const float* zv = a.zvote + (t + i) * K;
+    for (int k = 0; k < K; ++k) {
+      float sum = 0.f;
+      for (int m = 0; m < M; ++m) sum += e[k * M + m];
+      for (int m = 0; m < M; ++m) q[i * KM + k * M + m] = zv[k] * (e[k * M + m] / sum);
+    }
   }
 }
 
@@ -319,6 +361,7 @@ void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
   // A table past L2 (a sparse crowd's) is read and summed into at random rows: each block fetches
   // the table rows (and sums) of the block PF blocks ahead, so that those misses overlap.
   const bool fetch = a.NC * a.KMp * 4 > (256 << 10);
+  std::vector<float> qs(MODE == START ? 8 * KM : 0);  // START: a block's drawn posteriors
   int64_t t = r0;
   for (; t + 8 <= r1; t += 8) {
     if (sums && t > r0 && (t - r0) % CHUNK == 0)
@@ -332,9 +375,12 @@ void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
         prefetch_span(a.z + (t + 8 * PF) * K, 8 * K);
       }
     }
-    if (MODE == GIVEN)
+    if (MODE == GIVEN) {
       given_block<GT>(a, a.codes + t * G, a.wts + t, a.q + t * KM, part);
-    else
+    } else if (MODE == START) {
+      start_rows(a, t, 8, qs.data());
+      given_block<GT>(a, a.codes + t * G, a.wts + t, qs.data(), part);
+    } else
       block<GT, MODE>(a, a.codes + t * G, a.flags + t, a.wts + t,
                       MODE == SWEEP ? a.zprev + t * K : nullptr, MODE == SWEEP ? a.z + t * K : nullptr,
                       MODE == POST ? a.post + t * KM : nullptr, 8, part);
@@ -350,8 +396,9 @@ void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
     if (a.flags != nullptr) std::memcpy(f, a.flags + t, n);
     if (a.wts != nullptr) std::memcpy(w, a.wts + t, n * sizeof(float));
     if (MODE == SWEEP) std::memcpy(zp.data(), a.zprev + t * K, n * K * sizeof(float));
-    if (MODE == GIVEN) {
-      std::memcpy(qp.data(), a.q + t * KM, n * KM * sizeof(float));
+    if (MODE == GIVEN || MODE == START) {
+      if (MODE == GIVEN) std::memcpy(qp.data(), a.q + t * KM, n * KM * sizeof(float));
+      else start_rows(a, t, n, qp.data());
       given_block<GT>(a, c.data(), w, qp.data(), part);
     } else {
       block<GT, MODE>(a, c.data(), f, w, zp.data(), MODE == SWEEP ? a.z + t * K : nullptr,
@@ -387,7 +434,9 @@ void Run(const Inputs& a_in, int64_t T, int64_t threads, float* sums, float* sta
   // the E-step on products of the exp table (Inputs::etab) where a row has a column past K M
   // for its log offset (_width in _native.py leaves one). However many factors a row has: a row
   // padded with more slots (the zero row's factors, 1 and 0) computes the same.
-  if (MODE != GIVEN && a.KMp > a.K * a.M && std::getenv("CROWDLLM_EBCC_LOGPATH") == nullptr) {
+  const char* logpath = std::getenv("CROWDLLM_EBCC_LOGPATH");  // set, not "" or "0": log path
+  if (MODE <= POST && a.KMp > a.K * a.M &&
+      (logpath == nullptr || *logpath == 0 || std::strcmp(logpath, "0") == 0)) {
     etab.resize(a.NC * a.KMp);
     const int ne = (int)std::max<int64_t>(1, std::min<int64_t>(threads, a.NC / 4096));
     std::vector<std::thread> pool;
@@ -449,7 +498,7 @@ ffi::Error Check(ffi::Buffer<ffi::U16>& codes, ffi::Span<const int64_t> td, int6
   if (K < 1 || M < 1 || KMp % 8 || KMp / 8 > MAXV || K * M > KMp)
     return ffi::Error::InvalidArgument("ebcc: K M <= KMp <= 256 columns, KMp a multiple of 8");
   *a = Inputs{codes.typed_data(), cd[1], nullptr, nullptr, nullptr, nullptr, td[0], K, M, KMp,
-              nullptr, nullptr, nullptr, nullptr};
+              nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0};
   return ffi::Error::Success();
 }
 
@@ -487,6 +536,27 @@ ffi::Error PostImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
   a.tab = table.typed_data();
   a.post = post->typed_data();
   Run<POST>(a, T, threads, nullptr, nullptr);
+  return ffi::Error::Success();
+}
+
+// The per-combination sums of EBCC's random start, drawn here: rows' class fractions zvote
+// [T, K], the row each takes its draws from [T], the draws' two words [2] (see start_rows).
+ffi::Error StartImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::F32> weights,
+                     ffi::Buffer<ffi::F32> zvote, ffi::Buffer<ffi::S32> rowid,
+                     ffi::Buffer<ffi::U32> seeds, ffi::ResultBuffer<ffi::F32> sums, int64_t K,
+                     int64_t M, int64_t threads) {
+  Inputs a;
+  if (auto e = Check(codes, sums->dimensions(), K, M, &a); e.failure()) return e;
+  const int64_t T = codes.dimensions()[0];
+  if (weights.dimensions()[0] != T || zvote.element_count() != T * K ||
+      rowid.element_count() != T || seeds.element_count() != 2)
+    return ffi::Error::InvalidArgument("ebcc: weights, row ids [T], fractions [T, K], 2 seeds");
+  a.wts = weights.typed_data();
+  a.zvote = zvote.typed_data();
+  a.rowid = rowid.typed_data();
+  a.seed0 = seeds.typed_data()[0];
+  a.seed1 = seeds.typed_data()[1];
+  Run<START>(a, T, threads, sums->typed_data(), nullptr);
   return ffi::Error::Success();
 }
 
@@ -536,6 +606,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmEbccGiven, GivenImpl,
                                   .Arg<ffi::Buffer<ffi::U16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("K")
+                                  .Attr<int64_t>("M")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmEbccStart, StartImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("K")
                                   .Attr<int64_t>("M")
