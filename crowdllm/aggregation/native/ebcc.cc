@@ -32,6 +32,7 @@
 // each operation on one costs ~100 cycles: the pass flushes them to zero (FTZ / DAZ) in every
 // thread it runs on, and restores the calling thread's setting when it is done.
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -144,7 +145,7 @@ inline __m256i fmix32(__m256i h) {  // MurmurHash3's finaliser, as _core._fmix32
 }
 
 // START: rows [t, t + n) of EBCC's random start q [n, K M] (ebcc.start in JAX, the same draws):
-// q_t(k, m) = zvote_t(k) e_km / sum_m' e_km', e = -log u, u the counter hash of element
+// q_t(k, m) = e_km zvote_t(k) / sum_m' e_km', e = -log u, u the counter hash of element
 // rowid_t K M + k M + m (_core.hash_uniform: fmix32(fmix32(i * 0x9E3779B9 + s0) ^ s1), its top
 // 23 bits + 1/2, over 2^23). Rows past n: zeros.
 inline void start_rows(const Inputs& a, int64_t t, int n, float* q) {
@@ -165,10 +166,11 @@ inline void start_rows(const Inputs& a, int64_t t, int n, float* q) {
       _mm256_store_ps(e + 8 * v, _mm256_sub_ps(_mm256_setzero_ps(), log256(u)));
     }
     const float* zv = a.zvote + (t + i) * K;
-    for (int k = 0; k < K; ++k) {
+    for (int k = 0; k < K; ++k) {  // one division a class, not one a column
       float sum = 0.f;
       for (int m = 0; m < M; ++m) sum += e[k * M + m];
-      for (int m = 0; m < M; ++m) q[i * KM + k * M + m] = zv[k] * (e[k * M + m] / sum);
+      const float f = zv[k] / sum;
+      for (int m = 0; m < M; ++m) q[i * KM + k * M + m] = e[k * M + m] * f;
     }
   }
 }
@@ -488,6 +490,17 @@ void Run(const Inputs& a_in, int64_t T, int64_t threads, float* sums, float* sta
   stats[1] = dz;
 }
 
+// Asks for huge pages on a large output buffer that is about to be written for the first time
+// (XLA's fresh buffers are not madvised; 77 MB of posteriors fault in 4 KiB pages otherwise).
+// A hint: where huge pages are off, or the buffer was written before, nothing changes.
+inline void huge_pages(void* p, size_t bytes) {
+  constexpr uintptr_t HUGE = uintptr_t{1} << 21;
+  if (bytes < 4 * HUGE) return;
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + HUGE - 1) & ~(HUGE - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(HUGE - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+}
+
 // The checks every mode shares: codes [T, G], table (or sums) [NC, KMp], the column count.
 ffi::Error Check(ffi::Buffer<ffi::U16>& codes, ffi::Span<const int64_t> td, int64_t K, int64_t M,
                  Inputs* a) {
@@ -535,6 +548,7 @@ ffi::Error PostImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
   a.flags = flags.typed_data();
   a.tab = table.typed_data();
   a.post = post->typed_data();
+  huge_pages(a.post, T * K * M * sizeof(float));
   Run<POST>(a, T, threads, nullptr, nullptr);
   return ffi::Error::Success();
 }
