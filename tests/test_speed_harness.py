@@ -84,7 +84,8 @@ def test_method_table_times_crowdkit_beside_ours_and_bounds_a_timeout():
 
 @pytest.mark.parametrize("script", ["classical_speed", "ebcc_speed", "merge_speed",
                                     "restarts_speed", "compile_time", "gpu_parity",
-                                    "ds_step_variants", "ebcc_sweep_native", "ebcc_sparse",
+                                    "ds_step_variants", "ebcc_sweep_native", "ebcc_fit_iters",
+                                    "ebcc_sparse",
                                     "glad_m_step", "coo_native", "coo_row_width"])
 def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
     """The benchmark scripts call kernels by their internal signatures, so a change of those
@@ -96,8 +97,8 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
 
     from crowdllm.aggregation import _native
 
-    if script in ("merge_speed", "ebcc_sweep_native", "ebcc_sparse", "glad_m_step",
-                  "coo_native", "coo_row_width") and not _native.available():
+    if script in ("merge_speed", "ebcc_sweep_native", "ebcc_fit_iters", "ebcc_sparse",
+                  "glad_m_step", "coo_native", "coo_row_width") and not _native.available():
         pytest.skip(f"native kernels unavailable: {_native.why_unavailable()}")
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     mod = importlib.import_module(script)
@@ -109,8 +110,11 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
                              "--data", str(DATA)],
             "gpu_parity": ["--n", "300", "--methods", "ds,mv", "--layouts", "dense,coo"],
             "ds_step_variants": ["--n", "2000", "--iters", "3", "--repeats", "1"],
-            # 3 classes: the annotator groups are uneven (5, 5, 2), as _native.plan makes them
-            "ebcc_sweep_native": ["--tasks", "3000", "--repeats", "1", "--classes", "3"],
+            # 3 classes, 2 subtypes: the annotator groups are uneven (5, 5, 2), as
+            # _native.ebcc_plan makes them for 6 columns (a table row of 8 floats)
+            "ebcc_sweep_native": ["--tasks", "3000", "--repeats", "1", "--classes", "3",
+                                  "--subtypes", "2"],
+            "ebcc_fit_iters": ["--tasks", "3000", "--sweeps", "3", "--repeats", "1"],
             "ebcc_sparse": ["--tasks", "2000", "--sweeps", "4", "--repeats", "1",
                             "--subtypes", "3"],
             "glad_m_step": ["--n", "3000", "--iters", "5", "--repeats", "2"],
@@ -129,8 +133,9 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
              "compile_time": ["| ds | li_quiz_itmanage | 25 x 36 |"],
              "gpu_parity": ["ds           coo", "mv           dense", "all agree"],
              "ds_step_variants": ["onehot-matmul", "gather-reduce", "gather-scatter"],
-             "ebcc_sweep_native": ["XLA (subtype_sweep)", "native (ebcc_sweep)",
-                                   "groups [5, 5, 2]", "same sweep"],
+             "ebcc_sweep_native": ["XLA (subtype_sweep)", "native (ebcc_sweep)", "log path",
+                                   "DS's groups", "groups [5, 5, 2]", "same sweep"],
+             "ebcc_fit_iters": ["EBCC, native, ", "3 sweeps: ", "ms a sweep"],
              "ebcc_sparse": ["native ", "XLA ", "faster a sweep", "sorted by first annotator"],
              "glad_m_step": ["| native |", "| jax |", "between the two fits"],
              "coo_native": ["rows: ((4, ", "(384, 20))", "\nds "],

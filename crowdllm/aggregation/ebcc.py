@@ -40,8 +40,8 @@ Making 40 restarts cheap:
   12 annotators become 398,225 rows - and a sweep is one fused pass over the rows: on the
   native kernel where it applies (:func:`._native.ebcc_sweep`: table rows gathered by groups of
   annotators' answers, ``native``), else in XLA (:func:`._fast.subtype_sweep`: the E-step and
-  both sums as products with the in-cache answer indicator); 24 and 102 ms per sweep there on
-  the 2-core AMD VM (``benchmarks/ebcc_sweep_native.py``);
+  both sums as products with the in-cache answer indicator); 11-17 and 100-128 ms per sweep
+  there on the 2-core AMD VM (``benchmarks/ebcc_sweep_native.py``, session 27);
 * on a sparse crowd (the COO layout), each task is a row of one code per answer (annotator and
   label) after the bias, and the sweep runs on the same native kernel
   (:func:`._native.ebcc_coo_rows`), over the tasks sorted by their first annotator (tasks that
@@ -51,6 +51,8 @@ Making 40 restarts cheap:
   against 519 on the XLA sums on the 2-core AMD VM (session 20,
   ``benchmarks/ebcc_sparse.py``);
 * the random starts come from a counter hash (threefry spent 0.74 s per restart at that size);
+  on the native kernel they are drawn and summed inside it, never stored
+  (:func:`._native.ebcc_start_counts`: the same draws);
 * screening (``screen_iter``, ``keep``): every restart runs ``screen_iter`` sweeps, and only the
   ``keep`` best by ELBO run on to convergence. Off by default up to 1,000,000 answers (the
   reference protocol: every restart runs to the end; the tests against the reference figures
