@@ -19,8 +19,8 @@
 // products are all tiny (their sum below 1e-30) is computed the other way instead: the log
 // table summed, its largest subtracted, an exp per column (the "log path"; also every row when
 // the environment has CROWDLLM_EBCC_LOGPATH set, which benchmarks/ebcc_sweep_native.py uses to
-// time both; 1,000,000 x 12 x 5, 10 subtypes on the 2-core AMD VM: 11-12.5 ms a sweep, and
-// 14-15.5 by the log path). The per-annotator counts sum_t w_t [y_tw = l] p_tc are C summed
+// time both; 1,000,000 x 12 x 5, 10 subtypes on the 2-core AMD VM, session 27: 11-17 ms a
+// sweep, and 14-21 by the log path). The per-annotator counts sum_t w_t [y_tw = l] p_tc are C summed
 // over the other members' digits, and the column sums sum_t w_t p_tc the first group's C summed
 // over its combinations (in JAX, tiny). A sparse
 // crowd's task is a row of the same kind with one code per answer (a table row per annotator and
@@ -410,8 +410,6 @@ void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
   if (sums && !part.D.empty()) part.flush();
 }
 
-// Rows [0, T) split over threads. SWEEP, GIVEN: the sums C into `sums` (and SWEEP: the summed
-// log-likelihood and the largest move into stats[0], stats[1]).
 // The exp table of the E-step's products (Inputs::etab) from the log table: each row's columns
 // [0, K M) as exp(x - m), m the row's largest, m in column KMp - 1, zeros between.
 void exp_rows(const Inputs& a, int64_t c0, int64_t c1, float* etab) {
@@ -429,6 +427,8 @@ void exp_rows(const Inputs& a, int64_t c0, int64_t c1, float* etab) {
   }
 }
 
+// Rows [0, T) split over threads. SWEEP, GIVEN, START: the sums C into `sums` (and SWEEP: the
+// summed log-likelihood and the largest move into stats[0], stats[1]).
 template <int MODE>
 void Run(const Inputs& a_in, int64_t T, int64_t threads, float* sums, float* stats) {
   Inputs a = a_in;
