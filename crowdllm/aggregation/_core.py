@@ -526,8 +526,13 @@ def hash_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float3
         i = (rows.astype(jnp.uint32)[:, None] * jnp.uint32(per_row)
              + jax.lax.iota(jnp.uint32, per_row)[None]).reshape(-1)
     h = _fmix32(_fmix32(i * jnp.uint32(0x9E3779B9) + s[0]) ^ s[1])
-    u = ((h >> 9).astype(dtype) + 0.5) * (1.0 / (1 << 23))
-    return u.reshape(shape)
+    return _unit(h, dtype).reshape(shape)
+
+
+def _unit(h: jax.Array, dtype: Any) -> jax.Array:
+    """A uint32 hash as a uniform number in (0, 1): its top 23 bits, plus 1/2, over 2^23 (the
+    native EBCC start, ``native/ebcc.cc``, draws its numbers the same way)."""
+    return ((h >> 9).astype(dtype) + 0.5) * (1.0 / (1 << 23))
 
 
 def pair_uniform(key: jax.Array, a: jax.Array, b: jax.Array, dtype: Any = jnp.float32
@@ -543,7 +548,7 @@ def pair_uniform(key: jax.Array, a: jax.Array, b: jax.Array, dtype: Any = jnp.fl
     s = jax.random.bits(key, (2,), jnp.uint32)
     a, b = jnp.broadcast_arrays(a.astype(jnp.uint32), b.astype(jnp.uint32))
     h = _fmix32(_fmix32(a * jnp.uint32(0x9E3779B9) + s[0]) ^ (b * jnp.uint32(0x7FEB352D)) ^ s[1])
-    return ((h >> 9).astype(dtype) + 0.5) * (1.0 / (1 << 23))
+    return _unit(h, dtype)
 
 
 def argmax_ties(scores: jax.Array, random_ties: jax.Array | bool, key: jax.Array,

@@ -1511,10 +1511,8 @@ def ebcc_counts(rows: EbccRows | EbccTiers, weight: jax.Array, q: jax.Array, n_c
     row weighted: ``sum_t w_t [y_tw = l] q_t(c)`` and ``sum_t w_t q_t(c)`` (EBCC's start)."""
     _require()
     if isinstance(rows, EbccTiers):
-        parts = [ebcc_counts(rows.first, weight * rows.keep, q, n_classes)]
-        parts += [ebcc_counts(part, weight[idx], q[idx], n_classes)
-                  for part, idx in zip(rows.parts, rows.index)]
-        return sum(c for c, _ in parts), sum(s for _, s in parts)
+        return _summed_over_tiers(rows, weight, lambda r, w, q: ebcc_counts(r, w, q, n_classes),
+                                  q)
     T, K, M = q.shape
     KM = K * M
     out = jax.ShapeDtypeStruct((_ebcc_n_codes(rows), _width(KM)), jnp.float32)
@@ -1522,6 +1520,16 @@ def ebcc_counts(rows: EbccRows | EbccTiers, weight: jax.Array, q: jax.Array, n_c
         rows.codes, weight.astype(jnp.float32), q.reshape(T, KM).astype(jnp.float32),
         K=np.int64(K), M=np.int64(M), threads=np.int64(_threads()))
     return _ebcc_counts_from(rows, C, n_classes, KM)
+
+
+def _summed_over_tiers(rows: EbccTiers, weight: jax.Array, fn: Any, *per_row: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+    """``fn(rows, weight, *per_row) -> (counts, column sums)`` over tiers of rows, added up: the
+    first tier's rows (every task, the busier ones weighted 0) and each further tier's tasks."""
+    parts = [fn(rows.first, weight * rows.keep, *per_row)]
+    parts += [fn(part, weight[idx], *(x[idx] for x in per_row))
+              for part, idx in zip(rows.parts, rows.index)]
+    return sum(c for c, _ in parts), sum(s for _, s in parts)
 
 
 def ebcc_start_counts(rows: EbccRows | EbccTiers, weight: jax.Array, z: jax.Array,
@@ -1536,10 +1544,9 @@ def ebcc_start_counts(rows: EbccRows | EbccTiers, weight: jax.Array, z: jax.Arra
     if row_ids is None:
         row_ids = jnp.arange(T, dtype=jnp.int32)
     if isinstance(rows, EbccTiers):
-        parts = [ebcc_start_counts(rows.first, weight * rows.keep, z, key, n_subtypes, row_ids)]
-        parts += [ebcc_start_counts(part, weight[idx], z[idx], key, n_subtypes, row_ids[idx])
-                  for part, idx in zip(rows.parts, rows.index)]
-        return sum(c for c, _ in parts), sum(s for _, s in parts)
+        return _summed_over_tiers(
+            rows, weight, lambda r, w, z, i: ebcc_start_counts(r, w, z, key, n_subtypes, i),
+            z, row_ids)
     KM = K * n_subtypes
     seeds = jax.random.bits(key, (2,), jnp.uint32)  # as _core.hash_uniform draws them
     out = jax.ShapeDtypeStruct((_ebcc_n_codes(rows), _width(KM)), jnp.float32)

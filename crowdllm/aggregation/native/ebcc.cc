@@ -151,7 +151,7 @@ inline __m256i fmix32(__m256i h) {  // MurmurHash3's finaliser, as _core._fmix32
 inline void start_rows(const Inputs& a, int64_t t, int n, float* q) {
   const int K = (int)a.K, M = (int)a.M, KM = K * M, NV = (KM + 7) / 8;
   alignas(32) float e[8 * MAXV];
-  std::fill(q, q + 8 * KM, 0.f);
+  std::fill(q + n * KM, q + 8 * KM, 0.f);
   for (int i = 0; i < n; ++i) {
     const uint32_t base = (uint32_t)a.rowid[t + i] * (uint32_t)KM;
     for (int v = 0; v < NV; ++v) {
@@ -437,7 +437,7 @@ void Run(const Inputs& a_in, int64_t T, int64_t threads, float* sums, float* sta
   // for its log offset (_width in _native.py leaves one). However many factors a row has: a row
   // padded with more slots (the zero row's factors, 1 and 0) computes the same.
   const char* logpath = std::getenv("CROWDLLM_EBCC_LOGPATH");  // set, not "" or "0": log path
-  if (MODE <= POST && a.KMp > a.K * a.M &&
+  if ((MODE == SWEEP || MODE == POST) && a.KMp > a.K * a.M &&
       (logpath == nullptr || *logpath == 0 || std::strcmp(logpath, "0") == 0)) {
     etab.resize(a.NC * a.KMp);
     const int ne = (int)std::max<int64_t>(1, std::min<int64_t>(threads, a.NC / 4096));
