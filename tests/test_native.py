@@ -539,12 +539,12 @@ def _draw_ebcc(T, W, K, M, missing, gold_frac, seed):
 
 @needs_kernel
 @pytest.mark.parametrize("T,W,K,M,missing,gold_frac,sharp", [
-    (1003, 12, 5, 10, 0.2, 0.1, 1),    # 3 groups of 4, 50 columns (padded to 56)
-    (777, 13, 3, 3, 0.5, 0.1, 1),      # groups of 6, 6 and 1; 9 columns
+    (1003, 12, 5, 10, 0.2, 0.1, 1),    # 4 groups of 3, 50 columns (padded to 56)
+    (777, 13, 3, 3, 0.5, 0.1, 1),      # groups of 5, 5 and 3; 9 columns
     (64, 1, 2, 1, 0.0, 0.0, 1),        # one annotator, one subtype
     (300, 3, 12, 2, 0.1, 0.2, 1),      # 12 classes (more than the DS kernel takes); 24 columns
     (200, 2, 15, 17, 0.0, 0.1, 1),     # 255 columns, the most the kernel takes
-    (20_000, 30, 5, 4, 0.3, 0.05, 1),  # 8 groups, 2 threads
+    (20_000, 30, 5, 4, 0.3, 0.05, 1),  # 10 groups, 2 threads
     # log-confusion entries 40 times as spread: the groups' factors disagree so much that many
     # rows' products would leave the float range, and take the log path instead
     (1003, 12, 5, 10, 0.2, 0.1, 40),

@@ -1211,9 +1211,10 @@ def ebcc_plan(n_workers: int, n_classes: int, columns: int | None = None) -> Pla
     """EBCC's grouping of a panel's annotators: a table row holds ``columns`` floats (padded,
     see :func:`_width`), not DS's 8, so its groups are smaller, and a group's table and sums stay
     as small as DS's (:data:`MAX_COMBOS` rows of 8). At 5 classes and 10 subtypes: groups of 3
-    annotators (216 combinations, 48 KiB a table) instead of 4 (1,296, 284 KiB): the sweep's
-    gathers and read-add-writes then stay in the core's L2 cache (1,000,000 x 12 x 5: ~25 %
-    faster a sweep on the 2-core AMD VM, ``benchmarks/ebcc_sweep_native.py``)."""
+    annotators (216 combinations, 48 KiB a table) instead of 4 (1,296, 284 KiB), so that the
+    sweep's gathers and read-add-writes stay in the core's L2 cache (1,000,000 x 12 x 5: 2-18 %
+    faster a sweep in session 27's three runs on the 2-core AMD VM, within the host's noise;
+    ``benchmarks/ebcc_sweep_native.py``)."""
     combos = MAX_COMBOS if columns is None else MAX_COMBOS * 8 // _width(columns)
     return plan(n_workers, n_classes, max(combos, n_classes + 1))
 

@@ -186,7 +186,8 @@ def init(data: CrowdData, key: jax.Array, weight: jax.Array, n_subtypes: int,
          ) -> EBCCState:
     """The state after the random start (:func:`start`); ``native``: the start drawn and its
     counts summed by the native kernel (:func:`._native.ebcc_start_counts`; the ``[tasks, K,
-    M]`` start is never stored: 1,000,000 x 12 x 5, 10 subtypes, 136 -> ~20 ms a restart)."""
+    M]`` start is never stored: 1,000,000 x 12 x 5, 10 subtypes, init 162 -> 42-48 ms a
+    restart)."""
     if native is not None:
         z = vote_fractions(data)
         counts, csum = _native.ebcc_start_counts(native, weight, z, key, n_subtypes, rows)
