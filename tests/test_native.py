@@ -315,6 +315,12 @@ def test_glad_passes_equal_the_xla_e_step_gradient_and_q(T, W, K):
     assert float(q2) == pytest.approx(float(q_xla), rel=1e-5)
 
 
+def e_next_stats(lab_b, flags, wts, n, prm, log_prior):
+    """``glad_e``'s log-likelihood, Q answer term and class sums at ``prm``."""
+    return _native.glad_e(lab_b, flags, wts, n, prm.alpha, prm.log_beta, log_prior,
+                          jnp.zeros(lab_b.shape))[2:]
+
+
 @needs_kernel
 @pytest.mark.parametrize("lr,q_shift,tries", [(0.05, 0.0, 1), (40.0, 0.0, None),
                                               (0.05, np.inf, 4)])
@@ -324,7 +330,11 @@ def test_native_m_step_equals_adam_steps_on_the_pass_gradients(lr, q_shift, trie
     path it replaced, whose passes equal XLA's): a first-try step, a step so long that Q falls
     and it is retried with smaller ones, and a Q target no step reaches (every try rejected:
     the old parameters and moments come back). Rows as drawn, a partial block of 8, padding
-    rows past n, weighted (merged) rows, a non-zero Adam state and gold rows."""
+    rows past n, weighted (merged) rows, a non-zero Adam state and gold rows. The call also
+    returns the next E-step (each try's Q check is that E pass, written into the scratch
+    buffer): it must be ``glad_e``'s at the returned parameters and the next log prior (not the
+    one q_t(y_tw) came from), and the old q_t(y_tw), which every try's gradients read, must be
+    left as it was."""
     T, W, K = 1003, 12, 5
     lab, gold, _ = _draw_glad(T, W, K, 0.25, 0.1, seed=3)
     data = _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32)
@@ -364,9 +374,22 @@ def test_native_m_step_equals_adam_steps_on_the_pass_gradients(lr, q_shift, trie
         return glad.adam_steps(state, q_old, q_fn, grad_fn, lr=lr, m_steps=5)
 
     a_prm, a_opt, a_scale = reference(state, q_old)
-    b_prm, b_opt, b_scale, b_tries = jax.jit(functools.partial(
-        _native.glad_m, lr=lr, m_steps=5, mu_alpha=1.0, mu_beta=1.0))(
-            lab_b, wts, n, p_right, state, q_old, wm)
+    prior_next = f32(np.log([0.4, 0.25, 0.15, 0.12, 0.08]))
+    scratch = jnp.full(lab_b.shape, np.nan, jnp.float32)
+    for which, bufs in ((0, (p_right, scratch)), (1, (scratch, p_right))):
+        b_prm, b_opt, b_scale, b_tries, b_bufs, b_e = jax.jit(functools.partial(
+            _native.glad_m, lr=lr, m_steps=5, mu_alpha=1.0, mu_beta=1.0))(
+                lab_b, flags, wts, n, (*bufs, jnp.asarray(which)), state, q_old, wm, prior_next)
+        p_new, e_next = _native.glad_e(lab_b, flags, wts, n, b_prm.alpha, b_prm.log_beta,
+                                       prior_next, jnp.zeros(lab_b.shape))[1], e_next_stats(
+            lab_b, flags, wts, n, b_prm, prior_next)
+        assert int(b_bufs[2]) == 1 - which
+        # the same kernel at the same inputs: the same floats
+        np.testing.assert_array_equal(np.asarray(b_bufs[1 - which]), np.asarray(p_new))
+        np.testing.assert_array_equal(np.asarray(b_bufs[which]), np.asarray(p_right))
+        for x, y in zip(b_e, e_next):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert np.abs(np.asarray(p_new) - np.asarray(p_right)).max() > 1e-2
     if tries is not None:
         assert int(b_tries) == tries
     else:  # the long step lowered Q at least once before a shorter one was kept

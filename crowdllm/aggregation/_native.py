@@ -36,8 +36,8 @@ pass with MACE's counts read off the summed counts (:func:`mace_fit_restarts`). 
 answer its own logit ``alpha_w * beta_t``, so nothing can be tabulated: :func:`glad_fit` runs its
 E-step as one pass over the distinct rows (identical tasks keep identical difficulties) and its
 whole M-step as one call (:func:`glad_m`: each Adam step one pass that also steps the
-difficulties, then a Q pass, retried with smaller steps while Q fell), one exp per answer and
-pass. BWA's truth of a task is a ratio of two such table sums per class (precision-weighted
+difficulties, then the next E pass, which also sums Q with the old posteriors: the Q check;
+retried with smaller steps while Q fell), one exp per answer and pass. BWA's truth of a task is a ratio of two such table sums per class (precision-weighted
 answers over summed precisions), so its sweeps are ratio passes of the grouped kernel
 (:func:`bwa_fit`).
 
@@ -929,34 +929,50 @@ def glad_grad(lab_b: jax.Array, weights: jax.Array, n: jax.Array, p_right: jax.A
     return da, db, qv[0]
 
 
-def glad_m(lab_b: jax.Array, weights: jax.Array, n: jax.Array, p_right: jax.Array,
-           state: Any, q_old: jax.Array, worker_mask: jax.Array, *, lr: Any, m_steps: int,
+def glad_m(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
+           p_bufs: tuple[jax.Array, jax.Array, jax.Array], state: Any, q_old: jax.Array,
+           worker_mask: jax.Array, log_prior_next: jax.Array, *, lr: Any, m_steps: int,
            mu_alpha: Any, mu_beta: Any, max_tries: int = 4):
-    """GLAD's whole M-step in one call: ``glad.adam_steps`` with ``glad.q_grad``'s gradients
-    and Q (the Gaussian priors included), on the rows. ``state``: the ``GladState`` before the
-    step (its params, optax Adam state and lr scale); ``q_old``: Q there. Returns ``(params,
-    opt_state, lr scale, tries)``: each try is ``m_steps`` gradient passes that also step the
-    difficulties, and one Q pass."""
+    """GLAD's whole M-step in one call, and the next E-step: ``glad.adam_steps`` with
+    ``glad.q_grad``'s gradients and Q (the Gaussian priors included), on the rows.
+
+    ``p_bufs``: ``(p0, p1, which)``, two buffers shaped like ``lab_b`` of which ``p[which]``
+    holds ``q_t(y_tw)`` (the other is scratch); ``state``: the ``GladState`` before the step
+    (its params, optax Adam state and lr scale); ``q_old``: Q there; ``log_prior_next``: the next
+    E-step's log class prior. Returns ``(params, opt_state, lr scale, tries, p_bufs, e)``: the
+    buffers with the next E-step's ``q_t(y_tw)`` (at the returned params and ``log_prior_next``)
+    written into the one that was scratch and ``which`` flipped, and ``e`` = that E-step's
+    ``(weighted log-likelihood, Q answer term, class sums)``, as :func:`glad_e` gives them. Each
+    try is ``m_steps`` gradient passes that also step the difficulties, then the E pass at the
+    try's parameters, which sums Q's answer term with the old ``q_t(y_tw)`` as it writes the new
+    one (the Q check: one pass, not a Q pass and an E pass)."""
     from . import glad
 
     _require()
     T, W = lab_b.shape[0] * 8, lab_b.shape[1]
+    K = log_prior_next.shape[0]
     prm, opt = state.params, state.opt_state
     f32 = jnp.float32
     scalars = jnp.stack([jnp.asarray(v, f32) for v in (state.lr_scale, q_old, lr, mu_alpha,
                                                        mu_beta)])
     vec = lambda m: jax.ShapeDtypeStruct((m,), f32)  # noqa: E731
-    out = (vec(W), vec(T), jax.ShapeDtypeStruct((), jnp.int32), vec(W), vec(T), vec(W), vec(T),
-           vec(3))
-    al, lb, count, ma, mb, va, vb, info = jax.ffi.ffi_call("crowdllm_glad_m", out)(
-        lab_b, weights, n, p_right, prm.alpha, prm.log_beta, opt.count, opt.mu.alpha,
-        opt.mu.log_beta, opt.nu.alpha, opt.nu.log_beta, scalars, worker_mask.astype(f32),
+    p_shape = jax.ShapeDtypeStruct(lab_b.shape, f32)
+    scalar_i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    out = (vec(W), vec(T), scalar_i32, vec(W), vec(T), vec(W), vec(T), vec(3), p_shape,
+           p_shape, scalar_i32, vec(2 + K))
+    p0, p1, which = p_bufs
+    al, lb, count, ma, mb, va, vb, info, p0, p1, which, stats = jax.ffi.ffi_call(
+        "crowdllm_glad_m", out, input_output_aliases={4: 8, 5: 9})(
+        lab_b, flags, weights, n, p0, p1, which.astype(jnp.int32), prm.alpha, prm.log_beta,
+        opt.count, opt.mu.alpha, opt.mu.log_beta, opt.nu.alpha, opt.nu.log_beta, scalars,
+        worker_mask.astype(f32), log_prior_next.astype(f32),
         threads=np.int64(_threads()), m_steps=np.int64(m_steps), max_tries=np.int64(max_tries),
         b1=np.float32(glad.ADAM_B1), b2=np.float32(glad.ADAM_B2), eps=np.float32(glad.ADAM_EPS),
         alpha_max=np.float32(glad.ALPHA_MAX), log_beta_min=np.float32(glad.LOG_BETA_MIN),
         log_beta_max=np.float32(glad.LOG_BETA_MAX))
     opt = opt._replace(count=count, mu=glad.GladParams(ma, mb), nu=glad.GladParams(va, vb))
-    return glad.GladParams(al, lb), opt, info[0], info[1]
+    return (glad.GladParams(al, lb), opt, info[0], info[1], (p0, p1, which),
+            (stats[0], stats[1], stats[2:]))
 
 
 def block(x: jax.Array) -> jax.Array:
@@ -1081,34 +1097,40 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
         alpha = glad.alpha_from_gold(alpha, (on_gold * wts[:, None]).sum(0),
                                      (hit * wts[:, None]).sum(0), mu_beta)
     params = glad.GladParams(alpha, jnp.full((T,), mu_beta, jnp.float32))
-    # GladState.posteriors carries the buffer of q_t(y_tw) the E pass rewrites in place
+    log_prior = jnp.full((K,), -jnp.log(K), jnp.float32)
+    # the carry: the state, the E-step at its parameters and log prior (log-likelihood, Q's
+    # answer term, class sums) and the buffers of q_t(y_tw) that the passes rewrite in place
+    # (native: two, glad_m's p_bufs, and the state's posteriors hold the first; jax: one, the
+    # state's posteriors). The native M-step's Q check is the next E pass, so each step ends
+    # with the E-step at its new parameters.
+    p_right, *e = glad_e(lab_b, flags, wts, n, params.alpha, params.log_beta, log_prior,
+                         jnp.zeros(lab_b.shape, jnp.float32))[1:]
     state = glad.GladState(params=params, opt_state=glad._optimizer().init(params),
-                           log_prior=jnp.full((K,), -jnp.log(K), jnp.float32),
-                           posteriors=jnp.zeros(lab_b.shape, jnp.float32),
+                           log_prior=log_prior, posteriors=p_right,
                            lr_scale=jnp.asarray(1.0, jnp.float32))
+    spare = (jnp.zeros(lab_b.shape, jnp.float32), jnp.asarray(0, jnp.int32))
 
-    def step(st):
-        _, p_right, ll, q_ans, class_sum = glad_e(lab_b, flags, wts, n, st.params.alpha,
-                                                  st.params.log_beta, st.log_prior, st.posteriors)
+    def step(carry):
+        st, (ll, q_ans, class_sum), spare = carry
         obj = (ll + prior_density(st.params)) / n_ans
         q_old = q_ans + prior_density(st.params)
+        log_prior = glad.learned_log_prior(class_sum) if learn_prior else st.log_prior
         if m_step == "native":
-            prm, opt_state, scale, _ = glad_m(lab_b, wts, n, p_right, st, q_old, wm, lr=lr,
-                                              m_steps=m_steps, mu_alpha=mu_alpha,
-                                              mu_beta=mu_beta)
+            prm, opt_state, scale, _, (p0, *spare), e = glad_m(
+                lab_b, flags, wts, n, (st.posteriors, *spare), st, q_old, wm, log_prior, lr=lr,
+                m_steps=m_steps, mu_alpha=mu_alpha, mu_beta=mu_beta)
         else:  # JAX's Adam and loop around the gradient and Q passes (benchmarks, tests)
+            p_old = st.posteriors
             prm, opt_state, scale = glad.adam_steps(
-                st, q_old, lambda p: glad_grad(lab_b, wts, n, p_right, p.alpha, p.log_beta,
+                st, q_old, lambda p: glad_grad(lab_b, wts, n, p_old, p.alpha, p.log_beta,
                                                grad=False, q=True)[2] + prior_density(p),
-                lambda p: _glad_pass_grad(lab_b, wts, n, p_right, p, wm, mu_alpha, mu_beta),
+                lambda p: _glad_pass_grad(lab_b, wts, n, p_old, p, wm, mu_alpha, mu_beta),
                 lr=lr, m_steps=m_steps)
-        log_prior = st.log_prior
-        if learn_prior:
-            log_prior = glad.learned_log_prior(class_sum)
-        return glad.GladState(params=prm, opt_state=opt_state, log_prior=log_prior,
-                              posteriors=p_right, lr_scale=scale), obj
+            p0, *e = glad_e(lab_b, flags, wts, n, prm.alpha, prm.log_beta, log_prior, p_old)[1:]
+        return (glad.GladState(params=prm, opt_state=opt_state, log_prior=log_prior,
+                               posteriors=p0, lr_scale=scale), tuple(e), tuple(spare)), obj
 
-    state, loop = iterate(step, state, max_iter=max_iter, tol=tol)
+    (state, _, _), loop = iterate(step, (state, tuple(e), spare), max_iter=max_iter, tol=tol)
     post = glad_e(lab_b, flags, wts, n, state.params.alpha, state.params.log_beta,
                   state.log_prior, state.posteriors, want_post=True)[0]
     return glad.GladResult(posteriors=post, alphas=state.params.alpha,

@@ -2,7 +2,7 @@
 //
 // Built with ds_grouped.cc into one library by crowdllm/aggregation/_native.py and called from
 // JAX as XLA FFI custom calls; the EM loop stays in JAX, the M-step (Adam, the Q check and the
-// retries: MImpl) is one call. Every answer has its own logit x = alpha_w * exp(b_t), so
+// retries: MImpl) and the next E-step are one call. Every answer has its own logit x = alpha_w * exp(b_t), so
 // nothing can be tabulated: each pass computes one exp (and, where a log-likelihood is wanted,
 // one log) per answer, 8 tasks at a time (lanes = tasks). The labels and the per-answer
 // posteriors are stored in blocks of 8 tasks, [T / 8, W, 8]: one block's values for one
@@ -12,13 +12,14 @@
 //   E pass:    score[t, k] = log rho_k + sum_w answered (log sigma(-x) - log(K-1))
 //                            + sum_w [y = k] (x + log(K-1)),
 //              posteriors (softmax, gold clamped), p[w, t] = q_t(y_tw), the weighted
-//              log-likelihood sum_t n_t log Z_t and Q's answer term
-//              sum n_t (log sigma(x) - (1 - p) x).
+//              log-likelihood sum_t n_t log Z_t, Q's answer term
+//              sum n_t (log sigma(x) - (1 - p) x), and that term with the old p.
 //   grad pass: g = p - sigma(x) per answer; d_alpha[w] = sum_t n_t g exp(b_t) (weighted) and
 //              d_b[t] = sum_w g x (per task: merged rows stand for identical tasks, whose
 //              gradients are identical); optionally Q's answer term.
 //   M-step:    m_steps grad passes, each stepping every b_t by Adam as soon as its gradient is
-//              summed (alpha after the pass), then a Q pass; see MImpl.
+//              summed (alpha after the pass), then the E pass at the new parameters, which is
+//              also the Q check (Q with the old p); see MImpl.
 //
 // n_t = the row's weight (how many identical tasks it stands for); rows at or past n are inert
 // (zero outputs). flags[t] = -1 no gold, k >= 0 gold class k.
@@ -112,14 +113,14 @@ struct LogProd {
 struct Acc {  // one thread's sums: float lanes over a chunk, carried in double
   std::vector<__m256> fa;  // [W] d_alpha lanes
   std::vector<double> da;  // [W]
-  __m256 fq, fll, fc[8];
-  __m256d q0, q1, ll0, ll1;
+  __m256 fq, fqo, fll, fc[8];
+  __m256d q0, q1, qo0, qo1, ll0, ll1;
   double dc[8];  // class sums (E pass)
   void init(int64_t W) {
     fa.assign(W, _mm256_setzero_ps());
     da.assign(W, 0.0);
-    fq = fll = _mm256_setzero_ps();
-    q0 = q1 = ll0 = ll1 = _mm256_setzero_pd();
+    fq = fqo = fll = _mm256_setzero_ps();
+    q0 = q1 = qo0 = qo1 = ll0 = ll1 = _mm256_setzero_pd();
     for (int k = 0; k < 8; ++k) {
       fc[k] = _mm256_setzero_ps();
       dc[k] = 0;
@@ -133,8 +134,9 @@ struct Acc {  // one thread's sums: float lanes over a chunk, carried in double
       fa[w] = _mm256_setzero_ps();
     }
     add_pd(q0, q1, fq);
+    add_pd(qo0, qo1, fqo);
     add_pd(ll0, ll1, fll);
-    fq = fll = _mm256_setzero_ps();
+    fq = fqo = fll = _mm256_setzero_ps();
     for (int k = 0; k < 8; ++k) {
       alignas(32) float v[8];
       _mm256_store_ps(v, fc[k]);
@@ -199,12 +201,29 @@ ffi::Error CheckRows(ffi::Buffer<ffi::S8>& lab, ffi::Buffer<ffi::F32>& weights,
   return ffi::Error::Success();
 }
 
+// p = pk[y] lane by lane (pk[k] = 0 for k >= K), masked by ans: a tree of blends on y's low
+// bits (K <= 8; y < 0 is masked out by ans), fewer operations than a compare per class
+template <int K>
+inline __m256 pick(__m256i y, const __m256* pk, __m256 ans) {
+  constexpr int NP = K <= 1 ? 1 : K <= 2 ? 2 : K <= 4 ? 4 : 8;
+  __m256 s[NP];
+  for (int k = 0; k < NP; ++k) s[k] = k < K ? pk[k] : _mm256_setzero_ps();
+  int shift = 31;  // bit j of y to the sign bit, j = 0, 1, 2
+  for (int width = NP; width > 1; width /= 2, --shift) {
+    const __m256 m = _mm256_castsi256_ps(_mm256_sllv_epi32(y, _mm256_set1_epi32(shift)));
+    for (int i = 0; i < width / 2; ++i) s[i] = _mm256_blendv_ps(s[2 * i], s[2 * i + 1], m);
+  }
+  return _mm256_and_ps(ans, s[0]);
+}
+
 // E pass over rows [0, U) with K known at compile time (the class loops unrolled, the scores
-// kept in registers)
+// kept in registers), the new p written to P. It also sums Q's answer term with the old p in
+// Pold (acc.fqo: the M-step's check of Q at the parameters this pass is at); Pold may be P
+// (each block's old p is read before its new p is stored).
 template <int K>
 void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t* fl,
             const float* wt, const float* al, const float* lb, const float* lp, float lkm1,
-            float* out, float* P, std::vector<Acc>& parts) {
+            float* out, const float* Pold, float* P, std::vector<Acc>& parts) {
   const bool want_post = out != nullptr;
   parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
     thread_local std::vector<__m256> xbuf;
@@ -212,7 +231,8 @@ void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t
     LogProd lp1;
     __m256 valid = valid_lanes(r, U);
     __m256 beta = exp256(_mm256_loadu_ps(lb + r));
-    __m256 base = _mm256_setzero_ps();
+    // qa = sum_w answered (min(x, 0) - x) (= log sigma(-x) + log(1 + e)), cnt = answers
+    __m256 qa = _mm256_setzero_ps(), qo = _mm256_setzero_ps(), cnt = _mm256_setzero_ps();
     __m256 sc[K];
     for (int k = 0; k < K; ++k) sc[k] = _mm256_setzero_ps();
     for (int64_t w = 0; w < W; ++w) {
@@ -223,18 +243,24 @@ void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t
       __m256 e = exp_neg_abs(x);
       lp1.add(ans, e);
       xbuf[w] = x;
-      // log P(wrong) = log sigma(-x) - log(K - 1) = min(x, 0) - log(1 + e) - x - log(K - 1)
-      __m256 lw = _mm256_sub_ps(_mm256_sub_ps(_mm256_min_ps(x, _mm256_setzero_ps()), x),
-                                _mm256_set1_ps(lkm1));
-      base = _mm256_add_ps(base, _mm256_and_ps(ans, lw));
-      __m256 d = _mm256_add_ps(x, _mm256_set1_ps(lkm1));
+      __m256 m0 = _mm256_sub_ps(_mm256_min_ps(x, _mm256_setzero_ps()), x);
+      qa = _mm256_add_ps(qa, _mm256_and_ps(ans, m0));
+      cnt = _mm256_add_ps(cnt, _mm256_and_ps(ans, _mm256_set1_ps(1.f)));
+      // Q's answer term with the old p: log sigma(x) - (1 - p) x = m0 - log(1 + e) + p x
+      __m256 p_old = _mm256_loadu_ps(Pold + r * W + w * 8);
+      qo = _mm256_add_ps(qo, _mm256_and_ps(ans, _mm256_fmadd_ps(p_old, x, m0)));
+    }
+    for (int64_t w = 0; w < W; ++w) {  // the scores' per-label part, from the stored x
+      __m256i y = load_s8(L + r * W + w * 8);
+      __m256 d = _mm256_add_ps(xbuf[w], _mm256_set1_ps(lkm1));
       for (int k = 0; k < K; ++k) {
         __m256 is = _mm256_castsi256_ps(_mm256_cmpeq_epi32(y, _mm256_set1_epi32(k)));
         sc[k] = _mm256_add_ps(sc[k], _mm256_and_ps(is, d));
       }
     }
     const __m256 log1pe = lp1.total();
-    base = _mm256_sub_ps(base, log1pe);
+    // sum_w answered log P(wrong) = sum (log sigma(-x) - log(K - 1)) = qa - log1pe - cnt log(K-1)
+    const __m256 base = _mm256_sub_ps(_mm256_fnmadd_ps(cnt, _mm256_set1_ps(lkm1), qa), log1pe);
     __m256 m = _mm256_set1_ps(-INFINITY);
     for (int k = 0; k < K; ++k) {
       sc[k] = _mm256_add_ps(_mm256_add_ps(sc[k], base), _mm256_set1_ps(lp[k]));
@@ -262,22 +288,16 @@ void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t
     logz = _mm256_blendv_ps(logz, gscore, isg);
     __m256 wv = _mm256_and_ps(valid, _mm256_loadu_ps(wt + r));
     acc.fll = _mm256_add_ps(acc.fll, _mm256_mul_ps(wv, _mm256_and_ps(valid, logz)));
-    // p = q_t(y_tw) per answer; Q's answer term
-    __m256 q = _mm256_setzero_ps();
+    acc.fqo = _mm256_fmadd_ps(wv, _mm256_sub_ps(qo, log1pe), acc.fqo);
+    // p = q_t(y_tw) per answer (0 where unanswered); Q's answer term qa - log1pe + sum p x
+    __m256 q = qa;
     for (int64_t w = 0; w < W; ++w) {
       __m256i y = load_s8(L + r * W + w * 8);
-      __m256 p = _mm256_setzero_ps();
-      for (int k = 0; k < K; ++k) {
-        __m256 is = _mm256_castsi256_ps(_mm256_cmpeq_epi32(y, _mm256_set1_epi32(k)));
-        p = _mm256_add_ps(p, _mm256_and_ps(is, pk[k]));
-      }
-      p = _mm256_and_ps(valid, p);
-      _mm256_storeu_ps(P + r * W + w * 8, p);
       __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
           _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
-      __m256 term = _mm256_fnmadd_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), p), xbuf[w],
-                                     _mm256_min_ps(xbuf[w], _mm256_setzero_ps()));
-      q = _mm256_add_ps(q, _mm256_and_ps(ans, term));
+      __m256 p = pick<K>(y, pk, ans);
+      _mm256_storeu_ps(P + r * W + w * 8, p);
+      q = _mm256_fmadd_ps(p, xbuf[w], q);
     }
     acc.fq = _mm256_fmadd_ps(wv, _mm256_sub_ps(q, log1pe), acc.fq);
     for (int k = 0; k < K; ++k) acc.fc[k] = _mm256_fmadd_ps(wv, pk[k], acc.fc[k]);
@@ -288,6 +308,37 @@ void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t
         for (int k = 0; k < K; ++k) out[(r + i) * K + k] = pv[k][i];
     }
   });
+}
+
+// an E pass's sums over the threads: the weighted log-likelihood, Q's answer term with the new
+// p and with the old one, the K weighted class sums
+struct ESums {
+  double ll = 0, q = 0, q_old = 0, cs[8] = {0};
+  void store(float* st, int64_t K) const {  // [ll, q, class sums]: the E call's stats
+    st[0] = (float)ll;
+    st[1] = (float)q;
+    for (int64_t k = 0; k < K; ++k) st[2 + k] = (float)cs[k];
+  }
+};
+
+ESums e_pass(int64_t K, int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t* fl,
+             const float* wt, const float* al, const float* lb, const float* lp, float* out,
+             const float* Pold, float* P, std::vector<Acc>& parts) {
+  using Fn = void (*)(int64_t, int64_t, int64_t, const int8_t*, const int8_t*, const float*,
+                     const float*, const float*, const float*, float, float*, const float*,
+                     float*, std::vector<Acc>&);
+  static constexpr Fn table[8] = {e_rows<1>, e_rows<2>, e_rows<3>, e_rows<4>,
+                                  e_rows<5>, e_rows<6>, e_rows<7>, e_rows<8>};
+  const float lkm1 = std::log((float)std::max<int64_t>(K - 1, 1));
+  table[K - 1](U, W, threads, L, fl, wt, al, lb, lp, lkm1, out, Pold, P, parts);
+  ESums es;
+  for (auto& a : parts) {
+    es.ll += hsum(a.ll0, a.ll1);
+    es.q += hsum(a.q0, a.q1);
+    es.q_old += hsum(a.qo0, a.qo1);
+    for (int k = 0; k < K; ++k) es.cs[k] += a.dc[k];
+  }
+  return es;
 }
 
 // p_in: the last pass's p (aliased to pright, so the buffer is reused, not page-faulted anew);
@@ -314,28 +365,13 @@ ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
   const bool want_post = post->dimensions()[0] == T;
   float* out = want_post ? post->typed_data() : nullptr;
   float* P = pright->typed_data();
-  const float lkm1 = std::log((float)std::max<int64_t>(K - 1, 1));
   if (want_post) std::memset(out + U * K, 0, sizeof(float) * (T - U) * K);  // rows past n: zeros
   const int64_t full = (U + 7) / 8 * 8;  // blocks past n: zeros (a partial block: masked below)
   std::memset(P + full * W, 0, sizeof(float) * (T - full) * W);
-  std::vector<Acc> parts;
-  using Fn = void (*)(int64_t, int64_t, int64_t, const int8_t*, const int8_t*, const float*,
-                     const float*, const float*, const float*, float, float*, float*,
-                     std::vector<Acc>&);
-  static constexpr Fn table[8] = {e_rows<1>, e_rows<2>, e_rows<3>, e_rows<4>,
-                                  e_rows<5>, e_rows<6>, e_rows<7>, e_rows<8>};
-  table[K - 1](U, W, threads, L, fl, wt, al, lb, lp, lkm1, out, P, parts);
-  double ll = 0, qq = 0, cs[8] = {0};
-  for (auto& a : parts) {
-    ll += hsum(a.ll0, a.ll1);
-    qq += hsum(a.q0, a.q1);
-    for (int k = 0; k < K; ++k) cs[k] += a.dc[k];
-  }
   if (stats->element_count() != 2 + K) return ffi::Error::InvalidArgument("glad: stats [2 + K]");
-  float* st = stats->typed_data();
-  st[0] = (float)ll;
-  st[1] = (float)qq;
-  for (int k = 0; k < K; ++k) st[2 + k] = (float)cs[k];
+  std::vector<Acc> parts;
+  const ESums es = e_pass(K, U, W, threads, L, fl, wt, al, lb, lp, out, P, P, parts);
+  es.store(stats->typed_data(), K);
   return ffi::Error::Success();
 }
 
@@ -435,7 +471,7 @@ ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
 
 // ---------------------------------------------------------------------------------- M-step
 // The whole M-step of one EM iteration in one call: m_steps Adam steps on Q, then Q at the new
-// parameters, undone and retried with a 4 times smaller step while Q fell (glad.adam_steps'
+// parameters (from the next E pass there, which leaves the next E-step done), undone and retried with a 4 times smaller step while Q fell (glad.adam_steps'
 // rule; optax.scale_by_adam's update, with b1, b2, eps passed in). Each step is one pass over
 // the rows: a row's difficulty gradient depends on its own b_t and on alpha only, so the pass
 // updates b_t (and its Adam moments) right after summing it, and alpha (W values) after the
@@ -486,25 +522,45 @@ void grad_step_rows(int64_t U, int64_t T, int64_t W, int64_t threads, const int8
     lb[t] = adam1(0.f, mb[t], vb[t], lb[t], a, clip.b_min, clip.b_max);
 }
 
-// args: labels, row weights, n, p = q_t(y_tw), alpha, log-beta, Adam's count and moments of
+// args: labels, gold flags, row weights, n, two buffers of p = q_t(y_tw) [T/8, W, 8] and which
+// one holds p (0 or 1; the other is scratch), alpha, log-beta, Adam's count and moments of
 // alpha and log-beta, scalars [lr scale, Q before the step, lr, mu_alpha, mu_beta], the
-// annotators' mask; returns the parameters, moments and count after the M-step and
-// [lr scale, tries, accepted]
-ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
-                 ffi::Buffer<ffi::F32> pright, ffi::Buffer<ffi::F32> alpha,
+// annotators' mask, the next E-step's log class prior; returns the parameters, moments and
+// count after the M-step, [lr scale, tries, accepted], and the next E-step: p at the returned
+// parameters, in the buffer that was scratch (both buffers in place; `which` flipped), and its
+// stats [log-likelihood, Q's answer term, K class sums], as glad_e gives them.
+//
+// Each try's Q check is the E pass at the try's parameters: it sums Q's answer term with the
+// old p while it writes the new p into the scratch buffer, so an accepted try leaves the next
+// iteration's E-step done and a rejected one leaves the old p as it was. When every try fails,
+// the E pass runs at the M-step's start (with the next prior).
+ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
+                 ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
+                 ffi::Buffer<ffi::F32> p0, ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::S32> which,
+                 ffi::Buffer<ffi::F32> alpha,
                  ffi::Buffer<ffi::F32> log_beta, ffi::Buffer<ffi::S32> count,
                  ffi::Buffer<ffi::F32> mu_a, ffi::Buffer<ffi::F32> mu_b,
                  ffi::Buffer<ffi::F32> nu_a, ffi::Buffer<ffi::F32> nu_b,
                  ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> wmask,
-                 ffi::ResultBuffer<ffi::F32> alpha_o, ffi::ResultBuffer<ffi::F32> log_beta_o,
+                 ffi::Buffer<ffi::F32> log_prior_next, ffi::ResultBuffer<ffi::F32> alpha_o, ffi::ResultBuffer<ffi::F32> log_beta_o,
                  ffi::ResultBuffer<ffi::S32> count_o, ffi::ResultBuffer<ffi::F32> mu_a_o,
                  ffi::ResultBuffer<ffi::F32> mu_b_o, ffi::ResultBuffer<ffi::F32> nu_a_o,
                  ffi::ResultBuffer<ffi::F32> nu_b_o, ffi::ResultBuffer<ffi::F32> info,
+                 ffi::ResultBuffer<ffi::F32> p0_o, ffi::ResultBuffer<ffi::F32> p1_o,
+                 ffi::ResultBuffer<ffi::S32> which_o, ffi::ResultBuffer<ffi::F32> stats,
                  int64_t threads, int64_t m_steps, int64_t max_tries, float b1, float b2,
                  float eps, float alpha_max, float log_beta_min, float log_beta_max) {
   int64_t W, T, U;
   if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
-  if (pright.element_count() != W * T) return ffi::Error::InvalidArgument("glad: p [T/8, W, 8]");
+  const int64_t K = log_prior_next.element_count();
+  if (K < 1 || K > 8 || stats->element_count() != 2 + K)
+    return ffi::Error::InvalidArgument("glad: 1 <= K <= 8 classes, stats [2 + K]");
+  if (p0.element_count() != W * T || p1.element_count() != W * T ||
+      p0.typed_data() != p0_o->typed_data() || p1.typed_data() != p1_o->typed_data() ||
+      which.element_count() != 1 || which_o->element_count() != 1)
+    return ffi::Error::InvalidArgument("glad: two p buffers [T/8, W, 8] rewritten in place");
+  const int32_t cur = which.typed_data()[0];
+  if (cur != 0 && cur != 1) return ffi::Error::InvalidArgument("glad: which p buffer: 0 or 1");
   if (mu_a.element_count() != W || nu_a.element_count() != W || wmask.element_count() != W ||
       mu_b.element_count() != T || nu_b.element_count() != T)
     return ffi::Error::InvalidArgument("glad: Adam moments [W] and [T], mask [W] expected");
@@ -513,8 +569,10 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights, ffi::B
   if (m_steps < 1 || max_tries < 1)
     return ffi::Error::InvalidArgument("glad: m_steps >= 1 and max_tries >= 1");
   const int8_t* L = lab.typed_data();
+  const int8_t* fl = flags.typed_data();
   const float* wt = weights.typed_data();
-  const float* P = pright.typed_data();
+  const float* P = cur ? p1_o->typed_data() : p0_o->typed_data();  // p
+  float* Pnew = cur ? p0_o->typed_data() : p1_o->typed_data();       // the next E-step's p
   const float* wm = wmask.typed_data();
   const float* sc = scalars.typed_data();
   float scale = sc[0];
@@ -538,6 +596,7 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights, ffi::B
   int32_t c = count0;
   std::vector<Acc> parts;
   std::vector<float> da(W);
+  ESums es;
   bool accepted = false;
   int64_t tries = 0;
   while (!accepted && tries < max_tries) {
@@ -552,14 +611,14 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights, ffi::B
       for (int64_t w = 0; w < W; ++w)
         al[w] = adam1(da[w], ma[w], va[w], al[w], a, -clip.alpha_max, clip.alpha_max);
     }
-    // Q at the new parameters: the answers' term, then the Gaussian log priors
-    grad_rows<false, true>(U, W, threads, L, wt, P, al, lb, parts,
-                           [](int64_t, __m256, __m256, __m256) {});
-    double q = 0, pa = 0, pb = 0;
-    for (auto& pt : parts) q += hsum(pt.q0, pt.q1);
+    // Q at the new parameters (the answers' term with the old p, then the Gaussian log priors),
+    // from the next E pass there
+    es = e_pass(K, U, W, threads, L, fl, wt, al, lb, log_prior_next.typed_data(), nullptr, P,
+                Pnew, parts);
+    double pa = 0, pb = 0;
     for (int64_t w = 0; w < W; ++w) pa += (double)wm[w] * (al[w] - mu_alpha) * (al[w] - mu_alpha);
     for (int64_t t = 0; t < U; ++t) pb += (double)wt[t] * (lb[t] - mu_beta) * (lb[t] - mu_beta);
-    const float q_new = (float)q + (float)(-0.5 * pa - 0.5 * pb);
+    const float q_new = (float)es.q_old + (float)(-0.5 * pa - 0.5 * pb);
     accepted = q_new >= q_old;
     ++tries;
     if (!accepted) scale /= 4;
@@ -567,12 +626,16 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights, ffi::B
   if (!accepted) {  // every try lowered Q: the old parameters and moments stay
     restore();
     c = count0;
+    es = e_pass(K, U, W, threads, L, fl, wt, al, lb, log_prior_next.typed_data(), nullptr, P,
+                Pnew, parts);
   }
+  which_o->typed_data()[0] = 1 - cur;
   count_o->typed_data()[0] = c;
   float* inf = info->typed_data();
   inf[0] = accepted ? std::min(scale * 2, 1.f) : scale;
   inf[1] = (float)tries;
   inf[2] = accepted ? 1.f : 0.f;
+  es.store(stats->typed_data(), K);
   return ffi::Error::Success();
 }
 
@@ -610,12 +673,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladGrad, GradImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladM, MImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -629,6 +696,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladM, MImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("m_steps")
