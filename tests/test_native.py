@@ -315,6 +315,26 @@ def test_glad_passes_equal_the_xla_e_step_gradient_and_q(T, W, K):
     assert float(q2) == pytest.approx(float(q_xla), rel=1e-5)
 
 
+@needs_kernel
+def test_glad_passes_do_not_depend_on_the_number_of_threads(monkeypatch):
+    """The GLAD passes sum fixed chunks of rows, whichever thread takes a chunk: a fit on 1, 2
+    and 3 threads gives the same floats (a panel of more than two chunks of distinct rows)."""
+    T, W, K = 9000, 12, 5
+    lab, gold, _ = _draw_glad(T, W, K, 0.2, 0.02, seed=11)
+    data = _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32)
+    assert int(_native.glad_rows(data)[3][0]) > 2 * 4096
+    fits = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(_native, "_threads", lambda threads=threads: threads)
+        jax.clear_caches()  # the thread count is an attribute of the compiled calls
+        res = _native.glad_fit(data, max_iter=8, tol=-1.0)
+        fits.append(jax.tree_util.tree_map(np.asarray, (res.posteriors, res.alphas, res.betas,
+                                                         res.history)))
+    for other in fits[1:]:
+        for a, b in zip(fits[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
 def e_next_stats(lab_b, flags, wts, n, prm, log_prior):
     """``glad_e``'s log-likelihood, Q answer term and class sums at ``prm``."""
     return _native.glad_e(lab_b, flags, wts, n, prm.alpha, prm.log_beta, log_prior,

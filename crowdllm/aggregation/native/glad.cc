@@ -26,6 +26,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -42,7 +43,8 @@ namespace {
 
 using namespace crowdllm_simd;
 
-constexpr int64_t GCHUNK = 16384;  // rows summed in float lanes before carrying into double
+constexpr int64_t GCHUNK = 4096;  // rows summed in float lanes before carrying into double;
+                                   // a thread's share of work (parallel_row_pairs)
 
 inline __m256i load_s8(const int8_t* p) {  // 8 labels
   return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -146,29 +148,32 @@ struct Acc {  // one thread's sums: float lanes over a chunk, carried in double
   }
 };
 
-// rows [0, U) in blocks of 8, split over threads (each with its Acc, flushed every GCHUNK rows):
-// body(r, acc, nb) takes nb blocks from row r, nb a std::integral_constant: 2, or 1 for a
-// chunk's odd last block
+// rows [0, U) in blocks of 8, in chunks of GCHUNK rows that the threads take in turn as each
+// finishes one (a thread slowed by a neighbour on its core takes fewer), each chunk summed into
+// its own Acc: the sums, added up over the chunks in order, do not depend on which thread ran a
+// chunk nor on how many threads there are. body(r, acc, nb) takes nb blocks from row r, nb a
+// std::integral_constant: 2, or 1 for a chunk's odd last block.
 template <typename F>
 void parallel_row_pairs(int64_t U, int64_t threads, std::vector<Acc>& parts, int64_t W,
                         F&& body) {
-  int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (U + 4095) / 4096));
-  parts.resize(n);
-  auto work = [&](int i) {
-    Acc& acc = parts[i];
-    acc.init(W);
-    int64_t a = U * i / n / 8 * 8, b = i + 1 == n ? U : U * (i + 1) / n / 8 * 8;
-    for (int64_t c = a; c < b; c += GCHUNK) {
-      const int64_t e = std::min(b, c + GCHUNK);
+  const int64_t chunks = std::max<int64_t>(1, (U + GCHUNK - 1) / GCHUNK);
+  parts.resize(chunks);
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      Acc& acc = parts[i];
+      acc.init(W);
+      const int64_t c = i * GCHUNK, e = std::min(U, c + GCHUNK);
       int64_t r = c;
       for (; r + 16 <= e; r += 16) body(r, acc, std::integral_constant<int, 2>{});
       for (; r < e; r += 8) body(r, acc, std::integral_constant<int, 1>{});
       acc.flush();
     }
   };
+  const int64_t n = std::max<int64_t>(1, std::min(threads, chunks));
   std::vector<std::thread> pool;
-  for (int i = 1; i < n; ++i) pool.emplace_back(work, i);
-  work(0);
+  for (int64_t i = 1; i < n; ++i) pool.emplace_back(work);
+  work();
   for (auto& th : pool) th.join();
 }
 
