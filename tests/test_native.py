@@ -941,6 +941,31 @@ def test_native_fits_on_real_sparse_crowds():
         np.testing.assert_allclose(a.probas_, c.probas_, atol=5e-5, err_msg=cls.__name__)
 
 
+@needs_kernel
+def test_ebcc_native_fit_does_not_depend_on_the_number_of_threads(monkeypatch):
+    """On a dense panel (a small table) the kernel sums fixed chunks of rows, whichever thread
+    takes a chunk: 1, 2 and 3 threads give the same floats (more than two chunks of rows)."""
+    rng = np.random.default_rng(4)
+    T, W, K = 40000, 9, 4
+    truth = rng.integers(0, K, T)
+    lab = np.where(rng.random((T, W)) < 0.7, truth[:, None],
+                   rng.integers(0, K, (T, W))).astype(np.int8)
+    lab[rng.random((T, W)) < 0.1] = -1
+    tensor = _tensor(lab, K)
+    opts = dict(n_subtypes=3, restarts=1, max_iter=6, tol=-1.0, atol=-1.0, seed=1,
+                merge="off", layout="dense", native="on")
+    fits = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(_native, "_threads", lambda threads=threads: threads)
+        jax.clear_caches()  # the thread count is an attribute of the compiled calls
+        m = EBCC(**opts).fit(tensor)
+        assert m.native_used_
+        fits.append((m.probas_, m.subtypes_, m.elbos_))
+    for other in fits[1:]:
+        for a, b in zip(fits[0], other):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.filterwarnings("ignore::crowdllm.aggregation.base.ConvergenceWarning")
 def test_ebcc_native_option():
     """EBCC runs on the kernel where it applies and says so; ``native='on'`` where it cannot

@@ -35,6 +35,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -449,21 +450,31 @@ void Run(const Inputs& a_in, int64_t T, int64_t threads, float* sums, float* sta
     a.etab = etab.data();
   }
   auto fn = a.G == 3 ? rows<3, MODE> : a.G == 4 ? rows<4, MODE> : rows<0, MODE>;
+  // Shares of the rows. With a small table (a dense panel's), about 8 fixed chunks that the
+  // threads take in turn as each finishes one (a thread slowed by a neighbour on its core takes
+  // fewer), each summed on its own: the sums, added in chunk order, do not depend on which
+  // thread ran a chunk nor on how many threads there are. With a large table (a sparse crowd's,
+  // whose sums per share would cost more than the rows), one share a thread.
   const int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (T + 4095) / 4096));
-  std::vector<Part> parts(n);
-  auto work = [&](int i) {
+  const bool chunked = a.NC * a.KMp * 4 <= (int64_t{1} << 20);
+  const int64_t span = std::max<int64_t>(CHUNK, ((T + 7) / 8 + 7) / 8 * 8);
+  const int64_t shares = chunked ? (T + span - 1) / span : n;
+  std::vector<Part> parts(std::max<int64_t>(shares, 1));
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
     const unsigned csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040);  // flush-to-zero and denormals-are-zero
-    Part& part = parts[i];
-    if (MODE != POST) {
-      part.C.assign(a.NC * a.KMp, 0.f);
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < shares;) {
+      Part& part = parts[i];
+      if (MODE != POST) part.C.assign(a.NC * a.KMp, 0.f);
+      if (chunked) fn(a, i * span, std::min(T, (i + 1) * span), part);
+      else fn(a, T * i / n, T * (i + 1) / n, part);
     }
-    fn(a, T * i / n, T * (i + 1) / n, part);
     _mm_setcsr(csr);
   };
   std::vector<std::thread> pool;
-  for (int i = 1; i < n; ++i) pool.emplace_back(work, i);
-  work(0);
+  for (int i = 1; i < std::min<int64_t>(n, shares); ++i) pool.emplace_back(work);
+  work();
   for (auto& th : pool) th.join();
   if (MODE == POST) return;
   // the shares' sums added in double, 4 at a time (a sparse crowd's table has ~10^5 rows)
