@@ -85,7 +85,7 @@ def test_method_table_times_crowdkit_beside_ours_and_bounds_a_timeout():
 @pytest.mark.parametrize("script", ["classical_speed", "ebcc_speed", "merge_speed",
                                     "restarts_speed", "compile_time", "gpu_parity",
                                     "ds_step_variants", "ebcc_sweep_native", "ebcc_fit_iters",
-                                    "ebcc_sparse",
+                                    "ebcc_sparse", "glad_fit_iters",
                                     "glad_m_step", "coo_native", "coo_row_width"])
 def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
     """The benchmark scripts call kernels by their internal signatures, so a change of those
@@ -98,7 +98,7 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
     from crowdllm.aggregation import _native
 
     if script in ("merge_speed", "ebcc_sweep_native", "ebcc_fit_iters", "ebcc_sparse",
-                  "glad_m_step", "coo_native", "coo_row_width") and not _native.available():
+                  "glad_fit_iters", "glad_m_step", "coo_native", "coo_row_width") and not _native.available():
         pytest.skip(f"native kernels unavailable: {_native.why_unavailable()}")
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     mod = importlib.import_module(script)
@@ -117,6 +117,8 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
             "ebcc_fit_iters": ["--tasks", "3000", "--sweeps", "3", "--repeats", "1"],
             "ebcc_sparse": ["--tasks", "2000", "--sweeps", "4", "--repeats", "1",
                             "--subtypes", "3"],
+            "glad_fit_iters": ["--tasks", "3000", "--iters", "3", "--repeats", "1", "--passes",
+                               "2"],
             "glad_m_step": ["--n", "3000", "--iters", "5", "--repeats", "2"],
             # 20 tasks of 300 answers among 2,000 of 3: the rows in tiers by width (301 slots
             # rounded up to 384); one method (each runs the same lines; the other classes on
@@ -137,6 +139,8 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
                                    "DS's groups", "groups [5, 5, 2]", "same sweep"],
              "ebcc_fit_iters": ["EBCC, native, ", "3 sweeps: ", "ms a sweep"],
              "ebcc_sparse": ["native ", "XLA ", "faster a sweep", "sorted by first annotator"],
+             "glad_fit_iters": ["GLAD, native, 3,000 x 12 x 5, 3 iterations: ",
+                                "distinct rows, 1 thread: ", "distinct rows, 2 threads: "],
              "glad_m_step": ["| native |", "| jax |", "between the two fits"],
              "coo_native": ["rows: ((4, ", "(384, 20))", "\nds "],
              "coo_row_width": ["width   4:", "width   6:", "one call on 8 tasks"]}[script]
