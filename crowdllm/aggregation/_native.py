@@ -35,11 +35,11 @@ MACE's likelihood is a confusion matrix (``mace.log_confusion``), so its sweeps 
 pass with MACE's counts read off the summed counts (:func:`mace_fit_restarts`). GLAD gives every
 answer its own logit ``alpha_w * beta_t``, so nothing can be tabulated: :func:`glad_fit` runs its
 E-step as one pass over the distinct rows (identical tasks keep identical difficulties) and its
-whole M-step as one call (:func:`glad_m`: each Adam step one pass that also steps the
-difficulties, then the next E pass, which also sums Q with the old posteriors: the Q check;
-retried with smaller steps while Q fell), one exp per answer and pass. BWA's truth of a task is a ratio of two such table sums per class (precision-weighted
-answers over summed precisions), so its sweeps are ratio passes of the grouped kernel
-(:func:`bwa_fit`).
+whole M-step as one call (:func:`glad_m`: each Adam step one pass that also steps the difficulties,
+then the next E pass, which also sums Q with the old posteriors: the Q check; retried with smaller
+steps while Q fell), one exp per answer and pass. BWA's truth of a task is a ratio of two such table
+sums per class (precision-weighted answers over summed precisions), so its sweeps are ratio passes
+of the grouped kernel (:func:`bwa_fit`).
 
 EBCC's latent state is a (class, subtype) pair: its sweep (:func:`ebcc_sweep`,
 ``native/ebcc.cc``) is the grouped pass with ``K x M`` columns per table row instead of ``K``

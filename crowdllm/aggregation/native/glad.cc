@@ -2,12 +2,12 @@
 //
 // Built with ds_grouped.cc into one library by crowdllm/aggregation/_native.py and called from
 // JAX as XLA FFI custom calls; the EM loop stays in JAX, the M-step (Adam, the Q check and the
-// retries: MImpl) and the next E-step are one call. Every answer has its own logit x = alpha_w * exp(b_t), so
-// nothing can be tabulated: each pass computes one exp (and, where a log-likelihood is wanted,
-// one log) per answer, 8 tasks at a time (lanes = tasks). The labels and the per-answer
-// posteriors are stored in blocks of 8 tasks, [T / 8, W, 8]: one block's values for one
-// annotator are one contiguous load, and a pass reads each array as one sequential stream (T is
-// a multiple of 8).
+// retries: MImpl) and the next E-step are one call. Every answer has its own logit x = alpha_w *
+// exp(b_t), so nothing can be tabulated: each pass computes one exp (and, where a log-likelihood is
+// wanted, one log) per answer, 8 tasks at a time (lanes = tasks). The labels and the per-answer
+// posteriors are stored in blocks of 8 tasks, [T / 8, W, 8]: one block's values for one annotator
+// are one contiguous load, and a pass reads each array as one sequential stream (T is a multiple of
+// 8).
 //
 //   E pass:    score[t, k] = log rho_k + sum_w answered (log sigma(-x) - log(K-1))
 //                            + sum_w [y = k] (x + log(K-1)),
@@ -476,11 +476,12 @@ ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
 
 // ---------------------------------------------------------------------------------- M-step
 // The whole M-step of one EM iteration in one call: m_steps Adam steps on Q, then Q at the new
-// parameters (from the next E pass there, which leaves the next E-step done), undone and retried with a 4 times smaller step while Q fell (glad.adam_steps'
-// rule; optax.scale_by_adam's update, with b1, b2, eps passed in). Each step is one pass over
-// the rows: a row's difficulty gradient depends on its own b_t and on alpha only, so the pass
-// updates b_t (and its Adam moments) right after summing it, and alpha (W values) after the
-// pass; the gradients are the ones JAX's step would see (all taken at the step's start).
+// parameters (from the next E pass there, which leaves the next E-step done), undone and retried
+// with a 4 times smaller step while Q fell (glad.adam_steps' rule; optax.scale_by_adam's update,
+// with b1, b2, eps passed in). Each step is one pass over the rows: a row's difficulty gradient
+// depends on its own b_t and on alpha only, so the pass updates b_t (and its Adam moments) right
+// after summing it, and alpha (W values) after the pass; the gradients are the ones JAX's step
+// would see (all taken at the step's start).
 
 struct Adam {  // one step's constants
   float b1, b2, eps, bc1, bc2, step;  // bias corrections 1 - b^count; step = lr * scale
@@ -542,12 +543,13 @@ void grad_step_rows(int64_t U, int64_t T, int64_t W, int64_t threads, const int8
 ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
                  ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
                  ffi::Buffer<ffi::F32> p0, ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::S32> which,
-                 ffi::Buffer<ffi::F32> alpha,
-                 ffi::Buffer<ffi::F32> log_beta, ffi::Buffer<ffi::S32> count,
+                 ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> log_beta,
+                 ffi::Buffer<ffi::S32> count,
                  ffi::Buffer<ffi::F32> mu_a, ffi::Buffer<ffi::F32> mu_b,
                  ffi::Buffer<ffi::F32> nu_a, ffi::Buffer<ffi::F32> nu_b,
                  ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> wmask,
-                 ffi::Buffer<ffi::F32> log_prior_next, ffi::ResultBuffer<ffi::F32> alpha_o, ffi::ResultBuffer<ffi::F32> log_beta_o,
+                 ffi::Buffer<ffi::F32> log_prior_next, ffi::ResultBuffer<ffi::F32> alpha_o,
+                 ffi::ResultBuffer<ffi::F32> log_beta_o,
                  ffi::ResultBuffer<ffi::S32> count_o, ffi::ResultBuffer<ffi::F32> mu_a_o,
                  ffi::ResultBuffer<ffi::F32> mu_b_o, ffi::ResultBuffer<ffi::F32> nu_a_o,
                  ffi::ResultBuffer<ffi::F32> nu_b_o, ffi::ResultBuffer<ffi::F32> info,
@@ -578,6 +580,8 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
   const float* wt = weights.typed_data();
   const float* P = cur ? p1_o->typed_data() : p0_o->typed_data();  // p
   float* Pnew = cur ? p0_o->typed_data() : p1_o->typed_data();       // the next E-step's p
+  const int64_t full = (U + 7) / 8 * 8;  // its blocks past n: zeros, as glad_e leaves them
+  std::memset(Pnew + full * W, 0, sizeof(float) * (T - full) * W);
   const float* wm = wmask.typed_data();
   const float* sc = scalars.typed_data();
   float scale = sc[0];
