@@ -315,6 +315,19 @@ def test_glad_passes_equal_the_xla_e_step_gradient_and_q(T, W, K):
     assert float(q2) == pytest.approx(float(q_xla), rel=1e-5)
 
 
+def _same_floats_on_1_2_3_threads(monkeypatch, fit):
+    """``fit()`` (a tuple of arrays) run with the native kernels on 1, 2 and 3 threads gives the
+    same floats each time."""
+    fits = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(_native, "_threads", lambda threads=threads: threads)
+        jax.clear_caches()  # the thread count is an attribute of the compiled calls
+        fits.append([np.asarray(x) for x in fit()])
+    for other in fits[1:]:
+        for a, b in zip(fits[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
 @needs_kernel
 def test_glad_passes_do_not_depend_on_the_number_of_threads(monkeypatch):
     """The GLAD passes sum fixed chunks of rows, whichever thread takes a chunk: a fit on 1, 2
@@ -323,22 +336,12 @@ def test_glad_passes_do_not_depend_on_the_number_of_threads(monkeypatch):
     lab, gold, _ = _draw_glad(T, W, K, 0.2, 0.02, seed=11)
     data = _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32)
     assert int(_native.glad_rows(data)[3][0]) > 2 * 4096
-    fits = []
-    for threads in (1, 2, 3):
-        monkeypatch.setattr(_native, "_threads", lambda threads=threads: threads)
-        jax.clear_caches()  # the thread count is an attribute of the compiled calls
+
+    def fit():
         res = _native.glad_fit(data, max_iter=8, tol=-1.0)
-        fits.append(jax.tree_util.tree_map(np.asarray, (res.posteriors, res.alphas, res.betas,
-                                                         res.history)))
-    for other in fits[1:]:
-        for a, b in zip(fits[0], other):
-            np.testing.assert_array_equal(a, b)
+        return res.posteriors, res.alphas, res.betas, res.history
 
-
-def e_next_stats(lab_b, flags, wts, n, prm, log_prior):
-    """``glad_e``'s log-likelihood, Q answer term and class sums at ``prm``."""
-    return _native.glad_e(lab_b, flags, wts, n, prm.alpha, prm.log_beta, log_prior,
-                          jnp.zeros(lab_b.shape))[2:]
+    _same_floats_on_1_2_3_threads(monkeypatch, fit)
 
 
 @needs_kernel
@@ -400,9 +403,8 @@ def test_native_m_step_equals_adam_steps_on_the_pass_gradients(lr, q_shift, trie
         b_prm, b_opt, b_scale, b_tries, b_bufs, b_e = jax.jit(functools.partial(
             _native.glad_m, lr=lr, m_steps=5, mu_alpha=1.0, mu_beta=1.0))(
                 lab_b, flags, wts, n, (*bufs, jnp.asarray(which)), state, q_old, wm, prior_next)
-        p_new, e_next = _native.glad_e(lab_b, flags, wts, n, b_prm.alpha, b_prm.log_beta,
-                                       prior_next, jnp.zeros(lab_b.shape))[1], e_next_stats(
-            lab_b, flags, wts, n, b_prm, prior_next)
+        _, p_new, *e_next = _native.glad_e(lab_b, flags, wts, n, b_prm.alpha, b_prm.log_beta,
+                                           prior_next, jnp.zeros(lab_b.shape))
         assert int(b_bufs[2]) == 1 - which
         # the same kernel at the same inputs: the same floats
         np.testing.assert_array_equal(np.asarray(b_bufs[1 - which]), np.asarray(p_new))
@@ -954,16 +956,13 @@ def test_ebcc_native_fit_does_not_depend_on_the_number_of_threads(monkeypatch):
     tensor = _tensor(lab, K)
     opts = dict(n_subtypes=3, restarts=1, max_iter=6, tol=-1.0, atol=-1.0, seed=1,
                 merge="off", layout="dense", native="on")
-    fits = []
-    for threads in (1, 2, 3):
-        monkeypatch.setattr(_native, "_threads", lambda threads=threads: threads)
-        jax.clear_caches()  # the thread count is an attribute of the compiled calls
+
+    def fit():
         m = EBCC(**opts).fit(tensor)
         assert m.native_used_
-        fits.append((m.probas_, m.subtypes_, m.elbos_))
-    for other in fits[1:]:
-        for a, b in zip(fits[0], other):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        return m.probas_, m.subtypes_, m.elbos_
+
+    _same_floats_on_1_2_3_threads(monkeypatch, fit)
 
 
 @pytest.mark.filterwarnings("ignore::crowdllm.aggregation.base.ConvergenceWarning")

@@ -1100,15 +1100,17 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
     log_prior = jnp.full((K,), -jnp.log(K), jnp.float32)
     # the carry: the state, the E-step at its parameters and log prior (log-likelihood, Q's
     # answer term, class sums) and the buffers of q_t(y_tw) that the passes rewrite in place
-    # (native: two, glad_m's p_bufs, and the state's posteriors hold the first; jax: one, the
-    # state's posteriors). The native M-step's Q check is the next E pass, so each step ends
-    # with the E-step at its new parameters.
+    # (native: two, glad_m's p_bufs, of which the state's posteriors hold the first and `spare`
+    # the second and `which`; jax: one, the state's posteriors, and no spare). The native
+    # M-step's Q check is the next E pass, so each step ends with the E-step at its new
+    # parameters.
     p_right, *e = glad_e(lab_b, flags, wts, n, params.alpha, params.log_beta, log_prior,
                          jnp.zeros(lab_b.shape, jnp.float32))[1:]
     state = glad.GladState(params=params, opt_state=glad._optimizer().init(params),
                            log_prior=log_prior, posteriors=p_right,
                            lr_scale=jnp.asarray(1.0, jnp.float32))
-    spare = (jnp.zeros(lab_b.shape, jnp.float32), jnp.asarray(0, jnp.int32))
+    spare = ((jnp.zeros(lab_b.shape, jnp.float32), jnp.asarray(0, jnp.int32))
+             if m_step == "native" else ())
 
     def step(carry):
         st, (ll, q_ans, class_sum), spare = carry
