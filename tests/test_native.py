@@ -944,6 +944,22 @@ def test_native_fits_on_real_sparse_crowds():
 
 
 @needs_kernel
+def test_ebcc_kernel_sums_no_rows_to_zeros():
+    """A panel's rows cut to none (an empty share of a dense table): zero sums, not a crash
+    (the chunked shares once left no share at all, and the sums' reduction read past it)."""
+    import dataclasses
+
+    lab = np.random.default_rng(0).integers(0, 3, (16, 5)).astype(np.int8)
+    data = _core.prepare(_tensor(lab, 3), layout="dense")
+    rows = _native.ebcc_rows(data, None, 3 * 2)
+    empty = dataclasses.replace(rows, codes=rows.codes[:0], flags=rows.flags[:0])
+    counts, sums = _native.ebcc_counts(empty, jnp.ones((0,), jnp.float32),
+                                       jnp.full((0, 3, 2), 1 / 6, jnp.float32), 3)
+    assert counts.size and sums.size
+    assert not np.asarray(counts).any() and not np.asarray(sums).any()
+
+
+@needs_kernel
 def test_ebcc_native_fit_does_not_depend_on_the_number_of_threads(monkeypatch):
     """On a dense panel (a small table) the kernel sums fixed chunks of rows, whichever thread
     takes a chunk: 1, 2 and 3 threads give the same floats (more than two chunks of rows)."""

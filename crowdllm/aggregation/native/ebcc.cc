@@ -458,8 +458,9 @@ void Run(const Inputs& a_in, int64_t T, int64_t threads, float* sums, float* sta
   const int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (T + 4095) / 4096));
   const bool chunked = a.NC * a.KMp * 4 <= (int64_t{1} << 20);
   const int64_t span = std::max<int64_t>(CHUNK, ((T + 7) / 8 + 7) / 8 * 8);
-  const int64_t shares = chunked ? (T + span - 1) / span : n;
-  std::vector<Part> parts(std::max<int64_t>(shares, 1));
+  // at least one share: with no rows, it still leaves zero sums for the reduction below
+  const int64_t shares = std::max<int64_t>(1, chunked ? (T + span - 1) / span : n);
+  std::vector<Part> parts(shares);
   std::atomic<int64_t> next{0};
   auto work = [&] {
     const unsigned csr = _mm_getcsr();
