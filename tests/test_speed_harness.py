@@ -82,12 +82,22 @@ def test_method_table_times_crowdkit_beside_ours_and_bounds_a_timeout():
     assert "crowdkit_s" not in big and "crowdkit_s" not in bwa and bwa["accuracy"] > 0.5
 
 
+def _one_dataset(tmp_path, name: str):
+    """A data folder holding only ``name`` (links to its answers and gold)."""
+    folder = tmp_path / "data" / name
+    folder.mkdir(parents=True)
+    for f in ("answers.csv", "gold.csv"):
+        (folder / f).symlink_to(DATA / name / f)
+    return folder.parent
+
+
 @pytest.mark.parametrize("script", ["classical_speed", "ebcc_speed", "merge_speed",
                                     "restarts_speed", "compile_time", "gpu_parity",
                                     "ds_step_variants", "ebcc_sweep_native", "ebcc_fit_iters",
                                     "ebcc_sparse", "glad_fit_iters",
-                                    "glad_m_step", "coo_native", "coo_row_width"])
-def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
+                                    "glad_m_step", "glad_newton", "coo_native",
+                                    "coo_row_width"])
+def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys, tmp_path):
     """The benchmark scripts call kernels by their internal signatures, so a change of those
     can break a script silently (``classical_speed`` did, session 3); run each end to end on a
     tiny panel and check the table it prints (no timing is asserted)."""
@@ -120,6 +130,9 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
             "glad_fit_iters": ["--tasks", "3000", "--iters", "3", "--repeats", "1", "--passes",
                                "2"],
             "glad_m_step": ["--n", "3000", "--iters", "5", "--repeats", "2"],
+            # one small dataset (a folder of links to it), Adam at two step counts and Newton
+            "glad_newton": ["--data", str(_one_dataset(tmp_path, "li_quiz_itmanage")),
+                            "--adam-steps", "5,1", "--caps", "none", "--max-iter", "30"],
             # 20 tasks of 300 answers among 2,000 of 3: the rows in tiers by width (301 slots
             # rounded up to 384); one method (each runs the same lines; the other classes on
             # tiers: test_native.py's sparse crowds with busy tasks)
@@ -142,6 +155,8 @@ def test_benchmark_scripts_run_at_a_tiny_size(script, monkeypatch, capsys):
              "glad_fit_iters": ["GLAD, native, 3,000 x 12 x 5, 3 iterations: ",
                                 "distinct rows, 1 thread: ", "distinct rows, 2 threads: "],
              "glad_m_step": ["| native |", "| jax |", "between the two fits"],
+             "glad_newton": ["adam m_steps 5 |", "adam m_steps 1 |", "newton cap None",
+                             "\nli_quiz_itmanage ", "iterations, all datasets"],
              "coo_native": ["rows: ((4, ", "(384, 20))", "\nds "],
              "coo_row_width": ["width   4:", "width   6:", "one call on 8 tasks"]}[script]
     for name in names:
