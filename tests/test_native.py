@@ -357,7 +357,10 @@ def test_native_m_step_equals_adam_steps_on_the_pass_gradients(lr, q_shift, trie
     returns the next E-step (each try's Q check is that E pass, written into the scratch
     buffer): it must be ``glad_e``'s at the returned parameters and the next log prior (not the
     one q_t(y_tw) came from), and the old q_t(y_tw), which every try's gradients read, must be
-    left as it was."""
+    left as it was. That E pass also returns the gradient sums there (g1, the next M-step's
+    first step): the gradient pass's at the returned parameters and q_t(y_tw). Given the first
+    step's gradient sums (g1 from the E pass at the start), the call takes the same steps as
+    when it sums them in a pass."""
     T, W, K = 1003, 12, 5
     lab, gold, _ = _draw_glad(T, W, K, 0.25, 0.1, seed=3)
     data = _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32)
@@ -399,12 +402,21 @@ def test_native_m_step_equals_adam_steps_on_the_pass_gradients(lr, q_shift, trie
     a_prm, a_opt, a_scale = reference(state, q_old)
     prior_next = f32(np.log([0.4, 0.25, 0.15, 0.12, 0.08]))
     scratch = jnp.full(lab_b.shape, np.nan, jnp.float32)
+    m_step = jax.jit(functools.partial(_native.glad_m, lr=lr, m_steps=5, mu_alpha=1.0,
+                                       mu_beta=1.0))
     for which, bufs in ((0, (p_right, scratch)), (1, (scratch, p_right))):
-        b_prm, b_opt, b_scale, b_tries, b_bufs, b_e = jax.jit(functools.partial(
-            _native.glad_m, lr=lr, m_steps=5, mu_alpha=1.0, mu_beta=1.0))(
-                lab_b, flags, wts, n, (*bufs, jnp.asarray(which)), state, q_old, wm, prior_next)
+        b_prm, b_opt, b_scale, b_tries, b_bufs, b_e, b_g1 = m_step(
+            lab_b, flags, wts, n, (*bufs, jnp.asarray(which)), state, q_old, wm, prior_next)
         _, p_new, *e_next = _native.glad_e(lab_b, flags, wts, n, b_prm.alpha, b_prm.log_beta,
                                            prior_next, jnp.zeros(lab_b.shape))
+        # the E pass's gradient sums: the gradient pass's there (sigma(x) from exp(-|x|), not
+        # 1 / (1 + exp(-x)): float32 rounding apart)
+        g_a, g_b, _ = _native.glad_grad(lab_b, wts, n, p_new, b_prm.alpha, b_prm.log_beta)
+        np.testing.assert_allclose(np.asarray(b_g1)[:W], np.asarray(g_a), rtol=1e-5,
+                                   atol=1e-5 * np.abs(np.asarray(g_a)).max())
+        np.testing.assert_allclose(np.asarray(b_g1)[W:], np.asarray(g_b), rtol=1e-5,
+                                   atol=1e-5 * np.abs(np.asarray(g_b)).max())
+        assert np.abs(np.asarray(g_b)[:R]).max() > 1e-2 and np.all(np.asarray(b_g1)[W + R:] == 0)
         assert int(b_bufs[2]) == 1 - which
         # the same kernel at the same inputs: the same floats
         np.testing.assert_array_equal(np.asarray(b_bufs[1 - which]), np.asarray(p_new))
@@ -412,6 +424,18 @@ def test_native_m_step_equals_adam_steps_on_the_pass_gradients(lr, q_shift, trie
         for x, y in zip(b_e, e_next):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         assert np.abs(np.asarray(p_new) - np.asarray(p_right)).max() > 1e-2
+    # given the first step's gradient sums (the E pass's at the start), the same steps
+    _, _, _, _, _, _, g1_start = m_step(lab_b, flags, wts, n, (scratch, p_right, jnp.asarray(1)),
+                                        state, jnp.asarray(np.inf), wm, log_prior)
+    c_prm, c_opt, c_scale, c_tries, _, c_e, _ = m_step(
+        lab_b, flags, wts, n, (p_right, scratch, jnp.asarray(0)), state, q_old, wm, prior_next,
+        (g1_start, 1))
+    assert int(c_tries) == int(b_tries) and float(c_scale) == float(b_scale)
+    for x, y in [(b_prm.alpha, c_prm.alpha), (b_prm.log_beta, c_prm.log_beta),
+                 (b_opt.nu.log_beta, c_opt.nu.log_beta)]:
+        x, y = np.asarray(x), np.asarray(y)
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+    np.testing.assert_allclose(np.asarray(c_e[0]), np.asarray(b_e[0]), rtol=1e-5)
     if tries is not None:
         assert int(b_tries) == tries
     else:  # the long step lowered Q at least once before a shorter one was kept

@@ -931,21 +931,28 @@ def glad_grad(lab_b: jax.Array, weights: jax.Array, n: jax.Array, p_right: jax.A
 
 def glad_m(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
            p_bufs: tuple[jax.Array, jax.Array, jax.Array], state: Any, q_old: jax.Array,
-           worker_mask: jax.Array, log_prior_next: jax.Array, *, lr: Any, m_steps: int,
-           mu_alpha: Any, mu_beta: Any, max_tries: int = 4):
+           worker_mask: jax.Array, log_prior_next: jax.Array,
+           g1: tuple[jax.Array, Any] | None = None, *, lr: Any, m_steps: int, mu_alpha: Any,
+           mu_beta: Any, max_tries: int = 4):
     """GLAD's whole M-step in one call, and the next E-step: ``glad.adam_steps`` with
     ``glad.q_grad``'s gradients and Q (the Gaussian priors included), on the rows.
 
     ``p_bufs``: ``(p0, p1, which)``, two buffers shaped like ``lab_b`` of which ``p[which]``
     holds ``q_t(y_tw)`` (the other is scratch); ``state``: the ``GladState`` before the step
     (its params, optax Adam state and lr scale); ``q_old``: Q there; ``log_prior_next``: the next
-    E-step's log class prior. Returns ``(params, opt_state, lr scale, tries, p_bufs, e)``: the
-    buffers with the next E-step's ``q_t(y_tw)`` (at the returned params and ``log_prior_next``)
-    written into the one that was scratch and ``which`` flipped, and ``e`` = that E-step's
-    ``(weighted log-likelihood, Q answer term, class sums)``, as :func:`glad_e` gives them. Each
-    try is ``m_steps`` gradient passes that also step the difficulties, then the E pass at the
-    try's parameters, which sums Q's answer term with the old ``q_t(y_tw)`` as it writes the new
-    one (the Q check: one pass, not a Q pass and an E pass)."""
+    E-step's log class prior; ``g1``: ``(sums, have)``, the first step's gradient sums at
+    ``state``'s parameters (``[W + T]``: :func:`glad_grad`'s ``d_alpha`` then ``d_b``, as the
+    last call returned them) and 1, or ``have`` 0 (or ``g1`` None) to sum them in a pass.
+
+    Returns ``(params, opt_state, lr scale, tries, p_bufs, e, g1)``: the buffers with the next
+    E-step's ``q_t(y_tw)`` (at the returned params and ``log_prior_next``) written into the one
+    that was scratch and ``which`` flipped, ``e`` = that E-step's ``(weighted log-likelihood, Q
+    answer term, class sums)``, as :func:`glad_e` gives them, and ``g1`` = the gradient sums
+    there, for the next call. Each try is ``m_steps`` gradient steps that also step the
+    difficulties (a pass each, but the first when ``g1`` is given), then the E pass at the try's
+    parameters, which sums Q's answer term with the old ``q_t(y_tw)`` as it writes the new one
+    (the Q check: one pass, not a Q pass and an E pass), and the gradient sums at the new
+    parameters with the new one (the next M-step's first step)."""
     from . import glad
 
     _require()
@@ -959,20 +966,22 @@ def glad_m(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
     p_shape = jax.ShapeDtypeStruct(lab_b.shape, f32)
     scalar_i32 = jax.ShapeDtypeStruct((), jnp.int32)
     out = (vec(W), vec(T), scalar_i32, vec(W), vec(T), vec(W), vec(T), vec(3), p_shape,
-           p_shape, scalar_i32, vec(2 + K))
+           p_shape, scalar_i32, vec(2 + K), vec(W + T))
     p0, p1, which = p_bufs
-    al, lb, count, ma, mb, va, vb, info, p0, p1, which, stats = jax.ffi.ffi_call(
+    g1, have = (jnp.zeros((W + T,), f32), 0) if g1 is None else g1
+    have = jnp.asarray(have, jnp.int32)
+    al, lb, count, ma, mb, va, vb, info, p0, p1, which, stats, g1 = jax.ffi.ffi_call(
         "crowdllm_glad_m", out, input_output_aliases={4: 8, 5: 9})(
         lab_b, flags, weights, n, p0, p1, which.astype(jnp.int32), prm.alpha, prm.log_beta,
         opt.count, opt.mu.alpha, opt.mu.log_beta, opt.nu.alpha, opt.nu.log_beta, scalars,
-        worker_mask.astype(f32), log_prior_next.astype(f32),
+        worker_mask.astype(f32), log_prior_next.astype(f32), g1, have,
         threads=np.int64(_threads()), m_steps=np.int64(m_steps), max_tries=np.int64(max_tries),
         b1=np.float32(glad.ADAM_B1), b2=np.float32(glad.ADAM_B2), eps=np.float32(glad.ADAM_EPS),
         alpha_max=np.float32(glad.ALPHA_MAX), log_beta_min=np.float32(glad.LOG_BETA_MIN),
         log_beta_max=np.float32(glad.LOG_BETA_MAX))
     opt = opt._replace(count=count, mu=glad.GladParams(ma, mb), nu=glad.GladParams(va, vb))
     return (glad.GladParams(al, lb), opt, info[0], info[1], (p0, p1, which),
-            (stats[0], stats[1], stats[2:]))
+            (stats[0], stats[1], stats[2:]), g1)
 
 
 def block(x: jax.Array) -> jax.Array:
@@ -1101,9 +1110,10 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
     # the carry: the state, the E-step at its parameters and log prior (log-likelihood, Q's
     # answer term, class sums) and the buffers of q_t(y_tw) that the passes rewrite in place
     # (native: two, glad_m's p_bufs, of which the state's posteriors hold the first and `spare`
-    # the second and `which`; jax: one, the state's posteriors, and no spare). The native
-    # M-step's Q check is the next E pass, so each step ends with the E-step at its new
-    # parameters.
+    # the second and `which`, then glad_m's g1; jax: one, the state's posteriors, and no spare).
+    # The native M-step's Q check is the next E pass, so each step ends with the E-step at its
+    # new parameters, and with the next M-step's first gradient (g1; the first M-step sums its
+    # own: the initial E-step is glad_e's).
     p_right, *e = glad_e(lab_b, flags, wts, n, params.alpha, params.log_beta, log_prior,
                          jnp.zeros(lab_b.shape, jnp.float32))[1:]
     state = glad.GladState(params=params, opt_state=glad._optimizer().init(params),
@@ -1111,6 +1121,8 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
                            lr_scale=jnp.asarray(1.0, jnp.float32))
     spare = ((jnp.zeros(lab_b.shape, jnp.float32), jnp.asarray(0, jnp.int32))
              if m_step == "native" else ())
+    if m_step == "native":  # glad_m's g1 and whether it holds one yet
+        spare += ((jnp.zeros((W + T,), jnp.float32), jnp.asarray(0, jnp.int32)),)
 
     def step(carry):
         st, (ll, q_ans, class_sum), spare = carry
@@ -1118,9 +1130,11 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
         q_old = q_ans + prior_density(st.params)
         log_prior = glad.learned_log_prior(class_sum) if learn_prior else st.log_prior
         if m_step == "native":
-            prm, opt_state, scale, _, (p0, *spare), e = glad_m(
-                lab_b, flags, wts, n, (st.posteriors, *spare), st, q_old, wm, log_prior, lr=lr,
-                m_steps=m_steps, mu_alpha=mu_alpha, mu_beta=mu_beta)
+            *spare, g1 = spare
+            prm, opt_state, scale, _, (p0, *spare), e, g1 = glad_m(
+                lab_b, flags, wts, n, (st.posteriors, *spare), st, q_old, wm, log_prior, g1,
+                lr=lr, m_steps=m_steps, mu_alpha=mu_alpha, mu_beta=mu_beta)
+            spare = (*spare, (g1, jnp.asarray(1, jnp.int32)))
         else:  # JAX's Adam and loop around the gradient and Q passes (benchmarks, tests)
             p_old = st.posteriors
             prm, opt_state, scale = glad.adam_steps(

@@ -17,9 +17,10 @@
 //   grad pass: g = p - sigma(x) per answer; d_alpha[w] = sum_t n_t g exp(b_t) (weighted) and
 //              d_b[t] = sum_w g x (per task: merged rows stand for identical tasks, whose
 //              gradients are identical); optionally Q's answer term.
-//   M-step:    m_steps grad passes, each stepping every b_t by Adam as soon as its gradient is
-//              summed (alpha after the pass), then the E pass at the new parameters, which is
-//              also the Q check (Q with the old p); see MImpl.
+//   M-step:    m_steps Adam steps, each a grad pass stepping every b_t as soon as its gradient
+//              is summed (alpha after the pass), then the E pass at the new parameters, which
+//              is also the Q check (Q with the old p) and sums the next M-step's first gradient
+//              (with the new p): that first step needs no pass of its own; see MImpl.
 //
 // n_t = the row's weight (how many identical tasks it stands for); rows at or past n are inert
 // (zero outputs). flags[t] = -1 no gold, k >= 0 gold class k.
@@ -224,15 +225,19 @@ inline __m256 pick(__m256i y, const __m256* pk, __m256 ans) {
 // E pass over rows [0, U) with K known at compile time (the class loops unrolled, the scores
 // kept in registers), the new p written to P. It also sums Q's answer term with the old p in
 // Pold (acc.fqo: the M-step's check of Q at the parameters this pass is at); Pold may be P
-// (each block's old p is read before its new p is stored).
-template <int K>
+// (each block's old p is read before its new p is stored). With GRAD, it also makes the
+// gradient pass's sums at these parameters with the new p, from the exps it has (acc.fa:
+// alpha's lanes; DB: each row's d_b): the next M-step's first gradient, which then needs no
+// pass of its own.
+template <int K, bool GRAD>
 void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t* fl,
             const float* wt, const float* al, const float* lb, const float* lp, float lkm1,
-            float* out, const float* Pold, float* P, std::vector<Acc>& parts) {
+            float* out, const float* Pold, float* P, float* DB, std::vector<Acc>& parts) {
   const bool want_post = out != nullptr;
   parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
-    thread_local std::vector<__m256> xbuf;
+    thread_local std::vector<__m256> xbuf, ebuf;
     if ((int64_t)xbuf.size() < W) xbuf.resize(W);
+    if (GRAD && (int64_t)ebuf.size() < W) ebuf.resize(W);
     LogProd lp1;
     __m256 valid = valid_lanes(r, U);
     __m256 beta = exp256(_mm256_loadu_ps(lb + r));
@@ -248,6 +253,7 @@ void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t
       __m256 e = exp_neg_abs(x);
       lp1.add(ans, e);
       xbuf[w] = x;
+      if constexpr (GRAD) ebuf[w] = e;
       __m256 m0 = _mm256_sub_ps(_mm256_min_ps(x, _mm256_setzero_ps()), x);
       qa = _mm256_add_ps(qa, _mm256_and_ps(ans, m0));
       cnt = _mm256_add_ps(cnt, _mm256_and_ps(ans, _mm256_set1_ps(1.f)));
@@ -294,8 +300,11 @@ void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t
     __m256 wv = _mm256_and_ps(valid, _mm256_loadu_ps(wt + r));
     acc.fll = _mm256_add_ps(acc.fll, _mm256_mul_ps(wv, _mm256_and_ps(valid, logz)));
     acc.fqo = _mm256_fmadd_ps(wv, _mm256_sub_ps(qo, log1pe), acc.fqo);
-    // p = q_t(y_tw) per answer (0 where unanswered); Q's answer term qa - log1pe + sum p x
+    // p = q_t(y_tw) per answer (0 where unanswered); Q's answer term qa - log1pe + sum p x;
+    // with GRAD, g = p - sigma(x) summed as the gradient pass sums it
     __m256 q = qa;
+    const __m256 wb = _mm256_mul_ps(wv, beta);
+    __m256 dbv = _mm256_setzero_ps();
     for (int64_t w = 0; w < W; ++w) {
       __m256i y = load_s8(L + r * W + w * 8);
       __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
@@ -303,7 +312,13 @@ void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t
       __m256 p = pick<K>(y, pk, ans);
       _mm256_storeu_ps(P + r * W + w * 8, p);
       q = _mm256_fmadd_ps(p, xbuf[w], q);
+      if constexpr (GRAD) {
+        __m256 g = _mm256_and_ps(ans, _mm256_sub_ps(p, sigmoid_from(xbuf[w], ebuf[w])));
+        acc.fa[w] = _mm256_fmadd_ps(g, wb, acc.fa[w]);
+        dbv = _mm256_fmadd_ps(g, xbuf[w], dbv);
+      }
     }
+    if constexpr (GRAD) _mm256_storeu_ps(DB + r, dbv);
     acc.fq = _mm256_fmadd_ps(wv, _mm256_sub_ps(q, log1pe), acc.fq);
     for (int k = 0; k < K; ++k) acc.fc[k] = _mm256_fmadd_ps(wv, pk[k], acc.fc[k]);
     if (want_post) {
@@ -326,16 +341,28 @@ struct ESums {
   }
 };
 
+// DB: null, or [T] where the pass writes each row's d_b (blocks past n: zeros) and sums
+// alpha's gradient into the parts (alpha_sum): the gradient pass's sums at these parameters
+// with the new p
 ESums e_pass(int64_t K, int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t* fl,
              const float* wt, const float* al, const float* lb, const float* lp, float* out,
-             const float* Pold, float* P, std::vector<Acc>& parts) {
+             const float* Pold, float* P, std::vector<Acc>& parts, float* DB = nullptr,
+             int64_t T = 0) {
   using Fn = void (*)(int64_t, int64_t, int64_t, const int8_t*, const int8_t*, const float*,
                      const float*, const float*, const float*, float, float*, const float*,
-                     float*, std::vector<Acc>&);
-  static constexpr Fn table[8] = {e_rows<1>, e_rows<2>, e_rows<3>, e_rows<4>,
-                                  e_rows<5>, e_rows<6>, e_rows<7>, e_rows<8>};
+                     float*, float*, std::vector<Acc>&);
+  static constexpr Fn table[2][8] = {
+      {e_rows<1, false>, e_rows<2, false>, e_rows<3, false>, e_rows<4, false>,
+       e_rows<5, false>, e_rows<6, false>, e_rows<7, false>, e_rows<8, false>},
+      {e_rows<1, true>, e_rows<2, true>, e_rows<3, true>, e_rows<4, true>,
+       e_rows<5, true>, e_rows<6, true>, e_rows<7, true>, e_rows<8, true>}};
   const float lkm1 = std::log((float)std::max<int64_t>(K - 1, 1));
-  table[K - 1](U, W, threads, L, fl, wt, al, lb, lp, lkm1, out, Pold, P, parts);
+  if (DB != nullptr) {
+    const int64_t full = (U + 7) / 8 * 8;
+    std::memset(DB + full, 0, sizeof(float) * (T - full));
+  }
+  table[DB != nullptr][K - 1](U, W, threads, L, fl, wt, al, lb, lp, lkm1, out, Pold, P, DB,
+                              parts);
   ESums es;
   for (auto& a : parts) {
     es.ll += hsum(a.ll0, a.ll1);
@@ -540,6 +567,12 @@ void grad_step_rows(int64_t U, int64_t T, int64_t W, int64_t threads, const int8
 // old p while it writes the new p into the scratch buffer, so an accepted try leaves the next
 // iteration's E-step done and a rejected one leaves the old p as it was. When every try fails,
 // the E pass runs at the M-step's start (with the next prior).
+//
+// That E pass also sums the gradient at its parameters with the new p (e_pass's DB): the next
+// M-step's first gradient, returned as g1 [alpha's W, then d_b's T]. Taken back as the next
+// call's g1 with have_g1 = 1, it spares that call's first step its gradient pass, in every try
+// (a retry starts from the same parameters). have_g1 = 0 (the fit's first M-step): the first
+// step's gradient pass runs as the others do.
 ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
                  ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
                  ffi::Buffer<ffi::F32> p0, ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::S32> which,
@@ -548,15 +581,17 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
                  ffi::Buffer<ffi::F32> mu_a, ffi::Buffer<ffi::F32> mu_b,
                  ffi::Buffer<ffi::F32> nu_a, ffi::Buffer<ffi::F32> nu_b,
                  ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> wmask,
-                 ffi::Buffer<ffi::F32> log_prior_next, ffi::ResultBuffer<ffi::F32> alpha_o,
+                 ffi::Buffer<ffi::F32> log_prior_next, ffi::Buffer<ffi::F32> g1,
+                 ffi::Buffer<ffi::S32> have_g1, ffi::ResultBuffer<ffi::F32> alpha_o,
                  ffi::ResultBuffer<ffi::F32> log_beta_o,
                  ffi::ResultBuffer<ffi::S32> count_o, ffi::ResultBuffer<ffi::F32> mu_a_o,
                  ffi::ResultBuffer<ffi::F32> mu_b_o, ffi::ResultBuffer<ffi::F32> nu_a_o,
                  ffi::ResultBuffer<ffi::F32> nu_b_o, ffi::ResultBuffer<ffi::F32> info,
                  ffi::ResultBuffer<ffi::F32> p0_o, ffi::ResultBuffer<ffi::F32> p1_o,
                  ffi::ResultBuffer<ffi::S32> which_o, ffi::ResultBuffer<ffi::F32> stats,
-                 int64_t threads, int64_t m_steps, int64_t max_tries, float b1, float b2,
-                 float eps, float alpha_max, float log_beta_min, float log_beta_max) {
+                 ffi::ResultBuffer<ffi::F32> g1_o, int64_t threads, int64_t m_steps,
+                 int64_t max_tries, float b1, float b2, float eps, float alpha_max,
+                 float log_beta_min, float log_beta_max) {
   int64_t W, T, U;
   if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
   const int64_t K = log_prior_next.element_count();
@@ -575,6 +610,14 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
     return ffi::Error::InvalidArgument("glad: scalars [5], info [3], count [] expected");
   if (m_steps < 1 || max_tries < 1)
     return ffi::Error::InvalidArgument("glad: m_steps >= 1 and max_tries >= 1");
+  if (g1.element_count() != W + T || g1_o->element_count() != W + T ||
+      have_g1.element_count() != 1 || g1.typed_data() == g1_o->typed_data())
+    return ffi::Error::InvalidArgument("glad: g1 [W + T] in and out (not aliased), have_g1 []");
+  const bool have = have_g1.typed_data()[0] != 0;
+  const float* g1a = g1.typed_data();  // the first step's gradient sums (have): alpha's
+  const float* g1b = g1a + W;          // and each row's d_b
+  float* g1a_o = g1_o->typed_data();
+  float* g1b_o = g1a_o + W;
   const int8_t* L = lab.typed_data();
   const int8_t* fl = flags.typed_data();
   const float* wt = weights.typed_data();
@@ -615,15 +658,28 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
       c = c < INT32_MAX ? c + 1 : c;  // optax's safe_increment
       Adam a{b1, b2, eps, 1.f - std::pow(b1, (float)c), 1.f - std::pow(b2, (float)c),
              lr * scale};
-      grad_step_rows(U, T, W, threads, L, wt, P, al, lb, mb, vb, mu_beta, a, clip, parts);
-      for (int64_t w = 0; w < W; ++w) da[w] = (alpha_sum(parts, w) - (al[w] - mu_alpha)) * wm[w];
+      if (s == 0 && have) {  // the gradient the last E pass summed, stepped as the pass would
+        for (int64_t r = 0; r < U; r += 8) {
+          const __m256 b = _mm256_loadu_ps(lb + r);
+          __m256 g = _mm256_and_ps(valid_lanes(r, U), _mm256_sub_ps(
+              _mm256_loadu_ps(g1b + r), _mm256_sub_ps(b, _mm256_set1_ps(mu_beta))));
+          _mm256_storeu_ps(lb + r, adam8(g, mb + r, vb + r, b, a, clip.b_min, clip.b_max));
+        }
+        for (int64_t t = (U + 7) / 8 * 8; t < T; ++t)
+          lb[t] = adam1(0.f, mb[t], vb[t], lb[t], a, clip.b_min, clip.b_max);
+        for (int64_t w = 0; w < W; ++w) da[w] = (g1a[w] - (al[w] - mu_alpha)) * wm[w];
+      } else {
+        grad_step_rows(U, T, W, threads, L, wt, P, al, lb, mb, vb, mu_beta, a, clip, parts);
+        for (int64_t w = 0; w < W; ++w)
+          da[w] = (alpha_sum(parts, w) - (al[w] - mu_alpha)) * wm[w];
+      }
       for (int64_t w = 0; w < W; ++w)
         al[w] = adam1(da[w], ma[w], va[w], al[w], a, -clip.alpha_max, clip.alpha_max);
     }
     // Q at the new parameters (the answers' term with the old p, then the Gaussian log priors),
     // from the next E pass there
     es = e_pass(K, U, W, threads, L, fl, wt, al, lb, log_prior_next.typed_data(), nullptr, P,
-                Pnew, parts);
+                Pnew, parts, g1b_o, T);
     double pa = 0, pb = 0;
     for (int64_t w = 0; w < W; ++w) pa += (double)wm[w] * (al[w] - mu_alpha) * (al[w] - mu_alpha);
     for (int64_t t = 0; t < U; ++t) pb += (double)wt[t] * (lb[t] - mu_beta) * (lb[t] - mu_beta);
@@ -636,8 +692,9 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
     restore();
     c = count0;
     es = e_pass(K, U, W, threads, L, fl, wt, al, lb, log_prior_next.typed_data(), nullptr, P,
-                Pnew, parts);
+                Pnew, parts, g1b_o, T);
   }
+  for (int64_t w = 0; w < W; ++w) g1a_o[w] = alpha_sum(parts, w);  // the last E pass's
   which_o->typed_data()[0] = 1 - cur;
   count_o->typed_data()[0] = c;
   float* inf = info->typed_data();
@@ -698,6 +755,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladM, MImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
@@ -709,6 +768,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladM, MImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("m_steps")
