@@ -7,7 +7,8 @@ native GLAD fit (``_native.glad_fit``) of exactly ``--iters`` iterations from th
 (the rows' merge included), with ``m_step="native"`` and ``m_step="jax"``: each compiled first,
 then ``--repeats`` rounds, each path timed once a round in alternating order (the host's noise
 reaches both alike). Prints ms per iteration (min and median), the ratio of the medians, and
-how far apart the two fits' posteriors are:
+how far apart the two fits' posteriors are; then one native M-step with its first gradient
+given (as the last E pass returns it) and summed in a pass, alternating in one process:
 
     python benchmarks/glad_m_step.py --n 1000000
 
@@ -67,7 +68,62 @@ def main(argv: list[str] | None = None) -> int:
               f"| {acc:.4f} |")
     print(f"max |posterior difference| between the two fits: "
           f"{np.abs(post['native'] - post['jax']).max():.2e}")
+    first_gradient(data, a.repeats)
     return 0
+
+
+def first_gradient(data, repeats: int, calls: int = 10) -> None:
+    """One native M-step (``_native.glad_m``, 5 Adam steps, accepted at its first try) at the
+    parameters of a 10-iteration fit, with its first step's gradient given (``g1``, as the last
+    M-step's E pass returns it; session 29) and summed in a gradient pass, ``calls`` calls a
+    timing, the two alternating in one process."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from crowdllm.aggregation import _native, glad
+
+    lab_b, flags, wts, n, _ = _native.glad_rows(data)
+    K, W = data.n_classes, lab_b.shape[1]
+    res = _native._glad_fit_rows(lab_b, flags, wts, n, data.worker_mask, K, max_iter=10,
+                                 tol=-1.0, lr=0.1, m_steps=5, mu_alpha=1.0, mu_beta=1.0,
+                                 learn_prior=False, init_from_gold=False)
+    prm = glad.GladParams(res.alphas, jnp.log(res.betas))
+    lp = jnp.full((K,), -np.log(K), jnp.float32)
+    p = _native.glad_e(lab_b, flags, wts, n, prm.alpha, prm.log_beta, lp,
+                       jnp.zeros(lab_b.shape))[1]
+    st = glad.GladState(prm, glad._optimizer().init(prm), lp, p, jnp.asarray(1.0, jnp.float32))
+    wm = jnp.ones(W, jnp.float32)
+    spare = jnp.zeros(lab_b.shape, jnp.float32)
+    m_step = functools.partial(_native.glad_m, lr=0.1, m_steps=5, mu_alpha=1.0, mu_beta=1.0)
+    # the E pass at the start (every try rejected: the start's E pass) gives its gradient sums
+    g1 = m_step(lab_b, flags, wts, n, (spare, p, jnp.asarray(1)), st, jnp.asarray(np.inf), wm,
+                lp)[-1]
+
+    @jax.jit
+    def run(have):
+        def one(i, c):  # Q's target -inf: the first try is kept
+            out = m_step(lab_b, flags, wts, n, (p, spare, jnp.asarray(0)), st,
+                         jnp.asarray(-np.inf) + c, wm, lp, (g1, have))
+            return c + out[2] * 0
+        return jax.lax.fori_loop(0, calls, one, jnp.asarray(0.0))
+
+    ways = {"given": jnp.asarray(1, jnp.int32), "summed in a pass": jnp.asarray(0, jnp.int32)}
+    for h in ways.values():
+        jax.block_until_ready(run(h))
+    times: dict[str, list[float]] = {w: [] for w in ways}
+    for r in range(repeats):
+        for w in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(ways[w]))
+            times[w].append((time.perf_counter() - t0) / calls * 1e3)
+    print(f"\none M-step of 5 Adam steps (first try kept), {calls} calls a timing, "
+          f"{repeats} alternating rounds")
+    print("| first step's gradient | ms min | ms median |")
+    print("| --- | ---: | ---: |")
+    for w in ways:
+        print(f"| {w} | {min(times[w]):.2f} | {float(np.median(times[w])):.2f} |")
 
 
 if __name__ == "__main__":
