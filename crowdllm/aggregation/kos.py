@@ -58,7 +58,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import LabelTensor
-from ._core import TINY, CrowdData, clamp_gold, pair_uniform, prepare
+from ._core import TINY, Coo, CrowdData, clamp_gold, pair_uniform, prepare
 from .base import Aggregator
 from .glad import AnswerView, answer_view, task_sum, worker_sum
 
@@ -103,11 +103,25 @@ def fit(data: CrowdData, key: jax.Array, *, n_iter: int | jax.Array = 100) -> Ko
     # the real tasks and annotators: padding (shared_shapes) leaves the scale as it was
     n_nodes = jnp.maximum(data.task_mask.sum() + data.worker_mask.sum(), 1.0)
 
+    if isinstance(data, Coo):
+        def to_workers(S):  # sum_t A_tw S_t
+            return worker_sum(data, sign * S[view.task])
+
+        def to_tasks(R):  # sum_w A_tw R_w
+            return task_sum(data, sign * R[view.worker])
+    else:  # a dense panel: two matrix-vector products (XLA's column and row sums of the
+        # [tasks, workers] products ran ~6x slower a round on CPU: 81 against 14 ms at 2M x 12)
+        def to_workers(S):
+            return jnp.dot(S, sign, precision=jax.lax.Precision.HIGHEST)
+
+        def to_tasks(R):
+            return jnp.dot(sign, R, precision=jax.lax.Precision.HIGHEST)
+
     def body(_, state):
         S, Y = state
-        R = worker_sum(data, sign * S[view.task]) - Y
+        R = to_workers(S) - Y
         Y = (n_w - 1.0) * R
-        S = task_sum(data, sign * R[view.worker]) - (n_t - 1.0) * S
+        S = to_tasks(R) - (n_t - 1.0) * S
         scale = jnp.sqrt(jnp.maximum(((S * S).sum() + (Y * Y).sum()) / n_nodes, TINY))
         return S / scale, Y / scale
 
