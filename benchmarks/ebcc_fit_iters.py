@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    import jax
-
     from crowdllm.aggregation import _native
     from crowdllm.eval import speed
 
@@ -38,14 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     labels, _ = speed.dense_panel(a.tasks)
     merged = speed._merged(labels)
     fit = speed._iteration_fits()["ebcc"][0]
-    t = time.perf_counter()
-    jax.block_until_ready(fit(merged, a.sweeps))
-    first = time.perf_counter() - t
-    runs = []
-    for _ in range(a.repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fit(merged, a.sweeps))
-        runs.append(time.perf_counter() - t)
+    first, runs = speed._runs(lambda: fit(merged, a.sweeps), a.repeats)
     per = [r / a.sweeps * 1e3 for r in runs]
     print(f"EBCC, native, {int(merged[1].astype(bool).sum()):,} distinct rows of {a.tasks:,} x 12 "
           f"x 5, {a.sweeps} sweeps: {statistics.median(per):.2f} ms a sweep (min {min(per):.2f}; "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,14 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     labels, _ = speed.dense_panel(a.tasks)
     data = _core.prepare(LabelTensor.from_dense(labels), layout="dense")
     fit = speed._iteration_fits()["glad"][0]
-    t = time.perf_counter()
-    jax.block_until_ready(fit(data, a.iters))
-    first = time.perf_counter() - t
-    runs = []
-    for _ in range(a.repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fit(data, a.iters))
-        runs.append((time.perf_counter() - t) / a.iters * 1e3)
+    first, runs = speed._runs(lambda: fit(data, a.iters), a.repeats)
+    runs = [r / a.iters * 1e3 for r in runs]
     print(f"GLAD, native, {a.tasks:,} x 12 x 5, {a.iters} iterations: "
           f"{statistics.median(runs):.2f} ms an iteration (min {min(runs):.2f}; first fit "
           f"{first:.2f} s with compiling)")
@@ -76,12 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                 zero = (jnp.zeros_like(alpha), jnp.zeros_like(log_beta))
                 return jax.lax.fori_loop(0, a.passes, one, zero)
 
-            jax.block_until_ready(passes(alpha, log_beta, p))
-            ts = []
-            for _ in range(a.repeats):
-                t = time.perf_counter()
-                jax.block_until_ready(passes(alpha, log_beta, p))
-                ts.append((time.perf_counter() - t) / a.passes * 1e3)
+            ts = [t / a.passes * 1e3
+                  for t in speed._runs(lambda: passes(alpha, log_beta, p), a.repeats)[1]]
             print(f"gradient pass at the fitted parameters, {int(n[0]):,} distinct rows, "
                   f"{threads} thread{'s' if threads > 1 else ''}: {statistics.median(ts):.2f} "
                   f"ms (min {min(ts):.2f})")

@@ -18,6 +18,7 @@ Needs the native kernels (x86-64 with AVX2 and FMA, a C++ compiler).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -50,13 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in paths:
         speed._progress(f"compiling the fit with m_step={p} ...")
         post[p] = np.asarray(jax.block_until_ready(fit(p)))[:a.n]
-    times: dict[str, list[float]] = {p: [] for p in paths}
-    for r in range(a.repeats):
-        speed._progress(f"round {r + 1} of {a.repeats} ...")
-        for p in paths if r % 2 == 0 else paths[::-1]:
-            t0 = time.perf_counter()
-            jax.block_until_ready(fit(p))
-            times[p].append((time.perf_counter() - t0) / a.iters * 1e3)
+    times = alternating({p: functools.partial(fit, p) for p in paths}, a.repeats, a.iters)
     med = {p: float(np.median(times[p])) for p in paths}
     print(f"\nGLAD, exactly {a.iters} iterations, dense {a.n:,} x 12 x 5, "
           f"{a.repeats} alternating rounds")
@@ -72,13 +67,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def alternating(fns: dict, repeats: int, per: int) -> dict[str, list[float]]:
+    """Each of ``fns`` timed once a round, ``repeats`` rounds, in alternating order (the host's
+    noise reaches each alike): ms per ``per`` (iterations or calls) of each timing."""
+    import jax
+
+    from crowdllm.eval import speed
+
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        speed._progress(f"round {r + 1} of {repeats} ...")
+        for k in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[k]())
+            times[k].append((time.perf_counter() - t0) / per * 1e3)
+    return times
+
+
 def first_gradient(data, repeats: int, calls: int = 10) -> None:
     """One native M-step (``_native.glad_m``, 5 Adam steps, accepted at its first try) at the
     parameters of a 10-iteration fit, with its first step's gradient given (``g1``, as the last
     M-step's E pass returns it; session 29) and summed in a gradient pass, ``calls`` calls a
     timing, the two alternating in one process."""
-    import functools
-
     import jax
     import jax.numpy as jnp
 
@@ -112,12 +123,7 @@ def first_gradient(data, repeats: int, calls: int = 10) -> None:
     ways = {"given": jnp.asarray(1, jnp.int32), "summed in a pass": jnp.asarray(0, jnp.int32)}
     for h in ways.values():
         jax.block_until_ready(run(h))
-    times: dict[str, list[float]] = {w: [] for w in ways}
-    for r in range(repeats):
-        for w in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
-            t0 = time.perf_counter()
-            jax.block_until_ready(run(ways[w]))
-            times[w].append((time.perf_counter() - t0) / calls * 1e3)
+    times = alternating({w: functools.partial(run, h) for w, h in ways.items()}, repeats, calls)
     print(f"\none M-step of 5 Adam steps (first try kept), {calls} calls a timing, "
           f"{repeats} alternating rounds")
     print("| first step's gradient | ms min | ms median |")

@@ -1110,19 +1110,18 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
     # the carry: the state, the E-step at its parameters and log prior (log-likelihood, Q's
     # answer term, class sums) and the buffers of q_t(y_tw) that the passes rewrite in place
     # (native: two, glad_m's p_bufs, of which the state's posteriors hold the first and `spare`
-    # the second and `which`, then glad_m's g1; jax: one, the state's posteriors, and no spare).
-    # The native M-step's Q check is the next E pass, so each step ends with the E-step at its
-    # new parameters, and with the next M-step's first gradient (g1; the first M-step sums its
-    # own: the initial E-step is glad_e's).
+    # the second and `which`, then glad_m's g1 and whether it holds one yet; jax: one, the
+    # state's posteriors, and no spare). The native M-step's Q check is the next E pass, so
+    # each step ends with the E-step at its new parameters, and with the next M-step's first
+    # gradient (g1; the first M-step sums its own: the initial E-step is glad_e's).
     p_right, *e = glad_e(lab_b, flags, wts, n, params.alpha, params.log_beta, log_prior,
                          jnp.zeros(lab_b.shape, jnp.float32))[1:]
     state = glad.GladState(params=params, opt_state=glad._optimizer().init(params),
                            log_prior=log_prior, posteriors=p_right,
                            lr_scale=jnp.asarray(1.0, jnp.float32))
-    spare = ((jnp.zeros(lab_b.shape, jnp.float32), jnp.asarray(0, jnp.int32))
+    no = jnp.asarray(0, jnp.int32)
+    spare = (((jnp.zeros(lab_b.shape, jnp.float32), no), (jnp.zeros((W + T,), jnp.float32), no))
              if m_step == "native" else ())
-    if m_step == "native":  # glad_m's g1 and whether it holds one yet
-        spare += ((jnp.zeros((W + T,), jnp.float32), jnp.asarray(0, jnp.int32)),)
 
     def step(carry):
         st, (ll, q_ans, class_sum), spare = carry
@@ -1130,11 +1129,11 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
         q_old = q_ans + prior_density(st.params)
         log_prior = glad.learned_log_prior(class_sum) if learn_prior else st.log_prior
         if m_step == "native":
-            *spare, g1 = spare
-            prm, opt_state, scale, _, (p0, *spare), e, g1 = glad_m(
-                lab_b, flags, wts, n, (st.posteriors, *spare), st, q_old, wm, log_prior, g1,
+            p_bufs, g1 = spare
+            prm, opt_state, scale, _, (p0, *p_bufs), e, g1 = glad_m(
+                lab_b, flags, wts, n, (st.posteriors, *p_bufs), st, q_old, wm, log_prior, g1,
                 lr=lr, m_steps=m_steps, mu_alpha=mu_alpha, mu_beta=mu_beta)
-            spare = (*spare, (g1, jnp.asarray(1, jnp.int32)))
+            spare = (tuple(p_bufs), (g1, jnp.asarray(1, jnp.int32)))
         else:  # JAX's Adam and loop around the gradient and Q passes (benchmarks, tests)
             p_old = st.posteriors
             prm, opt_state, scale = glad.adam_steps(

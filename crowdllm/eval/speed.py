@@ -199,12 +199,18 @@ def dense_data(labels: np.ndarray):
                  n_classes=int(labels.max()) + 1)
 
 
-def _median_run(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """``(first call seconds, median of `repeats` further calls)``."""
+def _runs(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+    """``(first call seconds, seconds of each of `repeats` further calls)``, each call's
+    result waited for."""
     import jax
 
     first = _timed(lambda: jax.block_until_ready(fn()))
-    runs = [_timed(lambda: jax.block_until_ready(fn())) for _ in range(repeats)]
+    return first, [_timed(lambda: jax.block_until_ready(fn())) for _ in range(repeats)]
+
+
+def _median_run(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """``(first call seconds, median of `repeats` further calls)``."""
+    first, runs = _runs(fn, repeats)
     return first, statistics.median(runs)
 
 

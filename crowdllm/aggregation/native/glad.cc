@@ -540,19 +540,33 @@ inline __m256 adam8(__m256 g, float* m_, float* v_, __m256 p, const Adam& a, flo
   return _mm256_min_ps(_mm256_max_ps(p, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
 }
 
+struct BStep {  // one Adam step of the difficulties b (and their moments), in place
+  float *lb, *mb, *vb;
+  float mu_beta;
+  const Adam& a;
+  const Clip& clip;
+  // a block of 8 rows from r, given their summed d_b (the prior's term is added here)
+  void block(int64_t r, __m256 valid, __m256 b, __m256 dbv) const {
+    __m256 g = _mm256_and_ps(valid, _mm256_sub_ps(dbv, _mm256_sub_ps(b, _mm256_set1_ps(mu_beta))));
+    _mm256_storeu_ps(lb + r, adam8(g, mb + r, vb + r, b, a, clip.b_min, clip.b_max));
+  }
+  // rows [U, T) past the last block with a zero gradient, as in JAX
+  void past(int64_t U, int64_t T) const {
+    for (int64_t t = (U + 7) / 8 * 8; t < T; ++t)
+      lb[t] = adam1(0.f, mb[t], vb[t], lb[t], a, clip.b_min, clip.b_max);
+  }
+};
+
 // one Adam step's pass: the gradient pass, each row's b_t (and moments) stepped in place as
 // soon as its gradient is summed; rows past U (and lanes past it) take a zero gradient, as in JAX
 void grad_step_rows(int64_t U, int64_t T, int64_t W, int64_t threads, const int8_t* L,
-                    const float* wt, const float* P, const float* al, float* lb, float* mb,
-                    float* vb, float mu_beta, const Adam& a, const Clip& clip,
+                    const float* wt, const float* P, const float* al, const BStep& step,
                     std::vector<Acc>& parts) {
-  grad_rows<true, false>(U, W, threads, L, wt, P, al, lb, parts,
+  grad_rows<true, false>(U, W, threads, L, wt, P, al, step.lb, parts,
                          [&](int64_t r, __m256 valid, __m256 b, __m256 dbv) {
-    __m256 g = _mm256_and_ps(valid, _mm256_sub_ps(dbv, _mm256_sub_ps(b, _mm256_set1_ps(mu_beta))));
-    _mm256_storeu_ps(lb + r, adam8(g, mb + r, vb + r, b, a, clip.b_min, clip.b_max));
+    step.block(r, valid, b, dbv);
   });
-  for (int64_t t = (U + 7) / 8 * 8; t < T; ++t)
-    lb[t] = adam1(0.f, mb[t], vb[t], lb[t], a, clip.b_min, clip.b_max);
+  step.past(U, T);
 }
 
 // args: labels, gold flags, row weights, n, two buffers of p = q_t(y_tw) [T/8, W, 8] and which
@@ -658,18 +672,14 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
       c = c < INT32_MAX ? c + 1 : c;  // optax's safe_increment
       Adam a{b1, b2, eps, 1.f - std::pow(b1, (float)c), 1.f - std::pow(b2, (float)c),
              lr * scale};
+      const BStep step{lb, mb, vb, mu_beta, a, clip};
       if (s == 0 && have) {  // the gradient the last E pass summed, stepped as the pass would
-        for (int64_t r = 0; r < U; r += 8) {
-          const __m256 b = _mm256_loadu_ps(lb + r);
-          __m256 g = _mm256_and_ps(valid_lanes(r, U), _mm256_sub_ps(
-              _mm256_loadu_ps(g1b + r), _mm256_sub_ps(b, _mm256_set1_ps(mu_beta))));
-          _mm256_storeu_ps(lb + r, adam8(g, mb + r, vb + r, b, a, clip.b_min, clip.b_max));
-        }
-        for (int64_t t = (U + 7) / 8 * 8; t < T; ++t)
-          lb[t] = adam1(0.f, mb[t], vb[t], lb[t], a, clip.b_min, clip.b_max);
+        for (int64_t r = 0; r < U; r += 8)
+          step.block(r, valid_lanes(r, U), _mm256_loadu_ps(lb + r), _mm256_loadu_ps(g1b + r));
+        step.past(U, T);
         for (int64_t w = 0; w < W; ++w) da[w] = (g1a[w] - (al[w] - mu_alpha)) * wm[w];
       } else {
-        grad_step_rows(U, T, W, threads, L, wt, P, al, lb, mb, vb, mu_beta, a, clip, parts);
+        grad_step_rows(U, T, W, threads, L, wt, P, al, step, parts);
         for (int64_t w = 0; w < W; ++w)
           da[w] = (alpha_sum(parts, w) - (al[w] - mu_alpha)) * wm[w];
       }
