@@ -30,7 +30,6 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
-#include <thread>
 #include <vector>
 
 #include "simd.h"
@@ -230,7 +229,7 @@ ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags
   if (fn == nullptr) return ffi::Error::InvalidArgument("ds_grouped: 1 <= K <= 8 classes");
   int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (U + 4095) / 4096));
   std::vector<Part> parts(n);
-  auto work = [&](int i) {
+  auto work = [&](int64_t i) {
     Part& part = parts[i];
     part.ll0 = part.ll1 = _mm256_setzero_pd();
     part.track = track;
@@ -244,10 +243,7 @@ ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags
     if (b > a) fn(codes, G, flags, wts, tab, a, b, part, out);
     if (!is_post(MODE)) part.flush();
   };
-  std::vector<std::thread> pool;
-  for (int i = 1; i < n; ++i) pool.emplace_back(work, i);
-  work(0);
-  for (auto& th : pool) th.join();
+  Workers::run(n, work);
   double tot = 0;
   for (auto& part : parts) {
     alignas(32) double v[8];
@@ -366,16 +362,13 @@ ffi::Error PostPass(ffi::Buffer<ffi::U16>& codes, ffi::Buffer<ffi::S8>& flags,
   *ll = (float)tot;
   const int32_t* inv = inverse.typed_data();
   int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, T / 65536));
-  auto spread = [&](int i) {
+  auto spread = [&](int64_t i) {
     for (int64_t t = T * i / nt; t < T * (i + 1) / nt; ++t) {
       int32_t u = inv[t];
       for (int k = 0; k < K; ++k) out[t * K + k] = u >= 0 ? pu[u * K + k] : 0.f;
     }
   };
-  std::vector<std::thread> pool;
-  for (int i = 1; i < nt; ++i) pool.emplace_back(spread, i);
-  spread(0);
-  for (auto& th : pool) th.join();
+  Workers::run(nt, spread);
   return ffi::Error::Success();
 }
 

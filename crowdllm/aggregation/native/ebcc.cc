@@ -40,7 +40,6 @@
 #include <cstdint>
 #include <cstring>
 #include <cstdlib>
-#include <thread>
 #include <vector>
 
 #include "simd.h"
@@ -54,6 +53,7 @@ using crowdllm_simd::AlignedVector;
 using crowdllm_simd::exp256;
 using crowdllm_simd::log256;
 using crowdllm_simd::transpose8;
+using crowdllm_simd::Workers;
 
 constexpr int MAXV = 32;         // at most 256 columns (K M)
 constexpr int64_t CHUNK = 16384;  // rows summed in float lanes before the sums go to double
@@ -442,11 +442,9 @@ void Run(const Inputs& a_in, int64_t T, int64_t threads, float* sums, float* sta
       (logpath == nullptr || *logpath == 0 || std::strcmp(logpath, "0") == 0)) {
     etab.resize(a.NC * a.KMp);
     const int ne = (int)std::max<int64_t>(1, std::min<int64_t>(threads, a.NC / 4096));
-    std::vector<std::thread> pool;
-    for (int i = 1; i < ne; ++i)
-      pool.emplace_back(exp_rows, std::cref(a), a.NC * i / ne, a.NC * (i + 1) / ne, etab.data());
-    exp_rows(a, 0, a.NC / ne, etab.data());
-    for (auto& th : pool) th.join();
+    Workers::run(ne, [&](int64_t i) {
+      exp_rows(a, a.NC * i / ne, a.NC * (i + 1) / ne, etab.data());
+    });
     a.etab = etab.data();
   }
   auto fn = a.G == 3 ? rows<3, MODE> : a.G == 4 ? rows<4, MODE> : rows<0, MODE>;
@@ -473,10 +471,7 @@ void Run(const Inputs& a_in, int64_t T, int64_t threads, float* sums, float* sta
     }
     _mm_setcsr(csr);
   };
-  std::vector<std::thread> pool;
-  for (int i = 1; i < std::min<int64_t>(n, shares); ++i) pool.emplace_back(work);
-  work();
-  for (auto& th : pool) th.join();
+  Workers::run(std::min<int64_t>(n, shares), [&](int64_t) { work(); });
   if (MODE == POST) return;
   // the shares' sums added in double, 4 at a time (a sparse crowd's table has ~10^5 rows)
   const int64_t N = a.NC * a.KMp;  // a multiple of 8

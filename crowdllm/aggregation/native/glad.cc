@@ -31,7 +31,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -171,11 +170,7 @@ void parallel_row_pairs(int64_t U, int64_t threads, std::vector<Acc>& parts, int
       acc.flush();
     }
   };
-  const int64_t n = std::max<int64_t>(1, std::min(threads, chunks));
-  std::vector<std::thread> pool;
-  for (int64_t i = 1; i < n; ++i) pool.emplace_back(work);
-  work();
-  for (auto& th : pool) th.join();
+  Workers::run(std::max<int64_t>(1, std::min(threads, chunks)), [&](int64_t) { work(); });
 }
 
 // the same, one block a call: body(r, acc)

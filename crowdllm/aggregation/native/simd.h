@@ -2,11 +2,105 @@
 #pragma once
 #include <immintrin.h>
 
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <new>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace crowdllm_simd {
+
+// Worker threads kept between calls. Starting a pass's threads anew each time cost GLAD's fit a
+// quarter of its time on the 2-vCPU host: a new thread often waited for a CPU, so a pass's
+// second share ran late (one M-step of 4 gradient passes and an E pass: 15-23 ms, against 15.0
+// with these workers). Workers::run(n, work) calls work(i) for each i in [0, n), work(0) on the
+// caller and the others on the workers, and returns when all have returned. A worker spins for
+// 50 us after its task (an M-step's next pass comes within microseconds), then sleeps. One
+// caller at a time: a caller that finds the workers busy (another device's kernel at the same
+// moment) starts threads for its call, as a forked child's first call does.
+class Workers {
+ public:
+  template <typename F>
+  static void run(int64_t n, F&& work) {
+    if (n <= 1) {
+      work(0);
+      return;
+    }
+    Workers& p = instance();
+    std::unique_lock<std::mutex> mine(p.busy_, std::try_to_lock);
+    if (!mine.owns_lock() || n - 1 > MAX_WORKERS) {
+      std::vector<std::thread> th;
+      for (int64_t i = 1; i < n; ++i) th.emplace_back([&work, i] { work(i); });
+      work(0);
+      for (auto& t : th) t.join();
+      return;
+    }
+    const uint64_t gen = p.gen_.load(std::memory_order_relaxed);
+    while (p.count_ < n - 1) {  // a new worker waits for the next generation
+      const int64_t id = ++p.count_;
+      std::thread([&p, id, gen] { p.loop(id, gen); }).detach();
+    }
+    p.fn_ = [](void* f, int64_t i) { (*static_cast<std::remove_reference_t<F>*>(f))(i); };
+    p.arg_ = &work;
+    p.pending_.store(n - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> g(p.m_);
+      p.gen_.store(((gen >> 16) + 1) << 16 | (n - 1), std::memory_order_release);
+    }
+    p.cv_.notify_all();
+    work(0);
+    for (int spins = 0; p.pending_.load(std::memory_order_acquire) > 0; ++spins) {
+      if (spins < 4096) _mm_pause();
+      else std::this_thread::yield();
+    }
+  }
+
+ private:
+  static Workers& instance() {  // never destroyed: its threads outlive main
+    static Workers* p = new Workers;
+    if (p->pid_ != getpid()) p = new Workers;  // a forked child: the workers stayed behind
+    return *p;
+  }
+  void loop(int64_t id, uint64_t seen) {
+    for (;;) {
+      uint64_t g;
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int spins = 1; (g = gen_.load(std::memory_order_acquire)) == seen; ++spins) {
+        _mm_pause();
+        if (spins % 256 == 0 &&
+            std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(50)) {
+          std::unique_lock<std::mutex> lk(m_);
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      seen = g;
+      if (id <= (int64_t)(g & MAX_WORKERS)) {  // (the workers this generation uses)
+        fn_(arg_, id);
+        pending_.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+  std::mutex busy_, m_;
+  std::condition_variable cv_;
+  static constexpr int64_t MAX_WORKERS = 0xffff;
+  // the generation: a count << 16 | the workers it uses (ids 1..), read in one load, so that a
+  // worker that sits one out never reads the next one's fields
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int64_t> pending_{0};
+  // this generation's task, fn_(arg_, worker id): read by its workers only, which the caller
+  // waits for before the next generation writes them
+  void (*fn_)(void*, int64_t) = nullptr;
+  void* arg_ = nullptr;
+  int64_t count_ = 0;  // workers started
+  const pid_t pid_ = getpid();
+};
 
 inline __m256 exp256(__m256 x) {  // Cephes expf, |rel err| < 2e-7 on [-87, 0]
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));

@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <vector>
 
 #include "simd.h"
@@ -26,6 +25,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using crowdllm_simd::log256;
+using crowdllm_simd::Workers;
 
 inline void digamma_gammaln8(__m256 x, __m256* dg, __m256* gl) {
   const __m256 one = _mm256_set1_ps(1.f);
@@ -87,11 +87,8 @@ ffi::Error DigammaGammalnImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F3
     }
   };
   const int t = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n / 65536));
-  std::vector<std::thread> pool;
-  auto start = [&](int j) { return j == t ? n : n * j / t / 8 * 8; };  // thread j's first
-  for (int j = 1; j < t; ++j) pool.emplace_back(work, start(j), start(j + 1));
-  work(0, start(1));
-  for (auto& th : pool) th.join();
+  auto start = [&](int64_t j) { return j == t ? n : n * j / t / 8 * 8; };  // thread j's first
+  Workers::run(t, [&](int64_t j) { work(start(j), start(j + 1)); });
   return ffi::Error::Success();
 }
 
