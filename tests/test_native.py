@@ -345,6 +345,59 @@ def test_glad_passes_do_not_depend_on_the_number_of_threads(monkeypatch):
 
 
 @needs_kernel
+def test_kept_worker_threads_serve_changing_thread_counts_and_concurrent_calls(monkeypatch):
+    """The native kernels' worker threads are kept between calls (``native/simd.h``: Workers).
+    GLAD fits on 4, 2 and 4 threads in turn (a worker sits the 2-thread calls out, then takes
+    its share again), and four fits at once from four Python threads (a call that finds the
+    workers busy starts threads of its own), each give the floats of the same fit on one
+    thread. A worker that ran a call twice, or missed one, or a caller that returned before its
+    workers were done, would change or lose a share of the sums."""
+    panels = []
+    for seed in range(4):
+        lab, gold, _ = _draw_glad(9000, 12, 5, 0.2, 0.02, seed=20 + seed)
+        panels.append(_core.prepare(_tensor(lab, 5), layout="dense", gold=gold,
+                                    dtype=jnp.float32))
+
+    def fit(data):
+        res = _native.glad_fit(data, max_iter=6, tol=-1.0)
+        return [np.asarray(x) for x in (res.posteriors, res.alphas, res.betas, res.history)]
+
+    def on(threads):
+        monkeypatch.setattr(_native, "_threads", lambda: threads)
+        jax.clear_caches()  # the thread count is an attribute of the compiled calls
+
+    def same(a, b):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+    on(1)
+    alone = [fit(d) for d in panels]
+    for threads in (4, 2, 4):
+        on(threads)
+        for d, want in zip(panels, alone):
+            same(fit(d), want)
+    on(3)
+    fit(panels[0])  # compiled before the threads start
+    got = [None] * len(panels)
+    errors = []
+
+    def run(i):
+        try:
+            got[i] = fit(panels[i])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(len(panels))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=300)
+    assert not errors and not any(t.is_alive() for t in ts)
+    for g, want in zip(got, alone):
+        same(g, want)
+
+
+@needs_kernel
 @pytest.mark.parametrize("lr,q_shift,tries", [(0.05, 0.0, 1), (40.0, 0.0, None),
                                               (0.05, np.inf, 4)])
 def test_native_m_step_equals_adam_steps_on_the_pass_gradients(lr, q_shift, tries):
