@@ -239,7 +239,7 @@ ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags
       part.C.assign(NC * width(MODE), 0.f);
       part.D.assign(NC * width(MODE), 0.0);
     }
-    int64_t a = U * i / n / 8 * 8, b = i + 1 == n ? U : U * (i + 1) / n / 8 * 8;
+    const int64_t a = share_start(U, i, n), b = share_start(U, i + 1, n);
     if (b > a) fn(codes, G, flags, wts, tab, a, b, part, out);
     if (!is_post(MODE)) part.flush();
   };

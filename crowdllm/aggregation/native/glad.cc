@@ -693,8 +693,7 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
       if (s == 0 && have) {  // the gradient the last E pass summed, stepped as the pass would
         const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, U / 65536));
         Workers::run(nt, [&](int64_t i) {  // (0.35 ms on one thread at 385k rows)
-          for (int64_t r = U * i / nt / 8 * 8; r < (i + 1 == nt ? U : U * (i + 1) / nt / 8 * 8);
-               r += 8)
+          for (int64_t r = share_start(U, i, nt); r < share_start(U, i + 1, nt); r += 8)
             step.block(r, valid_lanes(r, U), _mm256_loadu_ps(lb + r), _mm256_loadu_ps(g1b + r));
         });
         step.past(U, T);

@@ -102,6 +102,12 @@ class Workers {
   const pid_t pid_ = getpid();
 };
 
+// where share i of `parts` shares of rows [0, total) starts when the threads split the rows in
+// blocks of 8: a multiple of 8, and `total` for i = parts (the last share's end)
+inline int64_t share_start(int64_t total, int64_t i, int64_t parts) {
+  return i == parts ? total : total * i / parts / 8 * 8;
+}
+
 inline __m256 exp256(__m256 x) {  // Cephes expf, |rel err| < 2e-7 on [-87, 0]
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),

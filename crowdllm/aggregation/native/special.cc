@@ -25,6 +25,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using crowdllm_simd::log256;
+using crowdllm_simd::share_start;
 using crowdllm_simd::Workers;
 
 inline void digamma_gammaln8(__m256 x, __m256* dg, __m256* gl) {
@@ -87,8 +88,7 @@ ffi::Error DigammaGammalnImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F3
     }
   };
   const int t = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n / 65536));
-  auto start = [&](int64_t j) { return j == t ? n : n * j / t / 8 * 8; };  // thread j's first
-  Workers::run(t, [&](int64_t j) { work(start(j), start(j + 1)); });
+  Workers::run(t, [&](int64_t j) { work(share_start(n, j, t), share_start(n, j + 1, t)); });
   return ffi::Error::Success();
 }
 
