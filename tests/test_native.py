@@ -962,8 +962,8 @@ def test_native_fits_on_a_sparse_crowd_equal_the_float64_fits(T, W, K, most, gol
     iterations, posteriors within 2e-5, confusion matrices and skills within 1e-5 (the bounds
     of the dense kernel's tests), objectives. (The XLA float32 fits are as far from float64:
     their segment sums round as much; on two real crowds much further, see
-    test_native_fits_on_real_sparse_crowds.) MACE, whose random start differs in float64, equals
-    the XLA float32 restarts. With control questions (``busy``) the rows come in tiers by width
+    test_native_fits_on_real_sparse_crowds.) BWA runs on the kernel's ratio pass instead, to the
+    same bounds. MACE, whose random start differs in float64, equals the XLA float32 restarts. With control questions (``busy``) the rows come in tiers by width
     (``_native.coo_tiers``)."""
     task, worker, label, gold, truth = _draw_ebcc_sparse(T, W, K, 1, most, gold_frac, seed=T,
                                                          busy=busy)
@@ -989,6 +989,18 @@ def test_native_fits_on_a_sparse_crowd_equal_the_float64_fits(T, W, K, most, gol
                                        err_msg=f"{cls.__name__}.{attr}")
         np.testing.assert_allclose(a.loss_history_, c.loss_history_, rtol=1e-5)
         assert (a.label_codes_ == truth).mean() > 0.7
+    # BWA (its truths are ratios, not softmax posteriors) on the kernel's ratio pass: the same
+    # iterations, truths and posteriors within 2e-5 of float64, precisions within 1e-5
+    # relatively (they are ~10-100), objectives (measured: 4e-7, 2e-6 and 5e-6 at most)
+    kw = dict(max_iter=40, tol=-1.0, layout="coo")
+    a = BWA(native="on", **kw).fit(tensor, gold=gold)
+    c = BWA(native="off", dtype="float64", **kw).fit(tensor, gold=gold)
+    assert a.native_used_ and not c.native_used_ and a.n_iter_ == c.n_iter_
+    np.testing.assert_allclose(a.truth_, c.truth_, atol=2e-5)
+    np.testing.assert_allclose(a.probas_, c.probas_, atol=2e-5)
+    np.testing.assert_allclose(a.precision_, c.precision_, rtol=1e-5)
+    np.testing.assert_allclose(a.loss_history_, c.loss_history_, rtol=1e-5)
+    assert (a.label_codes_ == truth).mean() > 0.7
     if T > 10_000:
         return
     # every restart, not only the kept one: two restarts that reach one optimum tie to float32

@@ -55,6 +55,8 @@ answers than the rest (:func:`coo_tiers`). With one subtype a class that sweep i
 E-step and sums, so DS, one-coin DS, IBCC and MACE run a sparse crowd on it too
 (:func:`coo_use`, :class:`_Passes`): at 1,000,000 tasks x 3 answers of 10,000 annotators, 28-44
 ms an iteration against the XLA path's 88-436 over two runs (``python benchmarks/coo_native.py``).
+BWA runs a sparse crowd on the same rows with the kernel's ratio pass (each table row the
+numerators, then the denominators, of the classes; :func:`coo_ratio_sums`).
 
 The VB methods' Dirichlet statistics need digamma and log-gamma of every parameter each sweep;
 :func:`digamma_gammaln` (``native/special.cc``) computes both in one pass.
@@ -115,6 +117,8 @@ _TARGETS = {"crowdllm_ds_grouped_sums": "CrowdllmDsGroupedSums",
             "crowdllm_glad_m": "CrowdllmGladM",
             "crowdllm_ebcc_sweep": "CrowdllmEbccSweep", "crowdllm_ebcc_post": "CrowdllmEbccPost",
             "crowdllm_ebcc_given": "CrowdllmEbccGiven", "crowdllm_ebcc_start": "CrowdllmEbccStart",
+            "crowdllm_ebcc_ratio": "CrowdllmEbccRatio",
+            "crowdllm_ebcc_ratio_post": "CrowdllmEbccRatioPost",
             "crowdllm_digamma_gammaln": "CrowdllmDigammaGammaln"}
 #: most latent columns (classes x subtypes) the EBCC sweep takes (a table row is 256 floats)
 MAX_COLUMNS = 255
@@ -1158,14 +1162,103 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
 class _BWACarry(NamedTuple):
     S: jax.Array  # [W, K]: each annotator's squared errors under the current z
     psum: jax.Array  # [K]: sum_t z_tk
-    num: jax.Array  # the tables the current z came from
-    den: jax.Array
+    table: Any  # the table(s) the current z came from
     precision: jax.Array  # [W, K]: the v they were built from (ones at the start)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "prior_correction", "merge"))
+def _ratio_table(bias_num: jax.Array, bias_den: jax.Array, num: jax.Array, den: jax.Array
+                 ) -> jax.Array:
+    """A sparse crowd's table for the ratio pass (``native/ebcc.cc``, ``ratio_block``), rows as
+    :func:`ebcc_coo_rows` codes them (the bias, one row per annotator and label, a zero row):
+    the numerators ``num [W, K, L]`` (class k's entry for an answer l of annotator w) in the
+    first half of each row, the denominators ``den`` in the second, each half K padded to 8."""
+    W, K, L = num.shape
+    Kp = -(-K // 8) * 8
+
+    def half(bias, x):
+        tab = jnp.concatenate([bias[None], jnp.transpose(x, (0, 2, 1)).reshape(W * L, K),
+                               jnp.zeros((1, K), x.dtype)])
+        return jnp.pad(tab, ((0, 0), (0, Kp - K)))
+
+    return jnp.concatenate([half(bias_num, num), half(bias_den, den)], axis=1).astype(jnp.float32)
+
+
+def coo_ratio_sums(rows: EbccRows | EbccTiers, weight: jax.Array, table: jax.Array,
+                   n_classes: int) -> jax.Array:
+    """One ratio pass over a sparse crowd's rows (:func:`_ratio_table`'s ``table``): per code,
+    the summed truths ``num / den`` of the rows that hold it, each weighted (gold rows: their
+    class's indicator), then their squares: ``[codes, 2 x K padded to 8]``."""
+    _require()
+    if isinstance(rows, EbccTiers):
+        return sum(coo_ratio_sums(part, w, table, n_classes) for part, w in
+                   [(rows.first, weight * rows.keep)]
+                   + [(part, weight[idx]) for part, idx in zip(rows.parts, rows.index)])
+    out = jax.ShapeDtypeStruct(table.shape, jnp.float32)
+    return jax.ffi.ffi_call("crowdllm_ebcc_ratio", out)(
+        rows.codes, rows.flags, weight.astype(jnp.float32), table, K=np.int64(n_classes),
+        threads=np.int64(_threads()))
+
+
+def coo_ratio_values(rows: EbccRows | EbccTiers, table: jax.Array, n_classes: int) -> jax.Array:
+    """Every row's truths ``num / den``, ``[T, K]`` (:func:`coo_ratio_sums`' table)."""
+    _require()
+    if isinstance(rows, EbccTiers):
+        z = coo_ratio_values(rows.first, table, n_classes)
+        for part, idx in zip(rows.parts, rows.index):
+            z = z.at[idx].set(coo_ratio_values(part, table, n_classes), indices_are_sorted=True,
+                              unique_indices=True)
+        return z
+    out = jax.ShapeDtypeStruct((rows.codes.shape[0], n_classes), jnp.float32)
+    return jax.ffi.ffi_call("crowdllm_ebcc_ratio_post", out)(
+        rows.codes, rows.flags, table, K=np.int64(n_classes), threads=np.int64(_threads()))
+
+
+class _RatioPasses(NamedTuple):
+    """BWA's passes (:func:`bwa_fit`): ``tables(bias_num, bias_den, num, den)`` (``num, den [W,
+    K, L]``: class k's entry for annotator w's answer l), ``sums(table)``: ``(C, C2, counts
+    [W, K, L], psum [K], counts2 [W, K, L], psq [K])`` of the truths (C: per code, as the layout
+    keeps it), ``values(table)``: the truths ``[T, K]``."""
+    tables: Any
+    sums: Any
+    values: Any
+
+
+def _ratio_passes(data: Any, merge: bool, width: RowWidth | None) -> _RatioPasses:
+    K = data.n_classes
+    if width is not None:  # a sparse crowd: its tasks as rows of answer codes
+        rows, wts = ebcc_coo_rows(data, width), data.task_mask.astype(jnp.float32)
+        Kp = -(-K // 8) * 8
+
+        def coo_sums(table):
+            C = coo_ratio_sums(rows, wts, table, K)
+            per = C[1: 1 + rows_codes(rows)].reshape(-1, K, 2 * Kp)  # [W, L, 2 Kp]
+            counts = jnp.transpose(per[:, :, :K], (0, 2, 1))
+            counts2 = jnp.transpose(per[:, :, Kp: Kp + K], (0, 2, 1))
+            return counts, C[0, :K], counts2, C[0, Kp: Kp + K]
+
+        return _RatioPasses(_ratio_table, coo_sums,
+                            lambda table: coo_ratio_values(rows, table, K))
+    p, rows, _ = _setup(data, merge)
+
+    def dense_tables(bias_num, bias_den, num, den):
+        return tables(p, bias_num, num), tables(p, bias_den, den)
+
+    def dense_sums(table):
+        C, C2 = ratio_sums(rows, *table, K)
+        return (*counts_from(p, C, K), *counts_from(p, C2, K))
+
+    return _RatioPasses(dense_tables, dense_sums, lambda table: ratio_values(rows, *table, K))
+
+
+def rows_codes(rows: EbccRows | EbccTiers) -> int:
+    """The answer codes (annotators x labels) of a sparse crowd's rows."""
+    return (rows.first if isinstance(rows, EbccTiers) else rows).answer_codes
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "prior_correction", "merge", "width"))
 def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 15.0,
-            lam: float = 1.0, prior_correction: bool = True, merge: bool = True):
+            lam: float = 1.0, prior_correction: bool = True, merge: bool = True,
+            width: RowWidth | None = None):
     """BWA with the native kernel: same start, updates, objective and result as ``bwa.fit``.
 
     BWA's truth of a task, ``z_k = (lam mu_k + sum_w v_wk [y_w = k]) / (lam + sum_w v_wk)``
@@ -1173,30 +1266,31 @@ def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 1
     annotator groups' combinations, ``lam mu`` and ``lam`` folded into the first group), so it
     depends on the row's answers only: rows are merged. Per sweep, one ratio pass gives the
     precisions' statistics: the per-annotator sums of ``z`` and of ``z ** 2`` over their answers.
-    The start (majority-vote fractions) is the same ratio with vote tables.
+    The start (majority-vote fractions) is the same ratio with vote tables. On a Coo crowd
+    (``width``: its row width, :func:`coo_use`) the rows are its tasks' answer codes
+    (:func:`ebcc_coo_rows`), ``lam mu`` and ``lam`` in the bias row, and the pass is
+    ``native/ebcc.cc``'s ratio pass.
     """
     from . import bwa
     from ._core import iterate, normalize
 
     K = data.n_classes
-    p, rows, _ = _setup(data, merge)
+    ps = _ratio_passes(data, merge, width)
     eye = jnp.eye(K, dtype=jnp.float32)
     n_tasks = jnp.maximum(data.task_mask.sum(), 1.0)
     wm = data.worker_mask.astype(jnp.float32)
 
-    def stats(num, den):  # (hit, sq, psum, psq, counts) of the ratios z
-        C, C2 = ratio_sums(rows, num, den, K)
-        counts, psum = counts_from(p, C, K)
-        counts2, psq = counts_from(p, C2, K)
+    def stats(table):  # (hit, sq, psum, psq, counts) of the ratios z
+        counts, psum, counts2, psq = ps.sums(table)
         return jnp.diagonal(counts, axis1=1, axis2=2), counts2.sum(axis=2), psum, psq, counts
 
     # the start: majority-vote fractions, votes_k / answers (a row without answers: uniform, as
     # 1e-30 / K over 1e-30; elsewhere the 1e-30 vanishes in float32)
     tiny = 1e-30
     W = wm.shape[0]
-    num0 = tables(p, jnp.full((K,), tiny / K), wm[:, None, None] * eye[None])
-    den0 = tables(p, jnp.full((K,), tiny), jnp.broadcast_to(wm[:, None, None], (W, K, K)))
-    hit0, sq0, psum0, _, counts0 = stats(num0, den0)
+    tab0 = ps.tables(jnp.full((K,), tiny / K), jnp.full((K,), tiny),
+                     wm[:, None, None] * eye[None], jnp.broadcast_to(wm[:, None, None], (W, K, K)))
+    hit0, sq0, psum0, _, counts0 = stats(tab0)
     n_wk = counts0.sum(axis=1)  # [W, L]: answers with label l (each answered row's z sums to 1)
     n_w = n_wk.sum(axis=1)
     n_ans = jnp.maximum(jnp.round(n_w.sum()), 1.0)
@@ -1208,19 +1302,17 @@ def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 1
     def step(st):
         mean = st.psum / n_tasks
         v = bwa.precisions_from(st.S, a_v, b_v, n_w)
-        num = tables(p, lam * mean, v[:, None, :] * eye[None])
-        den = tables(p, jnp.full((K,), lam, jnp.float32),
-                     jnp.broadcast_to(v[:, :, None], (W, K, K)))
-        hit, sq, psum, psq, _ = stats(num, den)
+        table = ps.tables(lam * mean, jnp.full((K,), lam, jnp.float32), v[:, None, :] * eye[None],
+                          jnp.broadcast_to(v[:, :, None], (W, K, K)))
+        hit, sq, psum, psq, _ = stats(table)
         S = bwa.sq_error(hit, sq, n_wk)
         dev = (psq - 2 * mean * psum + n_tasks * mean ** 2).sum()
         obj = bwa.log_joint(data.worker_mask, v, S, dev, a_v, b_v, lam, n_w) / n_ans
-        return _BWACarry(S, psum, num, den, v), obj
+        return _BWACarry(S, psum, table, v), obj
 
-    start = _BWACarry(bwa.sq_error(hit0, sq0, n_wk), psum0, num0, den0,
-                      jnp.ones((W, K), jnp.float32))
+    start = _BWACarry(bwa.sq_error(hit0, sq0, n_wk), psum0, tab0, jnp.ones((W, K), jnp.float32))
     st, loop = iterate(step, start, max_iter=max_iter, tol=tol)
-    z = ratio_values(rows, st.num, st.den, K)
+    z = ps.values(st.table)
     return bwa.BWAResult(posteriors=normalize(jnp.maximum(z, 0.0)), truth=z,
                          precision=st.precision, objective=loop.objective,
                          history=loop.history, n_iter=loop.n_iter,

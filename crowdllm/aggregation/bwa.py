@@ -49,7 +49,7 @@ import pyarrow as pa
 
 from ..labels import LabelTensor
 from . import _native
-from ._core import CrowdData, iterate, normalize, prepare, task_class_sum, task_count, worker_confusion, worker_count
+from ._core import Coo, CrowdData, iterate, normalize, prepare, task_class_sum, task_count, worker_confusion, worker_count
 from .base import Aggregator
 from .ibcc import n_answers
 
@@ -174,7 +174,9 @@ class BWA(Aggregator):
             two sums of table entries (precision-weighted answers plus ``lam`` times the class
             mean, over summed precisions plus ``lam``), so on dense float32 panels on AVX2 CPUs
             each sweep is one ratio pass of the native kernel over the distinct answer rows
-            (the ratios' sums and their squares' sums per combination).
+            (the ratios' sums and their squares' sums per combination); on a sparse crowd (the
+            COO layout), one ratio pass over its tasks as rows of answer codes (``native/
+            ebcc.cc``), while annotators x labels fit 16-bit codes.
 
     Attributes (after fit):
         truth_: ``[tasks, K]`` the real-valued truth estimates ``z``.
@@ -201,8 +203,11 @@ class BWA(Aggregator):
         with jax.enable_x64(self.dtype == "float64"):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
-            self.native_used_ = _native.use(self.native, data)
-            run = _native.bwa_fit if self.native_used_ else fit
+            # a sparse crowd runs on the kernel as rows of answer codes (width), a table row
+            # holding the numerators and denominators of K classes (each padded to 8)
+            columns = 2 * (-(-data.n_classes // 8) * 8) - 1 if isinstance(data, Coo) else None
+            self.native_used_, width = _native.coo_use(self.native, data, tensor, columns)
+            run = functools.partial(_native.bwa_fit, width=width) if self.native_used_ else fit
             res = run(data, max_iter=self.max_iter, tol=self.tol, a_v=self.a_v, lam=self.lam,
                       prior_correction=self.prior_correction)
             res = jax.tree_util.tree_map(np.asarray, res)

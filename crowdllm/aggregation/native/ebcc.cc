@@ -91,8 +91,10 @@ struct Part {  // one thread's share
 
 // SWEEP: the E-step and its sums (z, dz, log-likelihood, C); POST: the E-step's posteriors
 // written out (nothing summed); GIVEN: the sums C of given posteriors; START: the sums C of
-// EBCC's random start, drawn here (start_rows), never stored
-enum Mode { SWEEP = 0, POST = 1, GIVEN = 2, START = 3 };
+// EBCC's random start, drawn here (start_rows), never stored; RATIO: BWA's truths of a sparse
+// crowd's tasks and their sums C (ratio_block); RATIO_POST: those truths written out z [T, K]
+enum Mode { SWEEP = 0, POST = 1, GIVEN = 2, START = 3, RATIO = 4, RATIO_POST = 5 };
+constexpr bool summed(int mode) { return mode != POST && mode != RATIO_POST; }
 
 // the lanes of a row's columns [8 v, 8 v + 8) that are below KM (its last vector's tail is not)
 inline __m256i tail_mask(int v, int KM) {
@@ -172,6 +174,49 @@ inline void start_rows(const Inputs& a, int64_t t, int n, float* q) {
       for (int m = 0; m < M; ++m) sum += e[k * M + m];
       const float f = zv[k] / sum;
       for (int m = 0; m < M; ++m) q[i * KM + k * M + m] = e[k * M + m] * f;
+    }
+  }
+}
+
+// RATIO, RATIO_POST: BWA on a sparse crowd (bwa_fit in _native.py). A table row holds two halves
+// of KMp / 2 columns: the numerators of the K classes, then their denominators. A row's truth of
+// class k is the ratio of its codes' summed numerators to their summed denominators (gold rows:
+// their class's indicator; columns past K: 0). RATIO adds the 8 rows' weighted truths and their
+// squares to their codes' sums (the two halves of C); RATIO_POST writes the truths to z [n_out, K].
+template <int GT, int MODE>
+inline void ratio_block(const Inputs& a, const uint16_t* codes, const int8_t* flags,
+                        const float* wts, float* z, int n_out, Part& part) {
+  const int64_t G = GT > 0 ? GT : a.G, half = a.KMp / 2;
+  const int K = (int)a.K, H = (int)(half / 8);
+  __m256 r[8], r2[8];
+  for (int v = 0; v < H; ++v) {
+    const __m256i tail = tail_mask(v, K);
+    for (int i = 0; i < 8; ++i) {
+      const uint16_t* c = codes + i * G;
+      const float* t0 = a.tab + (int64_t)c[0] * a.KMp + 8 * v;
+      __m256 num = _mm256_loadu_ps(t0), den = _mm256_loadu_ps(t0 + half);
+      for (int64_t g = 1; g < G; ++g) {
+        const float* tg = a.tab + (int64_t)c[g] * a.KMp + 8 * v;
+        num = _mm256_add_ps(num, _mm256_loadu_ps(tg));
+        den = _mm256_add_ps(den, _mm256_loadu_ps(tg + half));
+      }
+      __m256 x = _mm256_and_ps(_mm256_div_ps(num, den), _mm256_castsi256_ps(tail));
+      if (flags[i] >= 0) {
+        const __m256i col = _mm256_add_epi32(_mm256_set1_epi32(8 * v),
+                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        x = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(col, _mm256_set1_epi32(flags[i]))),
+                          _mm256_set1_ps(1.f));
+      }
+      if constexpr (MODE == RATIO_POST) {
+        if (i < n_out) _mm256_maskstore_ps(z + i * K + 8 * v, tail, x);
+      } else {
+        r[i] = _mm256_mul_ps(x, _mm256_set1_ps(wts[i]));
+        r2[i] = _mm256_mul_ps(r[i], x);
+      }
+    }
+    if constexpr (MODE == RATIO) {
+      add_rows(a, codes, G, v, r, part);
+      add_rows(a, codes, G, H + v, r2, part);
     }
   }
 }
@@ -355,7 +400,7 @@ inline void prefetch_span(const float* p, int64_t n) {
 template <int GT, int MODE>
 void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
   const int64_t G = a.G, K = a.K, KM = a.K * a.M;
-  const bool sums = MODE != POST;
+  const bool sums = summed(MODE);
   // The sums go to double every CHUNK rows. A table of many combinations (a sparse crowd's, one
   // row per annotator and label: ebcc_coo_rows in _native.py) would cost more to carry over than
   // to fill, so past its first row (the bias, which every row adds to) it is carried over every
@@ -378,7 +423,10 @@ void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
         prefetch_span(a.z + (t + 8 * PF) * K, 8 * K);
       }
     }
-    if (MODE == GIVEN) {
+    if constexpr (MODE == RATIO || MODE == RATIO_POST) {
+      ratio_block<GT, MODE>(a, a.codes + t * G, a.flags + t, MODE == RATIO ? a.wts + t : nullptr,
+                            MODE == RATIO_POST ? a.z + t * K : nullptr, 8, part);
+    } else if (MODE == GIVEN) {
       given_block<GT>(a, a.codes + t * G, a.wts + t, a.q + t * KM, part);
     } else if (MODE == START) {
       start_rows(a, t, 8, qs.data());
@@ -399,7 +447,10 @@ void rows(const Inputs& a, int64_t r0, int64_t r1, Part& part) {
     if (a.flags != nullptr) std::memcpy(f, a.flags + t, n);
     if (a.wts != nullptr) std::memcpy(w, a.wts + t, n * sizeof(float));
     if (MODE == SWEEP) std::memcpy(zp.data(), a.zprev + t * K, n * K * sizeof(float));
-    if (MODE == GIVEN || MODE == START) {
+    if constexpr (MODE == RATIO || MODE == RATIO_POST) {
+      ratio_block<GT, MODE>(a, c.data(), f, w, MODE == RATIO_POST ? a.z + t * K : nullptr, n,
+                            part);
+    } else if (MODE == GIVEN || MODE == START) {
       if (MODE == GIVEN) std::memcpy(qp.data(), a.q + t * KM, n * KM * sizeof(float));
       else start_rows(a, t, n, qp.data());
       given_block<GT>(a, c.data(), w, qp.data(), part);
@@ -465,14 +516,14 @@ void Run(const Inputs& a_in, int64_t T, int64_t threads, float* sums, float* sta
     _mm_setcsr(csr | 0x8040);  // flush-to-zero and denormals-are-zero
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < shares;) {
       Part& part = parts[i];
-      if (MODE != POST) part.C.assign(a.NC * a.KMp, 0.f);
+      if (summed(MODE)) part.C.assign(a.NC * a.KMp, 0.f);
       if (chunked) fn(a, i * span, std::min(T, (i + 1) * span), part);
       else fn(a, T * i / n, T * (i + 1) / n, part);
     }
     _mm_setcsr(csr);
   };
   Workers::run(std::min<int64_t>(n, shares), [&](int64_t) { work(); });
-  if (MODE == POST) return;
+  if (!summed(MODE)) return;
   // the shares' sums added in double, 4 at a time (a sparse crowd's table has ~10^5 rows)
   const int64_t N = a.NC * a.KMp;  // a multiple of 8
   for (int64_t j = 0; j < N; j += 4) {
@@ -596,7 +647,67 @@ ffi::Error GivenImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::F32> weights,
   return ffi::Error::Success();
 }
 
+// BWA's ratio pass over a sparse crowd's rows (ratio_block): table [NC, KMp] (numerators in
+// columns [0, KMp / 2), denominators in [KMp / 2, KMp)) -> sums [NC, KMp] (the rows' weighted
+// truths, then their squares, per code).
+ffi::Error RatioImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                     ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::F32> table,
+                     ffi::ResultBuffer<ffi::F32> sums, int64_t K, int64_t threads) {
+  Inputs a;
+  const auto td = table.dimensions();
+  if (td.size() == 2 && (td[1] % 16 || K > td[1] / 2))
+    return ffi::Error::InvalidArgument("ebcc: ratio table [NC, 2 x K padded to 8] expected");
+  if (auto e = Check(codes, td, K, 1, &a); e.failure()) return e;
+  const int64_t T = codes.dimensions()[0];
+  if (flags.dimensions()[0] != T || weights.dimensions()[0] != T ||
+      sums->element_count() != table.element_count())
+    return ffi::Error::InvalidArgument("ebcc: flags, weights [T] and sums like table expected");
+  a.flags = flags.typed_data();
+  a.wts = weights.typed_data();
+  a.tab = table.typed_data();
+  Run<RATIO>(a, T, threads, sums->typed_data(), nullptr);
+  return ffi::Error::Success();
+}
+
+// BWA's truths of every row, z [T, K] (RatioImpl's table).
+ffi::Error RatioPostImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                         ffi::Buffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> z, int64_t K,
+                         int64_t threads) {
+  Inputs a;
+  const auto td = table.dimensions();
+  if (td.size() == 2 && (td[1] % 16 || K > td[1] / 2))
+    return ffi::Error::InvalidArgument("ebcc: ratio table [NC, 2 x K padded to 8] expected");
+  if (auto e = Check(codes, td, K, 1, &a); e.failure()) return e;
+  const int64_t T = codes.dimensions()[0];
+  if (flags.dimensions()[0] != T || z->element_count() != T * K)
+    return ffi::Error::InvalidArgument("ebcc: flags [T] and truths [T, K] expected");
+  a.flags = flags.typed_data();
+  a.tab = table.typed_data();
+  a.z = z->typed_data();
+  Run<RATIO_POST>(a, T, threads, nullptr, nullptr);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmEbccRatio, RatioImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("K")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmEbccRatioPost, RatioPostImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("K")
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmEbccSweep, SweepImpl,
                               ffi::Ffi::Bind()
