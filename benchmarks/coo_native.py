@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""Dawid-Skene, one-coin DS, IBCC, MACE and BWA on a sparse crowd (the COO layout): the native
-sweep against the XLA path, ms an iteration, side by side in one process.
+"""Dawid-Skene, one-coin DS, IBCC, MACE, BWA and GLAD on a sparse crowd (the COO layout): the
+native passes against the XLA path, ms an iteration, side by side in one process.
 
     python benchmarks/coo_native.py --tasks 1000000
 
 The crowd is ``speed.sparse_crowd``'s: N tasks, 10,000 annotators, 3 answers a task, 5
 classes. Each method is fitted through its class (``layout="coo"``), with ``native="auto"``
-(the sweep of ``native/ebcc.cc`` with one subtype a class; BWA: its ratio pass) and
-``native="off"``, for 1 and for
+(the sweep of ``native/ebcc.cc`` with one subtype a class; BWA: its ratio pass; GLAD:
+``native/glad.cc``'s passes over rows of answer slots) and ``native="off"``, for 1 and for
 ``1 + --iters`` iterations (IBCC: sweeps; MACE: one restart); an iteration's time is the
 difference over ``--iters``, the setup (preparing the rows, the start) in the first. The two
 paths alternate, and each time is the smallest of ``--repeats`` fits after a compiling one.
@@ -38,12 +38,13 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=1_000_000)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--methods", default="ds,onecoin-ds,ibcc,mace,bwa")
+    ap.add_argument("--methods", default="ds,onecoin-ds,ibcc,mace,bwa,glad")
     ap.add_argument("--control", type=int, default=0)
     ap.add_argument("--control-answers", type=int, default=2000)
     a = ap.parse_args()
 
-    from crowdllm.aggregation import BWA, IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core, _native
+    from crowdllm.aggregation import (BWA, GLAD, IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core,
+                                      _native)
     from crowdllm.eval.speed import machine, sparse_crowd
     from crowdllm.labels import LabelTensor
 
@@ -66,7 +67,8 @@ def main() -> int:
     fixed = {"tol": -1.0}
     classes = {"ds": (DawidSkene, fixed), "onecoin-ds": (OneCoinDawidSkene, fixed),
                "ibcc": (IBCC, {"tol": None, "atol": -1.0}),
-               "mace": (MACE, {"tol": -1.0, "n_restarts": 1}), "bwa": (BWA, fixed)}
+               "mace": (MACE, {"tol": -1.0, "n_restarts": 1}), "bwa": (BWA, fixed),
+               "glad": (GLAD, fixed)}
     print(f"machine: {machine()}")
     print(f"# sparse crowd: {n:,} tasks, 10,000 annotators, {task.size:,} answers, 5 classes; "
           f"{a.iters} iterations timed; rows: "

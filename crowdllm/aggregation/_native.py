@@ -56,7 +56,10 @@ E-step and sums, so DS, one-coin DS, IBCC and MACE run a sparse crowd on it too
 (:func:`coo_use`, :class:`_Passes`): at 1,000,000 tasks x 3 answers of 10,000 annotators, 28-44
 ms an iteration against the XLA path's 88-436 over two runs (``python benchmarks/coo_native.py``).
 BWA runs a sparse crowd on the same rows with the kernel's ratio pass (each table row the
-numerators, then the denominators, of the classes; :func:`coo_ratio_sums`).
+numerators, then the denominators, of the classes; :func:`coo_ratio_sums`). GLAD runs a sparse
+crowd on its own passes, each task a row of answer slots (:func:`glad_coo_rows`: labels and
+annotators blocked as a dense panel's labels are), each answer's alpha gathered by its annotator
+and alpha's gradient added to that annotator's sum.
 
 The VB methods' Dirichlet statistics need digamma and log-gamma of every parameter each sweep;
 :func:`digamma_gammaln` (``native/special.cc``) computes both in one pass.
@@ -280,17 +283,19 @@ def plan(n_workers: int, n_classes: int, max_combos: int = MAX_COMBOS) -> Plan |
     return Plan(groups=groups, offsets=tuple(offsets), base=base, n_combos=total)
 
 
-def applies(data: Any, dtype: Any, columns: int | None = None) -> str | None:
+def applies(data: Any, dtype: Any, columns: int | None = None, codes: bool = True
+            ) -> str | None:
     """None when the native kernel can fit ``data`` (a Dense panel), else why not. ``columns``:
     the latent columns of a model whose latent state is not just the class (EBCC's classes x
     subtypes, at most :data:`MAX_COLUMNS`); the class count is then not limited to 8, and a Coo
-    crowd qualifies too (:func:`ebcc_coo_rows`: at most 65,534 annotators x labels)."""
+    crowd qualifies too (:func:`ebcc_coo_rows`: at most 65,534 annotators x labels, where its
+    rows are 16-bit ``codes``; GLAD's are not)."""
     from ._core import Coo, Dense, fast_enabled
 
     coo = columns is not None and isinstance(data, Coo)
     if not (isinstance(data, Dense) or coo):
         return "the data are not on the dense layout"
-    if coo and 2 + data.n_workers * data.n_classes > 65536:
+    if coo and codes and 2 + data.n_workers * data.n_classes > 65536:
         return (f"{data.n_workers} annotators x {data.n_classes} labels (uint16 codes: at most "
                 f"{65536 - 2} on the COO layout)")
     if not fast_enabled():
@@ -901,34 +906,45 @@ def decode(codes: jax.Array, p: Plan, n_workers: int) -> jax.Array:
     return jnp.concatenate(parts, axis=1)[:, :n_workers]
 
 
+def _slot_workers(widx: jax.Array | None) -> jax.Array:
+    """The GLAD kernels' annotators of the answer slots: ``widx`` (a sparse crowd's, shaped like
+    its labels ``[T/8, S, 8]``) or none (a dense panel's slot s is annotator s)."""
+    return jnp.zeros((0,), jnp.int32) if widx is None else widx.astype(jnp.int32)
+
+
 def glad_e(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
            alpha: jax.Array, log_beta: jax.Array, log_prior: jax.Array, p_prev: jax.Array,
-           want_post: bool = False):
-    """GLAD's E pass over the first ``n`` rows of the blocked answers ``lab_b [T/8, W, 8]``:
-    ``(posteriors [T, K] or None, q_t(y_tw) [T/8, W, 8], weighted log-likelihood, weighted Q
-    answer term, weighted class sums [K])``. ``p_prev`` (a buffer shaped like ``lab_b``, e.g. the
-    last pass's) is reused for the new ``q_t(y_tw)``."""
+           want_post: bool = False, widx: jax.Array | None = None):
+    """GLAD's E pass over the first ``n`` rows of the blocked answers ``lab_b [T/8, W, 8]``
+    (a sparse crowd's: ``[T/8, S, 8]``, S answer slots a row, and ``widx`` their annotators,
+    :func:`glad_coo_rows`): ``(posteriors [T, K] or None, q_t(y_tw)`` shaped like ``lab_b``,
+    weighted log-likelihood, weighted Q answer term, weighted class sums ``[K])``. ``p_prev`` (a
+    buffer shaped like ``lab_b``, e.g. the last pass's) is reused for the new ``q_t(y_tw)``."""
     _require()
     T = lab_b.shape[0] * 8
     K = log_prior.shape[0]
     out = (jax.ShapeDtypeStruct((T if want_post else 1, K), jnp.float32),
            jax.ShapeDtypeStruct(lab_b.shape, jnp.float32),
            jax.ShapeDtypeStruct((2 + K,), jnp.float32))
-    post, pr, stats = jax.ffi.ffi_call("crowdllm_glad_e", out, input_output_aliases={7: 1})(
-        lab_b, flags, weights, n, alpha, log_beta, log_prior, p_prev, threads=np.int64(_threads()))
+    post, pr, stats = jax.ffi.ffi_call("crowdllm_glad_e", out, input_output_aliases={8: 1})(
+        lab_b, _slot_workers(widx), flags, weights, n, alpha, log_beta, log_prior, p_prev,
+        threads=np.int64(_threads()))
     return post if want_post else None, pr, stats[0], stats[1], stats[2:]
 
 
 def glad_grad(lab_b: jax.Array, weights: jax.Array, n: jax.Array, p_right: jax.Array,
-              alpha: jax.Array, log_beta: jax.Array, *, grad: bool = True, q: bool = False):
+              alpha: jax.Array, log_beta: jax.Array, *, grad: bool = True, q: bool = False,
+              widx: jax.Array | None = None):
     """GLAD's gradient pass: ``(sum_t n_t g_tw beta_t [W], sum_w g_tw x_tw [T], Q answer
-    term)`` with ``g = q_t(y_tw) - sigma(x_tw)`` (the priors' terms are added by the caller)."""
+    term)`` with ``g = q_t(y_tw) - sigma(x_tw)`` (the priors' terms are added by the caller;
+    ``widx``: as for :func:`glad_e`)."""
     _require()
-    T, W = lab_b.shape[0] * 8, lab_b.shape[1]
+    T, W = lab_b.shape[0] * 8, alpha.shape[0]
     out = (jax.ShapeDtypeStruct((W,), jnp.float32), jax.ShapeDtypeStruct((T,), jnp.float32),
            jax.ShapeDtypeStruct((1,), jnp.float32))
     da, db, qv = jax.ffi.ffi_call("crowdllm_glad_grad", out)(
-        lab_b, weights, n, p_right, alpha, log_beta, threads=np.int64(_threads()),
+        lab_b, _slot_workers(widx), weights, n, p_right, alpha, log_beta,
+        threads=np.int64(_threads()),
         mode=np.int64(int(grad) + 2 * int(q)))
     return da, db, qv[0]
 
@@ -937,7 +953,7 @@ def glad_m(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
            p_bufs: tuple[jax.Array, jax.Array, jax.Array], state: Any, q_old: jax.Array,
            worker_mask: jax.Array, log_prior_next: jax.Array,
            g1: tuple[jax.Array, Any] | None = None, *, lr: Any, m_steps: int, mu_alpha: Any,
-           mu_beta: Any, max_tries: int = 4):
+           mu_beta: Any, max_tries: int = 4, widx: jax.Array | None = None):
     """GLAD's whole M-step in one call, and the next E-step: ``glad.adam_steps`` with
     ``glad.q_grad``'s gradients and Q (the Gaussian priors included), on the rows.
 
@@ -956,11 +972,12 @@ def glad_m(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
     difficulties (a pass each, but the first when ``g1`` is given), then the E pass at the try's
     parameters, which sums Q's answer term with the old ``q_t(y_tw)`` as it writes the new one
     (the Q check: one pass, not a Q pass and an E pass), and the gradient sums at the new
-    parameters with the new one (the next M-step's first step)."""
+    parameters with the new one (the next M-step's first step). ``widx``: as for
+    :func:`glad_e`."""
     from . import glad
 
     _require()
-    T, W = lab_b.shape[0] * 8, lab_b.shape[1]
+    T, W = lab_b.shape[0] * 8, state.params.alpha.shape[0]
     K = log_prior_next.shape[0]
     prm, opt = state.params, state.opt_state
     f32 = jnp.float32
@@ -975,8 +992,8 @@ def glad_m(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
     g1, have = (jnp.zeros((W + T,), f32), 0) if g1 is None else g1
     have = jnp.asarray(have, jnp.int32)
     al, lb, count, ma, mb, va, vb, info, p0, p1, which, stats, g1 = jax.ffi.ffi_call(
-        "crowdllm_glad_m", out, input_output_aliases={4: 8, 5: 9})(
-        lab_b, flags, weights, n, p0, p1, which.astype(jnp.int32), prm.alpha, prm.log_beta,
+        "crowdllm_glad_m", out, input_output_aliases={5: 8, 6: 9})(
+        lab_b, _slot_workers(widx), flags, weights, n, p0, p1, which.astype(jnp.int32), prm.alpha, prm.log_beta,
         opt.count, opt.mu.alpha, opt.mu.log_beta, opt.nu.alpha, opt.nu.log_beta, scalars,
         worker_mask.astype(f32), log_prior_next.astype(f32), g1, have,
         threads=np.int64(_threads()), m_steps=np.int64(m_steps), max_tries=np.int64(max_tries),
@@ -1035,10 +1052,70 @@ def glad_rows(data: Any, merge: bool = True):
             rows.inverse)
 
 
+def glad_coo_use(native: str, data: Any, tensor: Any) -> tuple[bool, int | None]:
+    """``(runs native, row width)`` for GLAD: :func:`use` on a Dense panel (width None); a Coo
+    crowd (the answers of ``tensor``) runs as rows of its tasks' answers, ``width`` slots each
+    (the most answers a task has, :func:`_rounded`), where those rows are not mostly empty
+    (:data:`MAX_SLOTS_PER_ANSWER`: no tiers here; else the XLA path runs it)."""
+    from ._core import Coo
+
+    if not isinstance(data, Coo):
+        return use(native, data), None
+    width = _rounded(max(coo_row_width(tensor.task, tensor.n_tasks) - 1, 1))
+    why_not = "turned off (native='off')" if check_option(native) == "off" else \
+        applies(data, data.task_mask.dtype, columns=data.n_classes, codes=False)
+    if why_not is None and data.n_classes > 8:
+        why_not = f"{data.n_classes} classes (GLAD's kernels take at most 8)"
+    if why_not is None and _mostly_empty(width * tensor.n_tasks, tensor.n_tasks,
+                                         tensor.n_answers):
+        why_not = (f"rows of {width} slots for {tensor.n_answers / max(tensor.n_tasks, 1):.1f} "
+                   f"answers a task would be mostly empty (COO layout; GLAD's rows have no "
+                   f"tiers)")
+    if why_not is not None and native == "on":
+        raise ValueError(f"native='on', but the native kernel cannot run: {why_not}")
+    return why_not is None, width if why_not is None else None
+
+
+def glad_coo_order(data: Any, tensor: Any) -> jax.Array:
+    """The rank of each of a Coo crowd's (padded) tasks among GLAD's rows: its tasks sorted by
+    their first annotator (:func:`coo_task_order`), so that the rows of a block of 8 often share
+    an annotator in a slot (its 8 terms of alpha's gradient are then summed in one add); the
+    padding tasks after them."""
+    order = coo_task_order(tensor.task, tensor.worker, tensor.n_tasks)
+    rank = np.arange(data.n_tasks, dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    return jnp.asarray(rank)
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def glad_coo_rows(data: Any, width: int, rank: jax.Array | None = None):
+    """``(answers [T/8, S, 8], annotators [T/8, S, 8], gold flags [T], weights [T], n)``: a Coo
+    crowd's tasks as rows of ``S = width`` answer slots (in the answers' order; empty slots:
+    label -1, annotator 0), task t in row ``rank[t]`` (default: t; :func:`glad_coo_order`),
+    ``T`` its tasks rounded up to 8, rows past its tasks inert."""
+    n = data.n_tasks
+    T = -(-n // 8) * 8
+    A = data.task.shape[0]
+    rank = jnp.arange(n, dtype=jnp.int32) if rank is None else rank
+    first = jnp.searchsorted(data.task, jnp.arange(n, dtype=data.task.dtype))
+    slot = jnp.arange(A, dtype=jnp.int32) - first[data.task]
+    row = jnp.where(data.weight > 0, rank[data.task], T)  # padding answers: dropped
+
+    def put(vals, empty, dtype):
+        out = jnp.full((T, width), empty, dtype)
+        return block(out.at[row, slot].set(vals.astype(dtype), mode="drop"))
+
+    flags = jnp.full((T,), -1, jnp.int8).at[rank].set(
+        jnp.where(data.task_mask > 0, data.gold, -1).astype(jnp.int8))
+    wts = jnp.zeros((T,), jnp.float32).at[rank].set(data.task_mask.astype(jnp.float32))
+    return (put(data.label, -1, jnp.int8), put(data.worker, 0, jnp.int32), flags, wts,
+            jnp.full((1,), n, jnp.int32))
+
+
 def glad_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, lr: float = 0.1,
              m_steps: int = 5, mu_alpha: float = 1.0, mu_beta: float = 1.0,
              learn_prior: bool = False, init_from_gold: bool = False, merge: bool = True,
-             m_step: str = "native"):
+             m_step: str = "native", width: int | None = None, rank: jax.Array | None = None):
     """GLAD with the native passes: same model, start, Adam steps, backtracking, stopping rule,
     objective and result as ``glad.fit``.
 
@@ -1049,15 +1126,33 @@ def glad_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, lr: float = 0
     where Q or the log-likelihood is wanted (``native/glad.cc``). The M-step (Adam, the Q check
     and the retries) is one native call per iteration (:func:`glad_m`; ``m_step="jax"``: JAX's
     Adam and loop around the passes instead, as before it, to compare against).
+
+    A Coo crowd (``width``: its rows' slots, :func:`glad_coo_use`) runs as rows of its tasks'
+    answers (:func:`glad_coo_rows`; not merged; ``rank``: each task's row, by default its own,
+    :func:`glad_coo_order`), each answer's alpha gathered by its annotator.
     """
     if m_step not in ("native", "jax"):
         raise ValueError(f"m_step must be 'native' or 'jax', got {m_step!r}")
+    opts = dict(max_iter=max_iter, tol=tol, lr=lr, m_steps=m_steps, mu_alpha=mu_alpha,
+                mu_beta=mu_beta, learn_prior=learn_prior, init_from_gold=init_from_gold,
+                m_step=m_step)
+    if width is not None:
+        if rank is None:
+            rank = jnp.arange(data.n_tasks, dtype=jnp.int32)
+        lab_b, widx, flags, wts, n = glad_coo_rows(data, width, rank)
+        res = _glad_fit_rows(lab_b, flags, wts, n, data.worker_mask, data.n_classes, widx=widx,
+                             **opts)
+        return _glad_cut(res, rank)
     lab_b, flags, wts, n, inverse = glad_rows(data, merge)
-    res = _glad_fit_rows(lab_b, flags, wts, n, data.worker_mask, data.n_classes,
-                         max_iter=max_iter, tol=tol, lr=lr, m_steps=m_steps, mu_alpha=mu_alpha,
-                         mu_beta=mu_beta, learn_prior=learn_prior, init_from_gold=init_from_gold,
-                         m_step=m_step)
+    res = _glad_fit_rows(lab_b, flags, wts, n, data.worker_mask, data.n_classes, **opts)
     return _glad_spread(res, inverse, mu_beta)
+
+
+@jax.jit
+def _glad_cut(res: Any, rank: jax.Array):
+    """A sparse crowd's rows (its tasks, padded to 8) given back to its tasks (task t's: row
+    ``rank[t]``)."""
+    return res._replace(posteriors=res.posteriors[rank], betas=res.betas[rank])
 
 
 @jax.jit
@@ -1071,11 +1166,12 @@ def _glad_spread(res: Any, inverse: jax.Array, mu_beta: float):
 
 
 def _glad_pass_grad(lab_b: jax.Array, wts: jax.Array, n: jax.Array, p_right: jax.Array,
-                    prm: Any, wm: jax.Array, mu_alpha: Any, mu_beta: Any):
+                    prm: Any, wm: jax.Array, mu_alpha: Any, mu_beta: Any,
+                    widx: jax.Array | None = None):
     """``glad.q_grad`` from one gradient pass (rows at or past ``n``: zero)."""
     from . import glad
 
-    da, db, _ = glad_grad(lab_b, wts, n, p_right, prm.alpha, prm.log_beta)
+    da, db, _ = glad_grad(lab_b, wts, n, p_right, prm.alpha, prm.log_beta, widx=widx)
     valid = jnp.arange(wts.shape[0]) < n[0]
     return glad.GladParams((da - (prm.alpha - mu_alpha)) * wm,
                            jnp.where(valid, db - (prm.log_beta - mu_beta), 0.0))
@@ -1086,16 +1182,17 @@ def _glad_pass_grad(lab_b: jax.Array, wts: jax.Array, n: jax.Array, p_right: jax
 def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Array,
                    worker_mask: jax.Array, n_classes: int, *, max_iter: int, tol: float,
                    lr: float, m_steps: int, mu_alpha: float, mu_beta: float, learn_prior: bool,
-                   init_from_gold: bool, m_step: str = "native"):
+                   init_from_gold: bool, m_step: str = "native", widx: jax.Array | None = None):
     """GLAD on weighted rows (a GladResult per row: posteriors [T, K], betas [T]). ``m_step``:
     ``native`` (:func:`glad_m`) or ``jax`` (``glad.adam_steps`` around the passes: the path
-    :func:`glad_m` replaced, kept to compare against)."""
+    :func:`glad_m` replaced, kept to compare against). ``widx``: a sparse crowd's annotators
+    of the answer slots (:func:`glad_coo_rows`; None: a dense panel's slot is its annotator)."""
     from . import glad
     from ._core import iterate
 
     K = n_classes
-    lab = unblock(lab_b)  # [T, W] (setup only)
-    T, W = lab.shape
+    lab = unblock(lab_b)  # [T, W] or [T, S] slots (setup only)
+    T, W = lab.shape[0], worker_mask.shape[0]
     answered = lab >= 0
     n_ans = jnp.maximum((answered * wts[:, None]).sum(), 1.0)
     wm = worker_mask
@@ -1107,8 +1204,13 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
     if init_from_gold:
         on_gold = answered & (flags >= 0)[:, None]
         hit = on_gold & (lab == flags[:, None])
-        alpha = glad.alpha_from_gold(alpha, (on_gold * wts[:, None]).sum(0),
-                                     (hit * wts[:, None]).sum(0), mu_beta)
+        if widx is None:
+            per_worker = lambda x: (x * wts[:, None]).sum(0)  # noqa: E731
+        else:
+            slot_worker = unblock(widx).reshape(-1)
+            per_worker = lambda x: jax.ops.segment_sum(  # noqa: E731
+                (x * wts[:, None]).reshape(-1), slot_worker, num_segments=W)
+        alpha = glad.alpha_from_gold(alpha, per_worker(on_gold), per_worker(hit), mu_beta)
     params = glad.GladParams(alpha, jnp.full((T,), mu_beta, jnp.float32))
     log_prior = jnp.full((K,), -jnp.log(K), jnp.float32)
     # the carry: the state, the E-step at its parameters and log prior (log-likelihood, Q's
@@ -1119,7 +1221,7 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
     # each step ends with the E-step at its new parameters, and with the next M-step's first
     # gradient (g1; the first M-step sums its own: the initial E-step is glad_e's).
     p_right, *e = glad_e(lab_b, flags, wts, n, params.alpha, params.log_beta, log_prior,
-                         jnp.zeros(lab_b.shape, jnp.float32))[1:]
+                         jnp.zeros(lab_b.shape, jnp.float32), widx=widx)[1:]
     state = glad.GladState(params=params, opt_state=glad._optimizer().init(params),
                            log_prior=log_prior, posteriors=p_right,
                            lr_scale=jnp.asarray(1.0, jnp.float32))
@@ -1136,22 +1238,24 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
             p_bufs, g1 = spare
             prm, opt_state, scale, _, (p0, *p_bufs), e, g1 = glad_m(
                 lab_b, flags, wts, n, (st.posteriors, *p_bufs), st, q_old, wm, log_prior, g1,
-                lr=lr, m_steps=m_steps, mu_alpha=mu_alpha, mu_beta=mu_beta)
+                lr=lr, m_steps=m_steps, mu_alpha=mu_alpha, mu_beta=mu_beta, widx=widx)
             spare = (tuple(p_bufs), (g1, jnp.asarray(1, jnp.int32)))
         else:  # JAX's Adam and loop around the gradient and Q passes (benchmarks, tests)
             p_old = st.posteriors
             prm, opt_state, scale = glad.adam_steps(
                 st, q_old, lambda p: glad_grad(lab_b, wts, n, p_old, p.alpha, p.log_beta,
-                                               grad=False, q=True)[2] + prior_density(p),
-                lambda p: _glad_pass_grad(lab_b, wts, n, p_old, p, wm, mu_alpha, mu_beta),
+                                               grad=False, q=True, widx=widx)[2]
+                + prior_density(p),
+                lambda p: _glad_pass_grad(lab_b, wts, n, p_old, p, wm, mu_alpha, mu_beta, widx),
                 lr=lr, m_steps=m_steps)
-            p0, *e = glad_e(lab_b, flags, wts, n, prm.alpha, prm.log_beta, log_prior, p_old)[1:]
+            p0, *e = glad_e(lab_b, flags, wts, n, prm.alpha, prm.log_beta, log_prior, p_old,
+                            widx=widx)[1:]
         return (glad.GladState(params=prm, opt_state=opt_state, log_prior=log_prior,
                                posteriors=p0, lr_scale=scale), tuple(e), tuple(spare)), obj
 
     (state, _, _), loop = iterate(step, (state, tuple(e), spare), max_iter=max_iter, tol=tol)
     post = glad_e(lab_b, flags, wts, n, state.params.alpha, state.params.log_beta,
-                  state.log_prior, state.posteriors, want_post=True)[0]
+                  state.log_prior, state.posteriors, want_post=True, widx=widx)[0]
     return glad.GladResult(posteriors=post, alphas=state.params.alpha,
                            betas=jnp.exp(state.params.log_beta), priors=jnp.exp(state.log_prior),
                            objective=loop.objective, history=loop.history, n_iter=loop.n_iter,

@@ -468,7 +468,10 @@ class GLAD(Aggregator):
             the E-step and the gradient passes run as native kernels (``native/glad.cc``) over
             the distinct answer rows (tasks with the same answers and gold keep the same
             difficulty, so they are fitted once, weighted), and the M-step (Adam, the Q check
-            and the retries) is one native call per iteration.
+            and the retries) is one native call per iteration. A sparse crowd (the COO layout)
+            runs on the same kernels as rows of its tasks' answer slots, each answer's expertise
+            gathered by its annotator, where those rows are not mostly empty (at most 8
+            classes).
 
     Attributes (after fit):
         alphas_: ``[workers]`` expertise. betas_: ``[tasks]`` inverse difficulty (> 0).
@@ -500,8 +503,12 @@ class GLAD(Aggregator):
         with jax.enable_x64(self.dtype == "float64"):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
-            self.native_used_ = _native.use(self.native, data)
-            run = _native.glad_fit if self.native_used_ else fit
+            # a sparse crowd runs on the kernels as rows of its tasks' answers (width slots)
+            self.native_used_, width = _native.glad_coo_use(self.native, data, tensor)
+            run = fit
+            if self.native_used_:
+                rank = None if width is None else _native.glad_coo_order(data, tensor)
+                run = functools.partial(_native.glad_fit, width=width, rank=rank)
             res = run(data, max_iter=self.max_iter, tol=self.tol, lr=self.lr,
                       m_steps=self.m_steps, mu_alpha=self.mu_alpha, mu_beta=self.mu_beta,
                       learn_prior=self.learn_prior, init_from_gold=self.init == "gold")

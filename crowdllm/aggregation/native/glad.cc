@@ -67,15 +67,15 @@ inline double hsum(__m256d lo, __m256d hi) {
 // exp for arguments <= 0, kept >= -80 so that the result (and what it multiplies) is never a
 // denormal float: denormals take microcode assists, ~100 cycles each (a fitted GLAD has many
 // answers with |x| > 87). exp(-80) = 2e-35 is 0 next to any term it is added to.
-inline __m256 exp_le0(__m256 x) { return exp256(_mm256_max_ps(x, _mm256_set1_ps(-80.f))); }
+CROWDLLM_INLINE __m256 exp_le0(__m256 x) { return exp256(_mm256_max_ps(x, _mm256_set1_ps(-80.f))); }
 
 // e = exp(-|x|) (in (0, 1]); sigma(x) and log sigma(x) = min(x, 0) - log(1 + e) from it
-inline __m256 exp_neg_abs(__m256 x) {
+CROWDLLM_INLINE __m256 exp_neg_abs(__m256 x) {
   __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
   return exp_le0(_mm256_sub_ps(_mm256_setzero_ps(), a));
 }
 
-inline __m256 sigmoid_from(__m256 x, __m256 e) {
+CROWDLLM_INLINE __m256 sigmoid_from(__m256 x, __m256 e) {
   __m256 one = _mm256_set1_ps(1.f);
   __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
   __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
@@ -84,7 +84,7 @@ inline __m256 sigmoid_from(__m256 x, __m256 e) {
 
 // sigma(x) = 1 / (1 + exp(-x)) with -x clamped to [-80, 80] (where only sigma is wanted: one
 // exp, no select; the same clamp as exp_le0's, so sigma(x) for x < -80 is exp(-80) as there)
-inline __m256 sigmoid_direct(__m256 x) {
+CROWDLLM_INLINE __m256 sigmoid_direct(__m256 x) {
   __m256 nx = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), x),
                                           _mm256_set1_ps(-80.f)), _mm256_set1_ps(80.f));
   __m256 one = _mm256_set1_ps(1.f);
@@ -118,8 +118,8 @@ struct Acc {  // one thread's sums: float lanes over a chunk, carried in double
   __m256 fq, fqo, fll, fc[8];
   __m256d q0, q1, qo0, qo1, ll0, ll1;
   double dc[8];  // class sums (E pass)
-  void init(int64_t W) {
-    fa.assign(W, _mm256_setzero_ps());
+  void init(int64_t nfa, int64_t W) {  // nfa: annotators summed in lanes (a dense panel's)
+    fa.assign(nfa, _mm256_setzero_ps());
     da.assign(W, 0.0);
     fq = fqo = fll = _mm256_setzero_ps();
     q0 = q1 = qo0 = qo1 = ll0 = ll1 = _mm256_setzero_pd();
@@ -148,26 +148,50 @@ struct Acc {  // one thread's sums: float lanes over a chunk, carried in double
   }
 };
 
-// rows [0, U) in blocks of 8, in chunks of GCHUNK rows that the threads take in turn as each
+// The answers as the passes read them: labels L [T/8, S, 8] (8 rows' answers in one slot are
+// one load; -1: none). A dense panel's slot s is annotator s (S = W; wi null). A sparse crowd's
+// (COO) row holds its task's answers in S slots, and wi [T/8, S, 8] the annotator of each (0
+// where empty): alpha is gathered by it, and alpha's gradient added to its annotator's sum.
+struct Slots {
+  const int8_t* L;
+  const int32_t* wi;
+  int64_t S, W;
+  bool coo() const { return wi != nullptr; }
+  // the rows of a chunk of the threads' shares: a dense panel's sums of alpha's gradient are a
+  // vector of lanes an annotator, a chunk's few; a sparse crowd's are W doubles a chunk, so its
+  // rows come in at most COO_CHUNKS chunks, however many threads there are
+  int64_t span(int64_t U) const {
+    if (!coo()) return GCHUNK;
+    constexpr int64_t COO_CHUNKS = 32;
+    return std::max<int64_t>(1, (U + GCHUNK * COO_CHUNKS - 1) / (GCHUNK * COO_CHUNKS)) * GCHUNK;
+  }
+};
+
+// rows [0, U) in blocks of 8, in chunks of sl.span(U) rows that the threads take in turn as each
 // finishes one (a thread slowed by a neighbour on its core takes fewer), each chunk summed into
-// its own Acc: the sums, added up over the chunks in order, do not depend on which thread ran a
-// chunk nor on how many threads there are. body(r, acc, nb) takes nb blocks from row r, nb a
-// std::integral_constant: 2, or 1 for a chunk's odd last block.
+// its own Acc (its float lanes carried into double every GCHUNK rows): the sums, added up over
+// the chunks in order, do not depend on which thread ran a chunk nor on how many threads there
+// are. body(r, acc, nb) takes nb blocks from row r, nb a std::integral_constant: 2, or 1 for an
+// odd last block of GCHUNK rows.
 template <typename F>
-void parallel_row_pairs(int64_t U, int64_t threads, std::vector<Acc>& parts, int64_t W,
+void parallel_row_pairs(int64_t U, int64_t threads, std::vector<Acc>& parts, const Slots& sl,
                         F&& body) {
-  const int64_t chunks = std::max<int64_t>(1, (U + GCHUNK - 1) / GCHUNK);
+  const int64_t span = sl.span(U);
+  const int64_t chunks = std::max<int64_t>(1, (U + span - 1) / span);
   parts.resize(chunks);
   std::atomic<int64_t> next{0};
   auto work = [&] {
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       Acc& acc = parts[i];
-      acc.init(W);
-      const int64_t c = i * GCHUNK, e = std::min(U, c + GCHUNK);
-      int64_t r = c;
-      for (; r + 16 <= e; r += 16) body(r, acc, std::integral_constant<int, 2>{});
-      for (; r < e; r += 8) body(r, acc, std::integral_constant<int, 1>{});
-      acc.flush();
+      acc.init(sl.coo() ? 0 : sl.W, sl.W);
+      const int64_t c = i * span, e = std::min(U, c + span);
+      for (int64_t r = c; r < e;) {
+        const int64_t f = std::min(e, r + GCHUNK);
+        for (; r + 16 <= f; r += 16) body(r, acc, std::integral_constant<int, 2>{});
+        for (; r < f; r += 8) body(r, acc, std::integral_constant<int, 1>{});
+        acc.flush();
+      }
+      if (c >= e) acc.flush();
     }
   };
   Workers::run(std::max<int64_t>(1, std::min(threads, chunks)), [&](int64_t) { work(); });
@@ -175,10 +199,45 @@ void parallel_row_pairs(int64_t U, int64_t threads, std::vector<Acc>& parts, int
 
 // the same, one block a call: body(r, acc)
 template <typename F>
-void parallel_rows(int64_t U, int64_t threads, std::vector<Acc>& parts, int64_t W, F&& body) {
-  parallel_row_pairs(U, threads, parts, W, [&](int64_t r, Acc& acc, auto nb) {
+void parallel_rows(int64_t U, int64_t threads, std::vector<Acc>& parts, const Slots& sl,
+                   F&& body) {
+  parallel_row_pairs(U, threads, parts, sl, [&](int64_t r, Acc& acc, auto nb) {
     for (int j = 0; j < decltype(nb)::value; ++j) body(r + 8 * j, acc);
   });
+}
+
+// alpha of the 8 rows' answers in slot s of the block at row r
+template <bool COO>
+inline __m256 alpha_at(const Slots& sl, const float* al, int64_t r, int64_t s) {
+  if constexpr (COO)
+    return _mm256_i32gather_ps(al, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                       sl.wi + r * sl.S + s * 8)), 4);
+  else
+    return _mm256_set1_ps(al[s]);
+}
+
+// c (8 rows' terms of alpha's gradient in slot s of the block at row r) added to their
+// annotators' sums: a dense panel's lanes of annotator s, or (COO) each lane's annotator's
+// (8 rows with one annotator in the slot, as tasks sorted by their first annotator often have:
+// one add of the lanes' sum)
+template <bool COO>
+inline void add_alpha(Acc& acc, const Slots& sl, int64_t r, int64_t s, __m256 c) {
+  if constexpr (COO) {
+    const int32_t* w = sl.wi + r * sl.S + s * 8;
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    if (_mm256_movemask_epi8(_mm256_cmpeq_epi32(wv, _mm256_set1_epi32(w[0]))) == -1) {
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      acc.da[w[0]] += _mm_cvtss_f32(h);
+      return;
+    }
+    alignas(32) float v[8];
+    _mm256_store_ps(v, c);
+    for (int i = 0; i < 8; ++i) acc.da[w[i]] += v[i];
+  } else {
+    acc.fa[s] = _mm256_add_ps(acc.fa[s], c);
+  }
 }
 
 inline __m256 valid_lanes(int64_t r, int64_t U) {
@@ -186,14 +245,21 @@ inline __m256 valid_lanes(int64_t r, int64_t U) {
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)U), idx));
 }
 
-ffi::Error CheckRows(ffi::Buffer<ffi::S8>& lab, ffi::Buffer<ffi::F32>& weights,
-                     ffi::Buffer<ffi::S32>& n, ffi::Buffer<ffi::F32>& alpha,
-                     ffi::Buffer<ffi::F32>& log_beta, int64_t* W, int64_t* T, int64_t* U) {
+// widx: empty (a dense panel: slot = annotator) or [T/8, S, 8] (a sparse crowd's annotators,
+// each below alpha's W: _native.glad_coo_rows makes them so)
+ffi::Error CheckRows(ffi::Buffer<ffi::S8>& lab, ffi::Buffer<ffi::S32>& widx,
+                     ffi::Buffer<ffi::F32>& weights, ffi::Buffer<ffi::S32>& n,
+                     ffi::Buffer<ffi::F32>& alpha, ffi::Buffer<ffi::F32>& log_beta, Slots* sl,
+                     int64_t* T, int64_t* U) {
   auto d = lab.dimensions();
-  if (d.size() != 3 || d[2] != 8) return ffi::Error::InvalidArgument("glad: labels [T/8, W, 8]");
-  *W = d[1];
+  if (d.size() != 3 || d[2] != 8) return ffi::Error::InvalidArgument("glad: labels [T/8, S, 8]");
   *T = d[0] * 8;
-  if (alpha.element_count() != *W || log_beta.element_count() != *T ||
+  const bool coo = widx.element_count() != 0;
+  if (coo && widx.element_count() != *T * d[1])
+    return ffi::Error::InvalidArgument("glad: annotators [T/8, S, 8] like the labels, or none");
+  *sl = Slots{lab.typed_data(), coo ? widx.typed_data() : nullptr, d[1],
+              coo ? (int64_t)alpha.element_count() : d[1]};
+  if (alpha.element_count() != sl->W || log_beta.element_count() != *T ||
       weights.element_count() != *T)
     return ffi::Error::InvalidArgument("glad: alpha [W], log_beta [T], weights [T] expected");
   if (*T >= (int64_t{1} << 31)) return ffi::Error::InvalidArgument("glad: T < 2^31 rows");
@@ -224,12 +290,14 @@ inline __m256 pick(__m256i y, const __m256* pk, __m256 ans) {
 // gradient pass's sums at these parameters with the new p, from the exps it has (acc.fa:
 // alpha's lanes; DB: each row's d_b): the next M-step's first gradient, which then needs no
 // pass of its own.
-template <int K, bool GRAD>
-void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t* fl,
-            const float* wt, const float* al, const float* lb, const float* lp, float lkm1,
-            float* out, const float* Pold, float* P, float* DB, std::vector<Acc>& parts) {
+template <int K, bool GRAD, bool COO>
+void e_rows(int64_t U, const Slots& sl, int64_t threads, const int8_t* fl, const float* wt,
+            const float* al, const float* lb, const float* lp, float lkm1, float* out,
+            const float* Pold, float* P, float* DB, std::vector<Acc>& parts) {
   const bool want_post = out != nullptr;
-  parallel_rows(U, threads, parts, W, [&](int64_t r, Acc& acc) {
+  const int64_t W = sl.S;  // the slots a row (a dense panel's annotators)
+  const int8_t* L = sl.L;
+  parallel_rows(U, threads, parts, sl, [&](int64_t r, Acc& acc) {
     thread_local std::vector<__m256> xbuf, ebuf;
     if ((int64_t)xbuf.size() < W) xbuf.resize(W);
     if (GRAD && (int64_t)ebuf.size() < W) ebuf.resize(W);
@@ -244,7 +312,7 @@ void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t
       __m256i y = load_s8(L + r * W + w * 8);
       __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
           _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
-      __m256 x = _mm256_mul_ps(_mm256_set1_ps(al[w]), beta);
+      __m256 x = _mm256_mul_ps(alpha_at<COO>(sl, al, r, w), beta);
       __m256 e = exp_neg_abs(x);
       lp1.add(ans, e);
       xbuf[w] = x;
@@ -309,7 +377,8 @@ void e_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t
       q = _mm256_fmadd_ps(p, xbuf[w], q);
       if constexpr (GRAD) {
         __m256 g = _mm256_and_ps(ans, _mm256_sub_ps(p, sigmoid_from(xbuf[w], ebuf[w])));
-        acc.fa[w] = _mm256_fmadd_ps(g, wb, acc.fa[w]);
+        if constexpr (COO) add_alpha<true>(acc, sl, r, w, _mm256_mul_ps(g, wb));
+        else acc.fa[w] = _mm256_fmadd_ps(g, wb, acc.fa[w]);
         dbv = _mm256_fmadd_ps(g, xbuf[w], dbv);
       }
     }
@@ -339,25 +408,27 @@ struct ESums {
 // DB: null, or [T] where the pass writes each row's d_b (blocks past n: zeros) and sums
 // alpha's gradient into the parts (alpha_sum): the gradient pass's sums at these parameters
 // with the new p
-ESums e_pass(int64_t K, int64_t U, int64_t W, int64_t threads, const int8_t* L, const int8_t* fl,
+ESums e_pass(int64_t K, int64_t U, const Slots& sl, int64_t threads, const int8_t* fl,
              const float* wt, const float* al, const float* lb, const float* lp, float* out,
              const float* Pold, float* P, std::vector<Acc>& parts, float* DB = nullptr,
              int64_t T = 0) {
-  using Fn = void (*)(int64_t, int64_t, int64_t, const int8_t*, const int8_t*, const float*,
-                     const float*, const float*, const float*, float, float*, const float*,
-                     float*, float*, std::vector<Acc>&);
-  static constexpr Fn table[2][8] = {
-      {e_rows<1, false>, e_rows<2, false>, e_rows<3, false>, e_rows<4, false>,
-       e_rows<5, false>, e_rows<6, false>, e_rows<7, false>, e_rows<8, false>},
-      {e_rows<1, true>, e_rows<2, true>, e_rows<3, true>, e_rows<4, true>,
-       e_rows<5, true>, e_rows<6, true>, e_rows<7, true>, e_rows<8, true>}};
+  using Fn = void (*)(int64_t, const Slots&, int64_t, const int8_t*, const float*, const float*,
+                      const float*, const float*, float, float*, const float*, float*, float*,
+                      std::vector<Acc>&);
+#define CROWDLLM_E_ROWS(G, C)                                                              \
+  {e_rows<1, G, C>, e_rows<2, G, C>, e_rows<3, G, C>, e_rows<4, G, C>, e_rows<5, G, C>, \
+   e_rows<6, G, C>, e_rows<7, G, C>, e_rows<8, G, C>}
+  static constexpr Fn table[2][2][8] = {
+      {CROWDLLM_E_ROWS(false, false), CROWDLLM_E_ROWS(true, false)},
+      {CROWDLLM_E_ROWS(false, true), CROWDLLM_E_ROWS(true, true)}};
+#undef CROWDLLM_E_ROWS
   const float lkm1 = std::log((float)std::max<int64_t>(K - 1, 1));
   if (DB != nullptr) {
     const int64_t full = (U + 7) / 8 * 8;
     std::memset(DB + full, 0, sizeof(float) * (T - full));
   }
-  table[DB != nullptr][K - 1](U, W, threads, L, fl, wt, al, lb, lp, lkm1, out, Pold, P, DB,
-                              parts);
+  table[sl.coo()][DB != nullptr][K - 1](U, sl, threads, fl, wt, al, lb, lp, lkm1, out, Pold, P,
+                                        DB, parts);
   ESums es;
   for (auto& a : parts) {
     es.ll += hsum(a.ll0, a.ll1);
@@ -371,24 +442,26 @@ ESums e_pass(int64_t K, int64_t U, int64_t W, int64_t threads, const int8_t* L, 
 // p_in: the last pass's p (aliased to pright, so the buffer is reused, not page-faulted anew);
 // post: [T, K] posteriors written when it has T rows (else a [1, K] placeholder); stats: the
 // weighted log-likelihood, Q's answer term and the K weighted class sums.
-ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
-                 ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
-                 ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> log_beta,
-                 ffi::Buffer<ffi::F32> log_prior, ffi::Buffer<ffi::F32> p_in,
-                 ffi::ResultBuffer<ffi::F32> post, ffi::ResultBuffer<ffi::F32> pright,
-                 ffi::ResultBuffer<ffi::F32> stats, int64_t threads) {
-  int64_t W, T, U;
-  if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
-  const int64_t K = log_prior.element_count();
+ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S32> widx,
+                 ffi::Buffer<ffi::S8> flags, ffi::Buffer<ffi::F32> weights,
+                 ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> alpha,
+                 ffi::Buffer<ffi::F32> log_beta, ffi::Buffer<ffi::F32> log_prior,
+                 ffi::Buffer<ffi::F32> p_in, ffi::ResultBuffer<ffi::F32> post,
+                 ffi::ResultBuffer<ffi::F32> pright, ffi::ResultBuffer<ffi::F32> stats,
+                 int64_t threads) {
+  Slots sl;
+  int64_t T, U;
+  if (auto e = CheckRows(lab, widx, weights, n, alpha, log_beta, &sl, &T, &U); e.failure())
+    return e;
+  const int64_t K = log_prior.element_count(), W = sl.S;  // W: the slots a row
   if (K < 1 || K > 8) return ffi::Error::InvalidArgument("glad: 1 <= K <= 8 classes");
-  const int8_t* L = lab.typed_data();
   const int8_t* fl = flags.typed_data();
   const float* wt = weights.typed_data();
   const float* al = alpha.typed_data();
   const float* lb = log_beta.typed_data();
   const float* lp = log_prior.typed_data();
   if (p_in.element_count() != W * T || pright->element_count() != W * T)
-    return ffi::Error::InvalidArgument("glad: p [T/8, W, 8] expected");
+    return ffi::Error::InvalidArgument("glad: p [T/8, S, 8] expected");
   const bool want_post = post->dimensions()[0] == T;
   float* out = want_post ? post->typed_data() : nullptr;
   float* P = pright->typed_data();
@@ -397,7 +470,7 @@ ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
   std::memset(P + full * W, 0, sizeof(float) * (T - full) * W);
   if (stats->element_count() != 2 + K) return ffi::Error::InvalidArgument("glad: stats [2 + K]");
   std::vector<Acc> parts;
-  const ESums es = e_pass(K, U, W, threads, L, fl, wt, al, lb, lp, out, P, P, parts);
+  const ESums es = e_pass(K, U, sl, threads, fl, wt, al, lb, lp, out, P, P, parts);
   es.store(stats->typed_data(), K);
   return ffi::Error::Success();
 }
@@ -414,11 +487,12 @@ inline float alpha_sum(const std::vector<Acc>& parts, int64_t w) {
 // row_done(r, valid, b, d_b): the block's log-betas and difficulty gradients (lanes past n: 0).
 // Two blocks go through the annotators together (the last block of a chunk may go alone): their
 // answers' chains of dependent operations interleave (~10 % faster on the AMD VM).
-template <bool GRAD, bool WANT_Q, typename RowDone>
-void grad_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const float* wt,
-               const float* P, const float* al, const float* lb, std::vector<Acc>& parts,
-               RowDone&& row_done) {
-  parallel_row_pairs(U, threads, parts, W, [&](int64_t r0, Acc& acc, auto nb) {
+template <bool GRAD, bool WANT_Q, bool COO, typename RowDone>
+void grad_rows(int64_t U, const Slots& sl, int64_t threads, const float* wt, const float* P,
+               const float* al, const float* lb, std::vector<Acc>& parts, RowDone&& row_done) {
+  const int64_t W = sl.S;  // the slots a row (a dense panel's annotators)
+  const int8_t* L = sl.L;
+  parallel_row_pairs(U, threads, parts, sl, [&](int64_t r0, Acc& acc, auto nb) {
     constexpr int NB = decltype(nb)::value;
     __m256 valid[NB], b[NB], beta[NB], wv[NB], wb[NB], dbv[NB], q[NB];
     LogProd lp1[NB];
@@ -432,21 +506,22 @@ void grad_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const flo
       dbv[j] = q[j] = _mm256_setzero_ps();
     }
     for (int64_t w = 0; w < W; ++w) {
-      const __m256 a = _mm256_set1_ps(al[w]);
-      __m256 fa = acc.fa[w];
+      const __m256 a = COO ? _mm256_setzero_ps() : _mm256_set1_ps(al[w]);
+      __m256 fa = COO ? _mm256_setzero_ps() : acc.fa[w];
       for (int j = 0; j < NB; ++j) {
         const int64_t r = r0 + 8 * j;
         __m256i y = load_s8(L + r * W + w * 8);
         __m256 ans = _mm256_and_ps(valid[j], _mm256_castsi256_ps(
             _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
-        __m256 x = _mm256_mul_ps(a, beta[j]);
+        __m256 x = _mm256_mul_ps(COO ? alpha_at<true>(sl, al, r, w) : a, beta[j]);
         __m256 p = _mm256_loadu_ps(P + r * W + w * 8);
         __m256 e;
         if constexpr (WANT_Q) e = exp_neg_abs(x);
         if constexpr (GRAD) {
           __m256 g = _mm256_and_ps(ans, _mm256_sub_ps(p, WANT_Q ? sigmoid_from(x, e)
                                                                : sigmoid_direct(x)));
-          fa = _mm256_fmadd_ps(g, wb[j], fa);
+          if constexpr (COO) add_alpha<true>(acc, sl, r, w, _mm256_mul_ps(g, wb[j]));
+          else fa = _mm256_fmadd_ps(g, wb[j], fa);
           dbv[j] = _mm256_fmadd_ps(g, x, dbv[j]);
         }
         if constexpr (WANT_Q) {
@@ -456,7 +531,7 @@ void grad_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const flo
           lp1[j].add(ans, e);
         }
       }
-      if constexpr (GRAD) acc.fa[w] = fa;
+      if constexpr (GRAD && !COO) acc.fa[w] = fa;
     }
     for (int j = 0; j < NB; ++j) {
       if constexpr (GRAD) row_done(r0 + 8 * j, valid[j], b[j], dbv[j]);
@@ -467,16 +542,20 @@ void grad_rows(int64_t U, int64_t W, int64_t threads, const int8_t* L, const flo
 }
 
 // mode 1: gradients; 2: Q's answer term only; 3: both
-ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
-                    ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> pright,
-                    ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> log_beta,
-                    ffi::ResultBuffer<ffi::F32> d_alpha, ffi::ResultBuffer<ffi::F32> d_b,
-                    ffi::ResultBuffer<ffi::F32> qout, int64_t threads, int64_t mode) {
-  int64_t W, T, U;
-  if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
-  if (pright.element_count() != W * T) return ffi::Error::InvalidArgument("glad: p [T/8, W, 8]");
+ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S32> widx,
+                    ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
+                    ffi::Buffer<ffi::F32> pright, ffi::Buffer<ffi::F32> alpha,
+                    ffi::Buffer<ffi::F32> log_beta, ffi::ResultBuffer<ffi::F32> d_alpha,
+                    ffi::ResultBuffer<ffi::F32> d_b, ffi::ResultBuffer<ffi::F32> qout,
+                    int64_t threads, int64_t mode) {
+  Slots sl;
+  int64_t T, U;
+  if (auto e = CheckRows(lab, widx, weights, n, alpha, log_beta, &sl, &T, &U); e.failure())
+    return e;
+  if (pright.element_count() != sl.S * T)
+    return ffi::Error::InvalidArgument("glad: p [T/8, S, 8]");
   if (mode < 1 || mode > 3) return ffi::Error::InvalidArgument("glad: mode 1, 2 or 3");
-  const int8_t* L = lab.typed_data();
+  const int64_t W = sl.W;
   const float* wt = weights.typed_data();
   const float* P = pright.typed_data();
   const float* al = alpha.typed_data();
@@ -485,9 +564,15 @@ ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::F32> weights,
   std::memset(db + U, 0, sizeof(float) * (T - U));
   std::vector<Acc> parts;
   auto store = [db](int64_t r, __m256, __m256, __m256 d) { _mm256_storeu_ps(db + r, d); };
-  if (mode == 1) grad_rows<true, false>(U, W, threads, L, wt, P, al, lb, parts, store);
-  else if (mode == 2) grad_rows<false, true>(U, W, threads, L, wt, P, al, lb, parts, store);
-  else grad_rows<true, true>(U, W, threads, L, wt, P, al, lb, parts, store);
+  auto run = [&](auto grad, auto want_q) {
+    if (sl.coo()) grad_rows<grad.value, want_q.value, true>(U, sl, threads, wt, P, al, lb, parts, store);
+    else grad_rows<grad.value, want_q.value, false>(U, sl, threads, wt, P, al, lb, parts, store);
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (mode == 1) run(yes{}, no{});
+  else if (mode == 2) run(no{}, yes{});
+  else run(yes{}, yes{});
   float* da = d_alpha->typed_data();
   double qq = 0;
   for (int64_t w = 0; w < W; ++w) da[w] = alpha_sum(parts, w);
@@ -576,13 +661,14 @@ struct BStep {  // one Adam step of the difficulties b (and their moments), in p
 
 // one Adam step's pass: the gradient pass, each row's b_t (and moments) stepped in place as
 // soon as its gradient is summed; rows past U (and lanes past it) take a zero gradient, as in JAX
-void grad_step_rows(int64_t U, int64_t T, int64_t W, int64_t threads, const int8_t* L,
-                    const float* wt, const float* P, const float* al, const BStep& step,
+void grad_step_rows(int64_t U, int64_t T, const Slots& sl, int64_t threads, const float* wt,
+                    const float* P, const float* al, const BStep& step,
                     std::vector<Acc>& parts) {
-  grad_rows<true, false>(U, W, threads, L, wt, P, al, step.lb, parts,
-                         [&](int64_t r, __m256 valid, __m256 b, __m256 dbv) {
+  auto done = [&](int64_t r, __m256 valid, __m256 b, __m256 dbv) {
     step.block(r, valid, b, dbv);
-  });
+  };
+  if (sl.coo()) grad_rows<true, false, true>(U, sl, threads, wt, P, al, step.lb, parts, done);
+  else grad_rows<true, false, false>(U, sl, threads, wt, P, al, step.lb, parts, done);
   step.past(U, T);
 }
 
@@ -604,7 +690,7 @@ void grad_step_rows(int64_t U, int64_t T, int64_t W, int64_t threads, const int8
 // call's g1 with have_g1 = 1, it spares that call's first step its gradient pass, in every try
 // (a retry starts from the same parameters). have_g1 = 0 (the fit's first M-step): the first
 // step's gradient pass runs as the others do.
-ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
+ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S32> widx, ffi::Buffer<ffi::S8> flags,
                  ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
                  ffi::Buffer<ffi::F32> p0, ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::S32> which,
                  ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> log_beta,
@@ -623,15 +709,17 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
                  ffi::ResultBuffer<ffi::F32> g1_o, int64_t threads, int64_t m_steps,
                  int64_t max_tries, float b1, float b2, float eps, float alpha_max,
                  float log_beta_min, float log_beta_max) {
-  int64_t W, T, U;
-  if (auto e = CheckRows(lab, weights, n, alpha, log_beta, &W, &T, &U); e.failure()) return e;
-  const int64_t K = log_prior_next.element_count();
+  Slots sl;
+  int64_t T, U;
+  if (auto e = CheckRows(lab, widx, weights, n, alpha, log_beta, &sl, &T, &U); e.failure())
+    return e;
+  const int64_t K = log_prior_next.element_count(), W = sl.W, S = sl.S;
   if (K < 1 || K > 8 || stats->element_count() != 2 + K)
     return ffi::Error::InvalidArgument("glad: 1 <= K <= 8 classes, stats [2 + K]");
-  if (p0.element_count() != W * T || p1.element_count() != W * T ||
+  if (p0.element_count() != S * T || p1.element_count() != S * T ||
       p0.typed_data() != p0_o->typed_data() || p1.typed_data() != p1_o->typed_data() ||
       which.element_count() != 1 || which_o->element_count() != 1)
-    return ffi::Error::InvalidArgument("glad: two p buffers [T/8, W, 8] rewritten in place");
+    return ffi::Error::InvalidArgument("glad: two p buffers [T/8, S, 8] rewritten in place");
   const int32_t cur = which.typed_data()[0];
   if (cur != 0 && cur != 1) return ffi::Error::InvalidArgument("glad: which p buffer: 0 or 1");
   if (mu_a.element_count() != W || nu_a.element_count() != W || wmask.element_count() != W ||
@@ -649,13 +737,12 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
   const float* g1b = g1a + W;          // and each row's d_b
   float* g1a_o = g1_o->typed_data();
   float* g1b_o = g1a_o + W;
-  const int8_t* L = lab.typed_data();
   const int8_t* fl = flags.typed_data();
   const float* wt = weights.typed_data();
   const float* P = cur ? p1_o->typed_data() : p0_o->typed_data();  // p
   float* Pnew = cur ? p0_o->typed_data() : p1_o->typed_data();       // the next E-step's p
   const int64_t full = (U + 7) / 8 * 8;  // its blocks past n: zeros, as glad_e leaves them
-  std::memset(Pnew + full * W, 0, sizeof(float) * (T - full) * W);
+  std::memset(Pnew + full * S, 0, sizeof(float) * (T - full) * S);
   const float* wm = wmask.typed_data();
   const float* sc = scalars.typed_data();
   float scale = sc[0];
@@ -699,7 +786,7 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
         step.past(U, T);
         for (int64_t w = 0; w < W; ++w) da[w] = (g1a[w] - (al[w] - mu_alpha)) * wm[w];
       } else {
-        grad_step_rows(U, T, W, threads, L, wt, P, al, step, parts);
+        grad_step_rows(U, T, sl, threads, wt, P, al, step, parts);
         for (int64_t w = 0; w < W; ++w)
           da[w] = (alpha_sum(parts, w) - (al[w] - mu_alpha)) * wm[w];
       }
@@ -708,7 +795,7 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
     }
     // Q at the new parameters (the answers' term with the old p, then the Gaussian log priors),
     // from the next E pass there
-    es = e_pass(K, U, W, threads, L, fl, wt, al, lb, log_prior_next.typed_data(), nullptr, P,
+    es = e_pass(K, U, sl, threads, fl, wt, al, lb, log_prior_next.typed_data(), nullptr, P,
                 Pnew, parts, g1b_o, T);
     double pa = 0, pb = 0;
     for (int64_t w = 0; w < W; ++w) pa += (double)wm[w] * (al[w] - mu_alpha) * (al[w] - mu_alpha);
@@ -721,7 +808,7 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
   if (!accepted) {  // every try lowered Q: the old parameters and moments stay
     restore();
     c = count0;
-    es = e_pass(K, U, W, threads, L, fl, wt, al, lb, log_prior_next.typed_data(), nullptr, P,
+    es = e_pass(K, U, sl, threads, fl, wt, al, lb, log_prior_next.typed_data(), nullptr, P,
                 Pnew, parts, g1b_o, T);
   }
   for (int64_t w = 0; w < W; ++w) g1a_o[w] = alpha_sum(parts, w);  // the last E pass's
@@ -740,6 +827,7 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S8> flags,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladE, EImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
@@ -755,6 +843,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladE, EImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladGrad, GradImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -769,6 +858,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladGrad, GradImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladM, MImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

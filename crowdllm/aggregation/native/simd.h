@@ -108,7 +108,12 @@ inline int64_t share_start(int64_t total, int64_t i, int64_t parts) {
   return i == parts ? total : total * i / parts / 8 * 8;
 }
 
-inline __m256 exp256(__m256 x) {  // Cephes expf, |rel err| < 2e-7 on [-87, 0]
+// the vector maths below, inlined wherever it is called: a call would spill every live vector
+// register around it (all ymm registers are caller-saved), and GCC declined to inline exp and
+// log into GLAD's E pass, whose per-row softmax then took ~half of the pass (perf, session 31)
+#define CROWDLLM_INLINE inline __attribute__((always_inline))
+
+CROWDLLM_INLINE __m256 exp256(__m256 x) {  // Cephes expf, |rel err| < 2e-7 on [-87, 0]
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -125,7 +130,7 @@ inline __m256 exp256(__m256 x) {  // Cephes expf, |rel err| < 2e-7 on [-87, 0]
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-inline __m256 log256(__m256 x) {  // Cephes logf, positive normal x (a softmax normaliser)
+CROWDLLM_INLINE __m256 log256(__m256 x) {  // Cephes logf, positive normal x (a softmax normaliser)
   __m256i bits = _mm256_castps_si256(x);
   __m256 e = _mm256_cvtepi32_ps(
       _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
