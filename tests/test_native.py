@@ -1125,6 +1125,26 @@ def test_native_glad_gold_start_on_a_sparse_crowd(T, W, K, most):
         assert np.abs(x - z).max() <= 2 * np.abs(y - z).max(), attr
 
 
+
+@pytest.mark.parametrize("n,W,A,by_task", [(1000, 50, 3000, False), (1000, 50, 3000, True),
+                                           (1000, 70_000, 2500, False), (5, 3, 0, False),
+                                           (200, 10, 150, True)])
+def test_coo_task_order_sorts_tasks_by_their_first_annotator(n, W, A, by_task):
+    """The order of the COO sweeps' rows: tasks by their lowest numbered annotator, ties in
+    their own order, tasks nobody answered last; the answers in any order, annotators past 16
+    bits (another sort), no answers at all."""
+    rng = np.random.default_rng(n + A)
+    task = rng.integers(0, n, A).astype(np.int32)
+    worker = rng.integers(0, W, A).astype(np.int32)
+    if by_task:
+        task = np.sort(task)
+    order = _native.coo_task_order(task, worker, n)
+    first = np.full(n, np.iinfo(np.int64).max)
+    for t, w in zip(task, worker):
+        first[t] = min(first[t], w)
+    keys = [(first[t], t) for t in order]
+    assert sorted(order.tolist()) == list(range(n)) and keys == sorted(keys)
+
 @needs_kernel
 def test_native_fits_on_real_sparse_crowds():
     """On a real crowd (COO: 8,315 tasks, 176 annotators), Dawid-Skene and one-coin DS on the

@@ -1646,10 +1646,25 @@ def coo_task_order(task: np.ndarray, worker: np.ndarray, n_tasks: int) -> np.nda
     """The tasks of a sparse crowd in the order the COO sweep runs fastest: by their first (lowest
     numbered) annotator, ties in their own order (a stable sort; tasks nobody answered last).
     On the 10,000-annotator crowd of ``benchmarks/speed.py`` (tasks that share their first
-    annotator share all three), a sweep at 1,000,000 tasks takes ~90 ms instead of ~220."""
-    first = np.full(max(n_tasks, 1), np.iinfo(np.int32).max, np.int64)
-    np.minimum.at(first, np.asarray(task), np.asarray(worker))
-    return np.argsort(first[:n_tasks], kind="stable")
+    annotator share all three), a sweep at 1,000,000 tasks takes ~90 ms instead of ~220.
+
+    Each task's first annotator is a minimum over its run of answers (sorted by task first
+    where they are not), and the sort is NumPy's radix sort where annotators fit 16 bits: 0.4
+    s at 30,000,000 answers against 2.6 with ``np.minimum.at`` and a sort of 32-bit keys
+    (session 31)."""
+    task, worker = np.asarray(task), np.asarray(worker)
+    none = np.iinfo(np.int32).max
+    first = np.full(max(n_tasks, 1), none, np.int64)
+    if task.size:
+        if not np.all(task[1:] >= task[:-1]):
+            by_task = np.argsort(task, kind="stable")
+            task, worker = task[by_task], worker[by_task]
+        starts = np.flatnonzero(np.r_[True, task[1:] != task[:-1]])
+        first[task[starts]] = np.minimum.reduceat(worker, starts)
+    first = first[:n_tasks]
+    if first[first != none].max(initial=0) < 65535:  # 16-bit keys: a radix sort, same order
+        first = np.where(first == none, 65535, first).astype(np.uint16)
+    return np.argsort(first, kind="stable")
 
 
 def _ebcc_table(rows: EbccRows, bias: jax.Array, log_table: jax.Array) -> jax.Array:
