@@ -1145,6 +1145,25 @@ def test_coo_task_order_sorts_tasks_by_their_first_annotator(n, W, A, by_task):
     keys = [(first[t], t) for t in order]
     assert sorted(order.tolist()) == list(range(n)) and keys == sorted(keys)
 
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 7, 8, 12, 17, 32, 33])
+def test_sort_rows_and_answer_slots(width):
+    """The COO rows' helpers: ``sort_rows`` sorts each row as ``np.sort`` does (a sorting
+    network up to 32 columns, with ties and duplicates), and ``answer_slots`` is each answer's
+    place among its task's answers (tasks with none, padding answers on the last task)."""
+    rng = np.random.default_rng(width)
+    x = rng.integers(0, 6, (257, width)).astype(np.int32)
+    np.testing.assert_array_equal(np.asarray(_native.sort_rows(jnp.asarray(x))),
+                                  np.sort(x, axis=1))
+    task = np.sort(rng.integers(0, 50, 300)).astype(np.int32)
+    tensor = LabelTensor(task=task, worker=rng.integers(0, 9, 300).astype(np.int32),
+                         label=rng.integers(0, 3, 300).astype(np.int32), task_ids=np.arange(60),
+                         worker_ids=np.arange(9), classes=np.arange(3))
+    data = _core.prepare(tensor, layout="coo")
+    assert data.task.shape[0] > 300  # padding answers
+    want = np.concatenate([np.arange(n) for n in np.bincount(np.asarray(data.task))])
+    np.testing.assert_array_equal(np.asarray(_native.answer_slots(data)), want)
+
 @needs_kernel
 def test_native_fits_on_real_sparse_crowds():
     """On a real crowd (COO: 8,315 tasks, 176 annotators), Dawid-Skene and one-coin DS on the
