@@ -650,14 +650,18 @@ ffi::Error GivenImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::F32> weights,
 // BWA's ratio pass over a sparse crowd's rows (ratio_block): table [NC, KMp] (numerators in
 // columns [0, KMp / 2), denominators in [KMp / 2, KMp)) -> sums [NC, KMp] (the rows' weighted
 // truths, then their squares, per code).
+ffi::Error CheckRatio(ffi::Buffer<ffi::U16>& codes, ffi::Span<const int64_t> td, int64_t K,
+                      Inputs* a) {
+  if (td.size() == 2 && (td[1] % 16 || K > td[1] / 2))
+    return ffi::Error::InvalidArgument("ebcc: ratio table [NC, 2 x K padded to 8] expected");
+  return Check(codes, td, K, 1, a);
+}
+
 ffi::Error RatioImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
                      ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::F32> table,
                      ffi::ResultBuffer<ffi::F32> sums, int64_t K, int64_t threads) {
   Inputs a;
-  const auto td = table.dimensions();
-  if (td.size() == 2 && (td[1] % 16 || K > td[1] / 2))
-    return ffi::Error::InvalidArgument("ebcc: ratio table [NC, 2 x K padded to 8] expected");
-  if (auto e = Check(codes, td, K, 1, &a); e.failure()) return e;
+  if (auto e = CheckRatio(codes, table.dimensions(), K, &a); e.failure()) return e;
   const int64_t T = codes.dimensions()[0];
   if (flags.dimensions()[0] != T || weights.dimensions()[0] != T ||
       sums->element_count() != table.element_count())
@@ -674,10 +678,7 @@ ffi::Error RatioPostImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags
                          ffi::Buffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> z, int64_t K,
                          int64_t threads) {
   Inputs a;
-  const auto td = table.dimensions();
-  if (td.size() == 2 && (td[1] % 16 || K > td[1] / 2))
-    return ffi::Error::InvalidArgument("ebcc: ratio table [NC, 2 x K padded to 8] expected");
-  if (auto e = Check(codes, td, K, 1, &a); e.failure()) return e;
+  if (auto e = CheckRatio(codes, table.dimensions(), K, &a); e.failure()) return e;
   const int64_t T = codes.dimensions()[0];
   if (flags.dimensions()[0] != T || z->element_count() != T * K)
     return ffi::Error::InvalidArgument("ebcc: flags [T] and truths [T, K] expected");
