@@ -1686,9 +1686,9 @@ def coo_task_order(task: np.ndarray, worker: np.ndarray, n_tasks: int) -> np.nda
     annotator share all three), a sweep at 1,000,000 tasks takes ~90 ms instead of ~220.
 
     Each task's first annotator is a minimum over its run of answers (sorted by task first
-    where they are not), and the sort is NumPy's radix sort where annotators fit 16 bits: 0.4
-    s at 30,000,000 answers against 2.6 with ``np.minimum.at`` and a sort of 32-bit keys
-    (session 31)."""
+    where they are not), and the sort is NumPy's radix sort where annotators fit 16 bits:
+    0.5-1.1 s at 30,000,000 answers against 2.6-3.2 with ``np.minimum.at`` and a sort of 32-bit
+    keys (session 31)."""
     task, worker = np.asarray(task), np.asarray(worker)
     none = np.iinfo(np.int32).max
     first = np.full(max(n_tasks, 1), none, np.int64)
