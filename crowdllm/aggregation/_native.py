@@ -993,9 +993,9 @@ def glad_m(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
     have = jnp.asarray(have, jnp.int32)
     al, lb, count, ma, mb, va, vb, info, p0, p1, which, stats, g1 = jax.ffi.ffi_call(
         "crowdllm_glad_m", out, input_output_aliases={5: 8, 6: 9})(
-        lab_b, _slot_workers(widx), flags, weights, n, p0, p1, which.astype(jnp.int32), prm.alpha, prm.log_beta,
-        opt.count, opt.mu.alpha, opt.mu.log_beta, opt.nu.alpha, opt.nu.log_beta, scalars,
-        worker_mask.astype(f32), log_prior_next.astype(f32), g1, have,
+        lab_b, _slot_workers(widx), flags, weights, n, p0, p1, which.astype(jnp.int32),
+        prm.alpha, prm.log_beta, opt.count, opt.mu.alpha, opt.mu.log_beta, opt.nu.alpha,
+        opt.nu.log_beta, scalars, worker_mask.astype(f32), log_prior_next.astype(f32), g1, have,
         threads=np.int64(_threads()), m_steps=np.int64(m_steps), max_tries=np.int64(max_tries),
         b1=np.float32(glad.ADAM_B1), b2=np.float32(glad.ADAM_B2), eps=np.float32(glad.ADAM_EPS),
         alpha_max=np.float32(glad.ALPHA_MAX), log_beta_min=np.float32(glad.LOG_BETA_MIN),
@@ -1129,14 +1129,13 @@ def glad_coo_order(data: Any, tensor: Any) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("width",))
-def glad_coo_rows(data: Any, width: int, rank: jax.Array | None = None):
+def glad_coo_rows(data: Any, width: int, rank: jax.Array):
     """``(answers [T/8, S, 8], annotators [T/8, S, 8], gold flags [T], weights [T], n)``: a Coo
     crowd's tasks as rows of ``S = width`` answer slots (in the answers' order; empty slots:
-    label -1, annotator 0), task t in row ``rank[t]`` (default: t; :func:`glad_coo_order`),
-    ``T`` its tasks rounded up to 8, rows past its tasks inert."""
+    label -1, annotator 0), task t in row ``rank[t]`` (:func:`glad_coo_order`), ``T`` its tasks
+    rounded up to 8, rows past its tasks inert."""
     n = data.n_tasks
     T = -(-n // 8) * 8
-    rank = jnp.arange(n, dtype=jnp.int32) if rank is None else rank
     slot = answer_slots(data)
     row = jnp.where(data.weight > 0, rank[data.task], T)  # padding answers: dropped
 
@@ -1358,9 +1357,9 @@ def coo_ratio_values(rows: EbccRows | EbccTiers, table: jax.Array, n_classes: in
 
 class _RatioPasses(NamedTuple):
     """BWA's passes (:func:`bwa_fit`): ``tables(bias_num, bias_den, num, den)`` (``num, den [W,
-    K, L]``: class k's entry for annotator w's answer l), ``sums(table)``: ``(C, C2, counts
-    [W, K, L], psum [K], counts2 [W, K, L], psq [K])`` of the truths (C: per code, as the layout
-    keeps it), ``values(table)``: the truths ``[T, K]``."""
+    K, L]``: class k's entry for annotator w's answer l), ``sums(table)``: ``(counts [W, K, L],
+    psum [K], counts2 [W, K, L], psq [K])``, the per-annotator and column sums of the truths
+    and of their squares, ``values(table)``: the truths ``[T, K]``."""
     tables: Any
     sums: Any
     values: Any
@@ -1370,14 +1369,12 @@ def _ratio_passes(data: Any, merge: bool, width: RowWidth | None) -> _RatioPasse
     K = data.n_classes
     if width is not None:  # a sparse crowd: its tasks as rows of answer codes
         rows, wts = ebcc_coo_rows(data, width), data.task_mask.astype(jnp.float32)
+        first = rows.first if isinstance(rows, EbccTiers) else rows  # its codes, as every tier's
         Kp = -(-K // 8) * 8
 
-        def coo_sums(table):
+        def coo_sums(table):  # the truths' sums in C's first half, their squares' in its second
             C = coo_ratio_sums(rows, wts, table, K)
-            per = C[1: 1 + rows_codes(rows)].reshape(-1, K, 2 * Kp)  # [W, L, 2 Kp]
-            counts = jnp.transpose(per[:, :, :K], (0, 2, 1))
-            counts2 = jnp.transpose(per[:, :, Kp: Kp + K], (0, 2, 1))
-            return counts, C[0, :K], counts2, C[0, Kp: Kp + K]
+            return (*_ebcc_counts_from(first, C, K, K), *_ebcc_counts_from(first, C[:, Kp:], K, K))
 
         return _RatioPasses(_ratio_table, coo_sums,
                             lambda table: coo_ratio_values(rows, table, K))
@@ -1391,11 +1388,6 @@ def _ratio_passes(data: Any, merge: bool, width: RowWidth | None) -> _RatioPasse
         return (*counts_from(p, C, K), *counts_from(p, C2, K))
 
     return _RatioPasses(dense_tables, dense_sums, lambda table: ratio_values(rows, *table, K))
-
-
-def rows_codes(rows: EbccRows | EbccTiers) -> int:
-    """The answer codes (annotators x labels) of a sparse crowd's rows."""
-    return (rows.first if isinstance(rows, EbccTiers) else rows).answer_codes
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "prior_correction", "merge", "width"))
