@@ -189,17 +189,83 @@ def _encode_first_seen(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.
     chunk by chunk and unifying the dictionaries gives every chunk its own copy of the growing
     dictionary (a 100,000,000-answer Parquet file, read in 763 chunks with 33,333,333 task ids,
     went past 20 GiB in 5 minutes that way; joined, 15 s). Strings are joined as large
-    strings, whose offsets do not overflow past 2 GiB of text."""
+    strings, whose offsets do not overflow past 2 GiB of text.
+
+    A column in runs of equal values (a file written task by task) is encoded by its runs: the
+    first value of each run is hashed, not every answer's (see :func:`_run_breaks`)."""
     if isinstance(col, pa.ChunkedArray):
         if pa.types.is_string(col.type):
             col = col.cast(pa.large_string())
         elif pa.types.is_binary(col.type):
             col = col.cast(pa.large_binary())
         col = col.combine_chunks() if col.num_chunks else pa.array([], col.type)
-    enc = pc.dictionary_encode(col)
-    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-    vocab = np.asarray(enc.dictionary.to_pylist(), dtype=object)
-    return codes, vocab
+    new = _run_breaks(col)
+    if new is None:
+        enc = pc.dictionary_encode(col)
+        codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        return codes, _vocab_of(enc.dictionary)
+    run = np.zeros(len(col), dtype=np.int32)  # each answer's run
+    np.cumsum(new, dtype=np.int32, out=run[1:])
+    starts = np.concatenate(([0], np.flatnonzero(new) + 1))
+    firsts = col.take(pa.array(starts))
+    v = firsts.to_numpy(zero_copy_only=False) if pa.types.is_integer(col.type) else None
+    if v is not None and bool((v[1:] > v[:-1]).all()):
+        return run, v.astype(object)  # sorted ids: each run is a new value, in order
+    enc = pc.dictionary_encode(firsts)
+    run_codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    return run_codes[run], _vocab_of(enc.dictionary)
+
+
+def _run_breaks(col: pa.Array) -> np.ndarray | None:
+    """``[n - 1]`` bools, where an integer or text column's values differ from the one before
+    (the first value of a run is a value's first appearance, if it is one, and the codes of
+    the runs' first values, over their runs, are the column's codes), or None when the runs
+    would not pay (fewer than two values a run on average, as in a worker column, or another
+    type: a float column has -0.0 and 0.0, equal here and distinct to the dictionary)."""
+    t = col.type
+    n = len(col)
+    if n < 2 or not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+                     or pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+        return None
+    if col.null_count:  # callers reject empty values first; a null here is not a run
+        return None
+    new = pc.not_equal(col.slice(1), col.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    return None if int(np.count_nonzero(new)) + 1 > n // 2 else new
+
+
+def _vocab_of(dictionary: pa.Array) -> np.ndarray:
+    """An encoding's distinct values as a numpy object array of Python values."""
+    if pa.types.is_integer(dictionary.type) and not dictionary.null_count:
+        return dictionary.to_numpy(zero_copy_only=False).astype(object)  # Python ints
+    return np.asarray(dictionary.to_pylist(), dtype=object)
+
+
+def _repeats(task: np.ndarray, worker: np.ndarray, n_workers: int, last: bool = False
+             ) -> np.ndarray:
+    """Which answers repeat the (task, worker) pair of an earlier answer (``last``: of a later
+    one). Answers grouped by task (as a file written task by task is, once encoded) with at most
+    16 a task are compared with their next few neighbours; others are sorted by pair."""
+    n = len(task)
+    out = np.zeros(n, dtype=bool)
+    if n < 2:
+        return out
+    if bool((task[1:] >= task[:-1]).all()):
+        edges = np.flatnonzero(task[1:] != task[:-1])
+        longest = int(np.diff(edges, prepend=-1, append=n - 1).max())
+        if longest <= 16:  # a repeat lies within its task's run: fewer than `longest` apart
+            for k in range(1, longest):
+                same = (worker[k:] == worker[:-k]) & (task[k:] == task[:-k])
+                if last:
+                    out[:-k] |= same
+                else:
+                    out[k:] |= same
+            return out
+    pair = task.astype(np.int64) * max(n_workers, 1) + worker
+    order = np.argsort(pair, kind="stable")
+    sp = pair[order]
+    same = sp[1:] == sp[:-1]
+    out[order[:-1][same] if last else order[1:][same]] = True
+    return out
 
 
 def _vocab_array(values: Sequence[Any]) -> np.ndarray:
@@ -355,14 +421,10 @@ class LabelTensor:
 
         n_dup = 0
         if len(task):
-            pair = task.astype(np.int64) * max(len(worker_ids), 1) + worker
-            order = np.argsort(pair, kind="stable")
-            sp = pair[order]
-            dup_sorted = np.zeros(len(sp), dtype=bool)
-            dup_sorted[1:] = sp[1:] == sp[:-1]
-            n_dup = int(dup_sorted.sum())
+            later = _repeats(task, worker, len(worker_ids))
+            n_dup = int(np.count_nonzero(later))
             if n_dup and duplicates == "error":
-                first_dup = int(order[np.flatnonzero(dup_sorted)].min())
+                first_dup = int(np.flatnonzero(later)[0])
                 raise CrowdDataError(
                     f"{where}: {_row_hint(_fmt, first_dup)}: worker "
                     f"{worker_ids[worker[first_dup]]!r} already answered task "
@@ -370,14 +432,9 @@ class LabelTensor:
                     f"all; use duplicates='keep', 'first' or 'last')"
                 )
             if n_dup and duplicates in ("first", "last"):
-                keep = np.ones(len(task), dtype=bool)
-                if duplicates == "first":
-                    keep[order[dup_sorted]] = False
-                else:
-                    last_sorted = np.zeros(len(sp), dtype=bool)
-                    last_sorted[:-1] = sp[:-1] == sp[1:]
-                    keep[order[last_sorted]] = False
-                task, worker, label = task[keep], worker[keep], label[keep]
+                drop = later if duplicates == "first" else _repeats(task, worker, len(worker_ids),
+                                                                    last=True)
+                task, worker, label = task[~drop], worker[~drop], label[~drop]
         return cls(
             task=np.ascontiguousarray(task, dtype=np.int32),
             worker=np.ascontiguousarray(worker, dtype=np.int32),

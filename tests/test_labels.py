@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -113,6 +114,78 @@ def test_dense_view_and_from_dense_roundtrip():
     t2 = LabelTensor.from_dense(d, classes=t.classes)
     assert np.array_equal(t2.dense(), d)
     assert t.density == pytest.approx(5 / 9)
+
+
+def _columns_in_runs(rng, n):
+    """Id columns of every shape the run encoding meets: sorted, grouped out of order, grouped
+    with a value coming back later, long runs, no runs, text, one value, and chunked."""
+    sorted_ids = np.repeat(np.sort(rng.choice(10**9, 300, replace=False)), rng.integers(1, 9, 300))
+    grouped = np.repeat(rng.permutation(400) * 7 - 900, rng.integers(1, 6, 400))
+    back = np.repeat(rng.integers(0, 30, 500), rng.integers(1, 5, 500))  # values come back
+    long_runs = np.repeat(rng.integers(0, 10, 40), 40)
+    cols = {"sorted": pa.array(sorted_ids[:n]), "grouped": pa.array(grouped[:n]),
+            "back": pa.array(back[:n]), "long": pa.array(long_runs),
+            "no runs": pa.array(rng.integers(0, 50, n)),
+            "text": pa.array([f"t{x}" for x in grouped[:n]]),
+            "large text": pa.array([f"t{x}" for x in back[:n]], pa.large_string()),
+            "one value": pa.array(np.full(n, 5, np.int32)), "one answer": pa.array([3]),
+            "chunked": pa.chunked_array([pa.array(back[:n // 3]), pa.array(back[n // 3:n])]),
+            "float": pa.array(np.repeat([0.5, -0.0, 0.0, 2.0], 4)),
+            "uint8": pa.array(np.repeat(np.array([3, 1, 3, 200], np.uint8), 3))}
+    return cols
+
+
+def test_run_encoding_equals_one_dictionary_over_the_column():
+    """A column in runs (a file written task by task) is encoded by its runs' first values: the
+    codes and vocabulary equal a dictionary encoding of the whole column, whatever the runs."""
+    from crowdllm.labels import _encode_first_seen, _run_breaks
+
+    rng = np.random.default_rng(1)
+    cols = _columns_in_runs(rng, 1000)
+    took_runs = []
+    for name, col in cols.items():
+        whole = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        ref = pc.dictionary_encode(whole)
+        codes, vocab = _encode_first_seen(col)
+        np.testing.assert_array_equal(codes, ref.indices.to_numpy(), err_msg=name)
+        assert codes.dtype == np.int32
+        assert vocab.tolist() == ref.dictionary.to_pylist(), name
+        assert all(type(v) is type(w) for v, w in zip(vocab.tolist(), ref.dictionary.to_pylist()))
+        if _run_breaks(whole) is not None:
+            took_runs.append(name)
+    assert set(took_runs) == {"sorted", "grouped", "back", "long", "text", "large text",
+                              "one value", "chunked", "uint8"}
+
+
+def _repeats_by_dict(task, worker, last):
+    seen, out = {}, np.zeros(len(task), bool)
+    idx = range(len(task) - 1, -1, -1) if last else range(len(task))
+    for i in idx:
+        key = (int(task[i]), int(worker[i]))
+        out[i] = key in seen
+        seen[key] = True
+    return out
+
+
+@pytest.mark.parametrize("shape", ["grouped", "grouped, 30 a task", "scattered"])
+def test_repeated_answers_found_as_a_dict_finds_them(shape):
+    """The repeated (task, worker) answers, by neighbours within a task's run or by sorting,
+    are those a dict of the pairs seen finds, first or last kept."""
+    from crowdllm.labels import _repeats
+
+    rng = np.random.default_rng(2)
+    per = 30 if "30" in shape else 6
+    task = np.repeat(np.arange(300), rng.integers(1, per + 1, 300)).astype(np.int32)
+    worker = rng.integers(0, per, len(task)).astype(np.int32)
+    if shape == "scattered":
+        order = rng.permutation(len(task))
+        task, worker = task[order], worker[order]
+    for last in (False, True):
+        ref = _repeats_by_dict(task, worker, last)
+        assert ref.sum() > 20
+        np.testing.assert_array_equal(_repeats(task, worker, per, last=last), ref)
+    one = np.zeros(1, np.int32)
+    assert not _repeats(one, one, 1).any()
 
 
 def test_duplicates_keep_first_last_error(tmp_path):
