@@ -139,7 +139,10 @@ def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     os.close(fd)
     try:
         if fmt == "parquet":
-            pq.write_table(table, tmp)
+            # no dictionary for float columns (a result's probabilities): nearly every value is
+            # its own, and trying one costs a third of the write (10M tasks: 1.4 s against 0.9)
+            pq.write_table(table, tmp, use_dictionary=[
+                f.name for f in table.schema if not pa.types.is_floating(f.type)])
         elif fmt in ("csv", "tsv"):
             pcsv.write_csv(table, tmp, write_options=pcsv.WriteOptions(
                 delimiter="\t" if fmt == "tsv" else ","))
