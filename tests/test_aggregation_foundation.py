@@ -297,6 +297,29 @@ def test_pandas_in_pandas_out():
     assert list(p.columns) == [0, 1] and p.shape == (2, 2)
 
 
+@pytest.mark.parametrize("task_ids, classes", [([10, 3, 7], ["no", "yes"]), (["b", "a", "c"], [2, 5])])
+def test_result_table_holds_each_task_its_label_and_probabilities(task_ids, classes):
+    """The table `crowdllm aggregate` writes: one row a task in the tensor's order, the
+    predicted class value, and a probability column per class, with the ids' and classes' types."""
+    import pyarrow as pa
+
+    rows = [(0, 0, 1), (0, 1, 1), (1, 0, 0), (1, 1, 0), (2, 0, 1), (2, 1, 0), (2, 2, 1)]
+    t = LabelTensor(task=np.array([r[0] for r in rows], np.int32),
+                    worker=np.array([r[1] for r in rows], np.int32),
+                    label=np.array([r[2] for r in rows], np.int32),
+                    task_ids=np.array(task_ids, dtype=object), worker_ids=np.array([0, 1, 2], dtype=object),
+                    classes=np.array(classes, dtype=object))
+    m = MajorityVote().fit(t)
+    tab = m.result_table()
+    assert tab.column_names == ["task", "label"] + [f"p_{c}" for c in classes]
+    assert tab.column("task").to_pylist() == task_ids
+    assert tab.column("label").to_pylist() == [classes[1], classes[0], classes[1]]
+    assert tab.column("label").type == (pa.string() if isinstance(classes[0], str) else pa.int64())
+    np.testing.assert_allclose(np.stack([tab.column(f"p_{c}").to_numpy() for c in classes], 1),
+                               m.probas_)
+    assert tab.column("p_" + str(classes[1])).to_pylist() == [1.0, 0.0, pytest.approx(2 / 3)]
+
+
 def test_registry_and_get_method():
     assert {"mv", "wawa", "zbs", "ds", "onecoin-ds"} <= set(METHODS)
     m = get_method("ds", seed=1, max_iter=7, tol=None)
