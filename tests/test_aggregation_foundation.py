@@ -48,6 +48,21 @@ def test_majority_vote_known_answer_and_tie_policies():
     assert picks == {"x", "y"}  # a random tie-break really is random across seeds
     again = MajorityVote(ties="random", seed=3).fit(t).labels_
     assert MajorityVote(ties="random", seed=3).fit(t).labels_.tolist() == again.tolist()
+    assert lowest.n_ties_ == 1
+
+
+def test_tie_count_is_the_tasks_with_more_than_one_top_class():
+    """``n_ties_`` against NumPy on the votes, on a crowd padded past its tasks (padding rows,
+    all zeros, would each count as a tie)."""
+    rng = np.random.default_rng(3)
+    n = 1000
+    task = np.repeat(np.arange(n), 4)
+    t = LabelTensor.from_arrays(task, rng.integers(0, 9, task.size), rng.integers(0, 3, task.size))
+    mv = MajorityVote().fit(t)
+    assert bucket(n) > n
+    votes = mv.votes_
+    ref = int(((votes == votes.max(1, keepdims=True)).sum(1) > 1).sum())
+    assert 100 < ref < n and mv.n_ties_ == ref
 
 
 def test_random_ties_are_uniform_over_the_tied_classes_and_independent_between_keys():

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..labels import LabelTensor
@@ -84,6 +85,14 @@ class MajorityVote(Aggregator):
         data = prepare(tensor, layout=self.layout)
         res = fit(data, jax.random.key(self.seed), ties=tie_flag(self.ties))
         n = tensor.n_tasks
-        votes = np.asarray(res.votes)[:n]
         return {"probas": np.asarray(res.posteriors)[:n], "labels": np.asarray(res.labels)[:n],
-                "votes": votes, "n_ties": int(((votes == votes.max(1, keepdims=True)).sum(1) > 1).sum())}
+                "votes": np.asarray(res.votes)[:n], "n_ties": int(count_ties(res.votes, n))}
+
+
+@jax.jit
+def count_ties(votes: jax.Array, n: int | jax.Array) -> jax.Array:
+    """How many of the first ``n`` tasks' ``[tasks, classes]`` votes have more than one top
+    class (in one fused pass: NumPy's reductions over the short class axis took 0.6 s at 10M
+    tasks)."""
+    tied = (votes == votes.max(axis=1, keepdims=True)).sum(axis=1) > 1
+    return jnp.sum(tied & (jnp.arange(votes.shape[0]) < n))
