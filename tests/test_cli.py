@@ -81,6 +81,29 @@ def test_aggregate_json_and_stdout_table(runner, answers):
     assert table.exit_code == 0 and table.output.splitlines()[0].split() == ["task", "label", "p_neg", "p_pos"]
 
 
+def test_a_large_input_says_what_it_does_as_each_stage_begins(runner, answers, tmp_path,
+                                                                monkeypatch):
+    """From ``LARGE_ANSWERS`` answers on, stderr names each stage as it begins (the read's
+    figures, the fit, the write); stdout's JSON is untouched. Below it, nothing more is said."""
+    import crowdllm.cli as cli
+
+    p, _ = answers
+    out = tmp_path / "labels.csv"
+    quiet = runner.invoke(main, ["aggregate", str(p), "-m", "ds", "-o", str(out)])
+    assert quiet.exit_code == 0, quiet.output
+    assert "read " not in quiet.stderr and "writing" not in quiet.stderr
+    monkeypatch.setattr(cli, "LARGE_ANSWERS", 90)
+    res = runner.invoke(main, ["aggregate", str(p), "-m", "ds", "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert lines[0].startswith("read 90 answers (30 tasks, 3 annotators) in ")
+    assert lines[0].endswith(" s; fitting ds...")
+    assert lines[1].startswith("fitted in ") and lines[2] == f"writing {out}..."
+    assert json.loads(res.stdout)["answers"] == 90
+    monkeypatch.setattr(cli, "LARGE_ANSWERS", 91)
+    assert "read " not in runner.invoke(main, ["aggregate", str(p), "-m", "ds"]).stderr
+
+
 def test_shard_on_one_device_says_so_and_changes_nothing(runner, answers):
     # (on several devices: tests/test_sharding.py)
     p, _ = answers
