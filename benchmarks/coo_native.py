@@ -15,9 +15,13 @@ Also printed: each fit's accuracy against the drawn truth (both paths agree).
 
 ``--control N``: N more tasks (control questions), each answered by ``--control-answers``
 annotators (default 2,000) with the crowd's own accuracy. One such task makes the crowd's
-rows tiered by width (``_native.coo_tiers``); before tiers, it sent every method to XLA.
+rows tiered by width (``_native.coo_tiers``); before tiers, it sent every method to XLA. GLAD's
+rows are ragged blocks instead (``_native.glad_coo_layout``); before them, such a crowd ran GLAD
+on XLA.
 
     python benchmarks/coo_native.py --tasks 1000000 --control 20
+
+``--most N``: each task keeps 1 to N of N drawn answers (uniformly), instead of 3 answers each.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def main() -> int:
     ap.add_argument("--methods", default="ds,onecoin-ds,ibcc,mace,bwa,glad")
     ap.add_argument("--control", type=int, default=0)
     ap.add_argument("--control-answers", type=int, default=2000)
+    ap.add_argument("--most", type=int, default=0)
     a = ap.parse_args()
 
     from crowdllm.aggregation import (BWA, GLAD, IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core,
@@ -50,7 +55,11 @@ def main() -> int:
 
     warnings.filterwarnings("ignore", message=".*did not converge")
     n = a.tasks
-    task, worker, label, truth = sparse_crowd(n)
+    task, worker, label, truth = sparse_crowd(n, per_task=a.most or 3)
+    if a.most:  # task t keeps its first k_t answers, k_t in 1 ... most
+        keep = np.random.default_rng(2).integers(1, a.most + 1, n)
+        kept = np.tile(np.arange(a.most), n) < np.repeat(keep, a.most)
+        task, worker, label = task[kept], worker[kept], label[kept]
     if a.control:  # control tasks answered by many, each annotator right with p = 0.7
         rng = np.random.default_rng(1)
         c_truth = rng.integers(0, 5, a.control)

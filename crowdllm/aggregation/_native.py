@@ -58,8 +58,9 @@ ms an iteration against the XLA path's 88-436 over two runs (``python benchmarks
 BWA runs a sparse crowd on the same rows with the kernel's ratio pass (each table row the
 numerators, then the denominators, of the classes; :func:`coo_ratio_sums`). GLAD runs a sparse
 crowd on its own passes, each task a row of answer slots (:func:`glad_coo_rows`: labels and
-annotators blocked as a dense panel's labels are), each answer's alpha gathered by its annotator
-and alpha's gradient added to that annotator's sum.
+annotators blocked as a dense panel's labels are, in ragged blocks of 8 rows, each as wide as its
+busiest task, tasks sorted by their number of answers: :func:`glad_coo_layout`), each answer's
+alpha gathered by its annotator and alpha's gradient added to that annotator's sum.
 
 The VB methods' Dirichlet statistics need digamma and log-gamma of every parameter each sweep;
 :func:`digamma_gammaln` (``native/special.cc``) computes both in one pass.
@@ -95,7 +96,8 @@ __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Pl
            "Rows", "unique", "every_row", "tables", "vote_table", "counts_from", "sums",
            "posteriors", "coo_use", "ds_fit", "onecoin_fit", "ibcc_fit", "mace_fit_restarts",
            "decode",
-           "glad_e", "glad_grad", "glad_m", "glad_rows", "glad_fit", "block", "unblock", "bwa_fit",
+           "glad_e", "glad_grad", "glad_m", "glad_rows", "glad_fit", "glad_coo_use",
+           "glad_coo_layout", "GladCooLayout", "glad_coo_rows", "block", "unblock", "bwa_fit",
            "ratio_sums", "ratio_values", "ebcc_rows", "ebcc_coo_rows", "coo_row_width",
            "coo_tiers", "coo_layout", "coo_slots", "tier_call_slots", "RowWidth", "EbccTiers",
            "coo_task_order", "digamma_gammaln", "special_calls", "special_allowed",
@@ -908,42 +910,50 @@ def decode(codes: jax.Array, p: Plan, n_workers: int) -> jax.Array:
 
 def _slot_workers(widx: jax.Array | None) -> jax.Array:
     """The GLAD kernels' annotators of the answer slots: ``widx`` (a sparse crowd's, shaped like
-    its labels ``[T/8, S, 8]``) or none (a dense panel's slot s is annotator s)."""
+    its labels) or none (a dense panel's slot s is annotator s)."""
     return jnp.zeros((0,), jnp.int32) if widx is None else widx.astype(jnp.int32)
+
+
+def _block_offsets(boff: jax.Array | None) -> jax.Array:
+    """The GLAD kernels' block offsets: ``boff`` (a sparse crowd's ragged blocks, ``[T/8 + 1]``,
+    :func:`glad_coo_rows`) or none (labels ``[T/8, S, 8]``, every block S slots)."""
+    return jnp.zeros((0,), jnp.int32) if boff is None else boff.astype(jnp.int32)
 
 
 def glad_e(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
            alpha: jax.Array, log_beta: jax.Array, log_prior: jax.Array, p_prev: jax.Array,
-           want_post: bool = False, widx: jax.Array | None = None):
+           want_post: bool = False, widx: jax.Array | None = None,
+           boff: jax.Array | None = None):
     """GLAD's E pass over the first ``n`` rows of the blocked answers ``lab_b [T/8, W, 8]``
-    (a sparse crowd's: ``[T/8, S, 8]``, S answer slots a row, and ``widx`` their annotators,
-    :func:`glad_coo_rows`): ``(posteriors [T, K] or None, q_t(y_tw)`` shaped like ``lab_b``,
-    weighted log-likelihood, weighted Q answer term, weighted class sums ``[K])``. ``p_prev`` (a
+    (a sparse crowd's: ``[Z, 8]``, its blocks of 8 rows ragged, block b's slots from
+    ``boff[b]`` to ``boff[b + 1]``, and ``widx`` their annotators, :func:`glad_coo_rows`):
+    ``(posteriors [T, K] or None, q_t(y_tw)`` shaped like ``lab_b``, weighted log-likelihood,
+    weighted Q answer term, weighted class sums ``[K])``; T rows, the weights'. ``p_prev`` (a
     buffer shaped like ``lab_b``, e.g. the last pass's) is reused for the new ``q_t(y_tw)``."""
     _require()
-    T = lab_b.shape[0] * 8
+    T = weights.shape[0]
     K = log_prior.shape[0]
     out = (jax.ShapeDtypeStruct((T if want_post else 1, K), jnp.float32),
            jax.ShapeDtypeStruct(lab_b.shape, jnp.float32),
            jax.ShapeDtypeStruct((2 + K,), jnp.float32))
-    post, pr, stats = jax.ffi.ffi_call("crowdllm_glad_e", out, input_output_aliases={8: 1})(
-        lab_b, _slot_workers(widx), flags, weights, n, alpha, log_beta, log_prior, p_prev,
-        threads=np.int64(_threads()))
+    post, pr, stats = jax.ffi.ffi_call("crowdllm_glad_e", out, input_output_aliases={9: 1})(
+        lab_b, _slot_workers(widx), _block_offsets(boff), flags, weights, n, alpha, log_beta,
+        log_prior, p_prev, threads=np.int64(_threads()))
     return post if want_post else None, pr, stats[0], stats[1], stats[2:]
 
 
 def glad_grad(lab_b: jax.Array, weights: jax.Array, n: jax.Array, p_right: jax.Array,
               alpha: jax.Array, log_beta: jax.Array, *, grad: bool = True, q: bool = False,
-              widx: jax.Array | None = None):
+              widx: jax.Array | None = None, boff: jax.Array | None = None):
     """GLAD's gradient pass: ``(sum_t n_t g_tw beta_t [W], sum_w g_tw x_tw [T], Q answer
     term)`` with ``g = q_t(y_tw) - sigma(x_tw)`` (the priors' terms are added by the caller;
-    ``widx``: as for :func:`glad_e`)."""
+    ``widx``, ``boff``: as for :func:`glad_e`)."""
     _require()
-    T, W = lab_b.shape[0] * 8, alpha.shape[0]
+    T, W = weights.shape[0], alpha.shape[0]
     out = (jax.ShapeDtypeStruct((W,), jnp.float32), jax.ShapeDtypeStruct((T,), jnp.float32),
            jax.ShapeDtypeStruct((1,), jnp.float32))
     da, db, qv = jax.ffi.ffi_call("crowdllm_glad_grad", out)(
-        lab_b, _slot_workers(widx), weights, n, p_right, alpha, log_beta,
+        lab_b, _slot_workers(widx), _block_offsets(boff), weights, n, p_right, alpha, log_beta,
         threads=np.int64(_threads()),
         mode=np.int64(int(grad) + 2 * int(q)))
     return da, db, qv[0]
@@ -953,7 +963,8 @@ def glad_m(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
            p_bufs: tuple[jax.Array, jax.Array, jax.Array], state: Any, q_old: jax.Array,
            worker_mask: jax.Array, log_prior_next: jax.Array,
            g1: tuple[jax.Array, Any] | None = None, *, lr: Any, m_steps: int, mu_alpha: Any,
-           mu_beta: Any, max_tries: int = 4, widx: jax.Array | None = None):
+           mu_beta: Any, max_tries: int = 4, widx: jax.Array | None = None,
+           boff: jax.Array | None = None):
     """GLAD's whole M-step in one call, and the next E-step: ``glad.adam_steps`` with
     ``glad.q_grad``'s gradients and Q (the Gaussian priors included), on the rows.
 
@@ -972,12 +983,12 @@ def glad_m(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
     difficulties (a pass each, but the first when ``g1`` is given), then the E pass at the try's
     parameters, which sums Q's answer term with the old ``q_t(y_tw)`` as it writes the new one
     (the Q check: one pass, not a Q pass and an E pass), and the gradient sums at the new
-    parameters with the new one (the next M-step's first step). ``widx``: as for
+    parameters with the new one (the next M-step's first step). ``widx``, ``boff``: as for
     :func:`glad_e`."""
     from . import glad
 
     _require()
-    T, W = lab_b.shape[0] * 8, state.params.alpha.shape[0]
+    T, W = weights.shape[0], state.params.alpha.shape[0]
     K = log_prior_next.shape[0]
     prm, opt = state.params, state.opt_state
     f32 = jnp.float32
@@ -992,8 +1003,9 @@ def glad_m(lab_b: jax.Array, flags: jax.Array, weights: jax.Array, n: jax.Array,
     g1, have = (jnp.zeros((W + T,), f32), 0) if g1 is None else g1
     have = jnp.asarray(have, jnp.int32)
     al, lb, count, ma, mb, va, vb, info, p0, p1, which, stats, g1 = jax.ffi.ffi_call(
-        "crowdllm_glad_m", out, input_output_aliases={5: 8, 6: 9})(
-        lab_b, _slot_workers(widx), flags, weights, n, p0, p1, which.astype(jnp.int32),
+        "crowdllm_glad_m", out, input_output_aliases={6: 8, 7: 9})(
+        lab_b, _slot_workers(widx), _block_offsets(boff), flags, weights, n, p0, p1,
+        which.astype(jnp.int32),
         prm.alpha, prm.log_beta, opt.count, opt.mu.alpha, opt.mu.log_beta, opt.nu.alpha,
         opt.nu.log_beta, scalars, worker_mask.astype(f32), log_prior_next.astype(f32), g1, have,
         threads=np.int64(_threads()), m_steps=np.int64(m_steps), max_tries=np.int64(max_tries),
@@ -1093,55 +1105,80 @@ def sort_rows(x: jax.Array) -> jax.Array:
     return jnp.stack(cols, axis=1)
 
 
-def glad_coo_use(native: str, data: Any, tensor: Any) -> tuple[bool, int | None]:
-    """``(runs native, row width)`` for GLAD: :func:`use` on a Dense panel (width None); a Coo
-    crowd (the answers of ``tensor``) runs as rows of its tasks' answers, ``width`` slots each
-    (the most answers a task has, :func:`_rounded`), where those rows are not mostly empty
-    (:data:`MAX_SLOTS_PER_ANSWER`: no tiers here; else the XLA path runs it)."""
+def glad_coo_use(native: str, data: Any, tensor: Any) -> tuple[bool, GladCooLayout | None]:
+    """``(runs native, rows)`` for GLAD: :func:`use` on a Dense panel (rows None); a Coo crowd
+    (the answers of ``tensor``) runs as rows of its tasks' answers in ragged blocks
+    (:func:`glad_coo_layout`), at most 8 classes."""
     from ._core import Coo
 
     if not isinstance(data, Coo):
         return use(native, data), None
-    width = _rounded(max(coo_row_width(tensor.task, tensor.n_tasks) - 1, 1))
     why_not = "turned off (native='off')" if check_option(native) == "off" else \
         applies(data, data.task_mask.dtype, columns=data.n_classes, codes=False)
     if why_not is None and data.n_classes > 8:
         why_not = f"{data.n_classes} classes (GLAD's kernels take at most 8)"
-    if why_not is None and _mostly_empty(width * tensor.n_tasks, tensor.n_tasks,
-                                         tensor.n_answers):
-        why_not = (f"rows of {width} slots for {tensor.n_answers / max(tensor.n_tasks, 1):.1f} "
-                   f"answers a task would be mostly empty (COO layout; GLAD's rows have no "
-                   f"tiers)")
     if why_not is not None and native == "on":
         raise ValueError(f"native='on', but the native kernel cannot run: {why_not}")
-    return why_not is None, width if why_not is None else None
+    return why_not is None, glad_coo_layout(data, tensor) if why_not is None else None
 
 
-def glad_coo_order(data: Any, tensor: Any) -> jax.Array:
-    """The rank of each of a Coo crowd's (padded) tasks among GLAD's rows: its tasks sorted by
-    their first annotator (:func:`coo_task_order`), so that the rows of a block of 8 often share
-    an annotator in a slot (its 8 terms of alpha's gradient are then summed in one add); the
-    padding tasks after them."""
-    order = coo_task_order(tensor.task, tensor.worker, tensor.n_tasks)
+class GladCooLayout(NamedTuple):
+    """A sparse crowd's GLAD rows (:func:`glad_coo_layout`): ``rank [T]``, each (padded) task's
+    row; ``offsets [ceil(T / 8) + 1]``, where each block of 8 rows starts, in slots (block b
+    holds ``offsets[b + 1] - offsets[b]`` slots: its widest task's answers); ``slots``: the
+    rows' slots, ``offsets[-1]`` rounded up to a size bucket."""
+    rank: np.ndarray
+    offsets: np.ndarray
+    slots: int
+
+
+def glad_coo_layout(data: Any, tensor: Any) -> GladCooLayout:
+    """The rows of a Coo crowd's tasks for GLAD's kernels: its tasks sorted by their number of
+    answers, then by their first annotator (:func:`coo_task_order`: the rows of a block then
+    often share an annotator in a slot, whose 8 terms of alpha's gradient are summed in one add),
+    the padding tasks after them. Each block of 8 rows is as wide as its widest task, so a few
+    busy tasks (control questions many answer) widen only their own blocks: the rows hold
+    ``answers + 7 x (blocks where the count changes)`` slots, never mostly empty."""
+    from ._core import bucket
+
+    n, T = tensor.n_tasks, -(-data.n_tasks // 8) * 8
+    counts = np.bincount(np.asarray(tensor.task), minlength=n)[:n]
+    order = coo_task_order(tensor.task, tensor.worker, n)
+    offsets = np.zeros(T // 8 + 1, np.int64)
+    if n and counts.min() != counts.max():  # by count (a radix sort where counts fit 16 bits)
+        c = counts[order]
+        by_count = np.argsort(c.astype(np.uint16) if c.max() < 65536 else c, kind="stable")
+        order = order[by_count]
+        width = np.zeros(T, np.int64)
+        width[:n] = c[by_count]
+        np.cumsum(width.reshape(-1, 8).max(1), out=offsets[1:])
+    elif n:  # every task as many answers: blocks as wide, up to the last with a task
+        offsets[:] = int(counts[0]) * np.minimum(np.arange(T // 8 + 1), -(-n // 8))
     rank = np.arange(data.n_tasks, dtype=np.int32)
     rank[order] = np.arange(len(order), dtype=np.int32)
-    return jnp.asarray(rank)
+    slots = bucket(int(offsets[-1]), minimum=8)
+    if slots * 8 >= 2**31:
+        raise ValueError(f"GLAD's rows: {slots:,} slots of 8 answers, more than its kernels "
+                         f"take (2^31 values)")
+    return GladCooLayout(rank, offsets.astype(np.int32), slots)
 
 
-@functools.partial(jax.jit, static_argnames=("width",))
-def glad_coo_rows(data: Any, width: int, rank: jax.Array):
-    """``(answers [T/8, S, 8], annotators [T/8, S, 8], gold flags [T], weights [T], n)``: a Coo
-    crowd's tasks as rows of ``S = width`` answer slots (in the answers' order; empty slots:
-    label -1, annotator 0), task t in row ``rank[t]`` (:func:`glad_coo_order`), ``T`` its tasks
-    rounded up to 8, rows past its tasks inert."""
+@functools.partial(jax.jit, static_argnames=("slots",))
+def glad_coo_rows(data: Any, rank: jax.Array, offsets: jax.Array, slots: int):
+    """``(answers [Z, 8], annotators [Z, 8], gold flags [T], weights [T], n)``: a Coo crowd's
+    tasks as rows in ragged blocks of 8 (:class:`GladCooLayout`, ``Z = slots``): task t in row
+    ``r = rank[t]``, its answers (in the answers' order) in slots ``offsets[r // 8]`` onwards,
+    lane ``r % 8``; empty slots: label -1, annotator 0; ``T`` its tasks rounded up to 8, rows
+    past its tasks inert."""
     n = data.n_tasks
     T = -(-n // 8) * 8
-    slot = answer_slots(data)
-    row = jnp.where(data.weight > 0, rank[data.task], T)  # padding answers: dropped
+    row = rank[data.task]
+    at = (offsets[row // 8] + answer_slots(data)) * 8 + row % 8
+    at = jnp.where(data.weight > 0, at, slots * 8)  # padding answers: dropped
 
     def put(vals, empty, dtype):
-        out = jnp.full((T, width), empty, dtype)
-        return block(out.at[row, slot].set(vals.astype(dtype), mode="drop"))
+        out = jnp.full((slots * 8,), empty, dtype)
+        return out.at[at].set(vals.astype(dtype), mode="drop").reshape(slots, 8)
 
     flags = jnp.full((T,), -1, jnp.int8).at[rank].set(
         jnp.where(data.task_mask > 0, data.gold, -1).astype(jnp.int8))
@@ -1153,7 +1190,7 @@ def glad_coo_rows(data: Any, width: int, rank: jax.Array):
 def glad_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, lr: float = 0.1,
              m_steps: int = 5, mu_alpha: float = 1.0, mu_beta: float = 1.0,
              learn_prior: bool = False, init_from_gold: bool = False, merge: bool = True,
-             m_step: str = "native", width: int | None = None, rank: jax.Array | None = None):
+             m_step: str = "native", layout: GladCooLayout | None = None):
     """GLAD with the native passes: same model, start, Adam steps, backtracking, stopping rule,
     objective and result as ``glad.fit``.
 
@@ -1165,21 +1202,24 @@ def glad_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, lr: float = 0
     and the retries) is one native call per iteration (:func:`glad_m`; ``m_step="jax"``: JAX's
     Adam and loop around the passes instead, as before it, to compare against).
 
-    A Coo crowd (``width``: its rows' slots, :func:`glad_coo_use`) runs as rows of its tasks'
-    answers (:func:`glad_coo_rows`; not merged; ``rank``: each task's row, by default its own,
-    :func:`glad_coo_order`), each answer's alpha gathered by its annotator.
+    A Coo crowd (``layout``: its rows, :func:`glad_coo_layout`, by default made here) runs as
+    rows of its tasks' answers in ragged blocks (:func:`glad_coo_rows`; not merged), each
+    answer's alpha gathered by its annotator.
     """
     if m_step not in ("native", "jax"):
         raise ValueError(f"m_step must be 'native' or 'jax', got {m_step!r}")
     opts = dict(max_iter=max_iter, tol=tol, lr=lr, m_steps=m_steps, mu_alpha=mu_alpha,
                 mu_beta=mu_beta, learn_prior=learn_prior, init_from_gold=init_from_gold,
                 m_step=m_step)
-    if width is not None:
-        if rank is None:
-            rank = jnp.arange(data.n_tasks, dtype=jnp.int32)
-        lab_b, widx, flags, wts, n = glad_coo_rows(data, width, rank)
+    from ._core import Coo
+
+    if isinstance(data, Coo):
+        if layout is None:
+            raise ValueError("a Coo crowd needs its rows: layout=glad_coo_layout(data, tensor)")
+        rank, boff = jnp.asarray(layout.rank), jnp.asarray(layout.offsets)
+        lab_b, widx, flags, wts, n = glad_coo_rows(data, rank, boff, layout.slots)
         res = _glad_fit_rows(lab_b, flags, wts, n, data.worker_mask, data.n_classes, widx=widx,
-                             **opts)
+                             boff=boff, **opts)
         return _glad_cut(res, rank)
     lab_b, flags, wts, n, inverse = glad_rows(data, merge)
     res = _glad_fit_rows(lab_b, flags, wts, n, data.worker_mask, data.n_classes, **opts)
@@ -1205,11 +1245,11 @@ def _glad_spread(res: Any, inverse: jax.Array, mu_beta: float):
 
 def _glad_pass_grad(lab_b: jax.Array, wts: jax.Array, n: jax.Array, p_right: jax.Array,
                     prm: Any, wm: jax.Array, mu_alpha: Any, mu_beta: Any,
-                    widx: jax.Array | None = None):
+                    widx: jax.Array | None = None, boff: jax.Array | None = None):
     """``glad.q_grad`` from one gradient pass (rows at or past ``n``: zero)."""
     from . import glad
 
-    da, db, _ = glad_grad(lab_b, wts, n, p_right, prm.alpha, prm.log_beta, widx=widx)
+    da, db, _ = glad_grad(lab_b, wts, n, p_right, prm.alpha, prm.log_beta, widx=widx, boff=boff)
     valid = jnp.arange(wts.shape[0]) < n[0]
     return glad.GladParams((da - (prm.alpha - mu_alpha)) * wm,
                            jnp.where(valid, db - (prm.log_beta - mu_beta), 0.0))
@@ -1220,19 +1260,29 @@ def _glad_pass_grad(lab_b: jax.Array, wts: jax.Array, n: jax.Array, p_right: jax
 def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Array,
                    worker_mask: jax.Array, n_classes: int, *, max_iter: int, tol: float,
                    lr: float, m_steps: int, mu_alpha: float, mu_beta: float, learn_prior: bool,
-                   init_from_gold: bool, m_step: str = "native", widx: jax.Array | None = None):
+                   init_from_gold: bool, m_step: str = "native", widx: jax.Array | None = None,
+                   boff: jax.Array | None = None):
     """GLAD on weighted rows (a GladResult per row: posteriors [T, K], betas [T]). ``m_step``:
     ``native`` (:func:`glad_m`) or ``jax`` (``glad.adam_steps`` around the passes: the path
-    :func:`glad_m` replaced, kept to compare against). ``widx``: a sparse crowd's annotators
-    of the answer slots (:func:`glad_coo_rows`; None: a dense panel's slot is its annotator)."""
+    :func:`glad_m` replaced, kept to compare against). ``widx``, ``boff``: a sparse crowd's
+    annotators of the answer slots and its ragged blocks (:func:`glad_coo_rows`; None: a dense
+    panel's ``[T/8, W, 8]``, slot s annotator s)."""
     from . import glad
     from ._core import iterate
 
     K = n_classes
-    lab = unblock(lab_b)  # [T, W] or [T, S] slots (setup only)
-    T, W = lab.shape[0], worker_mask.shape[0]
+    T, W = wts.shape[0], worker_mask.shape[0]
+    lab = unblock(lab_b) if boff is None else lab_b  # [T, W] or [Z, 8] (setup only)
     answered = lab >= 0
-    n_ans = jnp.maximum((answered * wts[:, None]).sum(), 1.0)
+    if boff is None:
+        at_rows = lambda x: x[:, None]  # noqa: E731
+        n_ans = jnp.maximum((answered * wts[:, None]).sum(), 1.0)
+    else:  # a slot's row: its block (the offsets at or before it) x 8 + its lane
+        def at_rows(x):
+            starts = jnp.zeros((lab.shape[0],), jnp.int32).at[boff[1:-1]].add(1, mode="drop")
+            return x[jnp.cumsum(starts)[:, None] * 8 + jnp.arange(8, dtype=jnp.int32)]
+
+        n_ans = jnp.maximum(answered.sum(), 1).astype(jnp.float32)  # rows of tasks weigh 1
     wm = worker_mask
 
     def prior_density(prm):
@@ -1240,14 +1290,14 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
 
     alpha = jnp.full((W,), mu_alpha, jnp.float32)
     if init_from_gold:
-        on_gold = answered & (flags >= 0)[:, None]
-        hit = on_gold & (lab == flags[:, None])
+        on_gold = answered & (at_rows(flags) >= 0)
+        hit = on_gold & (lab == at_rows(flags))
         if widx is None:
             per_worker = lambda x: (x * wts[:, None]).sum(0)  # noqa: E731
         else:
-            slot_worker = unblock(widx).reshape(-1)
+            slot_worker = (widx if boff is not None else unblock(widx)).reshape(-1)
             per_worker = lambda x: jax.ops.segment_sum(  # noqa: E731
-                (x * wts[:, None]).reshape(-1), slot_worker, num_segments=W)
+                (x * at_rows(wts)).reshape(-1), slot_worker, num_segments=W)
         alpha = glad.alpha_from_gold(alpha, per_worker(on_gold), per_worker(hit), mu_beta)
     params = glad.GladParams(alpha, jnp.full((T,), mu_beta, jnp.float32))
     log_prior = jnp.full((K,), -jnp.log(K), jnp.float32)
@@ -1259,7 +1309,7 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
     # each step ends with the E-step at its new parameters, and with the next M-step's first
     # gradient (g1; the first M-step sums its own: the initial E-step is glad_e's).
     p_right, *e = glad_e(lab_b, flags, wts, n, params.alpha, params.log_beta, log_prior,
-                         jnp.zeros(lab_b.shape, jnp.float32), widx=widx)[1:]
+                         jnp.zeros(lab_b.shape, jnp.float32), widx=widx, boff=boff)[1:]
     state = glad.GladState(params=params, opt_state=glad._optimizer().init(params),
                            log_prior=log_prior, posteriors=p_right,
                            lr_scale=jnp.asarray(1.0, jnp.float32))
@@ -1276,24 +1326,26 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
             p_bufs, g1 = spare
             prm, opt_state, scale, _, (p0, *p_bufs), e, g1 = glad_m(
                 lab_b, flags, wts, n, (st.posteriors, *p_bufs), st, q_old, wm, log_prior, g1,
-                lr=lr, m_steps=m_steps, mu_alpha=mu_alpha, mu_beta=mu_beta, widx=widx)
+                lr=lr, m_steps=m_steps, mu_alpha=mu_alpha, mu_beta=mu_beta, widx=widx,
+                boff=boff)
             spare = (tuple(p_bufs), (g1, jnp.asarray(1, jnp.int32)))
         else:  # JAX's Adam and loop around the gradient and Q passes (benchmarks, tests)
             p_old = st.posteriors
             prm, opt_state, scale = glad.adam_steps(
                 st, q_old, lambda p: glad_grad(lab_b, wts, n, p_old, p.alpha, p.log_beta,
-                                               grad=False, q=True, widx=widx)[2]
+                                               grad=False, q=True, widx=widx, boff=boff)[2]
                 + prior_density(p),
-                lambda p: _glad_pass_grad(lab_b, wts, n, p_old, p, wm, mu_alpha, mu_beta, widx),
+                lambda p: _glad_pass_grad(lab_b, wts, n, p_old, p, wm, mu_alpha, mu_beta, widx,
+                                          boff),
                 lr=lr, m_steps=m_steps)
             p0, *e = glad_e(lab_b, flags, wts, n, prm.alpha, prm.log_beta, log_prior, p_old,
-                            widx=widx)[1:]
+                            widx=widx, boff=boff)[1:]
         return (glad.GladState(params=prm, opt_state=opt_state, log_prior=log_prior,
                                posteriors=p0, lr_scale=scale), tuple(e), tuple(spare)), obj
 
     (state, _, _), loop = iterate(step, (state, tuple(e), spare), max_iter=max_iter, tol=tol)
     post = glad_e(lab_b, flags, wts, n, state.params.alpha, state.params.log_beta,
-                  state.log_prior, state.posteriors, want_post=True, widx=widx)[0]
+                  state.log_prior, state.posteriors, want_post=True, widx=widx, boff=boff)[0]
     return glad.GladResult(posteriors=post, alphas=state.params.alpha,
                            betas=jnp.exp(state.params.log_beta), priors=jnp.exp(state.log_prior),
                            objective=loop.objective, history=loop.history, n_iter=loop.n_iter,

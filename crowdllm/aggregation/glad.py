@@ -470,8 +470,8 @@ class GLAD(Aggregator):
             difficulty, so they are fitted once, weighted), and the M-step (Adam, the Q check
             and the retries) is one native call per iteration. A sparse crowd (the COO layout)
             runs on the same kernels as rows of its tasks' answer slots, each answer's expertise
-            gathered by its annotator, where those rows are not mostly empty (at most 8
-            classes).
+            gathered by its annotator (at most 8 classes), in blocks of 8 tasks with as many
+            answers, so that a few busy tasks widen only their own blocks.
 
     Attributes (after fit):
         alphas_: ``[workers]`` expertise. betas_: ``[tasks]`` inverse difficulty (> 0).
@@ -503,12 +503,11 @@ class GLAD(Aggregator):
         with jax.enable_x64(self.dtype == "float64"):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
-            # a sparse crowd runs on the kernels as rows of its tasks' answers (width slots)
-            self.native_used_, width = _native.glad_coo_use(self.native, data, tensor)
+            # a sparse crowd runs on the kernels as rows of its tasks' answers (ragged blocks)
+            self.native_used_, layout = _native.glad_coo_use(self.native, data, tensor)
             run = fit
             if self.native_used_:
-                rank = None if width is None else _native.glad_coo_order(data, tensor)
-                run = functools.partial(_native.glad_fit, width=width, rank=rank)
+                run = functools.partial(_native.glad_fit, layout=layout)
             res = run(data, max_iter=self.max_iter, tol=self.tol, lr=self.lr,
                       m_steps=self.m_steps, mu_alpha=self.mu_alpha, mu_beta=self.mu_beta,
                       learn_prior=self.learn_prior, init_from_gold=self.init == "gold")

@@ -8,8 +8,8 @@
 // wanted, one log) per answer, 8 tasks at a time (lanes = tasks). The labels and the per-answer
 // posteriors are stored in blocks of 8 tasks, [T / 8, W, 8]: one block's values for one annotator
 // are one contiguous load, and a pass reads each array as one sequential stream (T is a multiple of
-// 8). A sparse crowd's blocks are [T / 8, S, 8], S answer slots a row, with a second such array of
-// the slots' annotators (Slots).
+// 8). A sparse crowd's blocks are [T / 8, S, 8], S answer slots a row, or ragged (each block its
+// own slots, [Z, 8] in all), with a second such array of the slots' annotators (Slots).
 //
 //   E pass:    score[t, k] = log rho_k + sum_w answered (log sigma(-x) - log(K-1))
 //                            + sum_w [y = k] (x + log(K-1)),
@@ -154,11 +154,22 @@ struct Acc {  // one thread's sums: float lanes over a chunk, carried in double
 // one load; -1: none). A dense panel's slot s is annotator s (S = W; wi null). A sparse crowd's
 // (COO) row holds its task's answers in S slots, and wi [T/8, S, 8] the annotator of each (0
 // where empty): alpha is gathered by it, and alpha's gradient added to its annotator's sum.
+//
+// A sparse crowd's blocks may also be ragged (off non-null): block b (rows 8b ... 8b + 7) then
+// holds off[b + 1] - off[b] slots, from slot off[b] of L [Z, 8] and wi [Z, 8] (tasks sorted by
+// their number of answers, so that a few busy tasks widen only their own blocks); S is then the
+// widest block's slots.
 struct Slots {
   const int8_t* L;
   const int32_t* wi;
   int64_t S, W;
+  const int32_t* off = nullptr;  // [T/8 + 1] block offsets in slots, or null: every block S
+  int64_t Z = 0;                 // the slots of L (Z >= off[T/8]; T/8 * S when off is null)
   bool coo() const { return wi != nullptr; }
+  // the index in L of the first value of the block at row r, and that block's slots
+  int64_t base(int64_t r) const { return off ? (int64_t)off[r >> 3] * 8 : r * S; }
+  int64_t width(int64_t r) const { return off ? (int64_t)(off[(r >> 3) + 1] - off[r >> 3]) : S; }
+  int64_t elems() const { return Z * 8; }  // the values of L (and of each p buffer)
   // the rows of a chunk of the threads' shares: a dense panel's sums of alpha's gradient are a
   // vector of lanes an annotator, a chunk's few; a sparse crowd's are W doubles a chunk, so its
   // rows come in at most COO_CHUNKS chunks, however many threads there are
@@ -208,23 +219,23 @@ void parallel_rows(int64_t U, int64_t threads, std::vector<Acc>& parts, const Sl
   });
 }
 
-// alpha of the 8 rows' answers in slot s of the block at row r
+// alpha of the 8 rows' answers in slot s of the block whose values start at o (sl.base)
 template <bool COO>
-inline __m256 alpha_at(const Slots& sl, const float* al, int64_t r, int64_t s) {
+inline __m256 alpha_at(const Slots& sl, const float* al, int64_t o, int64_t s) {
   if constexpr (COO)
     return _mm256_i32gather_ps(al, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                                       sl.wi + r * sl.S + s * 8)), 4);
+                                       sl.wi + o + s * 8)), 4);
   else
     return _mm256_set1_ps(al[s]);
 }
 
-// (COO) c, 8 rows' terms of alpha's gradient in slot s of the block at row r, added to each
+// (COO) c, 8 rows' terms of alpha's gradient in slot s of the block at o, added to each
 // lane's annotator's sum; 8 rows with one annotator in the slot, as tasks sorted by their first
 // annotator often have, take one add of the lanes' sum (1M sparse tasks: 33.8-35.0 ms a GLAD
 // iteration against 38.1-39.6 without it, session 31). A dense panel's sums are annotator s's
 // lanes, added in the passes themselves.
-inline void add_alpha_coo(Acc& acc, const Slots& sl, int64_t r, int64_t s, __m256 c) {
-  const int32_t* w = sl.wi + r * sl.S + s * 8;
+inline void add_alpha_coo(Acc& acc, const Slots& sl, int64_t o, int64_t s, __m256 c) {
+  const int32_t* w = sl.wi + o + s * 8;
   const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
   if (_mm256_movemask_epi8(_mm256_cmpeq_epi32(wv, _mm256_set1_epi32(w[0]))) == -1) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
@@ -243,24 +254,43 @@ inline __m256 valid_lanes(int64_t r, int64_t U) {
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)U), idx));
 }
 
-// widx: empty (a dense panel: slot = annotator) or [T/8, S, 8] (a sparse crowd's annotators,
-// each below alpha's W: _native.glad_coo_rows makes them so)
+// widx: empty (a dense panel: slot = annotator) or like the labels (a sparse crowd's annotators,
+// each below alpha's W: _native.glad_coo_rows makes them so); boff: empty (labels [T/8, S, 8])
+// or a sparse crowd's ragged blocks (Slots::off, [T/8 + 1]; labels [Z, 8]). T: the weights'.
 ffi::Error CheckRows(ffi::Buffer<ffi::S8>& lab, ffi::Buffer<ffi::S32>& widx,
-                     ffi::Buffer<ffi::F32>& weights, ffi::Buffer<ffi::S32>& n,
-                     ffi::Buffer<ffi::F32>& alpha, ffi::Buffer<ffi::F32>& log_beta, Slots* sl,
-                     int64_t* T, int64_t* U) {
-  auto d = lab.dimensions();
-  if (d.size() != 3 || d[2] != 8) return ffi::Error::InvalidArgument("glad: labels [T/8, S, 8]");
-  *T = d[0] * 8;
-  const bool coo = widx.element_count() != 0;
-  if (coo && widx.element_count() != *T * d[1])
-    return ffi::Error::InvalidArgument("glad: annotators [T/8, S, 8] like the labels, or none");
-  *sl = Slots{lab.typed_data(), coo ? widx.typed_data() : nullptr, d[1],
-              coo ? (int64_t)alpha.element_count() : d[1]};
-  if (alpha.element_count() != sl->W || log_beta.element_count() != *T ||
-      weights.element_count() != *T)
-    return ffi::Error::InvalidArgument("glad: alpha [W], log_beta [T], weights [T] expected");
+                     ffi::Buffer<ffi::S32>& boff, ffi::Buffer<ffi::F32>& weights,
+                     ffi::Buffer<ffi::S32>& n, ffi::Buffer<ffi::F32>& alpha,
+                     ffi::Buffer<ffi::F32>& log_beta, Slots* sl, int64_t* T, int64_t* U) {
+  *T = weights.element_count();
+  if (*T % 8 != 0) return ffi::Error::InvalidArgument("glad: rows T a multiple of 8");
   if (*T >= (int64_t{1} << 31)) return ffi::Error::InvalidArgument("glad: T < 2^31 rows");
+  auto d = lab.dimensions();
+  const bool coo = widx.element_count() != 0;
+  if (coo && widx.element_count() != lab.element_count())
+    return ffi::Error::InvalidArgument("glad: annotators shaped like the labels, or none");
+  if (boff.element_count() == 0) {
+    if (d.size() != 3 || d[2] != 8 || d[0] * 8 != *T)
+      return ffi::Error::InvalidArgument("glad: labels [T/8, S, 8]");
+    *sl = Slots{lab.typed_data(), coo ? widx.typed_data() : nullptr, d[1],
+                coo ? (int64_t)alpha.element_count() : d[1]};
+    sl->Z = d[0] * d[1];
+  } else {
+    const int64_t B = *T / 8;
+    if (!coo || d.size() != 2 || d[1] != 8 || boff.element_count() != B + 1)
+      return ffi::Error::InvalidArgument(
+          "glad: ragged blocks: labels and annotators [Z, 8], offsets [T/8 + 1]");
+    const int32_t* o = boff.typed_data();
+    int64_t widest = 0;
+    for (int64_t b = 0; b < B; ++b) widest = std::max<int64_t>(widest, (int64_t)o[b + 1] - o[b]);
+    bool ok = o[0] == 0 && o[B] <= d[0];
+    for (int64_t b = 0; ok && b < B; ++b) ok = o[b + 1] >= o[b];
+    if (!ok) return ffi::Error::InvalidArgument("glad: block offsets from 0, ascending, <= Z");
+    *sl = Slots{lab.typed_data(), widx.typed_data(), widest, (int64_t)alpha.element_count()};
+    sl->off = o;
+    sl->Z = d[0];
+  }
+  if (alpha.element_count() != sl->W || log_beta.element_count() != *T)
+    return ffi::Error::InvalidArgument("glad: alpha [W], log_beta [T], weights [T] expected");
   *U = n.typed_data()[0];
   if (*U < 0 || *U > *T) return ffi::Error::InvalidArgument("glad: 0 <= n <= T rows");
   return ffi::Error::Success();
@@ -293,9 +323,10 @@ void e_rows(int64_t U, const Slots& sl, int64_t threads, const int8_t* fl, const
             const float* al, const float* lb, const float* lp, float lkm1, float* out,
             const float* Pold, float* P, float* DB, std::vector<Acc>& parts) {
   const bool want_post = out != nullptr;
-  const int64_t W = sl.S;  // the slots a row (a dense panel's annotators)
   const int8_t* L = sl.L;
   parallel_rows(U, threads, parts, sl, [&](int64_t r, Acc& acc) {
+    // the block's slots (a dense panel's annotators) and where its values start
+    const int64_t W = COO ? sl.width(r) : sl.S, o = COO ? sl.base(r) : r * sl.S;
     thread_local std::vector<__m256> xbuf, ebuf;
     if ((int64_t)xbuf.size() < W) xbuf.resize(W);
     if (GRAD && (int64_t)ebuf.size() < W) ebuf.resize(W);
@@ -307,10 +338,10 @@ void e_rows(int64_t U, const Slots& sl, int64_t threads, const int8_t* fl, const
     __m256 sc[K];
     for (int k = 0; k < K; ++k) sc[k] = _mm256_setzero_ps();
     for (int64_t w = 0; w < W; ++w) {
-      __m256i y = load_s8(L + r * W + w * 8);
+      __m256i y = load_s8(L + o + w * 8);
       __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
           _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
-      __m256 x = _mm256_mul_ps(alpha_at<COO>(sl, al, r, w), beta);
+      __m256 x = _mm256_mul_ps(alpha_at<COO>(sl, al, o, w), beta);
       __m256 e = exp_neg_abs(x);
       lp1.add(ans, e);
       xbuf[w] = x;
@@ -319,11 +350,11 @@ void e_rows(int64_t U, const Slots& sl, int64_t threads, const int8_t* fl, const
       qa = _mm256_add_ps(qa, _mm256_and_ps(ans, m0));
       cnt = _mm256_add_ps(cnt, _mm256_and_ps(ans, _mm256_set1_ps(1.f)));
       // Q's answer term with the old p: log sigma(x) - (1 - p) x = m0 - log(1 + e) + p x
-      __m256 p_old = _mm256_loadu_ps(Pold + r * W + w * 8);
+      __m256 p_old = _mm256_loadu_ps(Pold + o + w * 8);
       qo = _mm256_add_ps(qo, _mm256_and_ps(ans, _mm256_fmadd_ps(p_old, x, m0)));
     }
     for (int64_t w = 0; w < W; ++w) {  // the scores' per-label part, from the stored x
-      __m256i y = load_s8(L + r * W + w * 8);
+      __m256i y = load_s8(L + o + w * 8);
       __m256 d = _mm256_add_ps(xbuf[w], _mm256_set1_ps(lkm1));
       for (int k = 0; k < K; ++k) {
         __m256 is = _mm256_castsi256_ps(_mm256_cmpeq_epi32(y, _mm256_set1_epi32(k)));
@@ -367,15 +398,15 @@ void e_rows(int64_t U, const Slots& sl, int64_t threads, const int8_t* fl, const
     const __m256 wb = _mm256_mul_ps(wv, beta);
     __m256 dbv = _mm256_setzero_ps();
     for (int64_t w = 0; w < W; ++w) {
-      __m256i y = load_s8(L + r * W + w * 8);
+      __m256i y = load_s8(L + o + w * 8);
       __m256 ans = _mm256_and_ps(valid, _mm256_castsi256_ps(
           _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
       __m256 p = pick<K>(y, pk, ans);
-      _mm256_storeu_ps(P + r * W + w * 8, p);
+      _mm256_storeu_ps(P + o + w * 8, p);
       q = _mm256_fmadd_ps(p, xbuf[w], q);
       if constexpr (GRAD) {
         __m256 g = _mm256_and_ps(ans, _mm256_sub_ps(p, sigmoid_from(xbuf[w], ebuf[w])));
-        if constexpr (COO) add_alpha_coo(acc, sl, r, w, _mm256_mul_ps(g, wb));
+        if constexpr (COO) add_alpha_coo(acc, sl, o, w, _mm256_mul_ps(g, wb));
         else acc.fa[w] = _mm256_fmadd_ps(g, wb, acc.fa[w]);
         dbv = _mm256_fmadd_ps(g, xbuf[w], dbv);
       }
@@ -441,7 +472,7 @@ ESums e_pass(int64_t K, int64_t U, const Slots& sl, int64_t threads, const int8_
 // post: [T, K] posteriors written when it has T rows (else a [1, K] placeholder); stats: the
 // weighted log-likelihood, Q's answer term and the K weighted class sums.
 ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S32> widx,
-                 ffi::Buffer<ffi::S8> flags, ffi::Buffer<ffi::F32> weights,
+                 ffi::Buffer<ffi::S32> boff, ffi::Buffer<ffi::S8> flags, ffi::Buffer<ffi::F32> weights,
                  ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> alpha,
                  ffi::Buffer<ffi::F32> log_beta, ffi::Buffer<ffi::F32> log_prior,
                  ffi::Buffer<ffi::F32> p_in, ffi::ResultBuffer<ffi::F32> post,
@@ -449,23 +480,23 @@ ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S32> widx,
                  int64_t threads) {
   Slots sl;
   int64_t T, U;
-  if (auto e = CheckRows(lab, widx, weights, n, alpha, log_beta, &sl, &T, &U); e.failure())
+  if (auto e = CheckRows(lab, widx, boff, weights, n, alpha, log_beta, &sl, &T, &U); e.failure())
     return e;
-  const int64_t K = log_prior.element_count(), W = sl.S;  // W: the slots a row
+  const int64_t K = log_prior.element_count();
   if (K < 1 || K > 8) return ffi::Error::InvalidArgument("glad: 1 <= K <= 8 classes");
   const int8_t* fl = flags.typed_data();
   const float* wt = weights.typed_data();
   const float* al = alpha.typed_data();
   const float* lb = log_beta.typed_data();
   const float* lp = log_prior.typed_data();
-  if (p_in.element_count() != W * T || pright->element_count() != W * T)
-    return ffi::Error::InvalidArgument("glad: p [T/8, S, 8] expected");
+  if (p_in.element_count() != sl.elems() || pright->element_count() != sl.elems())
+    return ffi::Error::InvalidArgument("glad: p shaped like the labels expected");
   const bool want_post = post->dimensions()[0] == T;
   float* out = want_post ? post->typed_data() : nullptr;
   float* P = pright->typed_data();
   if (want_post) std::memset(out + U * K, 0, sizeof(float) * (T - U) * K);  // rows past n: zeros
   const int64_t full = (U + 7) / 8 * 8;  // blocks past n: zeros (a partial block: masked below)
-  std::memset(P + full * W, 0, sizeof(float) * (T - full) * W);
+  std::memset(P + sl.base(full), 0, sizeof(float) * (sl.elems() - sl.base(full)));
   if (stats->element_count() != 2 + K) return ffi::Error::InvalidArgument("glad: stats [2 + K]");
   std::vector<Acc> parts;
   const ESums es = e_pass(K, U, sl, threads, fl, wt, al, lb, lp, out, P, P, parts);
@@ -484,18 +515,21 @@ inline float alpha_sum(const std::vector<Acc>& parts, int64_t w) {
 // branches; the accumulators stay in registers). With GRAD, each block of 8 rows ends with
 // row_done(r, valid, b, d_b): the block's log-betas and difficulty gradients (lanes past n: 0).
 // Two blocks go through the annotators together (the last block of a chunk may go alone): their
-// answers' chains of dependent operations interleave (~10 % faster on the AMD VM).
+// answers' chains of dependent operations interleave (~10 % faster on the AMD VM). Ragged
+// blocks (Slots::off) go together where they are as wide, else one after the other.
 template <bool GRAD, bool WANT_Q, bool COO, typename RowDone>
 void grad_rows(int64_t U, const Slots& sl, int64_t threads, const float* wt, const float* P,
                const float* al, const float* lb, std::vector<Acc>& parts, RowDone&& row_done) {
-  const int64_t W = sl.S;  // the slots a row (a dense panel's annotators)
   const int8_t* L = sl.L;
-  parallel_row_pairs(U, threads, parts, sl, [&](int64_t r0, Acc& acc, auto nb) {
+  auto blocks = [&](int64_t r0, Acc& acc, auto nb) {
     constexpr int NB = decltype(nb)::value;
+    const int64_t W = COO ? sl.width(r0) : sl.S;  // the blocks' slots (a panel's annotators)
     __m256 valid[NB], b[NB], beta[NB], wv[NB], wb[NB], dbv[NB], q[NB];
+    int64_t o[NB];  // where each block's values start
     LogProd lp1[NB];
     for (int j = 0; j < NB; ++j) {
       const int64_t r = r0 + 8 * j;
+      o[j] = COO ? sl.base(r) : r * sl.S;
       valid[j] = valid_lanes(r, U);
       b[j] = _mm256_loadu_ps(lb + r);
       beta[j] = exp256(b[j]);
@@ -507,18 +541,17 @@ void grad_rows(int64_t U, const Slots& sl, int64_t threads, const float* wt, con
       const __m256 a = COO ? _mm256_setzero_ps() : _mm256_set1_ps(al[w]);
       __m256 fa = COO ? _mm256_setzero_ps() : acc.fa[w];
       for (int j = 0; j < NB; ++j) {
-        const int64_t r = r0 + 8 * j;
-        __m256i y = load_s8(L + r * W + w * 8);
+        __m256i y = load_s8(L + o[j] + w * 8);
         __m256 ans = _mm256_and_ps(valid[j], _mm256_castsi256_ps(
             _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1))));
-        __m256 x = _mm256_mul_ps(COO ? alpha_at<true>(sl, al, r, w) : a, beta[j]);
-        __m256 p = _mm256_loadu_ps(P + r * W + w * 8);
+        __m256 x = _mm256_mul_ps(COO ? alpha_at<true>(sl, al, o[j], w) : a, beta[j]);
+        __m256 p = _mm256_loadu_ps(P + o[j] + w * 8);
         __m256 e;
         if constexpr (WANT_Q) e = exp_neg_abs(x);
         if constexpr (GRAD) {
           __m256 g = _mm256_and_ps(ans, _mm256_sub_ps(p, WANT_Q ? sigmoid_from(x, e)
                                                                : sigmoid_direct(x)));
-          if constexpr (COO) add_alpha_coo(acc, sl, r, w, _mm256_mul_ps(g, wb[j]));
+          if constexpr (COO) add_alpha_coo(acc, sl, o[j], w, _mm256_mul_ps(g, wb[j]));
           else fa = _mm256_fmadd_ps(g, wb[j], fa);
           dbv[j] = _mm256_fmadd_ps(g, x, dbv[j]);
         }
@@ -536,22 +569,32 @@ void grad_rows(int64_t U, const Slots& sl, int64_t threads, const float* wt, con
       if constexpr (WANT_Q)
         acc.fq = _mm256_fmadd_ps(wv[j], _mm256_sub_ps(q[j], lp1[j].total()), acc.fq);
     }
+  };
+  parallel_row_pairs(U, threads, parts, sl, [&](int64_t r0, Acc& acc, auto nb) {
+    if constexpr (COO && decltype(nb)::value == 2) {
+      if (sl.width(r0) != sl.width(r0 + 8)) {
+        blocks(r0, acc, std::integral_constant<int, 1>{});
+        blocks(r0 + 8, acc, std::integral_constant<int, 1>{});
+        return;
+      }
+    }
+    blocks(r0, acc, nb);
   });
 }
 
 // mode 1: gradients; 2: Q's answer term only; 3: both
 ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S32> widx,
-                    ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
+                    ffi::Buffer<ffi::S32> boff, ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
                     ffi::Buffer<ffi::F32> pright, ffi::Buffer<ffi::F32> alpha,
                     ffi::Buffer<ffi::F32> log_beta, ffi::ResultBuffer<ffi::F32> d_alpha,
                     ffi::ResultBuffer<ffi::F32> d_b, ffi::ResultBuffer<ffi::F32> qout,
                     int64_t threads, int64_t mode) {
   Slots sl;
   int64_t T, U;
-  if (auto e = CheckRows(lab, widx, weights, n, alpha, log_beta, &sl, &T, &U); e.failure())
+  if (auto e = CheckRows(lab, widx, boff, weights, n, alpha, log_beta, &sl, &T, &U); e.failure())
     return e;
-  if (pright.element_count() != sl.S * T)
-    return ffi::Error::InvalidArgument("glad: p [T/8, S, 8]");
+  if (pright.element_count() != sl.elems())
+    return ffi::Error::InvalidArgument("glad: p shaped like the labels");
   if (mode < 1 || mode > 3) return ffi::Error::InvalidArgument("glad: mode 1, 2 or 3");
   const int64_t W = sl.W;
   const float* wt = weights.typed_data();
@@ -690,7 +733,8 @@ void grad_step_rows(int64_t U, int64_t T, const Slots& sl, int64_t threads, cons
 // call's g1 with have_g1 = 1, it spares that call's first step its gradient pass, in every try
 // (a retry starts from the same parameters). have_g1 = 0 (the fit's first M-step): the first
 // step's gradient pass runs as the others do.
-ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S32> widx, ffi::Buffer<ffi::S8> flags,
+ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S32> widx, ffi::Buffer<ffi::S32> boff,
+                 ffi::Buffer<ffi::S8> flags,
                  ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
                  ffi::Buffer<ffi::F32> p0, ffi::Buffer<ffi::F32> p1, ffi::Buffer<ffi::S32> which,
                  ffi::Buffer<ffi::F32> alpha, ffi::Buffer<ffi::F32> log_beta,
@@ -711,15 +755,15 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S32> widx, ffi::Buff
                  float log_beta_min, float log_beta_max) {
   Slots sl;
   int64_t T, U;
-  if (auto e = CheckRows(lab, widx, weights, n, alpha, log_beta, &sl, &T, &U); e.failure())
+  if (auto e = CheckRows(lab, widx, boff, weights, n, alpha, log_beta, &sl, &T, &U); e.failure())
     return e;
-  const int64_t K = log_prior_next.element_count(), W = sl.W, S = sl.S;
+  const int64_t K = log_prior_next.element_count(), W = sl.W;
   if (K < 1 || K > 8 || stats->element_count() != 2 + K)
     return ffi::Error::InvalidArgument("glad: 1 <= K <= 8 classes, stats [2 + K]");
-  if (p0.element_count() != S * T || p1.element_count() != S * T ||
+  if (p0.element_count() != sl.elems() || p1.element_count() != sl.elems() ||
       p0.typed_data() != p0_o->typed_data() || p1.typed_data() != p1_o->typed_data() ||
       which.element_count() != 1 || which_o->element_count() != 1)
-    return ffi::Error::InvalidArgument("glad: two p buffers [T/8, S, 8] rewritten in place");
+    return ffi::Error::InvalidArgument("glad: two p buffers like the labels, rewritten in place");
   const int32_t cur = which.typed_data()[0];
   if (cur != 0 && cur != 1) return ffi::Error::InvalidArgument("glad: which p buffer: 0 or 1");
   if (mu_a.element_count() != W || nu_a.element_count() != W || wmask.element_count() != W ||
@@ -742,7 +786,7 @@ ffi::Error MImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S32> widx, ffi::Buff
   const float* P = cur ? p1_o->typed_data() : p0_o->typed_data();  // p
   float* Pnew = cur ? p0_o->typed_data() : p1_o->typed_data();       // the next E-step's p
   const int64_t full = (U + 7) / 8 * 8;  // its blocks past n: zeros, as glad_e leaves them
-  std::memset(Pnew + full * S, 0, sizeof(float) * (T - full) * S);
+  std::memset(Pnew + sl.base(full), 0, sizeof(float) * (sl.elems() - sl.base(full)));
   const float* wm = wmask.typed_data();
   const float* sc = scalars.typed_data();
   float scale = sc[0];
@@ -828,6 +872,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladE, EImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
@@ -844,6 +889,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladGrad, GradImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -858,6 +904,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladGrad, GradImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmGladM, MImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
