@@ -1093,6 +1093,53 @@ def _glad_with_busy_tasks(T, W, K, n_busy, busy_answers, seed):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n_busy", [0, 3])
+def test_coo_rows_in_the_order_of_first_annotators_give_the_same_fits(n_busy):
+    """The COO sweep's rows in :func:`_native.coo_rank`'s order (tasks sorted by their first
+    annotator, so that a block's table rows stay in cache) hold task t's codes and gold flag at
+    row ``rank[t]``, in tiers by width too (three busy tasks), and DS, IBCC and BWA fitted on
+    them give the fits on rows in the tasks' own order, posteriors given back per task."""
+    if n_busy:
+        task, worker, label, gold, _ = _glad_with_busy_tasks(6000, 500, 4, n_busy, 300, seed=9)
+    else:
+        task, worker, label, gold, _ = _draw_glad_sparse(6000, 500, 4, 4, 0.05, seed=9)
+    n = 6000 + n_busy
+    tensor = _sparse_tensor(task, worker, label, n, 500, 4)
+    data = _core.prepare(tensor, layout="coo", gold=gold, dtype=jnp.float32)
+    width = _native.coo_layout(data, tensor)
+    assert isinstance(width, tuple) == bool(n_busy)  # tiers where busy tasks are
+    rank = _native.coo_rank(data, tensor)
+    r = np.asarray(rank)
+    assert sorted(r) == list(range(data.n_tasks)) and np.any(r[:n] != np.arange(n))
+    first_w = np.minimum.reduceat(tensor.worker[np.argsort(tensor.task, kind="stable")],
+                                  np.r_[0, np.flatnonzero(np.diff(np.sort(tensor.task))) + 1])
+    assert np.all(np.diff(first_w[np.argsort(r[:n])]) >= 0)  # rows by first annotator
+    a, b = _native.ebcc_coo_rows(data, width), _native.ebcc_coo_rows(data, width, rank)
+    a_first, b_first = (x.first if n_busy else x for x in (a, b))
+    np.testing.assert_array_equal(np.asarray(b_first.codes)[r], np.asarray(a_first.codes))
+    np.testing.assert_array_equal(np.asarray(b_first.flags)[r], np.asarray(a_first.flags))
+    if n_busy:
+        np.testing.assert_array_equal(np.asarray(b.keep)[r], np.asarray(a.keep))
+        for pa, pb, ia, ib in zip(a.parts, b.parts, a.index, b.index):
+            ia, ib = np.asarray(ia), np.asarray(ib)
+            np.testing.assert_array_equal(ib, np.sort(r[ia]))  # a tier's rows, ascending
+            at = np.searchsorted(ib, r[ia])  # each of its tasks' place among them
+            np.testing.assert_array_equal(np.asarray(pb.codes)[at], np.asarray(pa.codes))
+            np.testing.assert_array_equal(np.asarray(pb.flags)[at], np.asarray(pa.flags))
+    for fit, kw in ((_native.ds_fit, {}), (_native.ibcc_fit, {"atol": -1.0}),
+                    (_native.bwa_fit, {})):
+        x = fit(data, width=width, max_iter=15, tol=-1.0, **kw)
+        y = fit(data, width=width, rank=rank, max_iter=15, tol=-1.0, **kw)
+        assert int(x.n_iter) == int(y.n_iter) == 15
+        # rows in another order are summed in another order (float32 within a chunk): after 15
+        # iterations a few posteriors near 0.5 move by ~1e-5, the bound of the native fits
+        # against the XLA fits above
+        np.testing.assert_allclose(np.asarray(y.posteriors), np.asarray(x.posteriors),
+                                   atol=2e-5)
+        np.testing.assert_allclose(np.asarray(y.history), np.asarray(x.history), rtol=1e-6)
+
+
+@needs_kernel
 def test_glad_sparse_rows_are_ragged_blocks_that_hold_every_answer_once():
     """A sparse crowd's GLAD rows (``glad_coo_layout``, ``glad_coo_rows``): tasks sorted by their
     number of answers, each block of 8 rows as wide as its widest task, so three busy tasks of

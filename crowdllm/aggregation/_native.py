@@ -100,7 +100,8 @@ __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Pl
            "glad_coo_layout", "GladCooLayout", "glad_coo_rows", "block", "unblock", "bwa_fit",
            "ratio_sums", "ratio_values", "ebcc_rows", "ebcc_coo_rows", "coo_row_width",
            "coo_tiers", "coo_layout", "coo_slots", "tier_call_slots", "RowWidth", "EbccTiers",
-           "coo_task_order", "digamma_gammaln", "special_calls", "special_allowed",
+           "coo_task_order", "coo_rank", "coo_fit_args", "to_rows", "digamma_gammaln",
+           "special_calls", "special_allowed",
            "ebcc_sweep", "ebcc_posteriors", "ebcc_counts",
            "track_buffer", "sums_tracked"]
 
@@ -635,27 +636,33 @@ class _Passes(NamedTuple):
     track: Any
 
 
-def _passes(data: Any, merge: bool, width: RowWidth | None, track: bool) -> _Passes:
+def _passes(data: Any, merge: bool, width: RowWidth | None, track: bool,
+            rank: jax.Array | None = None) -> _Passes:
     """The passes of a fit on ``data`` (``width``: a Coo crowd's row width, :func:`coo_use`;
     ``track``: the sweeps track the posteriors, as IBCC's stopping rule needs; a Coo crowd's
-    always do)."""
+    always do; ``rank``: its tasks' rows, :func:`coo_rank`, whose order the tracked posteriors
+    keep, the others being given back in the tasks' order)."""
     K = data.n_classes
     if width is not None:
-        rows, wts, post0 = ebcc_coo_rows(data, width), data.task_mask.astype(jnp.float32), \
-            _vote_posteriors(data)
+        gold_w = (data.gold >= 0).astype(jnp.float32)
+        wts, post0 = data.task_mask.astype(jnp.float32), _vote_posteriors(data)
+        back = lambda x: x  # noqa: E731  (rows to tasks)
+        if rank is not None:
+            wts, post0, gold_w = (to_rows(x, rank) for x in (wts, post0, gold_w))
+            back = lambda x: x[rank]  # noqa: E731
+        rows = ebcc_coo_rows(data, width, rank)
 
         def coo_vote(gold_only):
-            return ebcc_counts(rows, wts * (data.gold >= 0) if gold_only else wts,
-                               post0[:, :, None], K)
+            return ebcc_counts(rows, wts * gold_w if gold_only else wts, post0[:, :, None], K)
 
         def coo_sweep(log_prior, log_conf, z):
             z, ll, counts, psum, dz = ebcc_sweep(rows, wts, log_prior, log_conf, z, 1)
             return counts, psum, ll, z, dz
 
         def coo_post(log_prior, log_conf):
-            return ebcc_posteriors(rows, log_prior, log_conf, 1)[:, :, 0]
+            return back(ebcc_posteriors(rows, log_prior, log_conf, 1)[:, :, 0])
 
-        return _Passes(coo_vote, coo_sweep, coo_post, lambda lp, lc, z: z, post0)
+        return _Passes(coo_vote, coo_sweep, coo_post, lambda lp, lc, z: back(z), post0)
     p, rows, votes = _setup(data, merge)
     track0 = C0 = None
     if track:  # the start's posteriors kept in the track buffer
@@ -687,7 +694,8 @@ class _State(NamedTuple):
 
 
 def _em(data: Any, *, merge: bool, max_iter: int, tol: Any, log_params: Any, update: Any,
-        prior_term: Any, start_gold: Any = None, width: RowWidth | None = None):
+        prior_term: Any, start_gold: Any = None, width: RowWidth | None = None,
+        rank: jax.Array | None = None):
     """EM with the native kernels for a model whose E-step is Dawid-Skene's.
 
     ``update(counts, psum)``: parameters from the summed counts of the posteriors (the start:
@@ -695,11 +703,12 @@ def _em(data: Any, *, merge: bool, max_iter: int, tol: Any, log_params: Any, upd
     [W, K, L])``; ``prior_term(params)``: the log prior density added to the log-likelihood;
     ``start_gold(params, counts, psum)``: the start adjusted by the counts of the gold tasks
     alone (or None); ``width``: a Coo crowd's row width (:func:`coo_use`; None for a Dense
-    panel). Returns ``(params, posteriors, Loop)``.
+    panel), ``rank``: its tasks' rows (:func:`coo_rank`; None: row t). Returns ``(params,
+    posteriors, Loop)``.
     """
     from ._core import iterate
 
-    ps = _passes(data, merge, width, track=False)
+    ps = _passes(data, merge, width, track=False, rank=rank)
     counts0, psum0 = ps.vote_counts(False)
     params0 = update(counts0, psum0)
     n_ans = _n_answers(counts0)
@@ -721,11 +730,13 @@ def _em(data: Any, *, merge: bool, max_iter: int, tol: Any, log_params: Any, upd
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "init_from_gold", "merge", "width"))
 def ds_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: float = 0.01,
-           init_from_gold: bool = False, merge: bool = True, width: RowWidth | None = None):
+           init_from_gold: bool = False, merge: bool = True, width: RowWidth | None = None,
+           rank: jax.Array | None = None):
     """Dawid-Skene with the native kernel: same model, start, stopping rule, objective and
     result as ``dawid_skene.fit`` (check :func:`coo_use` first). On a Dense panel, ``merge``:
     merge identical answer rows first (the default; off only to measure what merging buys); on a
-    Coo crowd, ``width``: its row width (:func:`coo_use`)."""
+    Coo crowd, ``width``: its row width (:func:`coo_use`), ``rank``: its tasks' rows
+    (:func:`coo_rank`; the sweeps run fastest with tasks of one annotator together)."""
     from . import dawid_skene as ds
     from ._fast import _ds_params
 
@@ -739,7 +750,7 @@ def ds_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: floa
     (log_prior, log_conf), post, loop = _em(
         data, merge=merge, max_iter=max_iter, tol=tol, log_params=lambda q: q, update=update,
         prior_term=lambda q: ds.log_prior_density(data, *q, smoothing),
-        start_gold=start_gold if init_from_gold else None, width=width)
+        start_gold=start_gold if init_from_gold else None, width=width, rank=rank)
     return ds.DSResult(posteriors=post, priors=jnp.exp(log_prior), confusion=jnp.exp(log_conf),
                        objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
                        converged=loop.converged)
@@ -747,7 +758,8 @@ def ds_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: floa
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "merge", "width"))
 def onecoin_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing: float = 0.01,
-                merge: bool = True, width: RowWidth | None = None):
+                merge: bool = True, width: RowWidth | None = None,
+                rank: jax.Array | None = None):
     """One-coin Dawid-Skene with the native kernel: the E-step is Dawid-Skene's with one-coin
     confusion matrices, and the M-step's agreements and answer counts are the diagonal and the
     total of the same summed counts. Same result as ``one_coin.fit``."""
@@ -772,7 +784,7 @@ def onecoin_fit(data: Any, *, max_iter: int = 100, tol: float = 1e-5, smoothing:
     (log_prior, skills), post, loop = _em(
         data, merge=merge, max_iter=max_iter, tol=tol,
         log_params=lambda q: (q[0], oc.log_confusion(q[1], K)), update=update,
-        prior_term=prior_term, width=width)
+        prior_term=prior_term, width=width, rank=rank)
     return oc.OneCoinResult(posteriors=post, priors=jnp.exp(log_prior), skills=skills,
                             objective=loop.objective, history=loop.history, n_iter=loop.n_iter,
                             converged=loop.converged)
@@ -790,19 +802,21 @@ class _VBCarry(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("max_iter", "merge", "width"))
 def ibcc_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, atol: float = 1e-3,
              alpha: float = 1.0, beta_diag: float = 4.0, beta_off: float = 1.0,
-             merge: bool = True, width: RowWidth | None = None):
+             merge: bool = True, width: RowWidth | None = None,
+             rank: jax.Array | None = None):
     """IBCC by mean-field VB with the native kernel. A sweep's q(z) is Dawid-Skene's E-step with
     the tables of E[log rho], E[log pi]; q(rho), q(pi) are the priors plus the summed counts;
     the kernel keeps each distinct row's q(z) to give the largest move of a class posterior
     (the stopping rule). Same start, sweeps, stopping rule, ELBO and result as ``ibcc.fit``.
-    ``width``: a Coo crowd's row width (:func:`coo_use`)."""
+    ``width``: a Coo crowd's row width (:func:`coo_use`), ``rank``: its tasks' rows
+    (:func:`coo_rank`)."""
     from . import ibcc
 
     K = data.n_classes
     alpha_k = jnp.full((K,), alpha, jnp.float32)
     beta = ibcc.confusion_prior(K, beta_diag, beta_off, jnp.float32)
     # the start: majority-vote q(z) (kept in the track), and the q(rho), q(pi) it implies
-    ps = _passes(data, merge, width, track=True)
+    ps = _passes(data, merge, width, track=True, rank=rank)
     counts0, psum0 = ps.vote_counts(False)
     n_ans = _n_answers(counts0)
     nu0, mu0 = alpha_k + psum0, beta[None] + counts0
@@ -835,14 +849,15 @@ def mace_fit_restarts(data: Any, keys: jax.Array, *, max_iter: int = 50, tol: fl
                       method: str = "vb", smoothing: float = 0.0, a: float = 0.5, b: float = 0.5,
                       gamma: float = 10.0, default_noise: float = 0.5,
                       init_from_gold: bool = False, learn_prior: bool = False,
-                      delta: float = 1.0, merge: bool = True, width: RowWidth | None = None):
+                      delta: float = 1.0, merge: bool = True, width: RowWidth | None = None,
+                      rank: jax.Array | None = None):
     """MACE's restarts with the native kernel (same starts, sweeps, objective and results as
     ``mace.fit_restarts``). MACE's likelihood is a confusion matrix (``mace.log_confusion``), so
     its E-step is Dawid-Skene's; its expected counts are the diagonal (posterior mass of the
     labels given) and the column sums (answers given) of the summed counts. The rows are merged
     once; the restarts run one after another (``lax.map``), each stopping on its own. ``width``:
     a Coo crowd's row width (:func:`coo_use`; its sweeps carry their posteriors in the state's
-    ``posteriors``)."""
+    ``posteriors``, in the order of its rows, ``rank``: :func:`coo_rank`)."""
     from . import mace
     from ._core import iterate
 
@@ -851,7 +866,7 @@ def mace_fit_restarts(data: Any, keys: jax.Array, *, max_iter: int = 50, tol: fl
     K = data.n_classes
     kw = dict(method=method, smoothing=smoothing, a=a, b=b, gamma=gamma,
               learn_prior=learn_prior, delta=delta)
-    ps = _passes(data, merge, width, track=False)
+    ps = _passes(data, merge, width, track=False, rank=rank)
     # each annotator's answers (and hits on gold tasks) from the vote pass's counts
     counts0, _ = ps.vote_counts(False)
     n_ans = _n_answers(counts0)
@@ -1417,10 +1432,13 @@ class _RatioPasses(NamedTuple):
     values: Any
 
 
-def _ratio_passes(data: Any, merge: bool, width: RowWidth | None) -> _RatioPasses:
+def _ratio_passes(data: Any, merge: bool, width: RowWidth | None,
+                  rank: jax.Array | None = None) -> _RatioPasses:
     K = data.n_classes
-    if width is not None:  # a sparse crowd: its tasks as rows of answer codes
-        rows, wts = ebcc_coo_rows(data, width), data.task_mask.astype(jnp.float32)
+    if width is not None:  # a sparse crowd: its tasks as rows of answer codes (rank: _passes)
+        rows, wts = ebcc_coo_rows(data, width, rank), data.task_mask.astype(jnp.float32)
+        if rank is not None:
+            wts = to_rows(wts, rank)
         first = rows.first if isinstance(rows, EbccTiers) else rows  # its codes, as every tier's
         Kp = -(-K // 8) * 8
 
@@ -1428,8 +1446,9 @@ def _ratio_passes(data: Any, merge: bool, width: RowWidth | None) -> _RatioPasse
             C = coo_ratio_sums(rows, wts, table, K)
             return (*_ebcc_counts_from(first, C, K, K), *_ebcc_counts_from(first, C[:, Kp:], K, K))
 
-        return _RatioPasses(_ratio_table, coo_sums,
-                            lambda table: coo_ratio_values(rows, table, K))
+        return _RatioPasses(_ratio_table, coo_sums, lambda table: (
+            coo_ratio_values(rows, table, K) if rank is None
+            else coo_ratio_values(rows, table, K)[rank]))
     p, rows, _ = _setup(data, merge)
 
     def dense_tables(bias_num, bias_den, num, den):
@@ -1445,7 +1464,7 @@ def _ratio_passes(data: Any, merge: bool, width: RowWidth | None) -> _RatioPasse
 @functools.partial(jax.jit, static_argnames=("max_iter", "prior_correction", "merge", "width"))
 def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 15.0,
             lam: float = 1.0, prior_correction: bool = True, merge: bool = True,
-            width: RowWidth | None = None):
+            width: RowWidth | None = None, rank: jax.Array | None = None):
     """BWA with the native kernel: same start, updates, objective and result as ``bwa.fit``.
 
     BWA's truth of a task, ``z_k = (lam mu_k + sum_w v_wk [y_w = k]) / (lam + sum_w v_wk)``
@@ -1454,15 +1473,15 @@ def bwa_fit(data: Any, *, max_iter: int = 500, tol: float = 1e-7, a_v: float = 1
     depends on the row's answers only: rows are merged. Per sweep, one ratio pass gives the
     precisions' statistics: the per-annotator sums of ``z`` and of ``z ** 2`` over their answers.
     The start (majority-vote fractions) is the same ratio with vote tables. On a Coo crowd
-    (``width``: its row width, :func:`coo_use`) the rows are its tasks' answer codes
-    (:func:`ebcc_coo_rows`), ``lam mu`` and ``lam`` in the bias row, and the pass is
+    (``width``: its row width, :func:`coo_use`; ``rank``: its tasks' rows, :func:`coo_rank`)
+    the rows are its tasks' answer codes (:func:`ebcc_coo_rows`), ``lam mu`` and ``lam`` in the bias row, and the pass is
     ``native/ebcc.cc``'s ratio pass.
     """
     from . import bwa
     from ._core import iterate, normalize
 
     K = data.n_classes
-    ps = _ratio_passes(data, merge, width)
+    ps = _ratio_passes(data, merge, width, rank)
     eye = jnp.eye(K, dtype=jnp.float32)
     n_tasks = jnp.maximum(data.task_mask.sum(), 1.0)
     wm = data.worker_mask.astype(jnp.float32)
@@ -1685,20 +1704,27 @@ class EbccTiers:
     index: tuple[jax.Array, ...]
 
 
-def ebcc_coo_rows(data: Any, width: RowWidth) -> EbccRows | EbccTiers:
+def ebcc_coo_rows(data: Any, width: RowWidth, rank: jax.Array | None = None
+                  ) -> EbccRows | EbccTiers:
     """A Coo crowd's tasks as rows of ``width`` codes: the bias (code 0), the task's answers
     (``1 + w L + l``) in ascending order, then empty slots (``1 + W L``, a row of zeros).
     ``width`` must be at least 1 + the most answers a task has (:func:`coo_row_width`), or
-    tiers of widths (:func:`coo_tiers`: the rows of each tier as wide as that tier).
+    tiers of widths (:func:`coo_tiers`: the rows of each tier as wide as that tier). Task t is
+    row ``rank[t]`` (``rank``: a permutation of the ``T`` tasks; None: row t), and so are its
+    gold flag and, where tiers index rows, its place among them.
 
     The kernel is fastest when tasks with the same annotators are adjacent (their table rows are
-    then in cache, and equal codes in a slot are summed in a register): ``EBCC`` sorts a sparse
-    crowd's tasks so (:func:`coo_task_order`) before it prepares them."""
+    then in cache, and equal codes in a slot are summed in a register): :func:`coo_rank` puts
+    them so (``EBCC`` sorts a sparse crowd's tasks so before it prepares them)."""
     T, W, L = data.n_tasks, data.n_workers, data.n_classes
     slot = 1 + answer_slots(data)
     empty = 1 + W * L
     code = jnp.where(data.weight > 0, 1 + data.worker * L + data.label, empty)
     flags = jnp.where(data.task_mask > 0, data.gold, -1).astype(jnp.int8)
+    task = data.task
+    if rank is not None:  # everything per row: the answers' rows, the flags
+        task = rank[data.task]
+        flags = to_rows(flags, rank)
 
     def rows(n, wide, row):  # n rows of `wide` slots; answer i goes to row row[task_i]
         # padding answers (weight 0, after the last task's) and other tiers' answers: dropped
@@ -1707,20 +1733,42 @@ def ebcc_coo_rows(data: Any, width: RowWidth) -> EbccRows | EbccTiers:
         return codes.astype(jnp.uint16)
 
     tiers = _tier_list(width, T)
-    first = EbccRows(None, rows(T, tiers[0][0], data.task), flags, answer_codes=W * L)
+    first = EbccRows(None, rows(T, tiers[0][0], task), flags, answer_codes=W * L)
     if len(tiers) == 1:
         return first
     need = 1 + jax.ops.segment_sum((data.weight > 0).astype(jnp.int32), data.task, T,
                                    indices_are_sorted=True)
+    if rank is not None:
+        need = to_rows(need, rank)
     tier = jnp.searchsorted(jnp.asarray([w for w, _ in tiers], jnp.int32), need)
     parts, index = [], []
     for k, (wide, n) in enumerate(tiers[1:], 1):
         idx = jnp.nonzero(tier == k, size=n)[0].astype(jnp.int32)
         row = jnp.full((T,), n, jnp.int32).at[idx].set(jnp.arange(n, dtype=jnp.int32))
-        parts.append(EbccRows(None, rows(n, wide, row[data.task]), flags[idx],
+        parts.append(EbccRows(None, rows(n, wide, row[task]), flags[idx],
                               answer_codes=W * L))
         index.append(idx)
     return EbccTiers(first, (tier == 0).astype(jnp.float32), tuple(parts), tuple(index))
+
+
+def to_rows(x: jax.Array, rank: jax.Array) -> jax.Array:
+    """A per-task array ``x [T, ...]`` in row order: row ``rank[t]`` holds task t's."""
+    return jnp.zeros_like(x).at[rank].set(x, unique_indices=True)
+
+
+def coo_rank(data: Any, tensor: Any) -> jax.Array:
+    """The row of each of a Coo crowd's (padded) tasks for the COO sweep: its tasks sorted by
+    their first annotator (:func:`coo_task_order`), the padding tasks after them, ``[T]``."""
+    order = coo_task_order(tensor.task, tensor.worker, tensor.n_tasks)
+    rank = np.arange(data.n_tasks, dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    return jnp.asarray(rank)
+
+
+def coo_fit_args(data: Any, tensor: Any, width: RowWidth | None) -> dict[str, Any]:
+    """A native fit's layout arguments (:func:`coo_use`'s ``width``; a Coo crowd's ``rank``
+    too, :func:`coo_rank`; a Dense panel's: None)."""
+    return {"width": width, "rank": None if width is None else coo_rank(data, tensor)}
 
 
 def coo_task_order(task: np.ndarray, worker: np.ndarray, n_tasks: int) -> np.ndarray:

@@ -207,7 +207,10 @@ class BWA(Aggregator):
             # holding the numerators and denominators of K classes (each padded to 8)
             columns = 2 * (-(-data.n_classes // 8) * 8) - 1 if isinstance(data, Coo) else None
             self.native_used_, width = _native.coo_use(self.native, data, tensor, columns)
-            run = functools.partial(_native.bwa_fit, width=width) if self.native_used_ else fit
+            run = fit
+            if self.native_used_:  # a sparse crowd: width and rank (the rows' order)
+                run = functools.partial(_native.bwa_fit,
+                                        **_native.coo_fit_args(data, tensor, width))
             res = run(data, max_iter=self.max_iter, tol=self.tol, a_v=self.a_v, lam=self.lam,
                       prior_correction=self.prior_correction)
             res = jax.tree_util.tree_map(np.asarray, res)

@@ -190,7 +190,9 @@ class DawidSkene(Aggregator):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
             self.native_used_, width = _native.coo_use(self.native, data, tensor)
-            run = functools.partial(_native.ds_fit, width=width) if self.native_used_ else fit
+            run = fit
+            if self.native_used_:  # a sparse crowd: width and rank (the rows' order)
+                run = functools.partial(_native.ds_fit, **_native.coo_fit_args(data, tensor, width))
             res = run(data, max_iter=self.max_iter, tol=self.tol, smoothing=self.smoothing,
                       init_from_gold=self.init == "gold")
             res = jax.tree_util.tree_map(np.asarray, res)

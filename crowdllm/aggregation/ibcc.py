@@ -358,8 +358,10 @@ class IBCC(Aggregator):
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
             tol = -np.inf if self.tol is None else self.tol
             self.native_used_, width = _native.coo_use(self.native, data, tensor)
-            run = (functools.partial(_native.ibcc_fit, width=width) if self.native_used_
-                   else functools.partial(fit, native_special=self.native != "off"))
+            run = functools.partial(fit, native_special=self.native != "off")
+            if self.native_used_:  # a sparse crowd: width and rank (the rows' order)
+                run = functools.partial(_native.ibcc_fit,
+                                        **_native.coo_fit_args(data, tensor, width))
             res = run(data, max_iter=self.max_iter, tol=tol, atol=self.atol, alpha=self.alpha,
                       beta_diag=self.beta_diag, beta_off=self.beta_off)
             res = jax.tree_util.tree_map(np.asarray, res)

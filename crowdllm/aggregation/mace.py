@@ -418,8 +418,10 @@ class MACE(Aggregator):
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
             keys = jax.random.split(jax.random.key(self.seed), self.n_restarts)
             self.native_used_, width = _native.coo_use(self.native, data, tensor)
-            run = (functools.partial(_native.mace_fit_restarts, width=width) if self.native_used_
-                   else functools.partial(fit_restarts, native_special=self.native != "off"))
+            run = functools.partial(fit_restarts, native_special=self.native != "off")
+            if self.native_used_:  # a sparse crowd: width and rank (the rows' order)
+                run = functools.partial(_native.mace_fit_restarts,
+                                        **_native.coo_fit_args(data, tensor, width))
             allres = run(data, keys, max_iter=self.max_iter, tol=self.tol, method=self.method,
                          smoothing=smoothing, a=self.alpha, b=self.beta, gamma=self.gamma,
                          default_noise=self.default_noise, init_from_gold=self.init == "gold",

@@ -128,7 +128,10 @@ class OneCoinDawidSkene(Aggregator):
             data = prepare(tensor, layout=self.layout, gold=gold,
                            dtype=jnp.float64 if self.dtype == "float64" else jnp.float32)
             self.native_used_, width = _native.coo_use(self.native, data, tensor)
-            run = functools.partial(_native.onecoin_fit, width=width) if self.native_used_ else fit
+            run = fit
+            if self.native_used_:  # a sparse crowd: width and rank (the rows' order)
+                run = functools.partial(_native.onecoin_fit,
+                                        **_native.coo_fit_args(data, tensor, width))
             res = jax.tree_util.tree_map(np.asarray, run(
                 data, max_iter=self.max_iter, tol=self.tol, smoothing=self.smoothing))
         return {"probas": res.posteriors[: tensor.n_tasks], "priors": res.priors,
