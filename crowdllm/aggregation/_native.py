@@ -585,6 +585,18 @@ def _vote_posteriors(data: Any) -> jax.Array:
     return vote_posteriors(data, jnp.float32)
 
 
+def _row_votes(data: Any, rank: jax.Array) -> jax.Array:
+    """:func:`_vote_posteriors` of a Coo crowd's tasks in row order (task t in row ``rank[t]``),
+    counted there: not made per task and then moved (a second ``[T, K]`` array at the peak).
+    The counts are whole numbers, the same in any order of adding."""
+    from ._core import clamp_gold, normalize
+
+    T, L = data.n_tasks, data.n_classes
+    vals = data.worker_mask.astype(jnp.float32)[data.worker] * data.weight.astype(jnp.float32)
+    counts = jax.ops.segment_sum(vals, rank[data.task] * L + data.label, num_segments=T * L)
+    return clamp_gold(normalize(counts.reshape(T, L)), to_rows(data.gold, rank))
+
+
 def _gold_counts(p: Plan, rows: Rows, votes: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
     """``(counts [W, K, L], class totals [K])`` of the gold tasks alone (a vote pass: their
     posteriors are clamped to their gold class)."""
@@ -645,10 +657,13 @@ def _passes(data: Any, merge: bool, width: RowWidth | None, track: bool,
     K = data.n_classes
     if width is not None:
         gold_w = (data.gold >= 0).astype(jnp.float32)
-        wts, post0 = data.task_mask.astype(jnp.float32), _vote_posteriors(data)
+        wts = data.task_mask.astype(jnp.float32)
         back = lambda x: x  # noqa: E731  (rows to tasks)
-        if rank is not None:
-            wts, post0, gold_w = (to_rows(x, rank) for x in (wts, post0, gold_w))
+        if rank is None:
+            post0 = _vote_posteriors(data)
+        else:
+            wts, gold_w = (to_rows(x, rank) for x in (wts, gold_w))
+            post0 = _row_votes(data, rank)
             back = lambda x: x[rank]  # noqa: E731
         rows = ebcc_coo_rows(data, width, rank)
 
