@@ -255,3 +255,42 @@ def test_sample_screening_through_the_class(layout):
     assert np.isnan(screened.elbos_).sum() == 3
     assert screened.elbos_[b] == pytest.approx(full.elbos_[b], rel=1e-9)
     assert (screened.label_codes_ == z).mean() > 0.8
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_reordered_tasks_come_with_their_answers_grouped(grouped):
+    """``reorder_tasks`` moves each task's answers (and probabilities) along with it, grouped
+    by the new order, so ``prepare`` has nothing left to sort: its data equal those of the
+    tensor whose task codes alone were renumbered (which ``prepare`` sorts, stably), whether
+    the answers came grouped by task or not."""
+    import dataclasses
+
+    rng = np.random.default_rng(3)
+    n, W = 500, 40
+    task = np.repeat(np.arange(n, dtype=np.int32), rng.integers(0, 5, n))  # some with none
+    worker = rng.integers(0, W, task.size).astype(np.int32)
+    label = rng.integers(0, 3, task.size).astype(np.int32)
+    probs = rng.random((task.size, 3))
+    if not grouped:
+        p = rng.permutation(task.size)
+        task, worker, label, probs = task[p], worker[p], label[p], probs[p]
+    gold = np.where(rng.random(n) < 0.1, rng.integers(0, 3, n), -1)
+    tensor = LabelTensor(task=task, worker=worker, label=label, task_ids=np.arange(n) * 10,
+                         worker_ids=np.arange(W), classes=np.arange(3), probs=probs)
+    order = rng.permutation(n)
+    out, counts, g = kernel.reorder_tasks(tensor, np.arange(n, dtype=float), gold, order)
+    assert np.all(np.diff(out.task) >= 0)  # grouped by the new task
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    renumbered = dataclasses.replace(tensor, task=rank[task].astype(np.int32),
+                                     task_ids=tensor.task_ids[order])
+    a, b = prepare(out, layout="coo", gold=g), prepare(renumbered, layout="coo", gold=gold[order])
+    for field in ("task", "worker", "label", "weight", "task_mask", "gold"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, field)), np.asarray(getattr(b, field)))
+    np.testing.assert_array_equal(out.task_ids, np.arange(n)[order] * 10)
+    np.testing.assert_array_equal(counts, order.astype(float))
+    np.testing.assert_array_equal(g, gold[order])
+    # each answer moved with its probabilities
+    key = lambda t, w, y, pr: sorted(zip(t.tolist(), w.tolist(), y.tolist(), pr[:, 0].tolist()))  # noqa: E731
+    assert key(out.task, out.worker, out.label, out.probs) == key(
+        rank[task], worker, label, probs)

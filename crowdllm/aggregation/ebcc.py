@@ -580,11 +580,22 @@ def _merge_by_hash(tensor: LabelTensor, gold: np.ndarray | None, base: int, n_co
 def reorder_tasks(tensor: LabelTensor, counts: np.ndarray, gold: np.ndarray | None,
                   order: np.ndarray) -> tuple[LabelTensor, np.ndarray, np.ndarray | None]:
     """The tasks in another order: task ``i`` of the result is task ``order[i]`` (with its
-    answers, counts and gold); ``order`` a permutation of the tasks."""
+    answers, counts and gold); ``order`` a permutation of the tasks. The answers come grouped by
+    their new task, each task's in their own order (as ``prepare``'s stable sort would put them,
+    which then has nothing to sort: at 30M answers that sort took 3.5 s)."""
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
+    task = np.asarray(tensor.task)
+    if task.size and np.all(task[1:] >= task[:-1]):  # grouped by task: move whole runs
+        c = np.bincount(task, minlength=len(order))
+        start, c_new = np.cumsum(c) - c, c[order]
+        perm = np.repeat(start[order] - (np.cumsum(c_new) - c_new), c_new) + np.arange(task.size)
+    else:
+        perm = np.argsort(rank[task], kind="stable")
     out = dataclasses.replace(
-        tensor, task=rank[tensor.task].astype(np.int32), task_ids=tensor.task_ids[order],
+        tensor, task=rank[task[perm]].astype(np.int32), worker=tensor.worker[perm],
+        label=tensor.label[perm], probs=None if tensor.probs is None else tensor.probs[perm],
+        task_ids=tensor.task_ids[order],
         gold=None if tensor.gold is None else tensor.gold[order])
     return (out, np.asarray(counts)[order],
             None if gold is None else np.asarray(gold)[order])
