@@ -589,11 +589,15 @@ def reorder_tasks(tensor: LabelTensor, counts: np.ndarray, gold: np.ndarray | No
     if task.size and np.all(task[1:] >= task[:-1]):  # grouped by task: move whole runs
         c = np.bincount(task, minlength=len(order))
         start, c_new = np.cumsum(c) - c, c[order]
-        perm = np.repeat(start[order] - (np.cumsum(c_new) - c_new), c_new) + np.arange(task.size)
+        idx = np.int32 if task.size < 2**31 else np.int64  # (half the memory of int64)
+        perm = np.repeat((start[order] - (np.cumsum(c_new) - c_new)).astype(idx), c_new)
+        perm += np.arange(task.size, dtype=idx)
+        new_task = np.repeat(np.arange(len(order), dtype=np.int32), c_new)  # (no gather)
     else:
         perm = np.argsort(rank[task], kind="stable")
+        new_task = rank[task[perm]].astype(np.int32)
     out = dataclasses.replace(
-        tensor, task=rank[task[perm]].astype(np.int32), worker=tensor.worker[perm],
+        tensor, task=new_task, worker=tensor.worker[perm],
         label=tensor.label[perm], probs=None if tensor.probs is None else tensor.probs[perm],
         task_ids=tensor.task_ids[order],
         gold=None if tensor.gold is None else tensor.gold[order])
