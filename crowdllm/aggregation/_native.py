@@ -51,10 +51,12 @@ with 10 subtypes: 24 ms per sweep against the XLA sweep's 102 in the same run on
 VM (``python benchmarks/ebcc_sweep_native.py``). A sparse crowd's (COO) tasks go through the same
 kernel as rows of one code per answer (:func:`ebcc_coo_rows`: a table row per annotator and
 label instead of per group combination), in tiers by width where a few tasks have many more
-answers than the rest (:func:`coo_tiers`). With one subtype a class that sweep is Dawid-Skene's
-E-step and sums, so DS, one-coin DS, IBCC and MACE run a sparse crowd on it too
+answers than the rest (:func:`coo_tiers`), tasks in order of their first annotator
+(:func:`coo_rank`: a block's table rows then stay in cache). With one subtype a class that sweep
+is Dawid-Skene's E-step and sums, so DS, one-coin DS, IBCC and MACE run a sparse crowd on it too
 (:func:`coo_use`, :class:`_Passes`): at 1,000,000 tasks x 3 answers of 10,000 annotators, 28-44
-ms an iteration against the XLA path's 88-436 over two runs (``python benchmarks/coo_native.py``).
+ms an iteration against the XLA path's 88-436 over two runs (``python benchmarks/coo_native.py``;
+session 31, before the rows were in that order).
 BWA runs a sparse crowd on the same rows with the kernel's ratio pass (each table row the
 numerators, then the denominators, of the classes; :func:`coo_ratio_sums`). GLAD runs a sparse
 crowd on its own passes, each task a row of answer slots (:func:`glad_coo_rows`: labels and
