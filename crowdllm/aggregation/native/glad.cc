@@ -472,8 +472,9 @@ ESums e_pass(int64_t K, int64_t U, const Slots& sl, int64_t threads, const int8_
 // post: [T, K] posteriors written when it has T rows (else a [1, K] placeholder); stats: the
 // weighted log-likelihood, Q's answer term and the K weighted class sums.
 ffi::Error EImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S32> widx,
-                 ffi::Buffer<ffi::S32> boff, ffi::Buffer<ffi::S8> flags, ffi::Buffer<ffi::F32> weights,
-                 ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> alpha,
+                 ffi::Buffer<ffi::S32> boff, ffi::Buffer<ffi::S8> flags,
+                 ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
+                 ffi::Buffer<ffi::F32> alpha,
                  ffi::Buffer<ffi::F32> log_beta, ffi::Buffer<ffi::F32> log_prior,
                  ffi::Buffer<ffi::F32> p_in, ffi::ResultBuffer<ffi::F32> post,
                  ffi::ResultBuffer<ffi::F32> pright, ffi::ResultBuffer<ffi::F32> stats,
@@ -584,8 +585,9 @@ void grad_rows(int64_t U, const Slots& sl, int64_t threads, const float* wt, con
 
 // mode 1: gradients; 2: Q's answer term only; 3: both
 ffi::Error GradImpl(ffi::Buffer<ffi::S8> lab, ffi::Buffer<ffi::S32> widx,
-                    ffi::Buffer<ffi::S32> boff, ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
-                    ffi::Buffer<ffi::F32> pright, ffi::Buffer<ffi::F32> alpha,
+                    ffi::Buffer<ffi::S32> boff, ffi::Buffer<ffi::F32> weights,
+                    ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> pright,
+                    ffi::Buffer<ffi::F32> alpha,
                     ffi::Buffer<ffi::F32> log_beta, ffi::ResultBuffer<ffi::F32> d_alpha,
                     ffi::ResultBuffer<ffi::F32> d_b, ffi::ResultBuffer<ffi::F32> qout,
                     int64_t threads, int64_t mode) {
