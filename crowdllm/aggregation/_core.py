@@ -404,16 +404,21 @@ def worker_confusion(data: CrowdData, post: jax.Array) -> jax.Array:
     return flat.reshape(data.n_workers, L, K).transpose(0, 2, 1)
 
 
-def task_vote(data: CrowdData, worker_weight: jax.Array) -> jax.Array:
-    """``out[t, l] = sum over answers (t, w, l) of worker_weight[w]``: ``[tasks, L]`` votes."""
+def task_vote(data: CrowdData, worker_weight: jax.Array, rank: jax.Array | None = None
+              ) -> jax.Array:
+    """``out[t, l] = sum over answers (t, w, l) of worker_weight[w]``: ``[tasks, L]`` votes.
+    ``rank`` (a Coo crowd's): task t's votes in row ``rank[t]`` instead, counted there."""
     if isinstance(data, Dense):
+        if rank is not None:
+            raise ValueError("rank: a Coo crowd's rows")
         if not _FAST:
             return _reference_task_vote(data, worker_weight)
         return _fast.task_vote(data.labels, data.n_classes, worker_weight)
     L = data.n_classes
     vals = worker_weight[data.worker] * data.weight.astype(worker_weight.dtype)
-    flat = jax.ops.segment_sum(vals, data.task * L + data.label, num_segments=data.n_tasks * L,
-                               indices_are_sorted=True)
+    row = data.task if rank is None else rank[data.task]
+    flat = jax.ops.segment_sum(vals, row * L + data.label, num_segments=data.n_tasks * L,
+                               indices_are_sorted=rank is None)
     return flat.reshape(data.n_tasks, L)
 
 

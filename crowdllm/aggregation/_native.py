@@ -591,12 +591,10 @@ def _row_votes(data: Any, rank: jax.Array) -> jax.Array:
     """:func:`_vote_posteriors` of a Coo crowd's tasks in row order (task t in row ``rank[t]``),
     counted there: not made per task and then moved (a second ``[T, K]`` array at the peak).
     The counts are whole numbers, the same in any order of adding."""
-    from ._core import clamp_gold, normalize
+    from ._core import clamp_gold, normalize, task_vote
 
-    T, L = data.n_tasks, data.n_classes
-    vals = data.worker_mask.astype(jnp.float32)[data.worker] * data.weight.astype(jnp.float32)
-    counts = jax.ops.segment_sum(vals, rank[data.task] * L + data.label, num_segments=T * L)
-    return clamp_gold(normalize(counts.reshape(T, L)), to_rows(data.gold, rank))
+    counts = task_vote(data, data.worker_mask.astype(jnp.float32), rank)
+    return clamp_gold(normalize(counts), to_rows(data.gold, rank))
 
 
 def _gold_counts(p: Plan, rows: Rows, votes: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
@@ -660,13 +658,11 @@ def _passes(data: Any, merge: bool, width: RowWidth | None, track: bool,
     if width is not None:
         gold_w = (data.gold >= 0).astype(jnp.float32)
         wts = data.task_mask.astype(jnp.float32)
-        back = lambda x: x  # noqa: E731  (rows to tasks)
         if rank is None:
             post0 = _vote_posteriors(data)
         else:
             wts, gold_w = (to_rows(x, rank) for x in (wts, gold_w))
             post0 = _row_votes(data, rank)
-            back = lambda x: x[rank]  # noqa: E731
         rows = ebcc_coo_rows(data, width, rank)
 
         def coo_vote(gold_only):
@@ -677,9 +673,10 @@ def _passes(data: Any, merge: bool, width: RowWidth | None, track: bool,
             return counts, psum, ll, z, dz
 
         def coo_post(log_prior, log_conf):
-            return back(ebcc_posteriors(rows, log_prior, log_conf, 1)[:, :, 0])
+            return _from_rows(ebcc_posteriors(rows, log_prior, log_conf, 1)[:, :, 0], rank)
 
-        return _Passes(coo_vote, coo_sweep, coo_post, lambda lp, lc, z: back(z), post0)
+        return _Passes(coo_vote, coo_sweep, coo_post, lambda lp, lc, z: _from_rows(z, rank),
+                       post0)
     p, rows, votes = _setup(data, merge)
     track0 = C0 = None
     if track:  # the start's posteriors kept in the track buffer
@@ -1186,8 +1183,7 @@ def glad_coo_layout(data: Any, tensor: Any) -> GladCooLayout:
         np.cumsum(width.reshape(-1, 8).max(1), out=offsets[1:])
     elif n:  # every task as many answers: blocks as wide, up to the last with a task
         offsets[:] = int(counts[0]) * np.minimum(np.arange(T // 8 + 1), -(-n // 8))
-    rank = np.arange(data.n_tasks, dtype=np.int32)
-    rank[order] = np.arange(len(order), dtype=np.int32)
+    rank = _rank_of(order, data.n_tasks)
     slots = bucket(int(offsets[-1]), minimum=8)
     if slots * 8 >= 2**31:
         raise ValueError(f"GLAD's rows: {slots:,} slots of 8 answers, more than its kernels "
@@ -1307,13 +1303,8 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
     lab = unblock(lab_b) if boff is None else lab_b  # [T, W] or [Z, 8] (setup only)
     answered = lab >= 0
     if boff is None:
-        at_rows = lambda x: x[:, None]  # noqa: E731
         n_ans = jnp.maximum((answered * wts[:, None]).sum(), 1.0)
-    else:  # a slot's row: its block (the offsets at or before it) x 8 + its lane
-        def at_rows(x):
-            starts = jnp.zeros((lab.shape[0],), jnp.int32).at[boff[1:-1]].add(1, mode="drop")
-            return x[jnp.cumsum(starts)[:, None] * 8 + jnp.arange(8, dtype=jnp.int32)]
-
+    else:
         n_ans = jnp.maximum(answered.sum(), 1).astype(jnp.float32)  # rows of tasks weigh 1
     wm = worker_mask
 
@@ -1322,8 +1313,15 @@ def _glad_fit_rows(lab_b: jax.Array, flags: jax.Array, wts: jax.Array, n: jax.Ar
 
     alpha = jnp.full((W,), mu_alpha, jnp.float32)
     if init_from_gold:
-        on_gold = answered & (at_rows(flags) >= 0)
-        hit = on_gold & (lab == at_rows(flags))
+        if boff is None:
+            at_rows = lambda x: x[:, None]  # noqa: E731
+        else:  # a slot's row: its block (the offsets at or before it) x 8 + its lane
+            starts = jnp.zeros((lab.shape[0],), jnp.int32).at[boff[1:-1]].add(1, mode="drop")
+            slot_row = jnp.cumsum(starts)[:, None] * 8 + jnp.arange(8, dtype=jnp.int32)
+            at_rows = lambda x: x[slot_row]  # noqa: E731
+        gold_at = at_rows(flags)
+        on_gold = answered & (gold_at >= 0)
+        hit = on_gold & (lab == gold_at)
         if widx is None:
             per_worker = lambda x: (x * wts[:, None]).sum(0)  # noqa: E731
         else:
@@ -1463,9 +1461,8 @@ def _ratio_passes(data: Any, merge: bool, width: RowWidth | None,
             C = coo_ratio_sums(rows, wts, table, K)
             return (*_ebcc_counts_from(first, C, K, K), *_ebcc_counts_from(first, C[:, Kp:], K, K))
 
-        return _RatioPasses(_ratio_table, coo_sums, lambda table: (
-            coo_ratio_values(rows, table, K) if rank is None
-            else coo_ratio_values(rows, table, K)[rank]))
+        return _RatioPasses(_ratio_table, coo_sums,
+                            lambda table: _from_rows(coo_ratio_values(rows, table, K), rank))
     p, rows, _ = _setup(data, merge)
 
     def dense_tables(bias_num, bias_den, num, den):
@@ -1773,13 +1770,24 @@ def to_rows(x: jax.Array, rank: jax.Array) -> jax.Array:
     return jnp.zeros_like(x).at[rank].set(x, unique_indices=True)
 
 
+def _from_rows(x: jax.Array, rank: jax.Array | None) -> jax.Array:
+    """:func:`to_rows` undone: task t's values from row ``rank[t]`` (None: rows are tasks)."""
+    return x if rank is None else x[rank]
+
+
 def coo_rank(data: Any, tensor: Any) -> jax.Array:
     """The row of each of a Coo crowd's (padded) tasks for the COO sweep: its tasks sorted by
     their first annotator (:func:`coo_task_order`), the padding tasks after them, ``[T]``."""
-    order = coo_task_order(tensor.task, tensor.worker, tensor.n_tasks)
-    rank = np.arange(data.n_tasks, dtype=np.int32)
+    return jnp.asarray(_rank_of(coo_task_order(tensor.task, tensor.worker, tensor.n_tasks),
+                                data.n_tasks))
+
+
+def _rank_of(order: np.ndarray, n_rows: int) -> np.ndarray:
+    """Each of ``n_rows`` tasks' row, ``[n_rows]`` int32: task ``order[i]`` in row i, the tasks
+    ``order`` leaves out (the padding) in their own rows."""
+    rank = np.arange(n_rows, dtype=np.int32)
     rank[order] = np.arange(len(order), dtype=np.int32)
-    return jnp.asarray(rank)
+    return rank
 
 
 def coo_fit_args(data: Any, tensor: Any, width: RowWidth | None) -> dict[str, Any]:
