@@ -146,3 +146,47 @@ def test_dense_pair_counts_equal_the_coo_counts():
     for a, b in zip(dense, coo):
         np.testing.assert_array_equal(a, b)
     assert dense[1].sum() > 0 and (dense[0] <= dense[1]).all()
+
+
+def _crowd(rng, T, W, A, K=4, busy=0):
+    """Random answers in random order, with repeats (an annotator answering a task again, with
+    the same label or another), annotators with no answer, and ``busy`` tasks of 60 answers."""
+    task = rng.integers(0, T, A)
+    worker = rng.integers(0, max(W - 2, 1), A)  # the last two annotators never answer
+    label = rng.integers(0, K, A)
+    rep = rng.choice(A, A // 5)  # repeats: same task and annotator, label kept or redrawn
+    redraw = rng.random(len(rep)) < 0.5
+    task = np.concatenate([task, task[rep]])
+    worker = np.concatenate([worker, worker[rep]])
+    label = np.concatenate([label, np.where(redraw, rng.integers(0, K, len(rep)), label[rep])])
+    for t in range(busy):
+        task = np.concatenate([task, np.full(60, t)])
+        worker = np.concatenate([worker, rng.integers(0, W - 2, 60)])
+        label = np.concatenate([label, rng.integers(0, K, 60)])
+    perm = rng.permutation(len(task))
+    return LabelTensor(task=task[perm], worker=worker[perm], label=label[perm],
+                       task_ids=np.arange(T), worker_ids=np.arange(W), classes=np.arange(K))
+
+
+@pytest.mark.skipif(not mmsr_mod._native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_pair_walk_equals_the_sparse_products(monkeypatch, threads):
+    """The native walk over each annotator's tasks counts the same pairs, agreements and common
+    tasks as scipy's sparse products (one a class), whatever the thread count: on random crowds
+    with repeated answers (counted once), busy tasks (the walk's sort past 32 answers), answers
+    in no order and idle annotators; and on a real sparse crowd."""
+    monkeypatch.setattr(mmsr_mod._native, "_threads", lambda: threads)
+    rng = np.random.default_rng(threads)
+    crowds = [_crowd(rng, 400, 30, 3000), _crowd(rng, 3000, 500, 9000, busy=5),
+              _crowd(rng, 50, 6, 1000, K=2),
+              LabelTensor.coerce(DATA / "zencrowd_in" / "answers.csv")]
+    for t in crowds:
+        ref = mmsr_mod.sparse_pair_statistics(t, native=False)
+        got = mmsr_mod.sparse_pair_statistics(t, native=True)
+        # pairs that agree on some tasks and not on others (the third crowd's pairs gave both
+        # labels on every task they share: their summed agreements are cut to common)
+        assert len(ref[0]) > 0 and (ref[2] > 0).any()
+        assert (ref[2] < ref[3]).any() or t.n_classes == 2
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype

@@ -89,7 +89,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from ..labels import LabelTensor
-from . import _fast
+from . import _fast, _native
 from ._core import Dense, argmax_ties, bucket, clamp_gold, prepare, task_vote
 from .base import Aggregator
 
@@ -146,10 +146,20 @@ def pair_statistics(tensor: LabelTensor, data: Any = None) -> tuple[np.ndarray, 
     return agree, common
 
 
-def sparse_pair_statistics(tensor: LabelTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def sparse_pair_statistics(tensor: LabelTensor, native: bool | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The observed pairs only: ``(w, v, agree, common)`` for every ordered pair ``w != v`` of
     annotators who share a task (both orders listed), sorted by ``(v, w)``. Same counts as
-    :func:`pair_statistics`, without its ``[W, W]`` arrays (a crowd of 10,000 annotators)."""
+    :func:`pair_statistics`, without its ``[W, W]`` arrays (a crowd of 10,000 annotators).
+
+    ``native``: count them with the native walk (:func:`._native.pair_statistics`, all threads;
+    10M tasks x 3 answers of 10,000 annotators: ~1 s instead of ~13) or with scipy's sparse
+    products (one a class: the reference); None: native where it is available."""
+    if native is None:
+        native = tensor.n_answers < 2 ** 32 and _native.available()
+    if native:
+        return _native.pair_statistics(tensor.task, tensor.worker, tensor.label, tensor.n_tasks,
+                                       tensor.n_workers)
     T, W, K = max(tensor.n_tasks, 1), tensor.n_workers, max(tensor.n_classes, 1)
     ones = np.ones(tensor.n_answers, dtype=np.float64)
 
