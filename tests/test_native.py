@@ -1292,16 +1292,18 @@ def test_native_glad_gold_start_on_a_sparse_crowd(T, W, K, most):
 @pytest.mark.parametrize("n,W,A,by_task", [(1000, 50, 3000, False), (1000, 50, 3000, True),
                                            (1000, 70_000, 2500, False), (5, 3, 0, False),
                                            (200, 10, 150, True)])
-def test_coo_task_order_sorts_tasks_by_their_first_annotator(n, W, A, by_task):
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=needs_kernel)])
+def test_coo_task_order_sorts_tasks_by_their_first_annotator(n, W, A, by_task, native):
     """The order of the COO sweeps' rows: tasks by their lowest numbered annotator, ties in
     their own order, tasks nobody answered last; the answers in any order, annotators past 16
-    bits (another sort), no answers at all."""
+    bits (another sort in NumPy), no answers at all; NumPy's sorts and the native counting sort
+    alike."""
     rng = np.random.default_rng(n + A)
     task = rng.integers(0, n, A).astype(np.int32)
     worker = rng.integers(0, W, A).astype(np.int32)
     if by_task:
         task = np.sort(task)
-    order = _native.coo_task_order(task, worker, n)
+    order = _native.coo_task_order(task, worker, n, native=native)
     first = np.full(n, np.iinfo(np.int64).max)
     for t, w in zip(task, worker):
         first[t] = min(first[t], w)

@@ -66,6 +66,11 @@ alpha gathered by its annotator and alpha's gradient added to that annotator's s
 
 The VB methods' Dirichlet statistics need digamma and log-gamma of every parameter each sweep;
 :func:`digamma_gammaln` (``native/special.cc``) computes both in one pass.
+
+Two passes on the host's arrays before a fit are plain C functions called with ``ctypes`` (not
+custom calls): a sparse crowd's task order (:func:`coo_task_order`, ``native/order.cc``: a
+counting sort by first annotator) and M-MSR's annotator pair counts
+(:func:`pair_statistics`, ``native/pairs.cc``).
 """
 
 from __future__ import annotations
@@ -110,7 +115,7 @@ __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Pl
 NATIVE_DIR = Path(__file__).with_name("native")
 #: compiled together into one library; the header is part of the cache key
 SOURCES = (NATIVE_DIR / "ds_grouped.cc", NATIVE_DIR / "glad.cc", NATIVE_DIR / "ebcc.cc",
-           NATIVE_DIR / "special.cc", NATIVE_DIR / "pairs.cc")
+           NATIVE_DIR / "special.cc", NATIVE_DIR / "pairs.cc", NATIVE_DIR / "order.cc")
 HEADERS = (NATIVE_DIR / "simd.h",)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 #: most combinations per annotator group (the group's two tables stay in cache)
@@ -1797,17 +1802,33 @@ def coo_fit_args(data: Any, tensor: Any, width: RowWidth | None) -> dict[str, An
     return {"width": width, "rank": None if width is None else coo_rank(data, tensor)}
 
 
-def coo_task_order(task: np.ndarray, worker: np.ndarray, n_tasks: int) -> np.ndarray:
+def coo_task_order(task: np.ndarray, worker: np.ndarray, n_tasks: int,
+                   native: bool | None = None) -> np.ndarray:
     """The tasks of a sparse crowd in the order the COO sweep runs fastest: by their first (lowest
     numbered) annotator, ties in their own order (a stable sort; tasks nobody answered last).
     On the 10,000-annotator crowd of ``benchmarks/speed.py`` (tasks that share their first
     annotator share all three), a sweep at 1,000,000 tasks takes ~90 ms instead of ~220.
 
-    Each task's first annotator is a minimum over its run of answers (sorted by task first
-    where they are not), and the sort is NumPy's radix sort where annotators fit 16 bits:
-    0.5-1.1 s at 30,000,000 answers against 2.6-3.2 with ``np.minimum.at`` and a sort of 32-bit
-    keys (session 31)."""
+    ``native`` (None: where the kernels are available): one pass for each task's first
+    annotator and a counting sort by it (``native/order.cc``). Else NumPy: a minimum over each
+    task's run of answers (sorted by task first where they are not) and its radix sort where
+    annotators fit 16 bits: 0.5-1.1 s at 30,000,000 answers against 2.6-3.2 with
+    ``np.minimum.at`` and a sort of 32-bit keys (session 31)."""
     task, worker = np.asarray(task), np.asarray(worker)
+    if native is None:
+        native = available()
+    if native:
+        _require()
+        T = max(int(n_tasks), 0)
+        W = int(worker.max(initial=-1)) + 1
+        order = np.empty(T, np.int64)
+        t32 = np.ascontiguousarray(task, dtype=np.int32)
+        w32 = np.ascontiguousarray(worker, dtype=np.int32)
+        ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+        i64 = ctypes.c_int64
+        _state["lib"].crowdllm_task_order(i64(len(t32)), ptr(t32), ptr(w32), i64(T), i64(W),
+                                          ptr(order))
+        return order
     none = np.iinfo(np.int32).max
     first = np.full(max(n_tasks, 1), none, np.int64)
     if task.size:
