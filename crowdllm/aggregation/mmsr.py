@@ -223,11 +223,11 @@ def _msr_update_sparse(row: jax.Array, col: jax.Array, start: jax.Array, x: jax.
     seg = functools.partial(jax.ops.segment_sum, num_segments=W)
     one = real.astype(x.dtype)
     n = seg(one, col)
-    below = seg(one * (vals < v[col]), col)
-    above = seg(one * (vals > v[col]), col)
-    lo, hi = jnp.minimum(below, F), jnp.minimum(above, F)
 
-    def trimmed(_):
+    def trimmed(_):  # (the counts below and above v only here: F = 0 trims nothing)
+        below = seg(one * (vals < v[col]), col)
+        above = seg(one * (vals > v[col]), col)
+        lo, hi = jnp.minimum(below, F), jnp.minimum(above, F)
         c, srt = jax.lax.sort((col, vals), num_keys=2)  # by column, then value
         rank = jnp.arange(c.shape[0]) - start[c]
         keep = (rank >= lo[c]) & (rank < (n - hi)[c])
@@ -347,7 +347,10 @@ def fit_sparse(data: Any, row: jax.Array, col: jax.Array, agree: jax.Array, comm
     too large for ``[W, W]`` matrices: same start, updates, stopping rule, clipping and vote;
     the leading eigenvector that gives the signs comes from at most ``power_iter`` steps of
     power iteration from ``|s|`` instead of a dense ``eigh``. Pairs with ``common = 0`` are
-    padding.
+    padding. The list holds both orders of each pair (as :func:`sparse_pair_statistics` gives
+    it), so every sum over a column's pairs is taken as the sum over the same row's: its
+    segments keyed by ``row``, which lies in no order, not by the sorted ``col`` (XLA's CPU
+    scatter-add took 19 ms over 5.8M pairs keyed by the sorted column, 5.7 by the row).
     """
     K = max(data.n_classes, 2)
     dtype = data.task_mask.dtype
@@ -356,16 +359,18 @@ def fit_sparse(data: Any, row: jax.Array, col: jax.Array, agree: jax.Array, comm
     real = (common > 0) & wm[row] & wm[col]
     C = jnp.where(real, covariation(agree.astype(dtype), common.astype(dtype), K), 0.0)
     X = jnp.abs(C)
-    seg = functools.partial(jax.ops.segment_sum, num_segments=W)
-    # where each column's (and row's) entries start once sorted by it: fixed by the pair list
-    starts = [jnp.cumsum(n) - n for n in (seg(jnp.ones_like(X), col), seg(jnp.ones_like(X), row))]
+    # by symmetry, a column's sum of f(row, X) is the same row's sum of f(col, X): every sum is
+    # keyed by row (see above)
+    seg = functools.partial(jax.ops.segment_sum, segment_ids=row, num_segments=W)
+    n_row = seg(jnp.ones_like(X))
+    start = jnp.cumsum(n_row) - n_row  # where each row's entries start once sorted by it
 
     def update(u, v, F, floor):
-        v_new = _msr_update_sparse(row, col, starts[0], X, real, u, v, F, floor)
-        return _msr_update_sparse(col, row, starts[1], X, real, v_new, u, F, floor), v_new
+        v_new = _msr_update_sparse(col, row, start, X, real, u, v, F, floor)
+        return _msr_update_sparse(col, row, start, X, real, v_new, u, F, floor), v_new
 
     s_abs, connected, F, floor, n_iter, delta, hist = _msr(
-        seg(X, col), seg(real.astype(jnp.int32), col), update, _rank_one_change, n_tasks=n_tasks,
+        seg(X), seg(real.astype(jnp.int32)), update, _rank_one_change, n_tasks=n_tasks,
         n_adversaries=n_adversaries, max_iter=max_iter, tol=tol, dtype=dtype)
 
     def p_cond(st):
@@ -373,7 +378,7 @@ def fit_sparse(data: Any, row: jax.Array, col: jax.Array, agree: jax.Array, comm
 
     def p_body(st):
         y, i, _ = st
-        y2 = seg(C * y[row], col) + s_abs ** 2 * y  # (C with |s|^2 on the diagonal) y
+        y2 = seg(C * y[col]) + s_abs ** 2 * y  # (C with |s|^2 on the diagonal) y
         y2 = y2 / jnp.maximum(jnp.linalg.norm(y2), 1e-30)
         return y2, i + 1, jnp.abs(y2 - y).max()
 
@@ -381,7 +386,7 @@ def fit_sparse(data: Any, row: jax.Array, col: jax.Array, agree: jax.Array, comm
     lead = jax.lax.while_loop(p_cond, p_body, (y0, jnp.asarray(0), jnp.asarray(jnp.inf, dtype)))[0]
 
     def project(signed, b):
-        return seg(jnp.where(real, C if signed else 1.0, 0.0) * b[row], col)
+        return seg(jnp.where(real, C if signed else 1.0, 0.0) * b[col])
 
     s, n_ref, d_ref, hist = _refine(s_abs, lead, connected, project, _rank_one_change, F,
                                     refine=refine, max_iter=max_iter, tol=tol, hist=hist,
