@@ -1996,10 +1996,12 @@ def digamma_gammaln(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def pair_statistics(task: np.ndarray, worker: np.ndarray, label: np.ndarray, n_tasks: int,
                     n_workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """M-MSR's observed annotator pairs (``native/pairs.cc``), as
-    :func:`.mmsr.sparse_pair_statistics` gives them: ``(w, v, agree, common)`` for every ordered
-    pair ``w != v`` of annotators who share a task, sorted by ``(v, w)``; an annotator's repeated
-    answers on a task count once. One walk over each annotator's tasks on all threads instead of
-    a sparse product per class (10M tasks x 3 answers of 10,000 annotators: 13 s in scipy).
+    :func:`.mmsr.sparse_pair_statistics` gives them: ``(w, v, agree, common)``, int32, for every
+    ordered pair ``w != v`` of annotators who share a task, sorted by ``(v, w)``; an annotator's
+    repeated answers on a task count once. One walk over each annotator's tasks on all threads
+    instead of a sparse product per class (``benchmarks/mmsr_pairs.py``: 10M tasks x 3 answers
+    of 10,000 annotators, 1.2 s against scipy's 11.0; drawn at random, 45M pairs, 3.0 s against
+    83.3).
     The answers in any order (numpy arrays; at most 2**32 - 1 of them)."""
     _require()
     lib = _state["lib"]
@@ -2029,9 +2031,8 @@ def pair_statistics(task: np.ndarray, worker: np.ndarray, label: np.ndarray, n_t
     total = lib.crowdllm_pairs_count(i64(W), *walk, ptr(nnz), i64(threads))
     colptr = np.zeros(W + 1, dtype=np.int64)
     np.cumsum(nnz, out=colptr[1:])
-    row, agree, common = (np.empty(total, dtype=np.int32) for _ in range(3))
+    row, col, agree, common = (np.empty(total, dtype=np.int32) for _ in range(4))
     lib.crowdllm_pairs_fill.restype = None
-    lib.crowdllm_pairs_fill(i64(W), *walk, ptr(colptr), ptr(row), ptr(agree), ptr(common),
-                            i64(threads))
-    col = np.repeat(np.arange(W, dtype=np.int32), nnz)
-    return row, col, agree.astype(np.float64), common.astype(np.float64)
+    lib.crowdllm_pairs_fill(i64(W), *walk, ptr(colptr), ptr(row), ptr(col), ptr(agree),
+                            ptr(common), i64(threads))
+    return row, col, agree, common

@@ -148,8 +148,8 @@ def pair_statistics(tensor: LabelTensor, data: Any = None) -> tuple[np.ndarray, 
 
 def sparse_pair_statistics(tensor: LabelTensor, native: bool | None = None
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The observed pairs only: ``(w, v, agree, common)`` for every ordered pair ``w != v`` of
-    annotators who share a task (both orders listed), sorted by ``(v, w)``. Same counts as
+    """The observed pairs only: ``(w, v, agree, common)``, int32, for every ordered pair ``w != v``
+    of annotators who share a task (both orders listed), sorted by ``(v, w)``. Same counts as
     :func:`pair_statistics`, without its ``[W, W]`` arrays (a crowd of 10,000 annotators).
 
     ``native``: count them with the native walk (:func:`._native.pair_statistics`, all threads;
@@ -178,7 +178,8 @@ def sparse_pair_statistics(tensor: LabelTensor, native: bool | None = None
     agree = agree.minimum(common)  # same sparsity as common or sparser
     coo = common.tocoo()  # column-major: sorted by (v, w)
     a = np.asarray(agree[coo.row, coo.col]).reshape(-1)
-    return coo.row.astype(np.int32), coo.col.astype(np.int32), a, coo.data.astype(np.float64)
+    return (coo.row.astype(np.int32), coo.col.astype(np.int32), a.astype(np.int32),
+            coo.data.astype(np.int32))
 
 
 def covariation(agree: jax.Array, common: jax.Array, n_classes: int) -> jax.Array:

@@ -15,7 +15,7 @@
 //      thread over a share of the tasks;
 //   2. crowdllm_pairs_count: the number of distinct partners of each annotator v (nnz [W]);
 //   3. crowdllm_pairs_fill: with colptr (nnz's cumulative sums), v's partners w in increasing
-//      order at colptr[v] ..: row = w, agree, common (so the pairs come sorted by (v, w)).
+//      order at colptr[v] ..: row = w, col = v, agree, common (the pairs sorted by (v, w)).
 // Steps 2 and 3 walk, for each v, the tasks v answered and their other answers (Gustavson's
 // sparse product of the task-by-annotator matrix with itself, all classes in one walk), with
 // per-thread stamps and counts of W entries; the threads take annotators in chunks from a
@@ -161,10 +161,11 @@ int64_t crowdllm_pairs_count(int64_t W, const int64_t* ent, const int64_t* wptr,
   return total;
 }
 
-// Step 3: colptr [W + 1] (nnz's cumulative sums); row, agree, common [colptr[W]] out.
+// Step 3: colptr [W + 1] (nnz's cumulative sums); row, col, agree, common [colptr[W]] out.
 void crowdllm_pairs_fill(int64_t W, const int64_t* ent, const int64_t* wptr,
                          const uint32_t* gstart, const uint32_t* glen, const int64_t* colptr,
-                         int32_t* row, int32_t* agree, int32_t* common, int64_t threads) {
+                         int32_t* row, int32_t* col, int32_t* agree, int32_t* common,
+                         int64_t threads) {
   std::atomic<int64_t> next{0};
   Workers::run(std::max<int64_t>(1, threads), [&](int64_t) {
     std::vector<int32_t> stamp(W, -1), nc(W), na(W), touched;
@@ -184,6 +185,7 @@ void crowdllm_pairs_fill(int64_t W, const int64_t* ent, const int64_t* wptr,
         int64_t p = colptr[v];
         for (const int32_t u : touched) {
           row[p] = u;
+          col[p] = (int32_t)v;
           common[p] = nc[u];
           agree[p] = std::min(na[u], nc[u]);
           ++p;
