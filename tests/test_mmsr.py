@@ -174,11 +174,12 @@ def test_native_pair_walk_equals_the_sparse_products(monkeypatch, threads):
     """The native walk over each annotator's tasks counts the same pairs, agreements and common
     tasks as scipy's sparse products (one a class), whatever the thread count: on random crowds
     with repeated answers (counted once), busy tasks (the walk's sort past 32 answers), answers
-    in no order and idle annotators; and on a real sparse crowd."""
+    in no order and idle annotators, annotators with many partners (listed by a scan) and with
+    few (by a sort); and on a real sparse crowd."""
     monkeypatch.setattr(mmsr_mod._native, "_threads", lambda: threads)
     rng = np.random.default_rng(threads)
     crowds = [_crowd(rng, 400, 30, 3000), _crowd(rng, 3000, 500, 9000, busy=5),
-              _crowd(rng, 50, 6, 1000, K=2),
+              _crowd(rng, 50, 6, 1000, K=2), _crowd(rng, 3000, 4000, 9000),
               LabelTensor.coerce(DATA / "zencrowd_in" / "answers.csv")]
     for t in crowds:
         ref = mmsr_mod.sparse_pair_statistics(t, native=False)

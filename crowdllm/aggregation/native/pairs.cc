@@ -181,14 +181,20 @@ void crowdllm_pairs_fill(int64_t W, const int64_t* ent, const int64_t* wptr,
           ++nc[u];
           na[u] += m;
         });
-        std::sort(touched.begin(), touched.end());
         int64_t p = colptr[v];
-        for (const int32_t u : touched) {
+        auto put = [&](int32_t u) {
           row[p] = u;
           col[p] = (int32_t)v;
           common[p] = nc[u];
           agree[p] = std::min(na[u], nc[u]);
           ++p;
+        };
+        if ((int64_t)touched.size() * 16 > W) {  // many partners: a scan costs less than a sort
+          for (int32_t u = 0; u < (int32_t)W; ++u)
+            if (stamp[u] == (int32_t)v) put(u);
+        } else {
+          std::sort(touched.begin(), touched.end());
+          for (const int32_t u : touched) put(u);
         }
       }
   });
