@@ -153,8 +153,9 @@ def sparse_pair_statistics(tensor: LabelTensor, native: bool | None = None
     :func:`pair_statistics`, without its ``[W, W]`` arrays (a crowd of 10,000 annotators).
 
     ``native``: count them with the native walk (:func:`._native.pair_statistics`, all threads;
-    10M tasks x 3 answers of 10,000 annotators: ~1 s instead of ~13) or with scipy's sparse
-    products (one a class: the reference); None: native where it is available."""
+    10M tasks x 3 answers of 10,000 annotators: 1.6 s against 11.4, and 2.4 against 86.7 where
+    the annotators are drawn at random) or with scipy's sparse products (one a class: the
+    reference); None: native where it is available."""
     if native is None:
         native = tensor.n_answers < 2 ** 32 and _native.available()
     if native:
