@@ -1586,3 +1586,20 @@ def test_the_build_is_cached_and_safe_under_concurrent_first_uses(monkeypatch, t
     calls = []
     monkeypatch.setattr(_native.subprocess, "run", lambda *a, **k: calls.append(a))
     assert _native.build(cache) == lib and calls == []
+
+
+@needs_kernel
+def test_host_passes_refuse_codes_out_of_range():
+    """The host passes index arrays by their codes: a code out of range is a ValueError naming
+    the array, not a write past its end."""
+    task = np.array([0, 1, 5], np.int32)
+    worker = np.array([0, 1, 2], np.int32)
+    with pytest.raises(ValueError, match="task codes must lie in"):
+        _native.coo_task_order(task, worker, 3, native=True)
+    with pytest.raises(ValueError, match="task codes must lie in"):
+        _native.pair_statistics(task, worker, np.zeros(3, np.int32), 3, 3)
+    with pytest.raises(ValueError, match="worker codes must lie in"):
+        _native.pair_statistics(np.array([0, 1, 2]), np.array([0, -1, 2]), np.zeros(3, np.int32),
+                                3, 3)
+    assert list(_native.coo_task_order(np.array([2, 0, 2]), np.array([1, 4, 0]), 4,
+                                       native=True)) == [2, 0, 1, 3]

@@ -1802,6 +1802,14 @@ def coo_fit_args(data: Any, tensor: Any, width: RowWidth | None) -> dict[str, An
     return {"width": width, "rank": None if width is None else coo_rank(data, tensor)}
 
 
+def _check_codes(x: np.ndarray, n: int, what: str) -> None:
+    """The host passes (``native/order.cc``, ``native/pairs.cc``) index arrays by these codes
+    without checks of their own: each in [0, n), else a ValueError naming the array."""
+    x = np.asarray(x)
+    if x.size and (int(x.min()) < 0 or int(x.max()) >= n):
+        raise ValueError(f"{what} codes must lie in [0, {n}); got {int(x.min())}..{int(x.max())}")
+
+
 def coo_task_order(task: np.ndarray, worker: np.ndarray, n_tasks: int,
                    native: bool | None = None) -> np.ndarray:
     """The tasks of a sparse crowd in the order the COO sweep runs fastest: by their first (lowest
@@ -1820,7 +1828,9 @@ def coo_task_order(task: np.ndarray, worker: np.ndarray, n_tasks: int,
     if native:
         _require()
         T = max(int(n_tasks), 0)
+        _check_codes(task, T, "task")
         W = int(worker.max(initial=-1)) + 1
+        _check_codes(worker, W, "worker")
         order = np.empty(T, np.int64)
         t32 = np.ascontiguousarray(task, dtype=np.int32)
         w32 = np.ascontiguousarray(worker, dtype=np.int32)
@@ -2008,6 +2018,8 @@ def pair_statistics(task: np.ndarray, worker: np.ndarray, label: np.ndarray, n_t
     A, T, W = len(task), max(int(n_tasks), 1), max(int(n_workers), 1)
     if A >= 2 ** 32:
         raise ValueError(f"{A:,} answers: the native pair walk takes at most 2**32 - 1")
+    _check_codes(task, T, "task")
+    _check_codes(worker, W, "worker")
     order = (slice(None) if A == 0 or np.all(task[1:] >= task[:-1])
              else np.argsort(task, kind="stable"))
     w = np.ascontiguousarray(np.asarray(worker)[order], dtype=np.int32)
