@@ -329,6 +329,41 @@ def _same_floats_on_1_2_3_threads(monkeypatch, fit):
 
 
 @needs_kernel
+@pytest.mark.parametrize("K", [1, 2, 3, 5])
+def test_posteriors_of_every_row_on_1_2_3_threads(monkeypatch, K):
+    """The posterior passes (softmax of the table sums, ratio of two tables' sums) write every
+    task's posteriors, whichever thread writes its neighbours: against numpy on 1, 2 and 3
+    threads. With K < 4 a row's 8-lane store reaches past the next row: unmasked at the end of
+    a thread's share, it overwrote the next share's first rows (binary Dawid-Skene posteriors
+    of two tasks at each thread boundary were zeros)."""
+    T, W = 3 * 4096 + 13, 7
+    rng = np.random.default_rng(K)
+    lab = rng.integers(-1, K, (T, W)).astype(np.int8)
+    gold = np.where(rng.random(T) < 0.05, rng.integers(0, K, T), -1).astype(np.int32)
+    data = _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32)
+    p = _native.plan(W, K)
+    rows = _native.every_row(_native.encode(data.labels, p),
+                             _native.flags_of(data.task_mask, data.gold))
+    codes, flags = np.asarray(rows.codes), np.asarray(rows.flags)
+    tab = jnp.asarray(rng.normal(size=(p.n_combos, 8)), jnp.float32)
+    den = jnp.asarray(rng.random((p.n_combos, 8)) + 0.5, jnp.float32)
+    s = np.asarray(tab)[codes].sum(1)[:, :K]  # [T, K]: each row's table sums
+    soft = np.exp(s - s.max(1, keepdims=True))
+    soft /= soft.sum(1, keepdims=True)
+    ratio = s / np.asarray(den)[codes].sum(1)[:, :K]
+    for ref in (soft, ratio):
+        g = flags >= 0
+        ref[g] = np.eye(K)[flags[g]]
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(_native, "_threads", lambda threads=threads: threads)
+        jax.clear_caches()
+        post = np.asarray(_native.posteriors(rows, tab, K))
+        np.testing.assert_allclose(post, soft, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(_native.ratio_values(rows, tab, den, K)), ratio,
+                                   rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
 def test_glad_passes_do_not_depend_on_the_number_of_threads(monkeypatch):
     """The GLAD passes sum fixed chunks of rows, whichever thread takes a chunk: a fit on 1, 2
     and 3 threads gives the same floats (a panel of more than two chunks of distinct rows)."""

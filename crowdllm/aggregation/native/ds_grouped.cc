@@ -151,12 +151,16 @@ inline void block(const uint16_t* codes, int64_t G_, const int8_t* flags, const 
     part.ll1 = _mm256_add_pd(part.ll1, _mm256_cvtps_pd(_mm256_extractf128_ps(ll, 1)));
   }
   transpose8(p);  // p[i]: row i's posteriors in lanes 0..K-1, zeros above
-  if (is_post(MODE)) {  // each row's 8-lane store spills into the next row, which overwrites it;
-    // the block's last row is stored masked (the next block may belong to another thread)
+  if (is_post(MODE)) {  // a row's 8-lane store spills into the rows after it, which overwrite
+    // it; a row whose store would reach past the block's rows is stored masked (the next block
+    // may belong to another thread, which may have written it already: with K < 4 a spill
+    // reaches past the next row)
     const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(K),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    for (int i = 0; i + 1 < n_out; ++i) _mm256_storeu_ps(post + i * K, p[i]);
-    _mm256_maskstore_ps(post + (n_out - 1) * K, keep, p[n_out - 1]);
+    for (int i = 0; i < n_out; ++i) {
+      if (i * K + 8 <= n_out * K) _mm256_storeu_ps(post + i * K, p[i]);
+      else _mm256_maskstore_ps(post + i * K, keep, p[i]);
+    }
     return;
   }
   float* C = part.C.data();
