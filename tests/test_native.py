@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crowdllm.aggregation import (BWA, EBCC, GLAD, IBCC, MACE, DawidSkene, OneCoinDawidSkene, _core,
-                                  _fast,
-                                  _native, bwa, dawid_skene, ebcc, glad, ibcc, mace, one_coin)
+from crowdllm.aggregation import (BWA, EBCC, GLAD, IBCC, MACE, DawidSkene, OneCoinDawidSkene,
+                                  ZeroBasedSkill, _core, _fast, _native, bwa, dawid_skene, ebcc,
+                                  glad, ibcc, mace, majority_vote, one_coin, zero_based_skill)
 from crowdllm.labels import LabelTensor
 
 from conftest import DATA
@@ -1501,6 +1501,102 @@ def test_coo_tiers(counts):
     assert slots < one * T and slots <= _native.MAX_SLOTS_PER_ANSWER * (n.sum() + T)
     if counts == "control":  # widths rounded up to 1.5x steps: nearby widths share a program
         assert width == ((4, T - 20), (2048, 20))
+
+
+def _tied_panel(T, W, K, seed):
+    """Answers of annotators of a few accuracies, many tasks with few answers (so that a vote
+    of equal skills, ZBS's first, often ties), gold, a task nobody answered and padding rows."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, K, T)
+    acc = rng.choice([0.5, 0.7, 0.9], W)
+    right = rng.random((T, W)) < acc
+    lab = np.where(right, truth[:, None], rng.integers(0, K, (T, W))).astype(np.int8)
+    lab[rng.random((T, W)) > 3 / W] = -1  # three answers a task, on average
+    lab[0] = -1
+    gold = np.where(rng.random(T) < 0.05, truth, -1).astype(np.int32)
+    return _core.prepare(_tensor(lab, K), layout="dense", gold=gold, dtype=jnp.float32), truth
+
+
+@needs_kernel
+@pytest.mark.parametrize("T,W,K", [
+    (3 * 4096 + 29, 12, 5),  # 3 groups of 4, rows over 3 threads
+    (5000, 13, 3),           # groups of 5, 5 and 3
+    (2000, 7, 8),            # 8 classes: groups of 3, 3 and 1
+    (700, 30, 2),            # 5 groups of 6: the general (G != 3) path
+    (300, 3, 1),             # one class: every vote its only class
+])
+def test_native_zbs_equals_the_xla_fit_on_1_2_3_threads(monkeypatch, T, W, K):
+    """ZBS's native rounds (a hard vote pass: the skill-weighted vote, its random ties drawn as
+    XLA draws them, then the agreement counts) give XLA's fit: the same skills to the bit each
+    round (the history of the largest move), the same labels, posteriors to float rounding,
+    whichever number of threads. The start's vote of equal skills ties on many tasks."""
+    data, truth = _tied_panel(T, W, K, seed=W + K)
+    first = np.asarray(majority_vote.weighted_vote(
+        data, data.worker_mask.astype(jnp.float32), jax.random.key(0), True).posteriors)
+    if K > 1:  # many tasks tie at the start: the draws are exercised
+        assert ((first >= first.max(1, keepdims=True) - 1e-6).sum(1) > 1).sum() > T // 20
+    ref = zero_based_skill.fit(data, jax.random.key(3), ties=True, max_iter=12, tol=-1.0,
+                               lr_steps_to_reduce=4)
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(_native, "_threads", lambda threads=threads: threads)
+        jax.clear_caches()
+        res = _native.zbs_fit(data, jax.random.key(3), max_iter=12, tol=-1.0,
+                              lr_steps_to_reduce=4)
+        assert int(res.n_iter) == int(ref.n_iter) == 12
+        np.testing.assert_array_equal(np.asarray(res.skills), np.asarray(ref.skills))
+        np.testing.assert_array_equal(np.asarray(res.history), np.asarray(ref.history))
+        np.testing.assert_array_equal(np.asarray(res.labels), np.asarray(ref.labels))
+        np.testing.assert_allclose(np.asarray(res.posteriors), np.asarray(ref.posteriors),
+                                   atol=1e-6)
+    if K > 1:  # and it is a ZBS fit: skills rank the annotators by their accuracy
+        lab = np.asarray(data.labels)[:T]
+        acc = np.array([(lab[:, w] == truth)[lab[:, w] >= 0].mean() for w in range(W)])
+        assert np.corrcoef(acc, np.asarray(res.skills)[:W])[0, 1] > 0.8
+
+
+@needs_kernel
+def test_hard_vote_ties_are_votes_within_1e6_of_the_largest():
+    """Votes 1 against 1 + 1e-6 (fractions half a millionth apart) tie, as in
+    ``_core.argmax_ties``: the tasks split between the two classes by their draws, the same
+    tasks as XLA's; 1 against 1 + 1e-5 do not tie."""
+    T = 4000
+    lab = np.tile(np.array([[0, 1, -1]], np.int8), (T, 1))
+    data = _core.prepare(_tensor(lab, 2), layout="dense", dtype=jnp.float32)
+    p = _native.plan(3, 2)
+    rows = _native.every_row(_native.encode(data.labels, p),
+                             _native.flags_of(data.task_mask, data.gold))
+    for gap, tie in ((1e-6, True), (1e-5, False)):
+        skills = jnp.asarray([1.0, 1.0 + gap, 0.5], jnp.float32)
+        key = jax.random.key(5)
+        C = _native.hard_vote_sums(rows, _native.vote_table(p, skills, 2), 2, key)
+        counts, _ = _native.counts_from(p, C, 2)
+        hits = np.asarray(jnp.trace(counts, axis1=1, axis2=2))
+        labels = majority_vote.weighted_vote(data, skills, key, True).labels
+        np.testing.assert_array_equal(hits, np.asarray(_core.worker_hits(data, labels)))
+        if tie:
+            assert 0.4 * T < hits[0] < 0.6 * T and hits[0] + hits[1] == T
+        else:
+            assert hits[0] == 0 and hits[1] == T
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["zencrowd_in", "dog", "crowdscale_fact_eval"])
+def test_zbs_class_native_equals_xla_on_real_data(name):
+    """On real crowds (2 classes on crowdscale_fact_eval: 42,624 tasks, over the threads) and
+    three seeds of the random ties, ``ZeroBasedSkill`` gives the same skills, iterations and
+    labels natively as on XLA. With ``ties="lowest"`` it runs XLA (``on``: refused)."""
+    tensor = LabelTensor.coerce(DATA / name / "answers.csv")
+    for seed in range(3):
+        nat = ZeroBasedSkill(layout="dense", seed=seed).fit(tensor)
+        xla = ZeroBasedSkill(layout="dense", seed=seed, native="off").fit(tensor)
+        assert nat.native_used_ and not xla.native_used_
+        assert nat.n_iter_ == xla.n_iter_
+        np.testing.assert_array_equal(nat.skills_, xla.skills_)
+        np.testing.assert_array_equal(nat.labels_, xla.labels_)
+        np.testing.assert_allclose(nat.probas_, xla.probas_, atol=1e-6)
+    assert not ZeroBasedSkill(layout="dense", ties="lowest").fit(tensor).native_used_
+    with pytest.raises(ValueError, match="ties='random' only"):
+        ZeroBasedSkill(layout="dense", ties="lowest", native="on").fit(tensor)
 
 
 def test_where_the_kernel_does_not_apply_the_xla_path_runs():

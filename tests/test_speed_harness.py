@@ -188,7 +188,7 @@ def test_the_machine_line_names_the_cpu_and_its_cache():
 def test_iteration_table_times_native_and_xla_side_by_side(capsys):
     from crowdllm.aggregation import _native
 
-    methods = ("mace", "glad", "bwa", "ebcc")
+    methods = ("mace", "glad", "bwa", "zbs", "ebcc")
     out = speed.iteration_table(n=2000, n_iter=4, repeats=1, methods=methods)
     paths = [(r["method"], r["path"]) for r in out["rows"]]
     native = _native.why_unavailable() is None
@@ -205,20 +205,25 @@ def test_iteration_table_times_native_and_xla_side_by_side(capsys):
         assert acc["glad", "native"] == pytest.approx(acc["glad", "xla"], abs=1e-3)
         assert acc["bwa", "native"] == pytest.approx(acc["bwa", "xla"], abs=1e-3)
         assert acc["ebcc", "native"] == pytest.approx(acc["ebcc", "xla"], abs=1e-3)
+        assert acc["zbs", "native"] == acc["zbs", "xla"]
     # EBCC on the distinct rows: fewer than the tasks, and its own floor is theirs
     e = out["ebcc"]
     assert 0 < e["rows"] <= 2000
     assert e["floor_ms_per_iter"] == pytest.approx(
         e["rows"] * 50 * 4 * 2 / (out["copy_GBps"] * 1e9) * 1e3)
+    # ZBS's own floor: the labels (12 bytes a task) of the 52 bytes a task of the DS floor
+    assert out["zbs"]["floor_ms_per_iter"] == pytest.approx(out["floor_ms_per_iter"] * 12 / 52)
     printed = capsys.readouterr().out
     assert "EM / VB kernels, exactly 4 iterations" in printed and "x floor" in printed
+    assert "zbs: its own floor (the int8 labels read once a round)" in printed
     assert f"ebcc: one restart on the {e['rows']:,} distinct rows" in printed
 
 
 def test_iteration_table_xla_rows_make_no_native_call():
     """The XLA rows time XLA alone (as native="off" runs): no crowdllm FFI call in their
     programs, digamma and gammaln included; the native rows of the VB methods do call the
-    native digamma (GLAD's and BWA's native fits count rows on the host: not traced here)."""
+    native digamma, ZBS's its hard vote pass (GLAD's and BWA's native fits count rows on the
+    host: not traced here)."""
     import re
 
     import jax
@@ -227,17 +232,19 @@ def test_iteration_table_xla_rows_make_no_native_call():
 
     labels, _ = speed.dense_panel(400)
     data, merged = speed.dense_data(labels), speed._merged(labels)
+    native_call = {"ibcc": "crowdllm_digamma_gammaln", "mace": "crowdllm_digamma_gammaln",
+                   "ebcc": "crowdllm_digamma_gammaln", "zbs": "crowdllm_ds_grouped_hard"}
     for method, (native_fn, xla_fn) in speed._iteration_fits().items():
         arg = merged if method == "ebcc" else data
         for path, fn in (("native", native_fn), ("xla", xla_fn)):
             if fn is None or (path == "native" and (_native.why_unavailable() is not None
-                                                    or method not in ("ibcc", "mace", "ebcc"))):
+                                                    or method not in native_call)):
                 continue
             calls = set(re.findall(r"crowdllm_\w+", str(jax.make_jaxpr(lambda a: fn(a, 2))(arg))))
             if path == "xla":
                 assert not calls, (method, calls)
             else:
-                assert "crowdllm_digamma_gammaln" in calls, method
+                assert native_call[method] in calls, method
 
 
 def test_ds_check_rows_name_the_native_kernel_and_crowdkit_ratio(capsys):

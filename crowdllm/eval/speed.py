@@ -328,8 +328,10 @@ def _iteration_fits() -> dict[str, tuple[Callable | None, Callable]]:
                  lambda d, n: glad.fit(d, max_iter=n, tol=-1.0).posteriors),
         "bwa": (lambda d, n: _native.bwa_fit(d, max_iter=n, tol=-np.inf).posteriors,
                 lambda d, n: bwa.fit(d, max_iter=n, tol=-np.inf).posteriors),
-        "zbs": (None, lambda d, n: zero_based_skill.fit(d, jax.random.key(0), max_iter=n,
-                                                        tol=-1.0).posteriors),
+        "zbs": (lambda d, n: _native.zbs_fit(d, jax.random.key(0), max_iter=n,
+                                             tol=-1.0).posteriors,
+                lambda d, n: zero_based_skill.fit(d, jax.random.key(0), max_iter=n,
+                                                  tol=-1.0).posteriors),
         # on the merged rows (see _merged): one restart of 10 subtypes, every sweep run
         "ebcc": tuple((lambda m, n, nat=nat: ebcc.fit(
             m[0], jax.random.key(0), m[1], n_subtypes=EBCC_SUBTYPES, restarts=1, restart_batch=1,
@@ -369,7 +371,8 @@ def iteration_table(n: int = 1_000_000, n_iter: int = 50, repeats: int = 3,
     EBCC (one restart, 10 subtypes) runs on the panel's distinct rows, as the ``EBCC`` class
     does: they are merged once before its timing (the time is printed), and its own floor is
     printed too: its posteriors are 50 floats (5 classes x 10 subtypes) per distinct row, read
-    and written once a sweep."""
+    and written once a sweep. So is ZBS's: its round reads the int8 labels and keeps no
+    posteriors (one vote a task, made hard at once)."""
     import jax.numpy as jnp
 
     from ..aggregation import _native
@@ -385,6 +388,8 @@ def iteration_table(n: int = 1_000_000, n_iter: int = 50, repeats: int = 3,
     out: dict[str, Any] = {"n": n, "iters": n_iter, "copy_GBps": bw / 1e9,
                            "floor_ms_per_iter": floor * 1e3, "native": why_not or "used",
                            "rows": []}
+    if "zbs" in methods:
+        out["zbs"] = {"floor_ms_per_iter": T * W / bw * 1e3}
     for m in methods:
         native_fn, xla_fn = fits[m]
         arg, skip_native = data, why_not is not None
@@ -430,6 +435,11 @@ def _print_iterations(o: dict[str, Any]) -> None:
         print(f"ebcc: one restart on the {e['rows']:,} distinct rows (merged in {e['merge_s']:.2f}"
               f" s, not timed); its own floor (50 floats of posteriors per row read and written) "
               f"{e['floor_ms_per_iter']:.2f} ms/sweep: {own}")
+    if "zbs" in o:
+        own = ", ".join(f"{r['path']} {r['ms_per_iter'] / o['zbs']['floor_ms_per_iter']:.1f}x"
+                        for r in o["rows"] if r["method"] == "zbs")
+        print(f"zbs: its own floor (the int8 labels read once a round) "
+              f"{o['zbs']['floor_ms_per_iter']:.2f} ms/round: {own}")
     print(f"peak RSS of this process: {o['peak_rss_GiB']:.2f} GiB")
 
 

@@ -48,6 +48,8 @@ struct Part {  // one thread's share of the sums
   float* track = nullptr;  // [blocks, K classes, 8 rows]: each row's last posteriors (or none)
   const float* tab2 = nullptr;  // RATIO: the denominators' table
   __m256 dz;               // the largest change of a posterior since the last pass
+  int64_t row = 0;         // HARD: the block's first row (its tasks' index in the tie hash)
+  uint32_t seed0 = 0, seed1 = 0;  // HARD: the tie hash's two words
   void flush() {
     for (size_t j = 0; j < C.size(); ++j) D[j] += C[j];
     std::fill(C.begin(), C.end(), 0.f);
@@ -60,12 +62,17 @@ constexpr int64_t CHUNK = 16384;
 // bits: 1 = write posteriors (no sums), 2 = the table holds votes (posteriors: normalised votes),
 // 8 = the "posteriors" are the ratios of the table's sums to a second table's (BWA's truth:
 // precision-weighted answers over summed precisions), 4 = (with 8) sum their squares too: the
-// sums table is [NC, 16], the ratios' sums in lanes 0-7 and their squares' in 8-15 (one pass)
-enum Mode { SUMS = 0, POST = 1, VOTE = 2, POST_RATIO = 9, RATIO_SQ = 12 };
+// sums table is [NC, 16], the ratios' sums in lanes 0-7 and their squares' in 8-15 (one pass),
+// 16 = (with 2) each row's vote made hard: its sums get the indicator of the voted class
+// (_core.argmax_ties with random ties: of the classes within 1e-6 of the largest fraction, the
+// one whose counter hash is largest)
+enum Mode { SUMS = 0, POST = 1, VOTE = 2, POST_VOTE = 3, POST_RATIO = 9, RATIO_SQ = 12,
+            HARD = 18 };
 constexpr bool is_post(int m) { return m & 1; }
 constexpr bool is_vote(int m) { return m & 2; }
 constexpr bool is_sq(int m) { return m & 4; }
 constexpr bool is_ratio(int m) { return m & 8; }
+constexpr bool is_hard(int m) { return m & 16; }
 constexpr bool has_ll(int m) { return !(m & 10); }  // softmax posteriors: a log-likelihood
 constexpr int64_t width(int m) { return is_sq(m) ? 16 : 8; }  // floats per combination in C
 
@@ -82,6 +89,46 @@ inline void gather8(const uint16_t* codes, int64_t G, const float* tab, __m256 s
     s[i] = v;
   }
   transpose8(s);
+}
+
+// HARD: the rows' fractions p[k] (lane i: row part.row + i) replaced by the indicator of the
+// class argmax_ties picks with random ties: of the classes within 1e-6 max(|m|, 1) of the
+// largest, m, the one whose hash of (row K + k) is largest (the first if equal). Not its lowest
+// policy, XLA's argmax: the lowest of exactly equal maxima, where a tie that two orders of adding
+// a vote leave one bit apart (a sum of equal skills) can go either way.
+template <int K>
+inline void hard_vote(__m256 p[8], const Part& part) {
+  __m256 m = p[0];
+  for (int k = 1; k < K; ++k) m = _mm256_max_ps(m, p[k]);
+  const __m256 tol = _mm256_mul_ps(
+      _mm256_set1_ps(1e-6f), _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), m),
+                                           _mm256_set1_ps(1.f)));
+  const __m256 thr = _mm256_sub_ps(m, tol);
+  __m256i tied[8];
+  __m256i count = _mm256_setzero_si256(), choice = _mm256_setzero_si256();
+  for (int k = K - 1; k >= 0; --k) {  // a row with one class within 1e-6 of m votes for it
+    tied[k] = _mm256_castps_si256(_mm256_cmp_ps(p[k], thr, _CMP_GE_OQ));
+    count = _mm256_sub_epi32(count, tied[k]);  // a tied lane's mask is -1
+    choice = _mm256_blendv_epi8(choice, _mm256_set1_epi32(k), tied[k]);
+  }
+  if (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(count, _mm256_set1_epi32(1))))) {
+    const __m256i base = _mm256_add_epi32(
+        _mm256_set1_epi32((int)((uint32_t)part.row * (uint32_t)K)),
+        _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(K)));
+    __m256i best = _mm256_set1_epi32(-1);
+    for (int k = 0; k < K; ++k) {
+      const __m256i h = hash23(_mm256_add_epi32(base, _mm256_set1_epi32(k)), part.seed0,
+                               part.seed1);
+      const __m256i key = _mm256_or_si256(_mm256_and_si256(tied[k], h),
+                                          _mm256_andnot_si256(tied[k], _mm256_set1_epi32(-1)));
+      const __m256i gt = _mm256_cmpgt_epi32(key, best);
+      best = _mm256_blendv_epi8(best, key, gt);
+      choice = _mm256_blendv_epi8(choice, _mm256_set1_epi32(k), gt);
+    }
+  }
+  for (int k = 0; k < K; ++k)
+    p[k] = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(choice, _mm256_set1_epi32(k))),
+                         _mm256_set1_ps(1.f));
 }
 
 template <int K, int MODE, int GT>
@@ -127,6 +174,7 @@ inline void block(const uint16_t* codes, int64_t G_, const int8_t* flags, const 
       if (has_ll(MODE)) ll = _mm256_blendv_ps(ll, s[k], eq);
     }
   }
+  if constexpr (is_hard(MODE)) hard_vote<K>(p, part);
   if (!is_post(MODE) && q != nullptr) {  // track: compare with the last pass, keep these
     __m256 wt = _mm256_loadu_ps(wts);
     __m256 live = _mm256_cmp_ps(wt, _mm256_setzero_ps(), _CMP_GT_OQ);
@@ -183,6 +231,7 @@ void rows(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wt
           const float* tab, int64_t r0, int64_t r1, Part& part, float* post) {
   int64_t t = r0;
   for (; t + 8 <= r1; t += 8) {
+    if constexpr (is_hard(MODE)) part.row = t;
     block<K, MODE, GT>(codes + t * G, G, flags + t, wts + t, tab, part,
                    is_post(MODE) ? post + t * K : nullptr, 8,
                    part.track ? part.track + t * K : nullptr);
@@ -197,6 +246,7 @@ void rows(const uint16_t* codes, int64_t G, const int8_t* flags, const float* wt
     std::fill(f, f + 8, int8_t(-1));
     std::memcpy(f, flags + t, n);
     if (!is_post(MODE)) std::memcpy(w, wts + t, n * sizeof(float));
+    if constexpr (is_hard(MODE)) part.row = t;
     block<K, MODE, GT>(c.data(), G, f, w, tab, part, is_post(MODE) ? post + t * K : nullptr, n,
                    part.track ? part.track + t * K : nullptr);
   }
@@ -228,7 +278,8 @@ RowsFn<MODE> pick(int64_t K, int64_t G) {
 template <int MODE>
 ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags, const float* wts,
                 const float* tab, int64_t NC, int64_t K, int64_t threads, float* out, double* ll,
-                float* track = nullptr, float* dz = nullptr, const float* tab2 = nullptr) {
+                float* track = nullptr, float* dz = nullptr, const float* tab2 = nullptr,
+                const uint32_t* seeds = nullptr) {
   RowsFn<MODE> fn = pick<MODE>(K, G);
   if (fn == nullptr) return ffi::Error::InvalidArgument("ds_grouped: 1 <= K <= 8 classes");
   int n = (int)std::max<int64_t>(1, std::min<int64_t>(threads, (U + 4095) / 4096));
@@ -239,6 +290,7 @@ ffi::Error Pass(const uint16_t* codes, int64_t U, int64_t G, const int8_t* flags
     part.track = track;
     part.tab2 = tab2;
     part.dz = _mm256_setzero_ps();
+    if (seeds != nullptr) part.seed0 = seeds[0], part.seed1 = seeds[1];
     if (!is_post(MODE)) {
       part.C.assign(NC * width(MODE), 0.f);
       part.D.assign(NC * width(MODE), 0.0);
@@ -298,7 +350,8 @@ ffi::Error SumsPass(ffi::Buffer<ffi::U16>& codes, ffi::Buffer<ffi::S8>& flags,
   double tot = 0;
   auto args = std::make_tuple(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
                               weights.typed_data(), table.typed_data(), table.dimensions()[0], K,
-                              threads, sums, &tot, track, dz, (const float*)nullptr);
+                              threads, sums, &tot, track, dz, (const float*)nullptr,
+                              (const uint32_t*)nullptr);
   ffi::Error e = vote ? std::apply(Pass<VOTE>, args) : std::apply(Pass<SUMS>, args);
   ll[0] = (float)tot;
   return e;
@@ -310,6 +363,24 @@ ffi::Error SumsImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
                     ffi::ResultBuffer<ffi::F32> ll, int64_t K, int64_t threads, int64_t vote) {
   return SumsPass(codes, flags, weights, n, table, sums->typed_data(), ll->typed_data(), nullptr,
                   nullptr, K, threads, vote);
+}
+
+// The hard vote pass (ZBS: a skill-weighted vote, then each annotator's agreement with it):
+// C [NC, 8] gets, per combination, the weighted indicators of its rows' voted classes, ties
+// broken at random by the counter hash of seeds' two words and (row, class): row t must be task
+// t (rows not merged: the draw is the task's).
+ffi::Error HardImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
+                    ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> n,
+                    ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::U32> seeds,
+                    ffi::ResultBuffer<ffi::F32> sums, int64_t K, int64_t threads) {
+  int64_t U;
+  if (auto e = Check(codes, flags, table, n, &U); e.failure()) return e;
+  if (seeds.element_count() != 2)
+    return ffi::Error::InvalidArgument("ds_grouped: seeds [2] (the tie hash's two words)");
+  double ll;
+  return Pass<HARD>(codes.typed_data(), U, codes.dimensions()[1], flags.typed_data(),
+                    weights.typed_data(), table.typed_data(), table.dimensions()[0], K, threads,
+                    sums->typed_data(), &ll, nullptr, nullptr, nullptr, seeds.typed_data());
 }
 
 // SumsImpl that also keeps each distinct row's posteriors between passes (track, [blocks, K, 8],
@@ -379,9 +450,10 @@ ffi::Error PostPass(ffi::Buffer<ffi::U16>& codes, ffi::Buffer<ffi::S8>& flags,
 ffi::Error PostImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
                     ffi::Buffer<ffi::S32> n, ffi::Buffer<ffi::F32> table,
                     ffi::Buffer<ffi::S32> inverse, ffi::ResultBuffer<ffi::F32> post,
-                    ffi::ResultBuffer<ffi::F32> ll, int64_t K, int64_t threads) {
-  return PostPass<POST>(codes, flags, n, table, nullptr, inverse, post->typed_data(),
-                        ll->typed_data(), K, threads);
+                    ffi::ResultBuffer<ffi::F32> ll, int64_t K, int64_t threads, int64_t vote) {
+  auto pass = vote ? PostPass<POST_VOTE> : PostPass<POST>;  // vote: the table holds votes
+  return pass(codes, flags, n, table, nullptr, inverse, post->typed_data(), ll->typed_data(), K,
+              threads);
 }
 
 ffi::Error RatioPostImpl(ffi::Buffer<ffi::U16> codes, ffi::Buffer<ffi::S8> flags,
@@ -576,6 +648,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedSums, SumsImpl,
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("vote"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedHard, HardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("K")
+                                  .Attr<int64_t>("threads"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedTrack, TrackImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::U16>>()
@@ -602,7 +686,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedPost, PostImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("K")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("vote"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrowdllmDsGroupedRatio, RatioImpl,
                               ffi::Ffi::Bind()

@@ -51,6 +51,7 @@ namespace {
 
 using crowdllm_simd::AlignedVector;
 using crowdllm_simd::exp256;
+using crowdllm_simd::hash23;
 using crowdllm_simd::log256;
 using crowdllm_simd::transpose8;
 using crowdllm_simd::Workers;
@@ -139,14 +140,6 @@ inline void given_block(const Inputs& a, const uint16_t* codes, const float* wts
   }
 }
 
-inline __m256i fmix32(__m256i h) {  // MurmurHash3's finaliser, as _core._fmix32
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x85EBCA6Bu));
-  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0xC2B2AE35u));
-  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-}
-
 // START: rows [t, t + n) of EBCC's random start q [n, K M] (ebcc.start in JAX, the same draws):
 // q_t(k, m) = e_km zvote_t(k) / sum_m' e_km', e = -log u, u the counter hash of element
 // rowid_t K M + k M + m (_core.hash_uniform: fmix32(fmix32(i * 0x9E3779B9 + s0) ^ s1), its top
@@ -160,11 +153,8 @@ inline void start_rows(const Inputs& a, int64_t t, int n, float* q) {
     for (int v = 0; v < NV; ++v) {
       __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)(base + 8 * v)),
                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      __m256i h = _mm256_add_epi32(_mm256_mullo_epi32(idx, _mm256_set1_epi32((int)0x9E3779B9u)),
-                                   _mm256_set1_epi32((int)a.seed0));
-      h = fmix32(_mm256_xor_si256(fmix32(h), _mm256_set1_epi32((int)a.seed1)));
       const __m256 u = _mm256_mul_ps(
-          _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 9)), _mm256_set1_ps(0.5f)),
+          _mm256_add_ps(_mm256_cvtepi32_ps(hash23(idx, a.seed0, a.seed1)), _mm256_set1_ps(0.5f)),
           _mm256_set1_ps(1.f / (1 << 23)));
       _mm256_store_ps(e + 8 * v, _mm256_sub_ps(_mm256_setzero_ps(), log256(u)));
     }

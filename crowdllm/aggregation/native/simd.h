@@ -108,6 +108,24 @@ inline int64_t share_start(int64_t total, int64_t i, int64_t parts) {
   return i == parts ? total : total * i / parts / 8 * 8;
 }
 
+inline __m256i fmix32(__m256i h) {  // MurmurHash3's finaliser, as _core._fmix32
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x85EBCA6Bu));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0xC2B2AE35u));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+// the counter hash of _core.hash_uniform, its top 23 bits (in [0, 2^23)): element idx's
+// fmix32(fmix32(idx * 0x9E3779B9 + s0) ^ s1) >> 9. Its uniform number is (that + 1/2) / 2^23,
+// so comparing these integers compares the numbers.
+inline __m256i hash23(__m256i idx, uint32_t s0, uint32_t s1) {
+  __m256i h = _mm256_add_epi32(_mm256_mullo_epi32(idx, _mm256_set1_epi32((int)0x9E3779B9u)),
+                               _mm256_set1_epi32((int)s0));
+  h = fmix32(_mm256_xor_si256(fmix32(h), _mm256_set1_epi32((int)s1)));
+  return _mm256_srli_epi32(h, 9);
+}
+
 // the vector maths below, inlined wherever it is called: a call would spill every live vector
 // register around it (all ymm registers are caller-saved), and GCC had left exp and log as calls
 // in GLAD's E pass. Forcing them inline measured no change in speed (an E pass 10.57 against
