@@ -1720,6 +1720,43 @@ def test_the_build_is_cached_and_safe_under_concurrent_first_uses(monkeypatch, t
 
 
 @needs_kernel
+def test_dense_fill_is_numpys_scatter():
+    """A dense panel filled natively (``_native.dense_fill``, used by ``_core.prepare`` from
+    2^20 answers) equals NumPy's ``dense[task, worker] = label``: answers in any order, a
+    repeated cell keeps its last answer. Codes out of range: a ValueError naming the answer,
+    and fewer answers, other dtypes or layouts: not taken (False, the panel untouched)."""
+    rng = np.random.default_rng(3)
+    A, T, W = _native.DENSE_FILL_MIN + 1000, 300_000, 7
+    task = rng.integers(0, T, A).astype(np.int32)  # ~4 answers a cell: many repeats
+    worker = rng.integers(0, W, A).astype(np.int32)
+    label = rng.integers(0, 9, A).astype(np.int32)
+    ours, ref = np.full((T, W), -1, np.int8), np.full((T, W), -1, np.int8)
+    assert _native.dense_fill(ours, task, worker, label)
+    ref[task, worker] = label
+    np.testing.assert_array_equal(ours, ref)
+    last = np.full((T, W), -1, np.int64)  # the last answer's index of each cell
+    last[task, worker] = np.arange(A)
+    hit = last >= 0
+    np.testing.assert_array_equal(ours[hit], label[last[hit]])
+    for bad in (np.int32(T), np.int32(-1)):
+        t2 = task.copy()
+        t2[777] = bad
+        with pytest.raises(ValueError, match="answer 777: task"):
+            _native.dense_fill(np.full((T, W), -1, np.int8), t2, worker, label)
+    untouched = np.full((T, W), -1, np.int8)
+    assert not _native.dense_fill(untouched, task[:1000], worker[:1000], label[:1000])
+    assert not _native.dense_fill(np.full((T, W), -1, np.int16), task, worker, label)
+    assert not _native.dense_fill(untouched, task.astype(np.int64), worker, label)
+    assert not _native.dense_fill(np.full((W, T), -1, np.int8).T, task, worker, label)
+    assert (untouched == -1).all()
+    # and prepare's panel, natively filled, is the one NumPy fills
+    tensor = LabelTensor(task=task, worker=worker, label=label, task_ids=np.arange(T),
+                         worker_ids=np.arange(W), classes=np.arange(9))
+    data = _core.prepare(tensor, layout="dense", pad=False)
+    np.testing.assert_array_equal(np.asarray(data.labels), ref)
+
+
+@needs_kernel
 def test_host_passes_refuse_codes_out_of_range():
     """The host passes index arrays by their codes: a code out of range is a ValueError naming
     the array, not a write past its end."""

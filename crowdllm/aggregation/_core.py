@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..labels import LabelTensor
-from . import _fast
+from . import _fast, _native
 
 Layout = Literal["auto", "coo", "dense"]
 
@@ -276,7 +276,8 @@ def prepare(
     worker_mask[:n_w] = 1
     if layout == "dense":  # the worker axis: its own, or its group's in shared_shapes
         dense = np.full((T, W), -1, dtype=np.int8 if tensor.n_classes <= 127 else np.int16)
-        dense[tensor.task, tensor.worker] = tensor.label
+        if not _native.dense_fill(dense, tensor.task, tensor.worker, tensor.label):
+            dense[tensor.task, tensor.worker] = tensor.label
         return _placed(Dense(labels=put(dense), task_mask=put(task_mask),
                              worker_mask=put(worker_mask), gold=put(g),
                              n_classes=max(tensor.n_classes, 1)))

@@ -23,3 +23,17 @@ void crowdllm_task_order(int64_t A, const int32_t* task, const int32_t* worker, 
 }
 
 }  // extern "C"
+
+// A dense panel from the answers (_core.prepare, through _native.dense_fill): dense [T, W] int8,
+// filled with -1 by the caller, gets label[j] at (task[j], worker[j]) for each answer in order (a
+// repeated cell keeps its last answer, as NumPy's scatter does). Returns -1, or the first answer
+// whose codes are out of range (written up to it). NumPy's scatter took 0.63 s for 120M answers.
+extern "C" int64_t crowdllm_dense_fill(int64_t A, const int32_t* task, const int32_t* worker,
+                                       const int32_t* label, int64_t T, int64_t W, int8_t* dense) {
+  for (int64_t j = 0; j < A; ++j) {
+    const int64_t t = task[j], w = worker[j];
+    if ((uint64_t)t >= (uint64_t)T || (uint64_t)w >= (uint64_t)W) return j;
+    dense[t * W + w] = (int8_t)label[j];
+  }
+  return -1;
+}
