@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 
 from crowdllm.aggregation import (BWA, EBCC, GLAD, IBCC, MACE, DawidSkene, OneCoinDawidSkene,
-                                  ZeroBasedSkill, _core, _fast, _native, bwa, dawid_skene, ebcc,
-                                  glad, ibcc, mace, majority_vote, one_coin, zero_based_skill)
+                                  Wawa, ZeroBasedSkill, _core, _fast, _native, bwa, dawid_skene,
+                                  ebcc, glad, ibcc, mace, majority_vote, one_coin, wawa,
+                                  zero_based_skill)
 from crowdllm.labels import LabelTensor
 
 from conftest import DATA
@@ -1525,11 +1526,12 @@ def _tied_panel(T, W, K, seed):
     (700, 30, 2),            # 5 groups of 6: the general (G != 3) path
     (300, 3, 1),             # one class: every vote its only class
 ])
-def test_native_zbs_equals_the_xla_fit_on_1_2_3_threads(monkeypatch, T, W, K):
+def test_native_zbs_and_wawa_equal_the_xla_fits_on_1_2_3_threads(monkeypatch, T, W, K):
     """ZBS's native rounds (a hard vote pass: the skill-weighted vote, its random ties drawn as
     XLA draws them, then the agreement counts) give XLA's fit: the same skills to the bit each
     round (the history of the largest move), the same labels, posteriors to float rounding,
-    whichever number of threads. The start's vote of equal skills ties on many tasks."""
+    whichever number of threads; Wawa's fit (one such vote, then the weighted vote) too. The
+    start's vote of equal skills ties on many tasks."""
     data, truth = _tied_panel(T, W, K, seed=W + K)
     first = np.asarray(majority_vote.weighted_vote(
         data, data.worker_mask.astype(jnp.float32), jax.random.key(0), True).posteriors)
@@ -1548,6 +1550,11 @@ def test_native_zbs_equals_the_xla_fit_on_1_2_3_threads(monkeypatch, T, W, K):
         np.testing.assert_array_equal(np.asarray(res.labels), np.asarray(ref.labels))
         np.testing.assert_allclose(np.asarray(res.posteriors), np.asarray(ref.posteriors),
                                    atol=1e-6)
+        # Wawa: the majority vote's agreements (every tie drawn), then the weighted vote
+        wa, wa_ref = _native.wawa_fit(data, jax.random.key(4)), wawa.fit(data, jax.random.key(4))
+        for a, b in zip(wa, wa_ref):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(wa.labels), np.asarray(wa_ref.labels))
     if K > 1:  # and it is a ZBS fit: skills rank the annotators by their accuracy
         lab = np.asarray(data.labels)[:T]
         acc = np.array([(lab[:, w] == truth)[lab[:, w] >= 0].mean() for w in range(W)])
@@ -1581,22 +1588,24 @@ def test_hard_vote_ties_are_votes_within_1e6_of_the_largest():
 
 @needs_kernel
 @pytest.mark.parametrize("name", ["zencrowd_in", "dog", "crowdscale_fact_eval"])
-def test_zbs_class_native_equals_xla_on_real_data(name):
+@pytest.mark.parametrize("cls", [ZeroBasedSkill, Wawa])
+def test_vote_classes_native_equal_xla_on_real_data(cls, name):
     """On real crowds (2 classes on crowdscale_fact_eval: 42,624 tasks, over the threads) and
-    three seeds of the random ties, ``ZeroBasedSkill`` gives the same skills, iterations and
-    labels natively as on XLA. With ``ties="lowest"`` it runs XLA (``on``: refused)."""
+    three seeds of the random ties, ``ZeroBasedSkill`` and ``Wawa`` give the same skills,
+    iterations and labels natively as on XLA. With ``ties="lowest"`` they run XLA (``on``:
+    refused)."""
     tensor = LabelTensor.coerce(DATA / name / "answers.csv")
     for seed in range(3):
-        nat = ZeroBasedSkill(layout="dense", seed=seed).fit(tensor)
-        xla = ZeroBasedSkill(layout="dense", seed=seed, native="off").fit(tensor)
+        nat = cls(layout="dense", seed=seed).fit(tensor)
+        xla = cls(layout="dense", seed=seed, native="off").fit(tensor)
         assert nat.native_used_ and not xla.native_used_
         assert nat.n_iter_ == xla.n_iter_
         np.testing.assert_array_equal(nat.skills_, xla.skills_)
         np.testing.assert_array_equal(nat.labels_, xla.labels_)
         np.testing.assert_allclose(nat.probas_, xla.probas_, atol=1e-6)
-    assert not ZeroBasedSkill(layout="dense", ties="lowest").fit(tensor).native_used_
-    with pytest.raises(ValueError, match="ties='random' only"):
-        ZeroBasedSkill(layout="dense", ties="lowest", native="on").fit(tensor)
+    assert not cls(layout="dense", ties="lowest").fit(tensor).native_used_
+    with pytest.raises(ValueError, match="break ties at random only"):
+        cls(layout="dense", ties="lowest", native="on").fit(tensor)
 
 
 def test_where_the_kernel_does_not_apply_the_xla_path_runs():

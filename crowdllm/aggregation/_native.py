@@ -42,7 +42,8 @@ sums per class (precision-weighted answers over summed precisions), so its sweep
 of the grouped kernel (:func:`bwa_fit`). ZBS's round is a skill-weighted vote and each
 annotator's agreement with it: the grouped kernel's vote pass with each row's vote made hard
 (:func:`hard_vote_sums`: the indicator of the voted class, ties drawn from the same counter hash
-as XLA's), whose per-combination sums give every annotator's hits (:func:`zbs_fit`).
+as XLA's), whose per-combination sums give every annotator's hits (:func:`zbs_fit`; Wawa's
+majority vote and agreements the same way, :func:`wawa_fit`).
 
 EBCC's latent state is a (class, subtype) pair: its sweep (:func:`ebcc_sweep`,
 ``native/ebcc.cc``) is the grouped pass with ``K x M`` columns per table row instead of ``K``
@@ -113,7 +114,8 @@ __all__ = ["available", "why_unavailable", "applies", "use", "check_option", "Pl
            "coo_task_order", "coo_rank", "coo_fit_args", "to_rows", "digamma_gammaln",
            "special_calls", "special_allowed", "pair_statistics", "dense_fill",
            "ebcc_sweep", "ebcc_posteriors", "ebcc_counts",
-           "track_buffer", "sums_tracked", "hard_vote_sums", "zbs_fit"]
+           "track_buffer", "sums_tracked", "hard_vote_sums", "zbs_fit", "wawa_fit",
+           "use_for_votes"]
 
 NATIVE_DIR = Path(__file__).with_name("native")
 #: compiled together into one library; the header is part of the cache key
@@ -388,6 +390,18 @@ def use(native: str, data: Any, columns: int | None = None,
     return why_not is None
 
 
+def use_for_votes(native: str, ties: str, data: Any) -> bool:
+    """:func:`use` for the vote passes (ZBS, Wawa: :func:`hard_vote_sums`), which break ties at
+    random only: with ``ties="lowest"`` False, or a ValueError for ``native="on"``."""
+    if ties == "lowest":
+        if native == "on":
+            raise ValueError("native='on', but the native vote passes break ties at random only "
+                             "(ties='lowest' is XLA's argmax of exactly equal votes, which "
+                             "depends on the order the kernel adds them in)")
+        return False
+    return use(native, data)
+
+
 def runs(p: Plan) -> tuple[tuple[int, int, int, int], ...]:
     """The groups as runs of equal size: ``(first annotator, groups, size, first row)`` each (the
     full groups, then a shorter last group). The passes below work on a run at once, so a
@@ -594,26 +608,52 @@ def zbs_fit(data: Any, key: jax.Array, *, max_iter: int = 100, tol: float = 1e-6
     XLA's one-hot contraction took 55 ms at 1,000,000 x 12 x 5 on the 2-core VM, more than
     ten rounds), its labels ``_core.argmax_ties``'s."""
     from . import zero_based_skill as zbs
+
+    agreement, vote = _vote_passes(data)
+    return zbs.run(data, key, agreement, vote, ties=True, max_iter=max_iter, tol=tol,
+                   lr_init=lr_init, lr_steps_to_reduce=lr_steps_to_reduce,
+                   lr_reduce_factor=lr_reduce_factor, eps=eps)
+
+
+@jax.jit
+def wawa_fit(data: Any, key: jax.Array):
+    """Wawa with random ties, with the native kernel (a Dense panel; check :func:`use`): the
+    same draws and result as ``wawa.fit(..., ties=True)``. The majority vote and each
+    annotator's agreement with it are one hard vote pass (the annotators' mask the weights:
+    the same fractions as the vote counts'), the skill-weighted vote the post pass."""
+    from .wawa import WawaResult
+
+    agreement, vote = _vote_passes(data)
+    k1, k2 = jax.random.split(key)
+    skills = agreement(data.worker_mask.astype(jnp.float32), k1)
+    post, labels = vote(skills, k2)
+    return WawaResult(posteriors=post, labels=labels, skills=skills)
+
+
+def _vote_passes(data: Any):
+    """``(agreement(skills, key), vote(skills, key))`` on a Dense panel, every task its own row
+    (random ties draw per task): each annotator's agreement with the ``skills``-weighted vote
+    (:func:`hard_vote_sums`: its hits read off the per-combination counts), and that vote's
+    ``(posteriors, labels)`` (the post pass with a vote table; the labels
+    ``_core.argmax_ties``'s), ties at random from ``key``."""
     from ._core import argmax_ties
 
     p = plan(int(data.labels.shape[1]), int(data.n_classes))
     K = data.n_classes
     rows = every_row(encode(data.labels, p), flags_of(data.task_mask, data.gold))
 
-    def agreement(skills, sub):
-        C = hard_vote_sums(rows, vote_table(p, skills.astype(jnp.float32), K), K, sub)
+    def agreement(skills, key):
+        C = hard_vote_sums(rows, vote_table(p, skills.astype(jnp.float32), K), K, key)
         counts, _ = counts_from(p, C, K)  # [W, K, L]: answers l of tasks voted k
         hits = jnp.trace(counts, axis1=1, axis2=2)
         n = counts.sum(axis=(1, 2))
         return jnp.where(n > 0, hits / jnp.maximum(n, 1), 0.0).astype(skills.dtype)
 
-    def vote(skills, sub):
+    def vote(skills, key):
         post = posteriors(rows, vote_table(p, skills.astype(jnp.float32), K), K, vote=True)
-        return post.astype(skills.dtype), argmax_ties(post, True, sub)
+        return post.astype(skills.dtype), argmax_ties(post, True, key)
 
-    return zbs.run(data, key, agreement, vote, ties=True, max_iter=max_iter, tol=tol,
-                   lr_init=lr_init, lr_steps_to_reduce=lr_steps_to_reduce,
-                   lr_reduce_factor=lr_reduce_factor, eps=eps)
+    return agreement, vote
 
 
 def ratio_sums(rows: Rows, num: jax.Array, den: jax.Array, n_classes: int

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..labels import LabelTensor
-from . import majority_vote
+from . import _native, majority_vote
 from ._core import tie_flag, CrowdData, prepare, worker_count, worker_hits
 from .base import Aggregator
 
@@ -54,21 +54,37 @@ def fit(data: CrowdData, key: jax.Array, ties: jax.Array | bool = True) -> WawaR
 
 
 class Wawa(Aggregator):
-    """Worker agreement with aggregate: a vote weighted by each worker's agreement with MV."""
+    """Worker agreement with aggregate: a vote weighted by each worker's agreement with MV.
+
+    Args:
+        ties: ``random`` (seeded by ``seed``) or ``lowest``, as for :class:`MajorityVote`.
+        layout: ``auto``, ``coo`` or ``dense``.
+        native: ``auto`` (default): with random ties, on the dense layout, in float32 on a CPU
+            with AVX2 and a C++ compiler, the majority vote and the agreements are one native
+            pass and the weighted vote another (``_native.wawa_fit``, as ZBS's rounds);
+            elsewhere XLA. ``on``: native or an error saying why not (``ties="lowest"``
+            cannot); ``off``: XLA. Both draw the same ties and give the same result.
+    """
 
     name = "wawa"
     description = "Wawa: vote weighted by each worker's agreement with the majority vote"
     supports_gold = True
 
-    def __init__(self, ties: str = "random", seed: int = 0, layout: str = "auto") -> None:
+    def __init__(self, ties: str = "random", seed: int = 0, layout: str = "auto",
+                 native: str = "auto") -> None:
         tie_flag(ties)  # validates
+        self.native = _native.check_option(native)
         self.ties = ties
         self.seed = seed
         self.layout = layout
 
     def _fit(self, tensor: LabelTensor, gold: np.ndarray | None) -> dict[str, Any]:
         data = prepare(tensor, layout=self.layout, gold=gold)
-        res = fit(data, jax.random.key(self.seed), ties=tie_flag(self.ties))
+        self.native_used_ = _native.use_for_votes(self.native, self.ties, data)
+        if self.native_used_:
+            res = _native.wawa_fit(data, jax.random.key(self.seed))
+        else:
+            res = fit(data, jax.random.key(self.seed), ties=tie_flag(self.ties))
         n = tensor.n_tasks
         return {"probas": np.asarray(res.posteriors)[:n], "labels": np.asarray(res.labels)[:n],
                 "skills": np.asarray(res.skills)[: tensor.n_workers]}

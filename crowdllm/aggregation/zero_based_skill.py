@@ -149,11 +149,7 @@ class ZeroBasedSkill(Aggregator):
         args = dict(max_iter=self.max_iter, tol=self.tol, lr_init=self.lr_init,
                     lr_steps_to_reduce=self.lr_steps_to_reduce,
                     lr_reduce_factor=self.lr_reduce_factor, eps=self.eps)
-        if self.ties == "lowest" and self.native == "on":
-            raise ValueError("native='on', but the native kernel runs ZBS with ties='random' "
-                             "only (ties='lowest' is XLA's argmax of exactly equal votes, which "
-                             "depends on the order the kernel adds them in)")
-        self.native_used_ = self.ties == "random" and _native.use(self.native, data)
+        self.native_used_ = _native.use_for_votes(self.native, self.ties, data)
         if self.native_used_:
             res = _native.zbs_fit(data, jax.random.key(self.seed), **args)
         else:
