@@ -585,7 +585,8 @@ def hard_vote_sums(rows: Rows, votes: jax.Array, n_classes: int, key: jax.Array)
     Random ties only: they are the classes within 1e-6 of the largest fraction. The lowest
     policy's ties are XLA's argmax's, exactly equal maxima, and the kernel adds a vote in another
     order (by annotator groups): a sum of equal skills can come out one bit apart and the tie go
-    the other way (it did on 3 of the 21 bundled datasets: on li_quiz_chinese, 1 of 24 labels).
+    the other way (on 3 of the 18 bundled datasets the kernel takes, session 35: 1 of 24 labels
+    on li_quiz_chinese, the iteration count on li_quiz_english and ws_cf_amt).
     """
     _require()
     seeds = jax.random.bits(key, (2,), jnp.uint32)
