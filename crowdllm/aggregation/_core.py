@@ -239,6 +239,15 @@ def shared_row_width(tensor: LabelTensor) -> int:
     return _shared_shape(tensor, "coo")[3]
 
 
+def by_task(task: np.ndarray) -> slice | np.ndarray:
+    """The answers' order by task: all of them as they are (``slice(None)``) where ``task`` is
+    already in order, as most files are (a copy, not a gather), else a stable argsort."""
+    task = np.asarray(task)
+    if task.size < 2 or np.all(task[1:] >= task[:-1]):
+        return slice(None)
+    return np.argsort(task, kind="stable")
+
+
 def prepare(
     tensor: LabelTensor,
     *,
@@ -285,8 +294,7 @@ def prepare(
     # Sorting by task keeps each task's answers together: segment sums then read and write
     # memory in order. Answers already in task order (as most files are) are copied as they
     # are: three gathers of 30M answers by a sort's permutation took ~1 s (session 31).
-    tt = np.asarray(tensor.task)
-    order = slice(None) if np.all(tt[1:] >= tt[:-1]) else np.argsort(tt, kind="stable")
+    order = by_task(tensor.task)
     task = np.zeros(A, dtype=np.int32)
     worker = np.zeros(A, dtype=np.int32)
     label = np.zeros(A, dtype=np.int32)

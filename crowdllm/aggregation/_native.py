@@ -1982,9 +1982,10 @@ def coo_task_order(task: np.ndarray, worker: np.ndarray, n_tasks: int,
     none = np.iinfo(np.int32).max
     first = np.full(max(n_tasks, 1), none, np.int64)
     if task.size:
-        if not np.all(task[1:] >= task[:-1]):
-            by_task = np.argsort(task, kind="stable")
-            task, worker = task[by_task], worker[by_task]
+        from ._core import by_task
+
+        order = by_task(task)
+        task, worker = task[order], worker[order]
         starts = np.flatnonzero(np.r_[True, task[1:] != task[:-1]])
         first[task[starts]] = np.minimum.reduceat(worker, starts)
     first = first[:n_tasks]
@@ -2160,8 +2161,9 @@ def pair_statistics(task: np.ndarray, worker: np.ndarray, label: np.ndarray, n_t
         raise ValueError(f"{A:,} answers: the native pair walk takes at most 2**32 - 1")
     _check_codes(task, T, "task")
     _check_codes(worker, W, "worker")
-    order = (slice(None) if A == 0 or np.all(task[1:] >= task[:-1])
-             else np.argsort(task, kind="stable"))
+    from ._core import by_task
+
+    order = by_task(task)
     w = np.ascontiguousarray(np.asarray(worker)[order], dtype=np.int32)
     lab = np.ascontiguousarray(np.asarray(label)[order], dtype=np.int32)
     tptr = np.zeros(T + 1, dtype=np.int64)
@@ -2169,17 +2171,16 @@ def pair_statistics(task: np.ndarray, worker: np.ndarray, label: np.ndarray, n_t
     threads = _threads()
     ent, wptr = np.empty(A, dtype=np.int64), np.zeros(W + 1, dtype=np.int64)
     gstart, glen = np.empty(A, dtype=np.uint32), np.empty(A, dtype=np.uint32)
-    ptr, i64 = _ptr, _I64
-    lib.crowdllm_pairs_groups(i64(T), i64(W), ptr(tptr), ptr(w), ptr(lab), ptr(ent), ptr(wptr),
-                              ptr(gstart), ptr(glen),
-                              ptr(np.empty(threads * W, dtype=np.int64)), i64(threads))
+    lib.crowdllm_pairs_groups(_I64(T), _I64(W), _ptr(tptr), _ptr(w), _ptr(lab), _ptr(ent),
+                              _ptr(wptr), _ptr(gstart), _ptr(glen),
+                              _ptr(np.empty(threads * W, dtype=np.int64)), _I64(threads))
     del w, lab
-    walk = (ptr(ent), ptr(wptr), ptr(gstart), ptr(glen))
+    walk = (_ptr(ent), _ptr(wptr), _ptr(gstart), _ptr(glen))
     nnz = np.empty(W, dtype=np.int64)
-    total = lib.crowdllm_pairs_count(i64(W), *walk, ptr(nnz), i64(threads))
+    total = lib.crowdllm_pairs_count(_I64(W), *walk, _ptr(nnz), _I64(threads))
     colptr = np.zeros(W + 1, dtype=np.int64)
     np.cumsum(nnz, out=colptr[1:])
     row, col, agree, common = (np.empty(total, dtype=np.int32) for _ in range(4))
-    lib.crowdllm_pairs_fill(i64(W), *walk, ptr(colptr), ptr(row), ptr(col), ptr(agree),
-                            ptr(common), i64(threads))
+    lib.crowdllm_pairs_fill(_I64(W), *walk, _ptr(colptr), _ptr(row), _ptr(col), _ptr(agree),
+                            _ptr(common), _I64(threads))
     return row, col, agree, common
