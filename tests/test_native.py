@@ -316,13 +316,18 @@ def test_glad_passes_equal_the_xla_e_step_gradient_and_q(T, W, K):
     assert float(q2) == pytest.approx(float(q_xla), rel=1e-5)
 
 
+def _on_threads(monkeypatch, threads):
+    """The native kernels called from now on run on ``threads`` threads."""
+    monkeypatch.setattr(_native, "_threads", lambda: threads)
+    jax.clear_caches()  # the thread count is an attribute of the compiled calls
+
+
 def _same_floats_on_1_2_3_threads(monkeypatch, fit):
     """``fit()`` (a tuple of arrays) run with the native kernels on 1, 2 and 3 threads gives the
     same floats each time."""
     fits = []
     for threads in (1, 2, 3):
-        monkeypatch.setattr(_native, "_threads", lambda threads=threads: threads)
-        jax.clear_caches()  # the thread count is an attribute of the compiled calls
+        _on_threads(monkeypatch, threads)
         fits.append([np.asarray(x) for x in fit()])
     for other in fits[1:]:
         for a, b in zip(fits[0], other):
@@ -356,8 +361,7 @@ def test_posteriors_of_every_row_on_1_2_3_threads(monkeypatch, K):
         g = flags >= 0
         ref[g] = np.eye(K)[flags[g]]
     for threads in (1, 2, 3):
-        monkeypatch.setattr(_native, "_threads", lambda threads=threads: threads)
-        jax.clear_caches()
+        _on_threads(monkeypatch, threads)
         post = np.asarray(_native.posteriors(rows, tab, K))
         np.testing.assert_allclose(post, soft, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(np.asarray(_native.ratio_values(rows, tab, den, K)), ratio,
@@ -398,21 +402,17 @@ def test_kept_worker_threads_serve_changing_thread_counts_and_concurrent_calls(m
         res = _native.glad_fit(data, max_iter=6, tol=-1.0)
         return [np.asarray(x) for x in (res.posteriors, res.alphas, res.betas, res.history)]
 
-    def on(threads):
-        monkeypatch.setattr(_native, "_threads", lambda: threads)
-        jax.clear_caches()  # the thread count is an attribute of the compiled calls
-
     def same(a, b):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
 
-    on(1)
+    _on_threads(monkeypatch, 1)
     alone = [fit(d) for d in panels]
     for threads in (4, 2, 4):
-        on(threads)
+        _on_threads(monkeypatch, threads)
         for d, want in zip(panels, alone):
             same(fit(d), want)
-    on(3)
+    _on_threads(monkeypatch, 3)
     fit(panels[0])  # compiled before the threads start
     got = [None] * len(panels)
     errors = []
@@ -1540,8 +1540,7 @@ def test_native_zbs_and_wawa_equal_the_xla_fits_on_1_2_3_threads(monkeypatch, T,
     ref = zero_based_skill.fit(data, jax.random.key(3), ties=True, max_iter=12, tol=-1.0,
                                lr_steps_to_reduce=4)
     for threads in (1, 2, 3):
-        monkeypatch.setattr(_native, "_threads", lambda threads=threads: threads)
-        jax.clear_caches()
+        _on_threads(monkeypatch, threads)
         res = _native.zbs_fit(data, jax.random.key(3), max_iter=12, tol=-1.0,
                               lr_steps_to_reduce=4)
         assert int(res.n_iter) == int(ref.n_iter) == 12
